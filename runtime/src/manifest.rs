@@ -1,0 +1,161 @@
+//! How a compiled kernel is launched: its entry points in order, each with a grid rule, a block size
+//! and dynamic shared memory, plus the one parameter block every entry point takes.
+//!
+//! The lowering in `sbgen` writes a [`KernelManifest`] next to the CUDA source; the launcher, the macro
+//! and the tuning cache read it. The C struct in the generated source is rendered from
+//! [`PARAM_FIELDS`], and [`SbParams`] mirrors it (a test checks the offsets), so the two sides of the
+//! ABI come from one table.
+
+use crate::spec::Spec;
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to launch one lowered kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelManifest {
+    /// Kernel name: spec slug plus a short schedule hash, e.g. `sb_fwd_d128_bf16_strict_bhnd_ret_full_1a2b3c4d`.
+    pub name: String,
+    pub spec: Spec,
+    /// Query rows per CTA and keys per step of the walk (what the grid and the early-exit rule use).
+    pub block_m: u32,
+    pub block_n: u32,
+    /// Entry points, launched in this order on one stream.
+    pub steps: Vec<LaunchStep>,
+}
+
+/// One kernel launch of a pass.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchStep {
+    /// `extern "C"` function name in the module.
+    pub function: String,
+    pub grid: GridRule,
+    pub threads: u32,
+    pub dynamic_smem_bytes: u32,
+}
+
+/// How a step's grid follows from the problem size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GridRule {
+    /// `(ceil(N / block_m), H, B)`: one CTA per query block per head.
+    QueryBlocks { block_m: u32 },
+    /// `(ceil(B*H*N*D / per_cta), 1, 1)`: an elementwise pass over one [B, H, N, D] tensor.
+    Elements { per_cta: u32 },
+}
+
+impl GridRule {
+    /// The grid for a problem of `batch` x `heads` x `seq` with head dimension `head_dim`, or `None`
+    /// when a dimension would exceed what CUDA allows (x < 2^31, y and z < 65536).
+    pub fn grid(&self, batch: usize, heads: usize, seq: usize, head_dim: usize) -> Option<(u32, u32, u32)> {
+        let (x, y, z) = match *self {
+            GridRule::QueryBlocks { block_m } => (seq.div_ceil(block_m as usize), heads, batch),
+            GridRule::Elements { per_cta } => {
+                let n = batch.checked_mul(heads)?.checked_mul(seq)?.checked_mul(head_dim)?;
+                (n.div_ceil(per_cta as usize), 1, 1)
+            }
+        };
+        if x == 0 || x >= (1 << 31) || y == 0 || y >= 65536 || z == 0 || z >= 65536 {
+            return None;
+        }
+        Some((x as u32, y as u32, z as u32))
+    }
+}
+
+/// The fields of the parameter block, in order, with their C types. `T` is the spec's element type.
+/// Pointers the pass does not use are null.
+pub const PARAM_FIELDS: &[(&str, &str)] = &[
+    ("q", "const T*"),
+    ("k", "const T*"),
+    ("v", "const T*"),
+    // forward outputs; `o` is also a backward input
+    ("o", "T*"),
+    ("rem", "float*"),
+    ("log2_rem", "float*"),
+    // backward inputs (d_rem may be null: no gradient flows into rem)
+    ("d_o", "const T*"),
+    ("d_rem", "const float*"),
+    // backward outputs and their f32 accumulators (zeroed before the main step)
+    ("dq", "T*"),
+    ("dk", "T*"),
+    ("dv", "T*"),
+    ("dk_accum", "float*"),
+    ("dv_accum", "float*"),
+    ("batch", "int"),
+    ("heads", "int"),
+    ("seq", "int"),
+    // softmax-style scale times log2(e): scores enter the kernel in base-2 log space
+    ("scale_log2", "float"),
+];
+
+/// The parameter block passed by value to every entry point; mirrors [`PARAM_FIELDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SbParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub rem: u64,
+    pub log2_rem: u64,
+    pub d_o: u64,
+    pub d_rem: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub dk_accum: u64,
+    pub dv_accum: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub seq: i32,
+    pub scale_log2: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn params_struct_matches_the_field_table() {
+        // C layout of the table: 8-byte pointers, then 4-byte ints/floats, packed as a C compiler would.
+        let mut offset = 0usize;
+        let mut c_offsets = Vec::new();
+        for (_, ty) in PARAM_FIELDS {
+            let size = if ty.ends_with('*') { 8 } else { 4 };
+            offset = offset.div_ceil(size) * size;
+            c_offsets.push(offset);
+            offset += size;
+        }
+        let rust_offsets = [
+            offset_of!(SbParams, q),
+            offset_of!(SbParams, k),
+            offset_of!(SbParams, v),
+            offset_of!(SbParams, o),
+            offset_of!(SbParams, rem),
+            offset_of!(SbParams, log2_rem),
+            offset_of!(SbParams, d_o),
+            offset_of!(SbParams, d_rem),
+            offset_of!(SbParams, dq),
+            offset_of!(SbParams, dk),
+            offset_of!(SbParams, dv),
+            offset_of!(SbParams, dk_accum),
+            offset_of!(SbParams, dv_accum),
+            offset_of!(SbParams, batch),
+            offset_of!(SbParams, heads),
+            offset_of!(SbParams, seq),
+            offset_of!(SbParams, scale_log2),
+        ];
+        assert_eq!(c_offsets, rust_offsets);
+        assert_eq!(size_of::<SbParams>(), offset.div_ceil(8) * 8);
+    }
+
+    #[test]
+    fn grid_rules() {
+        let q = GridRule::QueryBlocks { block_m: 64 };
+        assert_eq!(q.grid(2, 3, 65, 128), Some((2, 3, 2)));
+        assert_eq!(q.grid(1, 1, 0, 128), None);
+        assert_eq!(q.grid(70000, 1, 1, 128), None);
+        let e = GridRule::Elements { per_cta: 1024 };
+        assert_eq!(e.grid(1, 2, 17, 64), Some((3, 1, 1)));
+        assert_eq!(e.grid(usize::MAX, 2, 17, 64), None);
+    }
+}

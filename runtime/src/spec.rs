@@ -1,0 +1,255 @@
+//! The *spec* half of the attention IR: what the caller's model fixes. The schedule (how the kernel
+//! computes it) lives in the `sbgen` crate; the spec lives here because the launcher checks inputs
+//! against it at run time.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Head dimensions the templates implement. Each must be a multiple of 16 (the MMA k-step).
+pub const SUPPORTED_HEAD_DIMS: &[u32] = &[64, 128];
+
+/// Early-exit thresholds (bits) that make sense: below 8 the error 2^-T is visible in bf16 outputs,
+/// above 60 the threshold can never trigger in fp32 arithmetic.
+pub const EARLY_EXIT_BITS_RANGE: std::ops::RangeInclusive<u32> = 8..=60;
+
+/// Element type of q, k, v, o and the gradients. Statistics (rem, log2 rem) are always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Bf16,
+    F16,
+}
+
+/// Which keys a query may attend to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// Key j is allowed for query i when j < i (the paper's default).
+    Strict,
+    /// Key j is allowed for query i when j <= i.
+    AttendCurrent,
+}
+
+/// Memory order of q, k, v, o and the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// [batch, heads, seq, head_dim], as the paper's reference.
+    Bhnd,
+    /// [batch, seq, heads, head_dim], as flash-attn, fla-core and candle.
+    Bnhd,
+}
+
+/// What happens to the stick left over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Remainder {
+    /// The kernel returns `o` and `rem` separately.
+    Return,
+    /// The kernel returns `o + rem * v_i` (the paper's models) and `rem`.
+    Fuse,
+}
+
+/// Forward (o, rem) or backward (dq, dk, dv).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// What the caller needs, fixed by the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct Spec {
+    pub head_dim: u32,
+    pub dtype: Dtype,
+    pub mask: Mask,
+    pub layout: Layout,
+    pub remainder: Remainder,
+    pub pass: Pass,
+    /// `Some(T)`: stop the walk once every row of a query block has less than 2^-T of its stick left.
+    #[serde(default)]
+    pub early_exit_bits: Option<u32>,
+}
+
+/// A spec field outside what the kernels support.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    #[error("`head_dim` = {got} is not supported: allowed values are {allowed:?}")]
+    HeadDim { got: u32, allowed: &'static [u32] },
+    #[error("`early_exit_bits` = {got} is out of range: allowed {}..={}", .range.start(), .range.end())]
+    EarlyExitBits { got: u32, range: std::ops::RangeInclusive<u32> },
+    #[error("`{field}` = `{got}` is not a valid value: allowed {allowed}")]
+    Unknown { field: &'static str, got: String, allowed: &'static str },
+}
+
+impl Spec {
+    /// The spec most callers start from: causal (strict), BHND, remainder returned, no early exit.
+    pub fn new(head_dim: u32, dtype: Dtype, pass: Pass) -> Self {
+        Spec {
+            head_dim,
+            dtype,
+            mask: Mask::Strict,
+            layout: Layout::Bhnd,
+            remainder: Remainder::Return,
+            pass,
+            early_exit_bits: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(SpecError::HeadDim { got: self.head_dim, allowed: SUPPORTED_HEAD_DIMS });
+        }
+        if let Some(bits) = self.early_exit_bits {
+            if !EARLY_EXIT_BITS_RANGE.contains(&bits) {
+                return Err(SpecError::EarlyExitBits { got: bits, range: EARLY_EXIT_BITS_RANGE });
+            }
+        }
+        Ok(())
+    }
+
+    /// The spec's part of a kernel name, e.g. `fwd_d128_bf16_strict_bhnd_ret_ee24`.
+    pub fn slug(&self) -> String {
+        let ee = match self.early_exit_bits {
+            Some(t) => format!("ee{t}"),
+            None => "full".to_string(),
+        };
+        format!(
+            "{}_d{}_{}_{}_{}_{}_{}",
+            self.pass.short(),
+            self.head_dim,
+            self.dtype,
+            self.mask.short(),
+            self.layout,
+            self.remainder.short(),
+            ee
+        )
+    }
+
+    /// True when key `j` is allowed for query `i`.
+    pub fn allowed(&self, i: usize, j: usize) -> bool {
+        match self.mask {
+            Mask::Strict => j < i,
+            Mask::AttendCurrent => j <= i,
+        }
+    }
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 2] = [Dtype::Bf16, Dtype::F16];
+    /// The CUDA type name the templates use.
+    pub fn cuda_type(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "__nv_bfloat16",
+            Dtype::F16 => "__half",
+        }
+    }
+    /// Rounds an f32 to this dtype and back: what storing a value in this dtype does to it.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Dtype::F16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
+    pub fn size_bytes(self) -> usize {
+        2
+    }
+}
+
+impl Mask {
+    fn short(self) -> &'static str {
+        match self {
+            Mask::Strict => "strict",
+            Mask::AttendCurrent => "cur",
+        }
+    }
+}
+
+impl Remainder {
+    fn short(self) -> &'static str {
+        match self {
+            Remainder::Return => "ret",
+            Remainder::Fuse => "fuse",
+        }
+    }
+}
+
+impl Pass {
+    fn short(self) -> &'static str {
+        match self {
+            Pass::Forward => "fwd",
+            Pass::Backward => "bwd",
+        }
+    }
+}
+
+macro_rules! text_enum {
+    ($ty:ident, $field:literal, $allowed:literal, { $($variant:ident => [$($text:literal),+]),+ $(,)? }) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let name = match self { $($ty::$variant => [$($text),+][0]),+ };
+                f.write_str(name)
+            }
+        }
+        impl FromStr for $ty {
+            type Err = SpecError;
+            fn from_str(s: &str) -> Result<Self, SpecError> {
+                match s.to_ascii_lowercase().as_str() {
+                    $($($text)|+ => Ok($ty::$variant),)+
+                    _ => Err(SpecError::Unknown { field: $field, got: s.to_string(), allowed: $allowed }),
+                }
+            }
+        }
+    };
+}
+
+text_enum!(Dtype, "dtype", "bf16, f16", { Bf16 => ["bf16", "bfloat16"], F16 => ["f16", "fp16", "half"] });
+text_enum!(Mask, "mask", "strict, attend_current", { Strict => ["strict"], AttendCurrent => ["attend_current", "current"] });
+text_enum!(Layout, "layout", "bhnd, bnhd", { Bhnd => ["bhnd"], Bnhd => ["bnhd"] });
+text_enum!(Remainder, "remainder", "return, fuse", { Return => ["return"], Fuse => ["fuse"] });
+text_enum!(Pass, "pass", "fwd, bwd", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"] });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unsupported_head_dim_naming_the_field() {
+        let spec = Spec::new(100, Dtype::Bf16, Pass::Forward);
+        let err = spec.validate().unwrap_err();
+        assert!(err.to_string().contains("`head_dim` = 100"), "{err}");
+        assert!(err.to_string().contains("[64, 128]"), "{err}");
+    }
+
+    #[test]
+    fn rejects_early_exit_out_of_range() {
+        let mut spec = Spec::new(64, Dtype::F16, Pass::Forward);
+        spec.early_exit_bits = Some(2);
+        assert!(matches!(spec.validate(), Err(SpecError::EarlyExitBits { got: 2, .. })));
+        spec.early_exit_bits = Some(24);
+        assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn parses_and_prints_enums() {
+        assert_eq!("bf16".parse::<Dtype>().unwrap(), Dtype::Bf16);
+        assert_eq!(Dtype::F16.to_string(), "f16");
+        let err = "int7".parse::<Dtype>().unwrap_err();
+        assert_eq!(err.to_string(), "`dtype` = `int7` is not a valid value: allowed bf16, f16");
+        assert_eq!("bwd".parse::<Pass>().unwrap(), Pass::Backward);
+        assert_eq!(Mask::AttendCurrent.to_string(), "attend_current");
+    }
+
+    #[test]
+    fn slug_names_every_spec_field() {
+        let mut spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
+        spec.mask = Mask::AttendCurrent;
+        spec.layout = Layout::Bnhd;
+        spec.remainder = Remainder::Fuse;
+        spec.early_exit_bits = Some(24);
+        assert_eq!(spec.slug(), "bwd_d128_bf16_cur_bnhd_fuse_ee24");
+    }
+}

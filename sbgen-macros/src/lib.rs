@@ -1,0 +1,1 @@
+//! `#[stick_breaking_attention(...)]` (issue 4). Not implemented yet: the attribute is reserved.

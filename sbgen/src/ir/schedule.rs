@@ -1,0 +1,119 @@
+//! The *schedule* half of the IR: how a kernel computes its spec. Free for the tuner.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// How the in-block reverse cumulative sum of log2(1 - beta) is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Cumsum {
+    /// fp32 in registers: each thread owns a contiguous run of keys (the K/V rows are permuted on
+    /// load so the MMA layout gives it one), scans it sequentially, and a 4-lane shuffle scan joins
+    /// the runs.
+    Shuffle,
+    /// A matmul with a constant triangular ones matrix on the tensor cores (inputs rounded to
+    /// bf16), as the paper's reference does.
+    TensorCore,
+}
+
+/// How 2^x is evaluated for the attention weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Softplus {
+    /// Every exp2 and log2 on the special-function unit (`ex2.approx`, `lg2.approx`).
+    Mufu,
+    /// The weights' exp2 as a degree-5 polynomial on the FMA pipe (FlashAttention-4's trick), so
+    /// the special-function unit does two of the three functions per score.
+    Poly,
+}
+
+/// Which tensor-core instructions the matmuls use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum MmaFamily {
+    /// `mma.sync.m16n8k16` with `ldmatrix` (sm_80 and later).
+    MmaSync,
+    /// Hopper warpgroup `wgmma` (sm_90a only).
+    Wgmma,
+}
+
+/// How a kernel is tiled and pipelined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct Schedule {
+    /// Query rows per CTA.
+    pub block_m: u32,
+    /// Keys per step of the right-to-left walk.
+    pub block_n: u32,
+    /// Warps per CTA; each owns `block_m / warps` query rows (16 or 32).
+    pub warps: u32,
+    /// Depth of the K/V `cp.async` pipeline (shared-memory buffers).
+    pub stages: u32,
+    pub cumsum: Cumsum,
+    pub softplus: Softplus,
+    pub mma: MmaFamily,
+}
+
+impl Schedule {
+    /// The schedule used when nothing is tuned: 64 rows, 64 keys, 4 warps, double-buffered.
+    pub const DEFAULT: Schedule = Schedule {
+        block_m: 64,
+        block_n: 64,
+        warps: 4,
+        stages: 2,
+        cumsum: Cumsum::Shuffle,
+        softplus: Softplus::Mufu,
+        mma: MmaFamily::MmaSync,
+    };
+
+    /// Query rows each warp owns.
+    pub fn rows_per_warp(&self) -> u32 {
+        self.block_m / self.warps.max(1)
+    }
+
+    pub fn threads(&self) -> u32 {
+        self.warps * 32
+    }
+
+    /// A stable 8-hex-digit hash of the schedule (FNV-1a over its display form), used in kernel
+    /// names so a PTX file, a cache entry and a snapshot can be matched by eye. Stable across Rust
+    /// versions, unlike `DefaultHasher`.
+    pub fn short_hash(&self) -> String {
+        let mut h: u32 = 0x811c_9dc5;
+        for byte in self.to_string().bytes() {
+            h ^= byte as u32;
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        format!("{h:08x}")
+    }
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::DEFAULT
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "m{}n{}w{}s{}-{}-{}-{}",
+            self.block_m,
+            self.block_n,
+            self.warps,
+            self.stages,
+            match self.cumsum {
+                Cumsum::Shuffle => "shfl",
+                Cumsum::TensorCore => "tccs",
+            },
+            match self.softplus {
+                Softplus::Mufu => "mufu",
+                Softplus::Poly => "poly",
+            },
+            match self.mma {
+                MmaFamily::MmaSync => "mma",
+                MmaFamily::Wgmma => "wgmma",
+            }
+        )
+    }
+}

@@ -1,0 +1,7 @@
+//! sbgen: a compiler for stick-breaking attention kernels.
+//!
+//! The pipeline: [`ir`] (a validated `Kernel { spec, schedule, arch }`) -> [`lower`] (tera templates
+//! to CUDA C++ plus a launch manifest) -> compilation and tuning.
+
+pub mod ir;
+pub mod lower;

@@ -1,0 +1,134 @@
+//! Lowering: a validated [`Kernel`] rendered through the tera templates in `templates/` into CUDA C++
+//! with every spec and schedule constant baked in, plus the [`KernelManifest`] that says how to launch
+//! it. The templates only fill slots; the algorithm lives in the `.cuh` partials they include.
+
+use crate::ir::{IrError, Kernel, Layout, Mask, Pass, Remainder, Softplus};
+use sbgen_runtime::manifest::{GridRule, KernelManifest, LaunchStep, PARAM_FIELDS};
+use serde::Serialize;
+use std::sync::OnceLock;
+
+/// The templates, embedded so that the binary and the macro need no files at run time.
+const TEMPLATES: &[(&str, &str)] = &[
+    ("sb_common.cuh", include_str!("../../templates/sb_common.cuh")),
+    ("sb_walk.cuh", include_str!("../../templates/sb_walk.cuh")),
+    ("sb_fwd.cu.tera", include_str!("../../templates/sb_fwd.cu.tera")),
+    ("sb_bwd.cu.tera", include_str!("../../templates/sb_bwd.cu.tera")),
+];
+
+/// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype).
+const FINISH_THREADS: u32 = 256;
+const FINISH_ELEMENTS_PER_THREAD: u32 = 8;
+
+/// A kernel ready to compile: its name, CUDA source and launch manifest.
+#[derive(Clone, Debug)]
+pub struct Lowered {
+    pub kernel: Kernel,
+    pub name: String,
+    pub cuda_source: String,
+    pub manifest: KernelManifest,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LowerError {
+    #[error("invalid kernel: {0}")]
+    Invalid(#[from] IrError),
+    #[error("template `{template}` failed to render: {message}")]
+    Template { template: &'static str, message: String },
+}
+
+/// The values the templates see. Every field is a compile-time constant of the generated kernel.
+#[derive(Serialize)]
+struct TemplateContext {
+    name: String,
+    kernel_debug: String,
+    elem: &'static str,
+    head_dim: u32,
+    block_m: u32,
+    block_n: u32,
+    warps: u32,
+    threads: u32,
+    m_tiles: u32,
+    stages: u32,
+    attend_current: bool,
+    bnhd: bool,
+    fuse: bool,
+    early_exit: bool,
+    early_exit_bits: u32,
+    poly_exp2: bool,
+    smem: crate::ir::SmemLayout,
+    params: Vec<(String, String)>,
+    finish_threads: u32,
+    finish_elements_per_thread: u32,
+}
+
+fn engine() -> &'static Result<tera::Tera, String> {
+    static ENGINE: OnceLock<Result<tera::Tera, String>> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(vec![]);
+        tera.add_raw_templates(TEMPLATES.iter().copied()).map_err(|e| format!("{e:?}"))?;
+        Ok(tera)
+    })
+}
+
+/// Lowers `kernel` to CUDA C++ and a launch manifest.
+pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
+    kernel.validate()?;
+    let spec = &kernel.spec;
+    let s = &kernel.schedule;
+    let name = kernel.name();
+    let ctx = TemplateContext {
+        name: name.clone(),
+        kernel_debug: format!("spec {} | schedule {} | arch {}", spec.slug(), s, kernel.arch),
+        elem: spec.dtype.cuda_type(),
+        head_dim: spec.head_dim,
+        block_m: s.block_m,
+        block_n: s.block_n,
+        warps: s.warps,
+        threads: s.threads(),
+        m_tiles: s.rows_per_warp() / 16,
+        stages: s.stages,
+        attend_current: spec.mask == Mask::AttendCurrent,
+        bnhd: spec.layout == Layout::Bnhd,
+        fuse: spec.remainder == Remainder::Fuse,
+        early_exit: spec.early_exit_bits.is_some(),
+        early_exit_bits: spec.early_exit_bits.unwrap_or(0),
+        poly_exp2: s.softplus == Softplus::Poly,
+        smem: kernel.smem_layout(),
+        params: PARAM_FIELDS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
+        finish_threads: FINISH_THREADS,
+        finish_elements_per_thread: FINISH_ELEMENTS_PER_THREAD,
+    };
+    let template = match spec.pass {
+        Pass::Forward => "sb_fwd.cu.tera",
+        Pass::Backward => "sb_bwd.cu.tera",
+    };
+    let tera = engine().as_ref().map_err(|message| LowerError::Template { template, message: message.clone() })?;
+    let context = tera::Context::from_serialize(&ctx)
+        .map_err(|e| LowerError::Template { template, message: format!("{e:?}") })?;
+    let cuda_source = tera
+        .render(template, &context)
+        .map_err(|e| LowerError::Template { template, message: format!("{e:?}") })?;
+
+    let main = LaunchStep {
+        function: name.clone(),
+        grid: GridRule::QueryBlocks { block_m: s.block_m },
+        threads: s.threads(),
+        dynamic_smem_bytes: ctx.smem.total,
+    };
+    let steps = match spec.pass {
+        Pass::Forward => vec![main],
+        Pass::Backward => vec![
+            main,
+            LaunchStep {
+                function: format!("{name}_finish"),
+                grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
+                threads: FINISH_THREADS,
+                dynamic_smem_bytes: 0,
+            },
+        ],
+    };
+    let manifest = KernelManifest { name: name.clone(), spec: *spec, block_m: s.block_m, block_n: s.block_n, steps };
+    Ok(Lowered { kernel: *kernel, name, cuda_source, manifest })
+}
