@@ -6,6 +6,8 @@
 //! - [`reference`]: the float64 CPU reference (forward and backward), the ground truth for every test.
 //! - `launcher` (feature `cuda`): loads PTX through cudarc, checks inputs and launches.
 
+#[cfg(feature = "cuda")]
+pub mod launcher;
 pub mod manifest;
 pub mod reference;
 pub mod spec;

@@ -1,0 +1,112 @@
+//! Why a launch was refused or failed. Every refusal happens before anything is launched and names
+//! the argument at fault and what was allowed.
+
+use crate::spec::{Dtype, Pass};
+use cudarc::driver::DriverError;
+
+/// An error from the launcher. Input refusals come first (nothing was launched); the CUDA variants
+/// carry the kernel name as context.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// A forward kernel given to `backward`, or the other way round.
+    #[error("kernel `{kernel}` is a {got:?} kernel; this call needs a {expected:?} kernel")]
+    WrongPass { kernel: String, expected: Pass, got: Pass },
+
+    /// The tensors' element type is not the one the kernel was built for.
+    #[error("kernel `{kernel}` was built for dtype `{expected}`; the tensors are `{got}`")]
+    Dtype { kernel: String, expected: Dtype, got: Dtype },
+
+    /// `shape.head_dim` differs from the kernel's.
+    #[error("`head_dim` = {got} does not match kernel `{kernel}`: allowed {expected}")]
+    HeadDim { kernel: String, expected: usize, got: usize },
+
+    /// A dimension of the shape is zero.
+    #[error("`{dim}` = 0: every dimension must be at least 1")]
+    EmptyDim { dim: &'static str },
+
+    /// A dimension, an element count or a grid is larger than the kernels can index.
+    #[error("`{what}` = {got} is too large: allowed at most {max}")]
+    TooLarge { what: &'static str, got: u128, max: u128 },
+
+    /// A device slice holds fewer elements than the shape needs.
+    #[error("tensor `{tensor}` is too short for the shape: needs {needed} elements, got {got}")]
+    TooShort { tensor: &'static str, needed: usize, got: usize },
+
+    /// A device slice belongs to another CUDA context than the launcher's stream.
+    #[error("tensor `{tensor}` lives on another CUDA context (device {got}) than the launcher's (device {expected})")]
+    WrongContext { tensor: &'static str, expected: usize, got: usize },
+
+    /// `scale` is NaN, infinite or zero.
+    #[error("`scale` = {got} is not allowed: it must be finite and non-zero")]
+    Scale { got: f32 },
+
+    /// The manifest does not describe a kernel this launcher knows how to run.
+    #[error("kernel `{kernel}` has a malformed manifest: {reason}")]
+    Manifest { kernel: String, reason: String },
+
+    /// The device has no PTX for its architecture and the binary carries no CUDA source to compile.
+    #[error(
+        "kernel `{kernel}` has no PTX for this device ({device_arch}) and no CUDA source to compile: \
+         PTX is available for [{available}]; re-tune or rebuild with `{device_arch}` in the target list"
+    )]
+    NoKernelForArch { kernel: String, device_arch: String, available: String },
+
+    /// NVRTC failed to compile the fallback CUDA source.
+    #[error("kernel `{kernel}`: NVRTC failed to compile for `{arch}`: {log}")]
+    Nvrtc { kernel: String, arch: String, log: String },
+
+    /// A launch step asks for more dynamic shared memory or threads than the device allows.
+    #[error("kernel `{kernel}` step `{function}` needs {needed} {what}, over the device limit of {limit}")]
+    DeviceLimit { kernel: String, function: String, what: &'static str, needed: u64, limit: u64 },
+
+    /// The f32 workspace of the backward could not be allocated.
+    #[error("kernel `{kernel}`: could not allocate the {bytes}-byte backward workspace: {source}")]
+    Workspace {
+        kernel: String,
+        bytes: usize,
+        #[source]
+        source: DriverError,
+    },
+
+    /// A CUDA driver call for a given kernel failed.
+    #[error("kernel `{kernel}`: {op} failed: {source}")]
+    Kernel {
+        kernel: String,
+        op: &'static str,
+        #[source]
+        source: DriverError,
+    },
+
+    /// A CUDA driver call outside any one kernel failed.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+}
+
+impl LaunchError {
+    /// True for refusals of the caller's input (nothing was launched, nothing on the device is wrong).
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::WrongPass { .. }
+                | LaunchError::Dtype { .. }
+                | LaunchError::HeadDim { .. }
+                | LaunchError::EmptyDim { .. }
+                | LaunchError::TooLarge { .. }
+                | LaunchError::TooShort { .. }
+                | LaunchError::WrongContext { .. }
+                | LaunchError::Scale { .. }
+        )
+    }
+}
+
+/// Adds the kernel name to a driver error.
+pub(crate) trait KernelContext<T> {
+    fn kernel_ctx(self, kernel: &str, op: &'static str) -> Result<T, LaunchError>;
+}
+
+impl<T> KernelContext<T> for Result<T, DriverError> {
+    fn kernel_ctx(self, kernel: &str, op: &'static str) -> Result<T, LaunchError> {
+        self.map_err(|source| LaunchError::Kernel { kernel: kernel.to_string(), op, source })
+    }
+}

@@ -1,0 +1,239 @@
+//! The launch of a forward or backward pass: checks every input (see [`super::plan`]), loads the
+//! kernel through the module store, prepares the backward's workspace and launches each step of the
+//! manifest with one [`SbParams`] by value.
+
+use super::binary::KernelBinary;
+use super::element::SbElement;
+use super::error::{KernelContext, LaunchError};
+use super::modules::{LoadedKernel, ModuleStore};
+use super::plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan};
+use super::Shape;
+use crate::manifest::SbParams;
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    LaunchConfig, PushKernelArg,
+};
+use std::sync::{Arc, Mutex};
+
+// SAFETY: `SbParams` is `#[repr(C)]`, `Copy`, holds only integers and floats, and mirrors the C
+// struct rendered from `PARAM_FIELDS` (a test in `manifest` checks the offsets).
+unsafe impl DeviceRepr for SbParams {}
+
+/// The forward's tensors, in the kernel's layout (BHND or BNHD as the spec says), contiguous.
+/// `rem` and `log2_rem` are f32 `[batch, heads, seq]`; keep `log2_rem` for the backward.
+pub struct ForwardArgs<'a, T> {
+    pub q: CudaView<'a, T>,
+    pub k: CudaView<'a, T>,
+    pub v: CudaView<'a, T>,
+    pub o: CudaViewMut<'a, T>,
+    pub rem: CudaViewMut<'a, f32>,
+    pub log2_rem: CudaViewMut<'a, f32>,
+}
+
+/// The backward's tensors. `o` is the forward's output (fused when the spec fuses the remainder),
+/// `log2_rem` the forward's, `d_rem` the gradient flowing into rem (`None`: none).
+pub struct BackwardArgs<'a, T> {
+    pub q: CudaView<'a, T>,
+    pub k: CudaView<'a, T>,
+    pub v: CudaView<'a, T>,
+    pub o: CudaView<'a, T>,
+    pub d_o: CudaView<'a, T>,
+    pub d_rem: Option<CudaView<'a, f32>>,
+    pub log2_rem: CudaView<'a, f32>,
+    pub dq: CudaViewMut<'a, T>,
+    pub dk: CudaViewMut<'a, T>,
+    pub dv: CudaViewMut<'a, T>,
+}
+
+/// Launches sbgen kernels on one stream. Cheap to keep: it owns a reference to the module store and
+/// the backward's f32 workspace, which grows to the largest problem seen.
+#[derive(Debug)]
+pub struct Launcher {
+    stream: Arc<CudaStream>,
+    store: Arc<ModuleStore>,
+    workspace: Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl Launcher {
+    /// A launcher on `stream` with a fresh module store for the stream's context.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self, LaunchError> {
+        let store = Arc::new(ModuleStore::new(stream.context().clone())?);
+        Ok(Launcher { stream, store, workspace: Mutex::new(None) })
+    }
+
+    /// A launcher sharing `store` (which must belong to the stream's context).
+    pub fn with_store(stream: Arc<CudaStream>, store: Arc<ModuleStore>) -> Result<Self, LaunchError> {
+        if **store.context() != **stream.context() {
+            return Err(LaunchError::WrongContext {
+                tensor: "module store",
+                expected: stream.context().ordinal(),
+                got: store.context().ordinal(),
+            });
+        }
+        Ok(Launcher { stream, store, workspace: Mutex::new(None) })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn store(&self) -> &Arc<ModuleStore> {
+        &self.store
+    }
+
+    /// Loads (or finds) the kernel's module ahead of the first launch.
+    pub fn load(&self, kernel: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
+        self.store.load(kernel)
+    }
+
+    /// Runs the forward: `o`, `rem` and `log2_rem` from `q`, `k`, `v`. `scale` defaults to
+    /// 1/sqrt(head_dim). Asynchronous on the launcher's stream.
+    pub fn forward<T: SbElement>(
+        &self,
+        kernel: &KernelBinary,
+        shape: Shape,
+        mut args: ForwardArgs<'_, T>,
+        scale: Option<f32>,
+    ) -> Result<(), LaunchError> {
+        let lens = ForwardLens {
+            q: args.q.len(),
+            k: args.k.len(),
+            v: args.v.len(),
+            o: args.o.len(),
+            rem: args.rem.len(),
+            log2_rem: args.log2_rem.len(),
+        };
+        let plan = plan_forward(&kernel.manifest, T::DTYPE, shape, &lens, scale)?;
+        let ctx = self.stream.context();
+        same_context(ctx, "q", args.q.stream())?;
+        same_context(ctx, "k", args.k.stream())?;
+        same_context(ctx, "v", args.v.stream())?;
+        same_context(ctx, "o", args.o.stream())?;
+        same_context(ctx, "rem", args.rem.stream())?;
+        same_context(ctx, "log2_rem", args.log2_rem.stream())?;
+        let loaded = self.store.load(kernel)?;
+
+        let s = &*self.stream;
+        let (q, _q) = args.q.device_ptr(s);
+        let (k, _k) = args.k.device_ptr(s);
+        let (v, _v) = args.v.device_ptr(s);
+        let (o, _o) = args.o.device_ptr_mut(s);
+        let (rem, _rem) = args.rem.device_ptr_mut(s);
+        let (log2_rem, _log2_rem) = args.log2_rem.device_ptr_mut(s);
+        let params = SbParams { q, k, v, o, rem, log2_rem, ..params_base(shape, &plan) };
+        self.launch_steps(&loaded, &plan, &params)
+        // The guards drop here, after the launches: later work on other streams waits for them.
+    }
+
+    /// Runs the backward: `dq`, `dk`, `dv`. Zeroes the f32 workspace, then launches the main step and
+    /// the finishing step. Asynchronous on the launcher's stream.
+    pub fn backward<T: SbElement>(
+        &self,
+        kernel: &KernelBinary,
+        shape: Shape,
+        mut args: BackwardArgs<'_, T>,
+        scale: Option<f32>,
+    ) -> Result<(), LaunchError> {
+        let lens = BackwardLens {
+            q: args.q.len(),
+            k: args.k.len(),
+            v: args.v.len(),
+            o: args.o.len(),
+            d_o: args.d_o.len(),
+            d_rem: args.d_rem.as_ref().map(|d| d.len()),
+            log2_rem: args.log2_rem.len(),
+            dq: args.dq.len(),
+            dk: args.dk.len(),
+            dv: args.dv.len(),
+        };
+        let plan = plan_backward(&kernel.manifest, T::DTYPE, shape, &lens, scale)?;
+        let ctx = self.stream.context();
+        same_context(ctx, "q", args.q.stream())?;
+        same_context(ctx, "k", args.k.stream())?;
+        same_context(ctx, "v", args.v.stream())?;
+        same_context(ctx, "o", args.o.stream())?;
+        same_context(ctx, "d_o", args.d_o.stream())?;
+        if let Some(d_rem) = &args.d_rem {
+            same_context(ctx, "d_rem", d_rem.stream())?;
+        }
+        same_context(ctx, "log2_rem", args.log2_rem.stream())?;
+        same_context(ctx, "dq", args.dq.stream())?;
+        same_context(ctx, "dk", args.dk.stream())?;
+        same_context(ctx, "dv", args.dv.stream())?;
+        let loaded = self.store.load(kernel)?;
+
+        let name = &kernel.manifest.name;
+        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let needed = 2 * plan.accum_elements;
+        if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {
+            *workspace = None; // free the smaller buffer first
+                               // SAFETY: the buffer is zeroed below before any kernel reads it.
+            let buffer = unsafe { self.stream.alloc::<f32>(needed) }.map_err(|source| LaunchError::Workspace {
+                kernel: name.clone(),
+                bytes: needed * 4,
+                source,
+            })?;
+            *workspace = Some(buffer);
+        }
+        let buffer = workspace.as_mut().expect("allocated above");
+        let mut used = buffer.slice_mut(0..needed);
+        self.stream.memset_zeros(&mut used).kernel_ctx(name, "zeroing the backward workspace")?;
+        let (dk_accum, dv_accum) = used.split_at_mut(plan.accum_elements);
+
+        let s = &*self.stream;
+        let (q, _q) = args.q.device_ptr(s);
+        let (k, _k) = args.k.device_ptr(s);
+        let (v, _v) = args.v.device_ptr(s);
+        let (o, _o) = args.o.device_ptr(s);
+        let (d_o, _d_o) = args.d_o.device_ptr(s);
+        let d_rem_ptr = args.d_rem.as_ref().map(|d| d.device_ptr(s));
+        let d_rem = d_rem_ptr.as_ref().map_or(0, |(p, _)| *p);
+        let (log2_rem, _log2_rem) = args.log2_rem.device_ptr(s);
+        let (dq, _dq) = args.dq.device_ptr_mut(s);
+        let (dk, _dk) = args.dk.device_ptr_mut(s);
+        let (dv, _dv) = args.dv.device_ptr_mut(s);
+        let (dk_accum, _dk_accum) = dk_accum.view_ptr_mut(s);
+        let (dv_accum, _dv_accum) = dv_accum.view_ptr_mut(s);
+        let params =
+            SbParams { q, k, v, o, log2_rem, d_o, d_rem, dq, dk, dv, dk_accum, dv_accum, ..params_base(shape, &plan) };
+        self.launch_steps(&loaded, &plan, &params)
+    }
+
+    fn launch_steps(&self, loaded: &LoadedKernel, plan: &LaunchPlan, params: &SbParams) -> Result<(), LaunchError> {
+        for (function, step) in loaded.functions.iter().zip(&plan.steps) {
+            let cfg = LaunchConfig {
+                grid_dim: step.grid,
+                block_dim: (step.threads, 1, 1),
+                shared_mem_bytes: step.dynamic_smem_bytes,
+            };
+            let mut launch = self.stream.launch_builder(function);
+            launch.arg(params);
+            // SAFETY: every entry point of an sbgen module takes exactly one `SbParams` by value
+            // (the C struct is rendered from the same field table). `plan_*` checked that each
+            // non-null pointer addresses a live allocation on this context with at least the
+            // elements the shape needs, that the grid is within CUDA's limits, and the module
+            // store checked threads and shared memory against the device and raised the
+            // dynamic shared-memory limit. The pointer guards outlive this call.
+            unsafe { launch.launch(cfg) }.kernel_ctx(&loaded.name, "launching")?;
+        }
+        Ok(())
+    }
+}
+
+fn params_base(shape: Shape, plan: &LaunchPlan) -> SbParams {
+    // `plan_*` refused batch, heads > 65535 and seq > i32::MAX, so these casts are exact.
+    SbParams {
+        batch: shape.batch as i32,
+        heads: shape.heads as i32,
+        seq: shape.seq as i32,
+        scale_log2: plan.scale_log2,
+        ..SbParams::default()
+    }
+}
+
+fn same_context(ctx: &Arc<CudaContext>, tensor: &'static str, stream: &Arc<CudaStream>) -> Result<(), LaunchError> {
+    if **stream.context() != **ctx {
+        return Err(LaunchError::WrongContext { tensor, expected: ctx.ordinal(), got: stream.context().ordinal() });
+    }
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! The GPU launcher (feature `cuda`): loads sbgen kernels through cudarc and launches them after
+//! checking every input.
+//!
+//! - [`error`]: [`LaunchError`], one variant per refusal, each naming the argument and what is allowed.
+//! - [`plan`]: the input checks as pure functions over (manifest, shape, slice lengths), so they are
+//!   tested without a GPU.
+//! - [`binary`]: [`KernelBinary`] (manifest + PTX per arch + optional CUDA source) and the rule that
+//!   picks the PTX for a device.
+//! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
+//! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
+//!
+//! This crate does not pick cudarc's CUDA version or linking mode: the final binary does, e.g.
+//! `cudarc = { version = "0.19", features = ["cuda-13000", "dynamic-loading"] }`.
+
+pub mod binary;
+pub mod element;
+pub mod error;
+pub mod launch;
+pub mod modules;
+pub mod plan;
+
+pub use crate::reference::Shape;
+pub use binary::{pick_ptx, KernelBinary, Target};
+pub use element::SbElement;
+pub use error::LaunchError;
+pub use launch::{BackwardArgs, ForwardArgs, Launcher};
+pub use modules::{CodeOrigin, LoadedKernel, ModuleStore, NvrtcOptions};
+pub use plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan, PlannedStep};

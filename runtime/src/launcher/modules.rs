@@ -1,0 +1,212 @@
+//! The module store: loads each kernel's module once per CUDA context (cached by kernel name, which
+//! encodes the spec and the schedule hash), keeps its function handles, picks the PTX for the
+//! device's compute capability (NVRTC-compiling the CUDA source when none fits) and raises the
+//! dynamic shared-memory limit of functions that need more than the default 48 KiB.
+
+use super::binary::{pick_ptx, KernelBinary, Target};
+use super::error::{KernelContext, LaunchError};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Dynamic shared memory every function may use without opting in.
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
+
+/// Where a loaded kernel's code came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeOrigin {
+    /// PTX shipped with the binary, compiled for this target.
+    Ptx { target: String },
+    /// The CUDA source, compiled by NVRTC at load time for this target.
+    Nvrtc { target: String },
+}
+
+/// A kernel's module and its entry points, in manifest order.
+#[derive(Debug)]
+pub struct LoadedKernel {
+    pub name: String,
+    pub origin: CodeOrigin,
+    pub functions: Vec<CudaFunction>,
+    _module: Arc<CudaModule>,
+}
+
+/// Options for compiling CUDA source with NVRTC when no PTX fits the device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NvrtcOptions {
+    /// Folders with the CUDA headers (`cuda_bf16.h`, ...), passed as `--include-path`.
+    pub include_paths: Vec<String>,
+    /// More options, passed as they are (e.g. `-std=c++17`).
+    pub extra: Vec<String>,
+}
+
+impl NvrtcOptions {
+    /// Include paths from `SBGEN_CUDA_INCLUDE` (`:`-separated), `$CUDA_HOME/include`,
+    /// `$CUDA_PATH/include` and `/usr/local/cuda/include`, those that exist.
+    pub fn from_env() -> Self {
+        let mut include_paths = Vec::new();
+        if let Ok(list) = std::env::var("SBGEN_CUDA_INCLUDE") {
+            include_paths.extend(list.split(':').filter(|s| !s.is_empty()).map(str::to_string));
+        }
+        for var in ["CUDA_HOME", "CUDA_PATH"] {
+            if let Ok(root) = std::env::var(var) {
+                include_paths.push(format!("{root}/include"));
+            }
+        }
+        include_paths.push("/usr/local/cuda/include".to_string());
+        include_paths.retain(|p| std::path::Path::new(p).is_dir());
+        include_paths.dedup();
+        NvrtcOptions { include_paths, extra: vec!["-std=c++17".to_string()] }
+    }
+}
+
+/// Loaded kernels of one CUDA context. Share one store (in an `Arc`) between launchers on the same
+/// context so each module is loaded once.
+#[derive(Debug)]
+pub struct ModuleStore {
+    ctx: Arc<CudaContext>,
+    compute_capability: (u32, u32),
+    max_dynamic_smem: u32,
+    nvrtc: Mutex<NvrtcOptions>,
+    loaded: Mutex<HashMap<String, Arc<LoadedKernel>>>,
+}
+
+impl ModuleStore {
+    pub fn new(ctx: Arc<CudaContext>) -> Result<Self, LaunchError> {
+        let (major, minor) = ctx.compute_capability()?;
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        Ok(ModuleStore {
+            ctx,
+            compute_capability: (major as u32, minor as u32),
+            max_dynamic_smem: optin.max(0) as u32,
+            nvrtc: Mutex::new(NvrtcOptions::from_env()),
+            loaded: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
+    }
+
+    /// The device's arch as a target name, e.g. `sm_90a` (what NVRTC compiles for here).
+    pub fn device_target(&self) -> String {
+        Target::for_device(self.compute_capability)
+    }
+
+    /// Largest dynamic shared memory a block may opt into on this device, in bytes.
+    pub fn max_dynamic_smem(&self) -> u32 {
+        self.max_dynamic_smem
+    }
+
+    pub fn set_nvrtc_options(&self, options: NvrtcOptions) {
+        *lock(&self.nvrtc) = options;
+    }
+
+    /// Number of kernels loaded so far.
+    pub fn len(&self) -> usize {
+        lock(&self.loaded).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The kernel's module and functions, loaded on first use.
+    pub fn load(&self, binary: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
+        let name = binary.name();
+        let mut loaded = lock(&self.loaded);
+        if let Some(kernel) = loaded.get(name) {
+            return Ok(kernel.clone());
+        }
+        let cc = self.compute_capability;
+        let (ptx, origin) = match pick_ptx(&binary.ptx, cc) {
+            Some(i) => {
+                let (target, text) = &binary.ptx[i];
+                (Ptx::from_src(text.clone()), CodeOrigin::Ptx { target: target.clone() })
+            }
+            None => {
+                let target = Target::for_device(cc);
+                let Some(source) = &binary.cuda_source else {
+                    let available = binary.ptx.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ");
+                    return Err(LaunchError::NoKernelForArch {
+                        kernel: name.to_string(),
+                        device_arch: target,
+                        available,
+                    });
+                };
+                let ptx = self.compile(name, source, &target)?;
+                (ptx, CodeOrigin::Nvrtc { target })
+            }
+        };
+        let module = self.ctx.load_module(ptx).kernel_ctx(name, "loading the module")?;
+        let mut functions = Vec::with_capacity(binary.manifest.steps.len());
+        for step in &binary.manifest.steps {
+            let function = module.load_function(&step.function).kernel_ctx(name, "finding an entry point")?;
+            let max_threads = function.max_threads_per_block().kernel_ctx(name, "querying max threads")?;
+            if step.threads as i64 > max_threads as i64 {
+                return Err(LaunchError::DeviceLimit {
+                    kernel: name.to_string(),
+                    function: step.function.clone(),
+                    what: "threads per block",
+                    needed: step.threads as u64,
+                    limit: max_threads.max(0) as u64,
+                });
+            }
+            let static_smem = function.shared_size_bytes().kernel_ctx(name, "querying shared memory")?.max(0) as u32;
+            let needed = step.dynamic_smem_bytes as u64 + static_smem as u64;
+            if needed > self.max_dynamic_smem as u64 {
+                return Err(LaunchError::DeviceLimit {
+                    kernel: name.to_string(),
+                    function: step.function.clone(),
+                    what: "bytes of shared memory",
+                    needed,
+                    limit: self.max_dynamic_smem as u64,
+                });
+            }
+            if step.dynamic_smem_bytes > DEFAULT_DYNAMIC_SMEM {
+                function
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        step.dynamic_smem_bytes as i32,
+                    )
+                    .kernel_ctx(name, "raising the dynamic shared-memory limit")?;
+            }
+            functions.push(function);
+        }
+        let kernel = Arc::new(LoadedKernel { name: name.to_string(), origin, functions, _module: module });
+        loaded.insert(name.to_string(), kernel.clone());
+        Ok(kernel)
+    }
+
+    fn compile(&self, name: &str, source: &str, target: &str) -> Result<Ptx, LaunchError> {
+        let nvrtc = lock(&self.nvrtc).clone();
+        // NVRTC wants a `'static` arch; pass it as a plain option instead.
+        let mut options = vec![format!("--gpu-architecture={target}")];
+        options.extend(nvrtc.extra);
+        let opts = CompileOptions {
+            include_paths: nvrtc.include_paths,
+            options,
+            name: Some(format!("{name}.cu")),
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| LaunchError::Nvrtc {
+            kernel: name.to_string(),
+            arch: target.to_string(),
+            log: match e {
+                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                other => other.to_string(),
+            },
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the map consistent (inserts are the last step).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

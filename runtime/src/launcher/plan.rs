@@ -1,0 +1,455 @@
+//! Input checks and launch planning, as pure functions over (manifest, shape, slice lengths) so that
+//! every refusal is testable without a GPU. The launcher calls these before touching the device.
+
+use super::error::LaunchError;
+use super::Shape;
+use crate::manifest::KernelManifest;
+use crate::spec::{Dtype, Pass};
+
+/// Largest sequence length: the kernels index rows with 32-bit `int`.
+pub const MAX_SEQ: usize = i32::MAX as usize;
+/// Largest `heads` and `batch`: they are the grid's y and z dimensions.
+pub const MAX_GRID_YZ: usize = 65535;
+/// Most threads per block on every supported arch.
+pub const MAX_THREADS: u32 = 1024;
+
+/// Lengths, in elements, of the forward's device slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardLens {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub o: usize,
+    pub rem: usize,
+    pub log2_rem: usize,
+}
+
+/// Lengths, in elements, of the backward's device slices. `d_rem` is `None` when no gradient flows
+/// into rem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardLens {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub o: usize,
+    pub d_o: usize,
+    pub d_rem: Option<usize>,
+    pub log2_rem: usize,
+    pub dq: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+/// One checked launch: grid, block and dynamic shared memory of a manifest step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedStep {
+    pub grid: (u32, u32, u32),
+    pub threads: u32,
+    pub dynamic_smem_bytes: u32,
+}
+
+/// Everything the launcher needs once the inputs have passed every check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchPlan {
+    pub steps: Vec<PlannedStep>,
+    /// `batch * heads * seq * head_dim`: elements of q, k, v, o and the gradients.
+    pub elements: usize,
+    /// `batch * heads * seq`: elements of rem, log2_rem and d_rem.
+    pub rows: usize,
+    /// f32 elements of each backward accumulator (dk_accum, dv_accum); 0 for the forward.
+    pub accum_elements: usize,
+    /// `scale * log2(e)`, the value the kernel takes.
+    pub scale_log2: f32,
+}
+
+/// Checks a forward launch of `manifest` on tensors of element type `dtype`.
+pub fn plan_forward(
+    manifest: &KernelManifest,
+    dtype: Dtype,
+    shape: Shape,
+    lens: &ForwardLens,
+    scale: Option<f32>,
+) -> Result<LaunchPlan, LaunchError> {
+    let mut plan = plan_common(manifest, Pass::Forward, dtype, shape, scale)?;
+    let (e, r) = (plan.elements, plan.rows);
+    for (tensor, needed, got) in [
+        ("q", e, lens.q),
+        ("k", e, lens.k),
+        ("v", e, lens.v),
+        ("o", e, lens.o),
+        ("rem", r, lens.rem),
+        ("log2_rem", r, lens.log2_rem),
+    ] {
+        check_len(tensor, needed, got)?;
+    }
+    plan.accum_elements = 0;
+    Ok(plan)
+}
+
+/// Checks a backward launch of `manifest` on tensors of element type `dtype`.
+pub fn plan_backward(
+    manifest: &KernelManifest,
+    dtype: Dtype,
+    shape: Shape,
+    lens: &BackwardLens,
+    scale: Option<f32>,
+) -> Result<LaunchPlan, LaunchError> {
+    let mut plan = plan_common(manifest, Pass::Backward, dtype, shape, scale)?;
+    let (e, r) = (plan.elements, plan.rows);
+    for (tensor, needed, got) in [
+        ("q", e, lens.q),
+        ("k", e, lens.k),
+        ("v", e, lens.v),
+        ("o", e, lens.o),
+        ("d_o", e, lens.d_o),
+        ("log2_rem", r, lens.log2_rem),
+        ("dq", e, lens.dq),
+        ("dk", e, lens.dk),
+        ("dv", e, lens.dv),
+    ] {
+        check_len(tensor, needed, got)?;
+    }
+    if let Some(got) = lens.d_rem {
+        check_len("d_rem", r, got)?;
+    }
+    // Two f32 accumulators of `elements` each, allocated as one buffer.
+    let bytes = (e as u128) * 2 * 4;
+    if bytes > isize::MAX as u128 {
+        return Err(LaunchError::TooLarge { what: "backward workspace bytes", got: bytes, max: isize::MAX as u128 });
+    }
+    plan.accum_elements = e;
+    Ok(plan)
+}
+
+fn check_len(tensor: &'static str, needed: usize, got: usize) -> Result<(), LaunchError> {
+    if got < needed {
+        return Err(LaunchError::TooShort { tensor, needed, got });
+    }
+    Ok(())
+}
+
+fn plan_common(
+    manifest: &KernelManifest,
+    pass: Pass,
+    dtype: Dtype,
+    shape: Shape,
+    scale: Option<f32>,
+) -> Result<LaunchPlan, LaunchError> {
+    let kernel = &manifest.name;
+    let spec = &manifest.spec;
+    if spec.pass != pass {
+        return Err(LaunchError::WrongPass { kernel: kernel.clone(), expected: pass, got: spec.pass });
+    }
+    let expected_steps = match pass {
+        Pass::Forward => 1,
+        Pass::Backward => 2,
+    };
+    if manifest.steps.len() != expected_steps {
+        return Err(LaunchError::Manifest {
+            kernel: kernel.clone(),
+            reason: format!("a {pass:?} kernel has {expected_steps} step(s), this one has {}", manifest.steps.len()),
+        });
+    }
+    if let Some(step) = manifest.steps.iter().find(|s| s.threads == 0 || s.threads > MAX_THREADS) {
+        return Err(LaunchError::Manifest {
+            kernel: kernel.clone(),
+            reason: format!("step `{}` has {} threads: allowed 1..={MAX_THREADS}", step.function, step.threads),
+        });
+    }
+    if dtype != spec.dtype {
+        return Err(LaunchError::Dtype { kernel: kernel.clone(), expected: spec.dtype, got: dtype });
+    }
+    if shape.head_dim != spec.head_dim as usize {
+        return Err(LaunchError::HeadDim {
+            kernel: kernel.clone(),
+            expected: spec.head_dim as usize,
+            got: shape.head_dim,
+        });
+    }
+    for (dim, value) in [("batch", shape.batch), ("heads", shape.heads), ("seq", shape.seq)] {
+        if value == 0 {
+            return Err(LaunchError::EmptyDim { dim });
+        }
+    }
+    for (what, got, max) in
+        [("seq", shape.seq, MAX_SEQ), ("heads", shape.heads, MAX_GRID_YZ), ("batch", shape.batch, MAX_GRID_YZ)]
+    {
+        if got > max {
+            return Err(LaunchError::TooLarge { what, got: got as u128, max: max as u128 });
+        }
+    }
+    let elements_wide = shape.batch as u128 * shape.heads as u128 * shape.seq as u128 * shape.head_dim as u128;
+    // Each tensor's byte size must fit in isize (what Rust and the driver can address).
+    let max_elements = (isize::MAX as u128) / 4;
+    if elements_wide > max_elements {
+        return Err(LaunchError::TooLarge {
+            what: "batch * heads * seq * head_dim",
+            got: elements_wide,
+            max: max_elements,
+        });
+    }
+    let elements = elements_wide as usize;
+    let rows = shape.batch * shape.heads * shape.seq;
+    let mut steps = Vec::with_capacity(manifest.steps.len());
+    for step in &manifest.steps {
+        let grid =
+            step.grid.grid(shape.batch, shape.heads, shape.seq, shape.head_dim).ok_or(LaunchError::TooLarge {
+                what: "grid x (blocks for batch * heads * seq * head_dim)",
+                got: elements_wide,
+                max: (1u128 << 31) - 1,
+            })?;
+        steps.push(PlannedStep { grid, threads: step.threads, dynamic_smem_bytes: step.dynamic_smem_bytes });
+    }
+    let scale = scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+    if !scale.is_finite() || scale == 0.0 {
+        return Err(LaunchError::Scale { got: scale });
+    }
+    Ok(LaunchPlan { steps, elements, rows, accum_elements: 0, scale_log2: scale * std::f32::consts::LOG2_E })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{GridRule, LaunchStep};
+    use crate::spec::Spec;
+
+    fn manifest(pass: Pass) -> KernelManifest {
+        let spec = Spec::new(64, Dtype::Bf16, pass);
+        let main = LaunchStep {
+            function: "sb_test".into(),
+            grid: GridRule::QueryBlocks { block_m: 64 },
+            threads: 128,
+            dynamic_smem_bytes: 40960,
+        };
+        let steps = match pass {
+            Pass::Forward => vec![main],
+            Pass::Backward => vec![
+                main,
+                LaunchStep {
+                    function: "sb_test_finish".into(),
+                    grid: GridRule::Elements { per_cta: 2048 },
+                    threads: 256,
+                    dynamic_smem_bytes: 0,
+                },
+            ],
+        };
+        KernelManifest { name: "sb_test".into(), spec, block_m: 64, block_n: 64, steps }
+    }
+
+    fn shape(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Shape {
+        Shape { batch, heads, seq, head_dim }
+    }
+
+    fn fwd_lens(s: Shape) -> ForwardLens {
+        let e = s.batch * s.heads * s.seq * s.head_dim;
+        let r = s.batch * s.heads * s.seq;
+        ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r }
+    }
+
+    fn bwd_lens(s: Shape) -> BackwardLens {
+        let e = s.batch * s.heads * s.seq * s.head_dim;
+        let r = s.batch * s.heads * s.seq;
+        BackwardLens { q: e, k: e, v: e, o: e, d_o: e, d_rem: Some(r), log2_rem: r, dq: e, dk: e, dv: e }
+    }
+
+    #[test]
+    fn plans_a_valid_forward() {
+        let s = shape(3, 5, 17, 64);
+        let plan = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap();
+        assert_eq!(plan.steps, vec![PlannedStep { grid: (1, 5, 3), threads: 128, dynamic_smem_bytes: 40960 }]);
+        assert_eq!(plan.elements, 3 * 5 * 17 * 64);
+        assert_eq!(plan.rows, 3 * 5 * 17);
+        assert_eq!(plan.accum_elements, 0);
+        assert!((plan.scale_log2 - 0.125 * std::f32::consts::LOG2_E).abs() < 1e-7);
+    }
+
+    #[test]
+    fn plans_a_valid_backward_with_and_without_d_rem() {
+        let s = shape(1, 3, 4097, 64);
+        let mut lens = bwd_lens(s);
+        let plan = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, Some(0.5)).unwrap();
+        assert_eq!(plan.steps.len(), 2);
+        assert_eq!(plan.steps[0].grid, (65, 3, 1));
+        assert_eq!(plan.steps[1].grid, ((3 * 4097 * 64usize).div_ceil(2048) as u32, 1, 1));
+        assert_eq!(plan.accum_elements, 3 * 4097 * 64);
+        lens.d_rem = None;
+        assert!(plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, Some(0.5)).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_backward_kernel_in_forward_and_the_reverse() {
+        let s = shape(1, 1, 8, 64);
+        let err = plan_forward(&manifest(Pass::Backward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::WrongPass { expected: Pass::Forward, got: Pass::Backward, .. }), "{err}");
+        let err = plan_backward(&manifest(Pass::Forward), Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::WrongPass { expected: Pass::Backward, got: Pass::Forward, .. }), "{err}");
+        assert!(err.to_string().contains("needs a Backward kernel"), "{err}");
+    }
+
+    #[test]
+    fn refuses_the_wrong_dtype() {
+        let s = shape(1, 1, 8, 64);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::F16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::Dtype { expected: Dtype::Bf16, got: Dtype::F16, .. }), "{err}");
+        assert!(err.to_string().contains("built for dtype `bf16`"), "{err}");
+    }
+
+    #[test]
+    fn refuses_the_wrong_head_dim() {
+        let s = shape(1, 1, 8, 128);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::HeadDim { expected: 64, got: 128, .. }), "{err}");
+        assert!(err.to_string().contains("`head_dim` = 128"), "{err}");
+    }
+
+    #[test]
+    fn refuses_empty_dimensions_naming_them() {
+        for (s, dim) in [(shape(0, 1, 8, 64), "batch"), (shape(1, 0, 8, 64), "heads"), (shape(1, 1, 0, 64), "seq")] {
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+            assert!(matches!(err, LaunchError::EmptyDim { dim: d } if d == dim), "{err}");
+            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+            assert!(matches!(err, LaunchError::EmptyDim { dim: d } if d == dim), "{err}");
+        }
+    }
+
+    #[test]
+    fn refuses_seq_of_2_pow_31() {
+        let s = shape(1, 1, 1 << 31, 64);
+        let lens = ForwardLens {
+            q: usize::MAX,
+            k: usize::MAX,
+            v: usize::MAX,
+            o: usize::MAX,
+            rem: usize::MAX,
+            log2_rem: usize::MAX,
+        };
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what: "seq", .. }), "{err}");
+        // One less is fine as far as the dimension goes (the slices are what they are).
+        let s = shape(1, 1, (1 << 31) - 1, 64);
+        let err =
+            plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(shape(1, 1, 1, 64)), None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooShort { tensor: "q", .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_grid_dimensions_over_cuda_limits() {
+        let s = shape(1, 65536, 4, 64);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what: "heads", got: 65536, max: 65535 }), "{err}");
+        let s = shape(65536, 1, 4, 64);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what: "batch", .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_element_counts_that_overflow() {
+        // 65535 * 65535 * (2^31 - 1) * 64 overflows isize (and u64 byte counts).
+        let s = shape(65535, 65535, (1 << 31) - 1, 64);
+        let big = usize::MAX;
+        let lens = ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big };
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what: "batch * heads * seq * head_dim", .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_an_elementwise_grid_over_2_pow_31_blocks() {
+        // The finishing step's grid: 8 * 1024 * 2^31-ish elements / 2048 per CTA > 2^31 blocks.
+        let s = shape(1024, 1024, (1 << 31) - 1, 64);
+        let big = usize::MAX;
+        let lens = BackwardLens {
+            q: big,
+            k: big,
+            v: big,
+            o: big,
+            d_o: big,
+            d_rem: None,
+            log2_rem: big,
+            dq: big,
+            dk: big,
+            dv: big,
+        };
+        let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what, .. } if what.starts_with("grid x")), "{err}");
+    }
+
+    #[test]
+    fn refuses_slices_too_short_naming_the_tensor() {
+        let s = shape(3, 5, 17, 64);
+        let e = 3 * 5 * 17 * 64;
+        let r = 3 * 5 * 17;
+        let full = fwd_lens(s);
+        let cases: [(&str, ForwardLens, usize); 6] = [
+            ("q", ForwardLens { q: e - 1, ..full }, e),
+            ("k", ForwardLens { k: 0, ..full }, e),
+            ("v", ForwardLens { v: 7, ..full }, e),
+            ("o", ForwardLens { o: r, ..full }, e),
+            ("rem", ForwardLens { rem: r - 1, ..full }, r),
+            ("log2_rem", ForwardLens { log2_rem: 1, ..full }, r),
+        ];
+        for (name, lens, needed) in cases {
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+            match &err {
+                LaunchError::TooShort { tensor, needed: n, .. } => {
+                    assert_eq!((*tensor, *n), (name, needed));
+                    assert!(err.to_string().contains(&format!("tensor `{name}`")), "{err}");
+                }
+                other => panic!("{name}: {other}"),
+            }
+        }
+        // Longer slices are fine (a pooled buffer).
+        let long = ForwardLens { q: e + 100, ..full };
+        assert!(plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &long, None).is_ok());
+    }
+
+    #[test]
+    fn refuses_backward_slices_too_short_naming_the_tensor() {
+        let s = shape(1, 3, 33, 64);
+        let full = bwd_lens(s);
+        let cases: [(&str, BackwardLens); 10] = [
+            ("q", BackwardLens { q: 1, ..full }),
+            ("k", BackwardLens { k: 1, ..full }),
+            ("v", BackwardLens { v: 1, ..full }),
+            ("o", BackwardLens { o: 1, ..full }),
+            ("d_o", BackwardLens { d_o: 1, ..full }),
+            ("d_rem", BackwardLens { d_rem: Some(1), ..full }),
+            ("log2_rem", BackwardLens { log2_rem: 1, ..full }),
+            ("dq", BackwardLens { dq: 1, ..full }),
+            ("dk", BackwardLens { dk: 1, ..full }),
+            ("dv", BackwardLens { dv: 1, ..full }),
+        ];
+        for (name, lens) in cases {
+            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, None).unwrap_err();
+            assert!(matches!(err, LaunchError::TooShort { tensor, .. } if tensor == name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_scales() {
+        let s = shape(1, 1, 8, 64);
+        for bad in [f32::NAN, f32::INFINITY, 0.0] {
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), Some(bad)).unwrap_err();
+            assert!(matches!(err, LaunchError::Scale { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_manifests() {
+        let s = shape(1, 1, 8, 64);
+        let mut m = manifest(Pass::Backward);
+        m.steps.pop();
+        let err = plan_backward(&m, Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::Manifest { .. }), "{err}");
+        let mut m = manifest(Pass::Forward);
+        m.steps[0].threads = 2048;
+        let err = plan_forward(&m, Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(err.to_string().contains("2048 threads"), "{err}");
+    }
+
+    #[test]
+    fn input_refusals_are_input_errors() {
+        let s = shape(1, 1, 0, 64);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(err.is_input_error());
+    }
+}
