@@ -3,5 +3,8 @@
 //! The pipeline: [`ir`] (a validated `Kernel { spec, schedule, arch }`) -> [`lower`] (tera templates
 //! to CUDA C++ plus a launch manifest) -> compilation and tuning.
 
+pub mod compile;
+pub mod interp;
 pub mod ir;
 pub mod lower;
+pub mod search_space;

@@ -1,0 +1,236 @@
+//! The default search space of schedules, as literal tables (CUTLASS style).
+//!
+//! For a spec and an arch, [`variants`] takes the cross product of one [`SearchSpace`]'s tables and
+//! yields every candidate with its verdict: `Ok(())`, or a [`Pruned`] reason, either from
+//! [`Kernel::validate`] (shared memory, divisibility, choices the templates do not implement) or from
+//! an [`EXCLUSIONS`] entry (choices the IR accepts but the search space leaves out on purpose).
+//!
+//! To change what the tuner tries, edit the tables: [`RULES`] picks a space per pass / head_dim /
+//! arch (first match wins), so a pass whose large tiles spill can get a smaller table without
+//! touching the others. Choices the templates do not implement yet stay in the tables: they are
+//! pruned with a printable reason today and join the search the day validation accepts them.
+
+use crate::ir::{Arch, Cumsum, IrError, Kernel, MmaFamily, Pass, Schedule, Softplus, Spec};
+use std::fmt;
+
+/// Query rows per CTA and the warps that share them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub block_m: u32,
+    pub warps: u32,
+}
+
+/// One table of schedule choices; its candidates are the cross product of the fields.
+#[derive(Clone, Copy, Debug)]
+pub struct SearchSpace {
+    pub tiles: &'static [Tile],
+    pub block_n: &'static [u32],
+    pub stages: &'static [u32],
+    pub softplus: &'static [Softplus],
+    pub cumsum: &'static [Cumsum],
+    pub mma: &'static [MmaFamily],
+}
+
+/// Which specs and arches a [`SearchSpace`] applies to; `None` matches anything.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule {
+    pub pass: Option<Pass>,
+    pub head_dim: Option<u32>,
+    pub arch: Option<Arch>,
+    pub space: &'static SearchSpace,
+}
+
+/// A schedule the IR accepts but the search space leaves out, with the reason printed for it.
+#[derive(Clone, Copy, Debug)]
+pub struct Exclusion {
+    pub reason: &'static str,
+    pub applies: fn(&Kernel) -> bool,
+}
+
+/// The default table. 16 rows per warp (block_m = 16 * warps) with `mma.sync` and the shuffle
+/// cumsum are what the templates implement: 2 tiles x 3 block_n x 2 stages x 2 softplus = 24
+/// candidates per spec before the shared-memory check. The 32-rows-per-warp tile, the tensor-core
+/// cumsum and `wgmma` are listed so that their pruning is visible.
+pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
+    tiles: &[
+        Tile { block_m: 64, warps: 4 },
+        Tile { block_m: 128, warps: 8 },
+        Tile { block_m: 128, warps: 4 }, // 32 rows per warp: see EXCLUSIONS
+    ],
+    block_n: &[32, 64, 128],
+    stages: &[2, 3],
+    softplus: &[Softplus::Mufu, Softplus::Poly],
+    cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
+    mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
+};
+
+/// Which table each (pass, head_dim, arch) uses; the first matching rule wins, the last matches all.
+pub const RULES: &[Rule] = &[Rule { pass: None, head_dim: None, arch: None, space: &DEFAULT_SPACE }];
+
+/// Schedules left out of the default search even though they validate.
+pub const EXCLUSIONS: &[Exclusion] = &[Exclusion {
+    reason: "32 rows per warp (block_m = 32 * warps) is left out of the default search space until \
+             the templates' two-m-tile path is tuned",
+    applies: |k| k.schedule.rows_per_warp() == 32,
+}];
+
+/// Why a candidate is not compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pruned {
+    /// [`Kernel::validate`] rejects it.
+    Invalid(IrError),
+    /// An [`EXCLUSIONS`] entry leaves it out.
+    Excluded(&'static str),
+}
+
+impl fmt::Display for Pruned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pruned::Invalid(e) => write!(f, "{e}"),
+            Pruned::Excluded(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl SearchSpace {
+    /// The table [`RULES`] assigns to `spec` on `arch`.
+    pub fn for_spec(spec: &Spec, arch: Arch) -> &'static SearchSpace {
+        RULES
+            .iter()
+            .find(|r| {
+                r.pass.iter().all(|&p| p == spec.pass)
+                    && r.head_dim.iter().all(|&d| d == spec.head_dim)
+                    && r.arch.iter().all(|&a| a == arch)
+            })
+            .map(|r| r.space)
+            .unwrap_or(&DEFAULT_SPACE)
+    }
+
+    /// Every schedule of the cross product, in table order.
+    pub fn schedules(&self) -> impl Iterator<Item = Schedule> + '_ {
+        self.tiles.iter().flat_map(move |tile| {
+            self.block_n.iter().flat_map(move |&block_n| {
+                self.stages.iter().flat_map(move |&stages| {
+                    self.softplus.iter().flat_map(move |&softplus| {
+                        self.cumsum.iter().flat_map(move |&cumsum| {
+                            self.mma.iter().map(move |&mma| Schedule {
+                                block_m: tile.block_m,
+                                block_n,
+                                warps: tile.warps,
+                                stages,
+                                cumsum,
+                                softplus,
+                                mma,
+                            })
+                        })
+                    })
+                })
+            })
+        })
+    }
+
+    /// Number of candidates (valid or not).
+    pub fn len(&self) -> usize {
+        self.tiles.len()
+            * self.block_n.len()
+            * self.stages.len()
+            * self.softplus.len()
+            * self.cumsum.len()
+            * self.mma.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The verdict on one candidate.
+pub fn check(kernel: &Kernel) -> Result<(), Pruned> {
+    kernel.validate().map_err(Pruned::Invalid)?;
+    match EXCLUSIONS.iter().find(|e| (e.applies)(kernel)) {
+        Some(e) => Err(Pruned::Excluded(e.reason)),
+        None => Ok(()),
+    }
+}
+
+/// Every candidate kernel for `spec` on `arch`, with its verdict, in table order.
+pub fn variants(spec: Spec, arch: Arch) -> impl Iterator<Item = (Kernel, Result<(), Pruned>)> {
+    SearchSpace::for_spec(&spec, arch).schedules().map(move |schedule| {
+        let kernel = Kernel::new(spec, schedule, arch);
+        let verdict = check(&kernel);
+        (kernel, verdict)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Dtype;
+    use std::collections::HashSet;
+
+    fn accepted(spec: Spec, arch: Arch) -> Vec<Schedule> {
+        variants(spec, arch).filter(|(_, v)| v.is_ok()).map(|(k, _)| k.schedule).collect()
+    }
+
+    #[test]
+    fn forward_d64_keeps_the_24_implemented_schedules() {
+        for arch in Arch::ALL {
+            let kept = accepted(Spec::new(64, Dtype::Bf16, Pass::Forward), arch);
+            assert_eq!(kept.len(), 24, "{arch}: {kept:?}");
+            for s in &kept {
+                assert_eq!(s.block_m, 16 * s.warps);
+                assert_eq!((s.cumsum, s.mma), (Cumsum::Shuffle, MmaFamily::MmaSync));
+            }
+        }
+    }
+
+    #[test]
+    fn candidates_are_distinct_and_counted() {
+        let spec = Spec::new(128, Dtype::F16, Pass::Backward);
+        let all: Vec<_> = variants(spec, Arch::Sm90).collect();
+        assert_eq!(all.len(), DEFAULT_SPACE.len());
+        let names: HashSet<String> = all.iter().map(|(k, _)| k.name()).collect();
+        assert_eq!(names.len(), all.len(), "schedule hashes collide");
+    }
+
+    #[test]
+    fn every_pruned_variant_has_a_reason_naming_what_is_wrong() {
+        for pass in [Pass::Forward, Pass::Backward] {
+            for arch in Arch::ALL {
+                for (kernel, verdict) in variants(Spec::new(128, Dtype::Bf16, pass), arch) {
+                    let Err(reason) = verdict else { continue };
+                    let text = reason.to_string();
+                    let s = &kernel.schedule;
+                    if s.cumsum == Cumsum::TensorCore {
+                        assert!(text.contains("`cumsum`"), "{text}");
+                    } else if s.mma == MmaFamily::Wgmma {
+                        assert!(text.contains("`mma`"), "{text}");
+                    } else if s.rows_per_warp() == 32 {
+                        // Validation (shared memory) runs before the exclusions.
+                        assert!(text.contains("32 rows per warp") || text.contains("shared memory"), "{text}");
+                    } else {
+                        assert!(text.contains("shared memory"), "{kernel:?}: {text}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_on_sm80_says_it_needs_sm90a() {
+        let spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+        let (_, verdict) = variants(spec, Arch::Sm80)
+            .find(|(k, _)| k.schedule.mma == MmaFamily::Wgmma && k.schedule.cumsum == Cumsum::Shuffle)
+            .unwrap();
+        assert!(verdict.unwrap_err().to_string().contains("needs sm_90a"));
+    }
+
+    #[test]
+    fn large_backward_tiles_are_pruned_for_shared_memory_on_sm80() {
+        // 128 x 128 tiles with 3 stages need 320 KiB for the backward at D = 128.
+        let kept = accepted(Spec::new(128, Dtype::Bf16, Pass::Backward), Arch::Sm80);
+        assert!(!kept.is_empty());
+        assert!(kept.len() < 24);
+        assert!(!kept.iter().any(|s| s.block_m == 128 && s.block_n == 128 && s.stages == 3));
+    }
+}
