@@ -3,6 +3,7 @@
 //! The pipeline: [`ir`] (a validated `Kernel { spec, schedule, arch }`) -> [`lower`] (tera templates
 //! to CUDA C++ plus a launch manifest) -> compilation and tuning.
 
+pub mod cli;
 pub mod compile;
 pub mod interp;
 pub mod ir;

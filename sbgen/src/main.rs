@@ -1,1 +1,5 @@
-fn main() {}
+//! The `sbgen` binary; everything lives in [`sbgen::cli`].
+
+fn main() -> std::process::ExitCode {
+    sbgen::cli::main()
+}

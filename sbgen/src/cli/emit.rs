@@ -1,0 +1,199 @@
+//! `sbgen emit`: lower one spec to CUDA C++ and write `<kernel name>.cu` per pass plus
+//! `manifest.json`, touching only files whose content changed.
+
+use super::{Outcome, UsageError};
+use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Softplus, Spec};
+use crate::lower::{lower, LowerError};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Args)]
+pub struct EmitArgs {
+    /// Head dimension (64 or 128).
+    #[arg(long)]
+    pub head_dim: u32,
+    /// Element type: bf16 or f16.
+    #[arg(long)]
+    pub dtype: Dtype,
+    /// Which passes to emit.
+    #[arg(long, value_enum, default_value_t = PassChoice::Both)]
+    pub pass: PassChoice,
+    /// Causal mask: strict (key j < query i) or attend_current (j <= i).
+    #[arg(long, default_value_t = Mask::Strict)]
+    pub mask: Mask,
+    /// Memory order of q, k, v, o: bhnd or bnhd.
+    #[arg(long, default_value_t = Layout::Bhnd)]
+    pub layout: Layout,
+    /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
+    #[arg(long, default_value_t = Remainder::Return)]
+    pub remainder: Remainder,
+    /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
+    #[arg(long, value_name = "T")]
+    pub early_exit_bits: Option<u32>,
+    /// Target architecture: sm_80 or sm_90 (compiled as sm_90a).
+    #[arg(long, default_value = "sm_90")]
+    pub arch: Arch,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Output folder.
+    #[arg(long, default_value = "sbgen-out")]
+    pub out: PathBuf,
+}
+
+/// Schedule overrides; absent fields keep the default schedule (64 x 64, 4 warps, 2 stages, mufu).
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Query rows per CTA.
+    #[arg(long)]
+    pub block_m: Option<u32>,
+    /// Keys per step of the walk.
+    #[arg(long)]
+    pub block_n: Option<u32>,
+    /// Warps per CTA (default: block_m / 16, or block_m / 32 when that is what gives 4 or 8).
+    #[arg(long)]
+    pub warps: Option<u32>,
+    /// K/V pipeline stages.
+    #[arg(long)]
+    pub stages: Option<u32>,
+    /// How exp2 of the weights is evaluated: mufu or poly.
+    #[arg(long, value_parser = parse_softplus)]
+    pub softplus: Option<Softplus>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PassChoice {
+    Fwd,
+    Bwd,
+    Both,
+}
+
+impl PassChoice {
+    fn passes(self) -> &'static [Pass] {
+        match self {
+            PassChoice::Fwd => &[Pass::Forward],
+            PassChoice::Bwd => &[Pass::Backward],
+            PassChoice::Both => &[Pass::Forward, Pass::Backward],
+        }
+    }
+}
+
+fn parse_softplus(s: &str) -> Result<Softplus, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "mufu" => Ok(Softplus::Mufu),
+        "poly" => Ok(Softplus::Poly),
+        _ => Err(format!("`softplus` = `{s}` is not a valid value: allowed mufu, poly")),
+    }
+}
+
+impl ScheduleArgs {
+    pub fn schedule(&self) -> Schedule {
+        let mut s = Schedule::DEFAULT;
+        if let Some(m) = self.block_m {
+            s.block_m = m;
+            // 16 rows per warp when that gives 4 or 8 warps, else 32; otherwise validation reports
+            // `block_m` against the default warps.
+            s.warps = [16, 32]
+                .iter()
+                .map(|rows| m / rows)
+                .find(|&w| m % 16 == 0 && matches!(w, 4 | 8) && m % w == 0)
+                .unwrap_or(Schedule::DEFAULT.warps);
+        }
+        if let Some(w) = self.warps {
+            s.warps = w;
+        }
+        if let Some(n) = self.block_n {
+            s.block_n = n;
+        }
+        if let Some(st) = self.stages {
+            s.stages = st;
+        }
+        if let Some(sp) = self.softplus {
+            s.softplus = sp;
+        }
+        s
+    }
+}
+
+pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
+    // Validate every kernel before writing anything.
+    let mut kernels = Vec::new();
+    for &pass in args.pass.passes() {
+        let spec = Spec {
+            head_dim: args.head_dim,
+            dtype: args.dtype,
+            mask: args.mask,
+            layout: args.layout,
+            remainder: args.remainder,
+            pass,
+            early_exit_bits: args.early_exit_bits,
+        };
+        let kernel = Kernel::new(spec, args.schedule.schedule(), args.arch);
+        kernel.validate().map_err(UsageError::new)?;
+        kernels.push(kernel);
+    }
+    let mut lowered = Vec::new();
+    for kernel in &kernels {
+        match lower(kernel) {
+            Ok(l) => lowered.push(l),
+            Err(LowerError::Invalid(e)) => return Err(UsageError::new(e).into()),
+            Err(e) => return Err(e).with_context(|| format!("lowering `{}`", kernel.name())),
+        }
+    }
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create `{}`", args.out.display()))?;
+    for l in &lowered {
+        let path = args.out.join(format!("{}.cu", l.name));
+        report(out, &path, write_if_changed(&path, l.cuda_source.as_bytes())?)?;
+    }
+    let manifests: Vec<_> = lowered.iter().map(|l| &l.manifest).collect();
+    let mut json = serde_json::to_string_pretty(&manifests).context("serialising the manifest")?;
+    json.push('\n');
+    let path = args.out.join("manifest.json");
+    report(out, &path, write_if_changed(&path, json.as_bytes())?)?;
+    Ok(Outcome::Success)
+}
+
+fn report(out: &mut dyn Write, path: &Path, written: bool) -> Result<()> {
+    writeln!(out, "{} {}", if written { "wrote    " } else { "unchanged" }, path.display())?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` unless it already holds exactly them (so build tools and editors see no
+/// change); the write goes to a temporary file renamed over the target. Returns whether it wrote.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(false);
+    }
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write `{}`", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename `{}` to `{}`", tmp.display(), path.display()))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_m_alone_sets_16_rows_per_warp() {
+        let args = ScheduleArgs { block_m: Some(128), block_n: None, warps: None, stages: None, softplus: None };
+        let s = args.schedule();
+        assert_eq!((s.block_m, s.warps), (128, 8));
+        let args = ScheduleArgs { block_m: Some(256), ..args };
+        assert_eq!(args.schedule().warps, 8);
+        let args = ScheduleArgs { block_m: Some(96), ..args };
+        assert_eq!(args.schedule().warps, 4, "falls back to the default, so `block_m` is what gets reported");
+        let args = ScheduleArgs { block_m: Some(128), warps: Some(4), ..args };
+        assert_eq!(args.schedule().warps, 4);
+    }
+
+    #[test]
+    fn softplus_parse_names_the_field() {
+        assert_eq!(parse_softplus("POLY"), Ok(Softplus::Poly));
+        assert!(parse_softplus("fast").unwrap_err().contains("`softplus`"));
+    }
+}

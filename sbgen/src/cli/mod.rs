@@ -1,0 +1,118 @@
+//! The `sbgen` command line: argument types (clap derive), one module per subcommand, and the one
+//! place where outcomes and errors become exit codes.
+//!
+//! Exit codes: 0 success; 1 failure (a kernel that does not compile or spills, no GPU, a failed
+//! check); 2 bad usage (clap's own errors, and spec or schedule values the IR rejects).
+//!
+//! Adding a subcommand (e.g. `check`, `run`, `bench`):
+//! 1. create `cli/check.rs` with `#[derive(clap::Args)] pub struct CheckArgs { .. }` (doc comments
+//!    become the help text) and `pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome>`;
+//!    return `Err(UsageError::new(..).into())` for values the user must fix, `Ok(Outcome::Failure)`
+//!    for work that ran and failed, any other error for trouble along the way;
+//! 2. add `mod check;` below, a variant `Check(check::CheckArgs)` to [`Command`], and its arm in
+//!    [`Command::run`].
+
+mod emit;
+mod tune;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::process::ExitCode;
+
+/// sbgen: a compiler for stick-breaking attention CUDA kernels.
+#[derive(Debug, Parser)]
+#[command(name = "sbgen", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Lower one spec (forward, backward or both) to CUDA C++ and write the sources and manifest.
+    Emit(emit::EmitArgs),
+    /// Enumerate the search space of schedules, compile every variant and (later) time them on the GPU.
+    Tune(tune::TuneArgs),
+}
+
+impl Command {
+    pub fn run(&self, out: &mut dyn Write) -> Result<Outcome> {
+        match self {
+            Command::Emit(args) => emit::run(args, out),
+            Command::Tune(args) => tune::run(args, out),
+        }
+    }
+}
+
+/// How a subcommand that ran to the end went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The work ran and found problems (already reported): exit 1.
+    Failure,
+}
+
+/// A value the user must change (exit 2). The message names the field and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl UsageError {
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        UsageError(message.to_string())
+    }
+}
+
+/// Parses the arguments, runs the subcommand and maps the result to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors to stderr with 2.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = cli.command.run(&mut out);
+    let _ = out.flush();
+    exit_code(result)
+}
+
+/// The one mapping from results to exit codes.
+fn exit_code(result: Result<Outcome>) -> ExitCode {
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failure) => ExitCode::from(1),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS, // `sbgen tune | head`: the reader left
+        Err(e) => {
+            let mut message = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                message.push_str(&format!("\n  caused by: {cause}"));
+            }
+            eprintln!("{message}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

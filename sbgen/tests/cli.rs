@@ -1,0 +1,149 @@
+//! The `sbgen` binary end to end: exit codes, messages, files written.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn sbgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sbgen")).args(args).output().expect("the sbgen binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A fresh folder under the target's temp dir, unique per test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn unsupported_head_dim_is_a_usage_error_naming_the_field() {
+    for args in [
+        &["emit", "--head-dim", "100", "--dtype", "bf16"][..],
+        &["tune", "--gpu", "sm_90", "--compile-only", "--head-dim", "64,100"][..],
+    ] {
+        let out = sbgen(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("`head_dim` = 100") && err.contains("[64, 128]"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn unknown_dtype_is_a_usage_error_listing_the_allowed_values() {
+    let out = sbgen(&["emit", "--head-dim", "64", "--dtype", "int7"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`dtype` = `int7`") && err.contains("bf16, f16"), "{err}");
+}
+
+#[test]
+fn invalid_schedule_values_are_usage_errors() {
+    let dir = scratch("bad-schedule");
+    let out_dir = dir.to_str().unwrap();
+    for (flag, value, field) in
+        [("--block-n", "48", "`block_n`"), ("--stages", "9", "`stages`"), ("--softplus", "fast", "`softplus`")]
+    {
+        let out = sbgen(&["emit", "--head-dim", "64", "--dtype", "f16", flag, value, "--out", out_dir]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(field), "{err}");
+    }
+    assert!(!dir.exists(), "nothing is written for an invalid kernel");
+}
+
+#[test]
+fn emit_writes_sources_and_manifest_and_skips_unchanged_files() {
+    let dir = scratch("emit");
+    let out_dir = dir.to_str().unwrap();
+    let args = ["emit", "--head-dim", "128", "--dtype", "bf16", "--mask", "attend_current", "--out", out_dir];
+    let out = sbgen(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let kernels = manifest.as_array().expect("a list of kernel manifests");
+    assert_eq!(kernels.len(), 2, "forward and backward by default");
+    for (kernel, pass) in kernels.iter().zip(["fwd", "bwd"]) {
+        let name = kernel["name"].as_str().unwrap();
+        assert!(name.starts_with(&format!("sb_{pass}_d128_bf16_cur_bhnd_ret_full_")), "{name}");
+        let source = std::fs::read_to_string(dir.join(format!("{name}.cu"))).unwrap();
+        assert!(source.contains(name), "the source defines its entry point");
+        assert!(stdout.contains(&format!("{name}.cu")), "{stdout}");
+    }
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("wrote")).count(), 3, "{stdout}");
+
+    let before = std::fs::metadata(dir.join("manifest.json")).unwrap().modified().unwrap();
+    let again = sbgen(&args);
+    assert_eq!(again.status.code(), Some(0));
+    let stdout = text(&again.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("unchanged")).count(), 3, "{stdout}");
+    assert_eq!(std::fs::metadata(dir.join("manifest.json")).unwrap().modified().unwrap(), before);
+
+    let fwd_only = sbgen(&["emit", "--head-dim", "64", "--dtype", "f16", "--pass", "fwd", "--out", out_dir]);
+    assert_eq!(fwd_only.status.code(), Some(0));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest.as_array().unwrap().len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tune_compile_only_prints_one_line_per_variant_and_the_summary() {
+    if let Err(e) = sbgen::compile::Toolchain::discover() {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let out = sbgen(&[
+        "tune",
+        "--gpu",
+        "sm_90",
+        "--compile-only",
+        "--head-dim",
+        "64",
+        "--dtype",
+        "bf16",
+        "--pass",
+        "fwd",
+        "-j",
+        "2",
+    ]);
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    let numbers: Vec<usize> = last
+        .strip_prefix("compiled ")
+        .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert_eq!(numbers.len(), 3, "summary line missing: {stdout}\n{}", text(&out.stderr));
+    assert_eq!(last, format!("compiled {} variants: {} failed, {} spilling", numbers[0], numbers[1], numbers[2]));
+    let (n, failed, spilling) = (numbers[0], numbers[1], numbers[2]);
+    assert_eq!(n, 24, "{stdout}");
+    let variant_lines = stdout.lines().filter(|l| l.contains(" sb_fwd_d64_bf16_")).count();
+    assert_eq!(variant_lines, n, "{stdout}");
+    assert!(stdout.contains("pruned"), "pruned candidates are reported: {stdout}");
+    let expected = if failed == 0 && spilling == 0 { 0 } else { 1 };
+    assert_eq!(out.status.code(), Some(expected), "{stdout}");
+}
+
+#[test]
+fn tune_without_compile_only_needs_a_gpu_and_says_so() {
+    let out = sbgen(&["tune", "--gpu", "sm_80", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no CUDA device found") || err.contains("not implemented yet"), "{err}");
+    assert!(err.contains("--compile-only"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn help_and_missing_subcommand() {
+    let help = sbgen(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(text(&help.stdout).contains("emit") && text(&help.stdout).contains("tune"));
+    assert_eq!(sbgen(&[]).status.code(), Some(2));
+    assert_eq!(sbgen(&["tune", "--gpu", "sm_75"]).status.code(), Some(2));
+}
