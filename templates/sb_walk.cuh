@@ -1,1 +1,189 @@
-// placeholder
+// ---- sb_walk.cuh: the tile algebra of the right-to-left stick-breaking walk (DESIGN.md §2) ---------
+// Expects the constants of the including template (D, BM, BN, WARPS, THREADS, MT, STAGES,
+// ATTEND_CURRENT, BNHD) and sb_common.cuh.
+//
+// Thread/data layout (mma.sync m16n8k16): warp w owns query rows [w*16*MT, (w+1)*16*MT) of the CTA;
+// in each 16-row m-tile, lane = 4*g + t holds rows g and g+8. Scores of a key block are MT x NT
+// accumulators of 16x8. The key rows of K and V are *permuted on load* (ldmatrix takes one row address
+// per lane) so that lane t of a quad holds the contiguous run of keys [t*KPT, (t+1)*KPT) of its rows:
+// the in-block reverse cumsum is then a sequential scan in registers plus one 4-lane shuffle scan.
+
+constexpr int DCH = D / 8;           // 16-byte chunks per row of a head_dim-wide tile
+constexpr int DT = D / 8;            // n8 tiles across head_dim
+constexpr int KS = D / 16;           // k16 steps across head_dim
+constexpr int NT = BN / 8;           // n8 tiles across a key block
+constexpr int KPT = BN / 4;          // keys per thread per row: one contiguous run
+constexpr int PK = BN / 16;          // k16 steps across a key block (for P V and dZ K)
+constexpr int RPW = 16 * MT;         // query rows per warp
+constexpr unsigned KV_TILE_BYTES = BN * D * 2;
+
+static_assert(KS % 2 == 0 && DT % 2 == 0, "head_dim must be a multiple of 32");
+static_assert(BM == RPW * WARPS, "block_m must equal rows per warp times warps");
+
+// Key (inside the block) that score column `pos` = 8*n_tile + column holds.
+__device__ __forceinline__ int key_of_position(int pos) {
+    const int nt = pos >> 3, c = pos & 7;
+    return (c >> 1) * KPT + 2 * nt + (c & 1);
+}
+
+// Element offset of token n of (b, h) in a q/k/v/o-shaped tensor.
+__device__ __forceinline__ long long token_offset(int b, int h, int n, int H, int N) {
+    return BNHD ? ((((long long)b * N + n) * H + h) * D) : ((((long long)b * H + h) * N + n) * D);
+}
+
+// Asynchronously copies ROWS tokens starting at row0 of (b, h) into a swizzled shared tile;
+// tokens at or past N are zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, int b, int h, int row0, int H, int N, int tid) {
+    constexpr int CHUNKS = ROWS * DCH;
+    static_assert(CHUNKS % THREADS == 0, "tile chunks must split evenly among threads");
+#pragma unroll
+    for (int it = 0; it < CHUNKS / THREADS; ++it) {
+        const int i = it * THREADS + tid;
+        const int r = i / DCH, c = i % DCH;
+        const int n = row0 + r;
+        const bool valid = n < N;
+        cp_async_16(dst + swz<DCH>(r, c), src + token_offset(b, h, valid ? n : 0, H, N) + c * 8, valid);
+    }
+}
+
+// A fragment (16 rows x 16 of head_dim) of a swizzled [rows x D] tile, rows from `row0`.
+__device__ __forceinline__ void load_a_frag(unsigned (&a)[4], unsigned tile, int row0, int ks, int lane) {
+    ldmatrix_x4(a, tile + swz<DCH>(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * ks + (lane >> 4)));
+}
+
+// s[mt][nt] += A[mt] . B^T where B's rows are the block's keys (K or V tile), in permuted order.
+// `a_frag(mt, ks, a)` supplies the A fragments (registers or shared memory).
+template <class AFrag>
+__device__ __forceinline__ void tile_dot_keys(float (&s)[MT][NT][4], AFrag a_frag, unsigned key_tile, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ks += 2) {
+        unsigned a0[MT][4], a1[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a_frag(mt, ks, a0[mt]);
+            a_frag(mt, ks + 1, a1[mt]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            unsigned bfr[4];
+            const int key = key_of_position(8 * nt + (lane & 7));
+            ldmatrix_x4(bfr, key_tile + swz<DCH>(key, 2 * ks + (lane >> 3)));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(s[mt][nt], a0[mt], bfr[0], bfr[1]);
+                mma_16816(s[mt][nt], a1[mt], bfr[2], bfr[3]);
+            }
+        }
+    }
+}
+
+// Packs block scores/weights (in accumulator layout) as A fragments over the block's keys.
+__device__ __forceinline__ void pack_key_frags(unsigned (&a)[MT][PK][4], const float (&s)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < PK; ++kk) {
+            a[mt][kk][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            a[mt][kk][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            a[mt][kk][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            a[mt][kk][3] = pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+}
+
+// out[mt] += A[mt] (rows x block keys) . T (block keys x D), T a K or V tile in permuted key order.
+__device__ __forceinline__ void tile_mul_keys(float (&out)[MT][DT][4], const unsigned (&a)[MT][PK][4], unsigned key_tile, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < PK; ++kk) {
+        const int j = lane >> 3;
+        const int key = key_of_position(16 * kk + (j & 1) * 8 + (lane & 7));
+#pragma unroll
+        for (int dt = 0; dt < DT; dt += 2) {
+            unsigned bfr[4];
+            ldmatrix_x4_trans(bfr, key_tile + swz<DCH>(key, dt + (j >> 1)));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(out[mt][dt], a[mt][kk], bfr[0], bfr[1]);
+                mma_16816(out[mt][dt + 1], a[mt][kk], bfr[2], bfr[3]);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ bool key_allowed(int row, int key, int N) {
+    return key < N && (ATTEND_CURRENT ? key <= row : key < row);
+}
+
+// One key block of the walk for this thread's rows. On entry s holds raw dot products q.k; on exit
+// s holds the attention weights A (0 where not allowed) and acc has absorbed the block's
+// sum of log2(1 - beta). With WANT_BETA, beta receives log2-space-free beta = sigmoid(z) (0 where
+// not allowed). `key0` is the block's first key, `row0` the warp's first query row.
+template <bool MASKED, bool WANT_BETA, bool POLY>
+__device__ __forceinline__ void stick_step(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
+                                           int key0, int row0, int N, float scale_log2, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = row0 + mt * 16 + g + 8 * hh;
+            // Local reverse inclusive scan over this thread's run of keys, nearest key last.
+            float run = 0.0f;
+#pragma unroll
+            for (int m = KPT - 1; m >= 0; --m) {
+                float& v = s[mt][m >> 1][2 * hh + (m & 1)];
+                const float x = v * scale_log2;
+                const bool ok = !MASKED || key_allowed(row, key0 + t * KPT + m, N);
+                const float l = ok ? -softplus2(x) : 0.0f;
+                run += l;
+                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = ok ? fast_exp2(x + l) : 0.0f;
+                v = ok ? x + run : SB_NEG_INF;  // log2 A minus what lies right of this thread's run
+            }
+            float total;
+            const float right = quad_suffix(run, t, total) - run + acc[mt][hh];
+#pragma unroll
+            for (int m = 0; m < KPT; ++m) {
+                float& v = s[mt][m >> 1][2 * hh + (m & 1)];
+                v = POLY ? (v == SB_NEG_INF ? 0.0f : poly_exp2(v + right)) : fast_exp2(v + right);
+            }
+            acc[mt][hh] += total;
+        }
+}
+
+// True when any of this thread's valid rows still has more than 2^-T of its stick.
+__device__ __forceinline__ bool stick_alive(const float (&acc)[MT][2], int row0, int N, float neg_bits, int lane) {
+    const int g = lane >> 2;
+    bool alive = false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+            alive |= (row0 + mt * 16 + g + 8 * hh < N) && acc[mt][hh] >= neg_bits;
+    return alive;
+}
+
+// Writes a warp's [RPW x D] f32 accumulator tile as 16-bit elements into a swizzled shared tile.
+__device__ __forceinline__ void stage_rows(unsigned char* tile, const float (&o)[MT][DT][4], int row0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = row0 + mt * 16 + g + 8 * hh;
+                *reinterpret_cast<unsigned*>(tile + swz<DCH>(r, dt) + 4 * t) = pack2(o[mt][dt][2 * hh], o[mt][dt][2 * hh + 1]);
+            }
+}
+
+// Copies a staged [BM x D] tile to tokens q0.. of (b, h) in global memory, 16 bytes per thread.
+__device__ __forceinline__ void store_tile(elem_t* dst, const unsigned char* tile, int b, int h, int q0, int H, int N, int tid) {
+#pragma unroll
+    for (int it = 0; it < BM * DCH / THREADS; ++it) {
+        const int i = it * THREADS + tid;
+        const int r = i / DCH, c = i % DCH;
+        if (q0 + r < N)
+            *reinterpret_cast<uint4*>(dst + token_offset(b, h, q0 + r, H, N) + c * 8) =
+                *reinterpret_cast<const uint4*>(tile + swz<DCH>(r, c));
+    }
+}

@@ -9,11 +9,14 @@ use std::sync::OnceLock;
 
 /// The templates, embedded so that the binary and the macro need no files at run time.
 const TEMPLATES: &[(&str, &str)] = &[
-    ("sb_common.cuh", include_str!("../../templates/sb_common.cuh")),
-    ("sb_walk.cuh", include_str!("../../templates/sb_walk.cuh")),
     ("sb_fwd.cu.tera", include_str!("../../templates/sb_fwd.cu.tera")),
     ("sb_bwd.cu.tera", include_str!("../../templates/sb_bwd.cu.tera")),
 ];
+
+/// The CUDA partials, pasted verbatim into the templates (not parsed by tera: inline PTX such as
+/// `{%0, %1}` would read as template tags).
+const COMMON_CUH: &str = include_str!("../../templates/sb_common.cuh");
+const WALK_CUH: &str = include_str!("../../templates/sb_walk.cuh");
 
 /// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype).
 const FINISH_THREADS: u32 = 256;
@@ -42,7 +45,7 @@ pub enum LowerError {
 struct TemplateContext {
     name: String,
     kernel_debug: String,
-    elem: &'static str,
+    is_bf16: bool,
     head_dim: u32,
     block_m: u32,
     block_n: u32,
@@ -56,10 +59,14 @@ struct TemplateContext {
     early_exit: bool,
     early_exit_bits: u32,
     poly_exp2: bool,
+    q_in_regs: bool,
+    min_blocks: u32,
     smem: crate::ir::SmemLayout,
     params: Vec<(String, String)>,
     finish_threads: u32,
     finish_elements_per_thread: u32,
+    sb_common_cuh: &'static str,
+    sb_walk_cuh: &'static str,
 }
 
 fn engine() -> &'static Result<tera::Tera, String> {
@@ -81,7 +88,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     let ctx = TemplateContext {
         name: name.clone(),
         kernel_debug: format!("spec {} | schedule {} | arch {}", spec.slug(), s, kernel.arch),
-        elem: spec.dtype.cuda_type(),
+        is_bf16: spec.dtype == crate::ir::Dtype::Bf16,
         head_dim: spec.head_dim,
         block_m: s.block_m,
         block_n: s.block_n,
@@ -95,10 +102,14 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit: spec.early_exit_bits.is_some(),
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
+        q_in_regs: true,
+        min_blocks: 1,
         smem: kernel.smem_layout(),
         params: PARAM_FIELDS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
         finish_threads: FINISH_THREADS,
         finish_elements_per_thread: FINISH_ELEMENTS_PER_THREAD,
+        sb_common_cuh: COMMON_CUH,
+        sb_walk_cuh: WALK_CUH,
     };
     let template = match spec.pass {
         Pass::Forward => "sb_fwd.cu.tera",
