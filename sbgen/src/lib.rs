@@ -5,7 +5,6 @@
 
 pub mod cli;
 pub mod compile;
-pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod search_space;
