@@ -111,10 +111,17 @@ __device__ __forceinline__ float quad_suffix(float v, int t, float& total) {
     return incl;
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile whose rows hold `CHUNKS` chunks,
-// XOR-swizzled so that ldmatrix's 8 rows at one column hit 8 different bank groups.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile whose rows hold `CHUNKS` chunks, with
+// the chunk XOR-swizzled by `phase` (0..7) so that the 8 rows one ldmatrix reads at one column land
+// in 8 different bank groups. Each tile kind picks the phase that is distinct across its 8 rows.
+template <int CHUNKS>
+__device__ __forceinline__ unsigned swz_phase(int row, int chunk, int phase) {
+    constexpr int SPAN = CHUNKS < 8 ? CHUNKS : 8;
+    return (unsigned)((row * CHUNKS + (chunk ^ (phase & (SPAN - 1)))) * 16);
+}
+
+// Tiles read 8 consecutive rows at a time (Q, dO, the staged outputs, P and dZ).
 template <int CHUNKS>
 __device__ __forceinline__ unsigned swz(int row, int chunk) {
-    constexpr int SPAN = CHUNKS < 8 ? CHUNKS : 8;
-    return (unsigned)((row * CHUNKS + (chunk ^ (row & (SPAN - 1)))) * 16);
+    return swz_phase<CHUNKS>(row, chunk, row);
 }

@@ -20,6 +20,12 @@ constexpr unsigned KV_TILE_BYTES = BN * D * 2;
 static_assert(KS % 2 == 0 && DT % 2 == 0, "head_dim must be a multiple of 32");
 static_assert(BM == RPW * WARPS, "block_m must equal rows per warp times warps");
 
+// K and V tiles are read 8 *permuted* rows at a time: keys a*KPT + 2*nt + e for a in 0..3, e in 0..1.
+// Their swizzle phase 2a + e is distinct across those 8 rows (row & 7 would repeat 4 times).
+__device__ __forceinline__ unsigned swz_kv(int key, int chunk) {
+    return swz_phase<DCH>(key, chunk, 2 * (key / KPT) + (key & 1));
+}
+
 // Key (inside the block) that score column `pos` = 8*n_tile + column holds.
 __device__ __forceinline__ int key_of_position(int pos) {
     const int nt = pos >> 3, c = pos & 7;
@@ -31,9 +37,9 @@ __device__ __forceinline__ long long token_offset(int b, int h, int n, int H, in
     return BNHD ? ((((long long)b * N + n) * H + h) * D) : ((((long long)b * H + h) * N + n) * D);
 }
 
-// Asynchronously copies ROWS tokens starting at row0 of (b, h) into a swizzled shared tile;
-// tokens at or past N are zero-filled.
-template <int ROWS>
+// Asynchronously copies ROWS tokens starting at row0 of (b, h) into a swizzled shared tile (KV: the
+// key-tile swizzle); tokens at or past N are zero-filled.
+template <int ROWS, bool KV>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, int b, int h, int row0, int H, int N, int tid) {
     constexpr int CHUNKS = ROWS * DCH;
     static_assert(CHUNKS % THREADS == 0, "tile chunks must split evenly among threads");
@@ -43,7 +49,7 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, int b
         const int r = i / DCH, c = i % DCH;
         const int n = row0 + r;
         const bool valid = n < N;
-        cp_async_16(dst + swz<DCH>(r, c), src + token_offset(b, h, valid ? n : 0, H, N) + c * 8, valid);
+        cp_async_16(dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c)), src + token_offset(b, h, valid ? n : 0, H, N) + c * 8, valid);
     }
 }
 
@@ -68,7 +74,7 @@ __device__ __forceinline__ void tile_dot_keys(float (&s)[MT][NT][4], AFrag a_fra
         for (int nt = 0; nt < NT; ++nt) {
             unsigned bfr[4];
             const int key = key_of_position(8 * nt + (lane & 7));
-            ldmatrix_x4(bfr, key_tile + swz<DCH>(key, 2 * ks + (lane >> 3)));
+            ldmatrix_x4(bfr, key_tile + swz_kv(key, 2 * ks + (lane >> 3)));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816(s[mt][nt], a0[mt], bfr[0], bfr[1]);
@@ -100,7 +106,7 @@ __device__ __forceinline__ void tile_mul_keys(float (&out)[MT][DT][4], const uns
 #pragma unroll
         for (int dt = 0; dt < DT; dt += 2) {
             unsigned bfr[4];
-            ldmatrix_x4_trans(bfr, key_tile + swz<DCH>(key, dt + (j >> 1)));
+            ldmatrix_x4_trans(bfr, key_tile + swz_kv(key, dt + (j >> 1)));
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816(out[mt][dt], a[mt][kk], bfr[0], bfr[1]);
