@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod compile;
+pub mod gpu;
 pub mod ir;
 pub mod lower;
 pub mod search_space;

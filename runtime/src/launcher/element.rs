@@ -2,14 +2,17 @@
 //! the tensors against the kernel before launching.
 
 use crate::spec::Dtype;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 /// A 16-bit float type the kernels read and write. Implemented for [`half::bf16`] and [`half::f16`].
-pub trait SbElement: Copy + Send + Sync + 'static + private::Sealed {
+pub trait SbElement: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + 'static + private::Sealed {
     const DTYPE: Dtype;
     /// The bit pattern of a quiet NaN, used to poison outputs in tests.
     const NAN_BITS: u16;
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    fn from_bits(bits: u16) -> Self;
+    fn to_bits(self) -> u16;
 }
 
 impl SbElement for half::bf16 {
@@ -21,6 +24,12 @@ impl SbElement for half::bf16 {
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
     }
+    fn from_bits(bits: u16) -> Self {
+        half::bf16::from_bits(bits)
+    }
+    fn to_bits(self) -> u16 {
+        half::bf16::to_bits(self)
+    }
 }
 
 impl SbElement for half::f16 {
@@ -31,6 +40,12 @@ impl SbElement for half::f16 {
     }
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
+    }
+    fn from_bits(bits: u16) -> Self {
+        half::f16::from_bits(bits)
+    }
+    fn to_bits(self) -> u16 {
+        half::f16::to_bits(self)
     }
 }
 

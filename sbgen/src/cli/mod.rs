@@ -12,7 +12,10 @@
 //! 2. add `mod check;` below, a variant `Check(check::CheckArgs)` to [`Command`], and its arm in
 //!    [`Command::run`].
 
+mod bench;
+mod check;
 mod emit;
+mod run;
 mod tune;
 
 use anyhow::Result;
@@ -34,6 +37,12 @@ pub enum Command {
     Emit(emit::EmitArgs),
     /// Enumerate the search space of schedules, compile every variant and (later) time them on the GPU.
     Tune(tune::TuneArgs),
+    /// Check every supported kernel against the float64 reference on the GPU.
+    Check(check::CheckArgs),
+    /// Run one kernel on tensors from a safetensors file and write its outputs to another.
+    Run(run::RunArgs),
+    /// Time the forward and forward+backward kernels on the DESIGN §7 shapes.
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -41,6 +50,9 @@ impl Command {
         match self {
             Command::Emit(args) => emit::run(args, out),
             Command::Tune(args) => tune::run(args, out),
+            Command::Check(args) => check::run(args, out),
+            Command::Run(args) => run::run(args, out),
+            Command::Bench(args) => bench::run(args, out),
         }
     }
 }

@@ -1,0 +1,271 @@
+//! `sbgen check`: every supported spec against the float64 reference on the GPU (see
+//! [`crate::gpu::check`] for what is checked), or `--emit-ptx DIR` to compile the selection's
+//! kernels to PTX on a machine without a GPU (for a GPU machine without a CUDA toolchain).
+
+use super::emit::{PassChoice, ScheduleArgs};
+use super::{Outcome, UsageError};
+use crate::gpu::check::{self, CheckPlan};
+use crate::gpu::data::Regime;
+use crate::gpu::{Device, KernelBuilder};
+use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Remainder};
+use anyhow::Result;
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Tolerances: relative L2 error against float64 on the same dtype-rounded inputs, \
+forward o and rem <= 5e-3, dq/dk/dv <= 1e-2; outputs are poisoned with NaN before each run, so an \
+unwritten element fails. Exit status: 0 all passed, 1 a failure or no CUDA device, 2 bad usage.")]
+pub struct CheckArgs {
+    /// A subset: N in {17, 1000} instead of {1, 17, 64, 1000, 4097}.
+    #[arg(long)]
+    pub quick: bool,
+    /// Head dimensions, comma-separated (default: 64,128).
+    #[arg(long, value_delimiter = ',')]
+    pub head_dim: Vec<u32>,
+    /// Element types, comma-separated (default: bf16,f16).
+    #[arg(long, value_delimiter = ',')]
+    pub dtype: Vec<Dtype>,
+    /// Which passes to check.
+    #[arg(long, value_enum, default_value_t = PassChoice::Both)]
+    pub pass: PassChoice,
+    /// Masks, comma-separated (default: strict,attend_current).
+    #[arg(long, value_delimiter = ',')]
+    pub mask: Vec<Mask>,
+    /// Layouts, comma-separated (default: bhnd,bnhd).
+    #[arg(long, value_delimiter = ',')]
+    pub layout: Vec<Layout>,
+    /// Remainder handling, comma-separated (default: return,fuse).
+    #[arg(long, value_delimiter = ',')]
+    pub remainder: Vec<Remainder>,
+    /// Early-exit settings, comma-separated: `off` or T bits (default: off,24).
+    #[arg(long, value_delimiter = ',', value_parser = parse_early_exit)]
+    pub early_exit: Vec<EarlyExit>,
+    /// Data regimes, comma-separated: random, long_reach, sharp (default: all three).
+    #[arg(long, value_delimiter = ',')]
+    pub regime: Vec<Regime>,
+    /// Sequence lengths, comma-separated (overrides --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub seq: Vec<usize>,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Seed of the random inputs (default: from the clock; printed so a run can be repeated).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Folder of prebuilt PTX (from `--emit-ptx`); default `$SBGEN_PTX_DIR`. Kernels not found
+    /// there are compiled with NVRTC.
+    #[arg(long, value_name = "DIR")]
+    pub ptx_dir: Option<PathBuf>,
+    /// Compile every kernel of the selection to PTX into DIR and exit (no GPU needed).
+    #[arg(long, value_name = "DIR")]
+    pub emit_ptx: Option<PathBuf>,
+    /// Target for --emit-ptx: sm_80 or sm_90 (sm_90a). On a GPU the device decides.
+    #[arg(long, default_value = "sm_90")]
+    pub arch: Arch,
+    /// Threads for the float64 reference (default: `$SBGEN_THREADS` or all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print only failing rows (and the summary).
+    #[arg(long)]
+    pub failures_only: bool,
+}
+
+/// An early-exit setting: `None` is off.
+pub type EarlyExit = Option<u32>;
+
+/// `off` (or `none`) or a number of bits.
+pub fn parse_early_exit(s: &str) -> Result<EarlyExit, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "off" | "none" | "full" => Ok(None),
+        t => t
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| format!("`early_exit` = `{s}` is not valid: allowed off or T bits (e.g. 24)")),
+    }
+}
+
+pub fn passes(choice: PassChoice) -> Vec<Pass> {
+    match choice {
+        PassChoice::Fwd => vec![Pass::Forward],
+        PassChoice::Bwd => vec![Pass::Backward],
+        PassChoice::Both => vec![Pass::Forward, Pass::Backward],
+    }
+}
+
+/// The plan the arguments select, validated (every spec and the schedule) before any work.
+pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
+    let mut plan = if args.quick { CheckPlan::quick(seed) } else { CheckPlan::full(seed) };
+    fn take<T: Clone>(from: &[T], into: &mut Vec<T>) {
+        if !from.is_empty() {
+            *into = from.to_vec();
+        }
+    }
+    take(&args.head_dim, &mut plan.head_dims);
+    take(&args.dtype, &mut plan.dtypes);
+    take(&args.mask, &mut plan.masks);
+    take(&args.layout, &mut plan.layouts);
+    take(&args.remainder, &mut plan.remainders);
+    take(&args.early_exit, &mut plan.early_exits);
+    take(&args.regime, &mut plan.regimes);
+    take(&args.seq, &mut plan.seqs);
+    plan.passes = passes(args.pass);
+    plan.schedule = args.schedule.schedule();
+    if let Some(t) = args.threads {
+        plan.threads = t.max(1);
+    }
+    if let Some(&bad) = plan.seqs.iter().find(|&&n| n == 0) {
+        return Err(UsageError::new(format!("`seq` = {bad} is not allowed: at least 1")).into());
+    }
+    for spec in plan.specs() {
+        Kernel::new(spec, plan.schedule, args.arch).validate().map_err(UsageError::new)?;
+    }
+    Ok(plan)
+}
+
+pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let seed =
+        args.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let plan = plan(args, seed)?;
+    if let Some(dir) = &args.emit_ptx {
+        return emit_ptx(&plan, args, dir, out);
+    }
+    let dev = Device::open(args.device)?;
+    let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());
+    writeln!(out, "device: {}", dev.describe())?;
+    writeln!(
+        out,
+        "seed: {seed} (repeat with --seed {seed}); schedule {}; PTX from {}; reference threads {}",
+        plan.schedule,
+        builder.ptx_dir().map_or("NVRTC".to_string(), |d| format!("`{}` (else NVRTC)", d.display())),
+        plan.threads
+    )?;
+    writeln!(out, "{}", check::header())?;
+    out.flush()?;
+    let start = Instant::now();
+    let mut write_error = None;
+    let result = check::run(&dev, &builder, &plan, &mut |row| {
+        if (!args.failures_only || !row.passed()) && write_error.is_none() {
+            if let Err(e) = writeln!(out, "{}", check::format_row(row)).and_then(|_| out.flush()) {
+                write_error = Some(e);
+            }
+        }
+    });
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    let rows = result?;
+    let failed = rows.iter().filter(|r| !r.passed()).count();
+    writeln!(
+        out,
+        "check: {} passed, {failed} failed ({} kernel runs in {:.1} s, seed {seed})",
+        rows.len() - failed,
+        rows.len(),
+        start.elapsed().as_secs_f64()
+    )?;
+    Ok(if failed == 0 && !rows.is_empty() { Outcome::Success } else { Outcome::Failure })
+}
+
+/// Compiles every kernel of the plan for `args.arch` into `dir`, in parallel.
+fn emit_ptx(plan: &CheckPlan, args: &CheckArgs, dir: &std::path::Path, out: &mut dyn Write) -> Result<Outcome> {
+    let builder = KernelBuilder::new(args.arch, None);
+    let kernels = plan.kernels(&builder);
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    let threads = plan.threads.min(kernels.len()).max(1);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(kernel) = kernels.get(i) else { break };
+                if let Err(e) = builder.emit_ptx(kernel, dir) {
+                    failures.lock().unwrap().push(format!("{}: {e}", kernel.name()));
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    for f in &failures {
+        writeln!(out, "FAIL {f}")?;
+    }
+    writeln!(
+        out,
+        "emit-ptx: {} of {} kernels compiled for {} into `{}` in {:.1} s",
+        kernels.len() - failures.len(),
+        kernels.len(),
+        args.arch.compile_target(),
+        dir.display(),
+        start.elapsed().as_secs_f64()
+    )?;
+    Ok(if failures.is_empty() { Outcome::Success } else { Outcome::Failure })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: CheckArgs,
+    }
+
+    fn parse(argv: &[&str]) -> CheckArgs {
+        Wrap::try_parse_from(std::iter::once("check").chain(argv.iter().copied())).unwrap().args
+    }
+
+    #[test]
+    fn defaults_select_the_full_matrix() {
+        let p = plan(&parse(&[]), 1).unwrap();
+        assert_eq!(p.specs().len(), 128);
+        assert_eq!(p.seqs, check::FULL_SEQS);
+        assert_eq!(p.early_exits, vec![None, Some(24)]);
+    }
+
+    #[test]
+    fn filters_narrow_the_matrix() {
+        let p = plan(
+            &parse(&[
+                "--quick",
+                "--head-dim",
+                "64",
+                "--dtype",
+                "bf16",
+                "--pass",
+                "fwd",
+                "--early-exit",
+                "off",
+                "--regime",
+                "sharp",
+            ]),
+            1,
+        )
+        .unwrap();
+        assert_eq!(p.specs().len(), 2 * 2 * 2);
+        assert_eq!(p.seqs, check::QUICK_SEQS);
+        assert_eq!(p.regimes, vec![Regime::Sharp]);
+        let p = plan(&parse(&["--seq", "5,9", "--early-exit", "24"]), 1).unwrap();
+        assert_eq!(p.seqs, vec![5, 9]);
+        assert_eq!(p.early_exits, vec![Some(24)]);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_field() {
+        let e = plan(&parse(&["--head-dim", "96"]), 1).unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some());
+        assert!(e.to_string().contains("`head_dim` = 96"), "{e}");
+        let e = plan(&parse(&["--early-exit", "2"]), 1).unwrap_err();
+        assert!(e.to_string().contains("early_exit_bits"), "{e}");
+        let e = plan(&parse(&["--seq", "0"]), 1).unwrap_err();
+        assert!(e.to_string().contains("`seq` = 0"), "{e}");
+        assert!(parse_early_exit("soon").unwrap_err().contains("`early_exit`"));
+    }
+}

@@ -1,0 +1,132 @@
+//! `sbgen run`: one kernel on tensors from a safetensors file (see [`crate::gpu::run`]).
+
+use super::emit::{PassChoice, ScheduleArgs};
+use super::{Outcome, UsageError};
+use crate::gpu::run::{self, RunError, RunPass, RunRequest};
+use crate::gpu::{Device, KernelBuilder};
+use crate::ir::{Kernel, Layout, Mask, Pass, Remainder, Spec};
+use anyhow::Result;
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+const TENSORS_HELP: &str = "\
+Input tensors (safetensors, names exact; B batch, H heads, N sequence, D head dimension):
+  q, k, v   BF16 or F16 (all the same), [B, H, N, D] with --layout bhnd, [B, N, H, D] with --layout bnhd
+  do        same dtype and shape as q; needed for --pass bwd and both
+  drem      F32 (BF16, F16, F64 converted) [B, H, N] whatever the layout; optional: absent means no
+            gradient flows into rem
+Output tensors:
+  o         q's dtype and shape (o + rem * v with --remainder fuse)
+  rem       F32 [B, H, N], the stick left over
+  log2_rem  F32 [B, H, N]
+  dq, dk, dv  q's dtype and shape (with --pass bwd or both; the forward runs first to give o and log2_rem)
+The dtype comes from q, D from q's last dimension (64 or 128). Scale defaults to 1/sqrt(D).
+Exit status: 0 done, 1 no CUDA device or a kernel failure, 2 a missing or misshapen tensor or bad option.";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = TENSORS_HELP)]
+pub struct RunArgs {
+    /// Input safetensors file with q, k, v (and do, drem for the backward).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output safetensors file (o, rem, log2_rem; dq, dk, dv for the backward).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Which passes to run.
+    #[arg(long, value_enum, default_value_t = PassChoice::Fwd)]
+    pub pass: PassChoice,
+    /// Causal mask: strict (key j < query i) or attend_current (j <= i).
+    #[arg(long, default_value_t = Mask::Strict)]
+    pub mask: Mask,
+    /// Memory order of q, k, v, do and the outputs: bhnd or bnhd.
+    #[arg(long, default_value_t = Layout::Bhnd)]
+    pub layout: Layout,
+    /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
+    #[arg(long, default_value_t = Remainder::Return)]
+    pub remainder: Remainder,
+    /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
+    #[arg(long, value_name = "T")]
+    pub early_exit_bits: Option<u32>,
+    /// Score scale (default 1/sqrt(D)).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Folder of prebuilt PTX (from `sbgen check --emit-ptx`); default `$SBGEN_PTX_DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub ptx_dir: Option<PathBuf>,
+}
+
+pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if let Some(s) = args.scale {
+        if !s.is_finite() || s == 0.0 {
+            return Err(UsageError::new(format!("`scale` = {s} is not allowed: it must be finite and non-zero")).into());
+        }
+    }
+    let req = RunRequest {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        pass: match args.pass {
+            PassChoice::Fwd => RunPass::Forward,
+            PassChoice::Bwd => RunPass::Backward,
+            PassChoice::Both => RunPass::Both,
+        },
+        mask: args.mask,
+        layout: args.layout,
+        remainder: args.remainder,
+        early_exit_bits: args.early_exit_bits,
+        schedule: args.schedule.schedule(),
+        scale: args.scale,
+    };
+    // Everything the user must fix is reported before looking for a GPU.
+    let (shape, dtype) = run::check_inputs(&req).map_err(usage)?;
+    for pass in [Pass::Forward, Pass::Backward] {
+        let spec = Spec {
+            head_dim: shape.head_dim as u32,
+            dtype,
+            mask: req.mask,
+            layout: req.layout,
+            remainder: req.remainder,
+            pass,
+            early_exit_bits: req.early_exit_bits,
+        };
+        Kernel::new(spec, req.schedule, crate::ir::Arch::Sm90).validate().map_err(UsageError::new)?;
+    }
+    let dev = Device::open(args.device)?;
+    let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());
+    let report = run::run(&dev, &builder, &req).map_err(usage)?;
+    writeln!(
+        out,
+        "ran {} on {} ({} [B={}, H={}, N={}, D={}])",
+        report.kernels.join(" + "),
+        dev.describe(),
+        report.dtype,
+        shape.batch,
+        shape.heads,
+        shape.seq,
+        shape.head_dim
+    )?;
+    for (name, dims) in &report.written {
+        writeln!(out, "  wrote {name} {dims:?}")?;
+    }
+    writeln!(out, "output: `{}`", args.output.display())?;
+    if !report.non_finite.is_empty() {
+        for (name, n) in &report.non_finite {
+            writeln!(out, "warning: `{name}` has {n} NaN or infinite elements")?;
+        }
+        return Ok(Outcome::Failure);
+    }
+    Ok(Outcome::Success)
+}
+
+/// Input errors become usage errors (exit 2); the rest stay as they are (exit 1).
+fn usage(e: RunError) -> anyhow::Error {
+    match e {
+        RunError::Input(m) => UsageError::new(m).into(),
+        other => other.into(),
+    }
+}

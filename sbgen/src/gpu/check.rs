@@ -1,0 +1,496 @@
+//! `sbgen check`: every selected spec, compiled for the device, against the float64 reference on
+//! fresh random inputs.
+//!
+//! For each (head_dim, dtype, regime, N) one set of inputs is drawn (seeded from the run's seed) and
+//! rounded to the dtype; the reference runs once per (mask, remainder) over every head in parallel,
+//! in full (every row of every head). Then, for each layout and (mask, remainder), the forward and
+//! backward kernels with and without early exit run on that data with poisoned outputs:
+//!
+//! - forward: relative L2 error of o and rem <= 5e-3 ([`FWD_TOL`]); no NaN in o, rem or log2_rem;
+//! - backward (given the reference's o, rounded to the dtype, its log2_rem, dO and dRem ~ N(0, 1)):
+//!   dq, dk, dv <= 1e-2 ([`GRAD_TOL`]); no NaN;
+//! - early exit (T bits), against the run without it on the same data: |Δo| <= 2^-T max|v| (twice
+//!   that with a fused remainder) + one ulp of the dtype, |Δrem| <= 2^-T, elementwise; on long-reach
+//!   data, where the stick never falls below 2^-T, the forward's o, rem and log2_rem must be
+//!   bit-identical, and the backward's gradients within [`EE_BWD_TOL`] (fp32 atomics may reorder sums).
+//!
+//! Shapes: B = 3, H = 5 up to N = 1024; B = 1, H = 3 above (the reference is O(B H N^2 D)).
+
+use super::data::{make_inputs, non_finite, rel_l2, rel_l2_f32, ulp, Inputs, Regime};
+use super::device::{Device, GpuError};
+use super::exec::{self, DeviceProblem};
+use super::kernels::KernelBuilder;
+use super::oracle::{self, Expected};
+use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Spec};
+use sbgen_runtime::launcher::SbElement;
+use sbgen_runtime::reference::{Options, Shape};
+use std::time::Duration;
+
+/// Forward tolerance (relative L2 against float64), DESIGN §6.
+pub const FWD_TOL: f64 = 5e-3;
+/// Gradient tolerance.
+pub const GRAD_TOL: f64 = 1e-2;
+/// Backward with early exit against without, on the same data (relative L2).
+pub const EE_BWD_TOL: f64 = 1e-3;
+/// Sequence lengths of the full check and of `--quick`.
+pub const FULL_SEQS: &[usize] = &[1, 17, 64, 1000, 4097];
+pub const QUICK_SEQS: &[usize] = &[17, 1000];
+
+/// What to check.
+#[derive(Clone, Debug)]
+pub struct CheckPlan {
+    pub head_dims: Vec<u32>,
+    pub dtypes: Vec<Dtype>,
+    pub passes: Vec<Pass>,
+    pub masks: Vec<Mask>,
+    pub layouts: Vec<Layout>,
+    pub remainders: Vec<Remainder>,
+    /// `None` = early exit off; `Some(T)`.
+    pub early_exits: Vec<Option<u32>>,
+    pub regimes: Vec<Regime>,
+    pub seqs: Vec<usize>,
+    pub schedule: Schedule,
+    pub seed: u64,
+    /// Threads for the reference.
+    pub threads: usize,
+    /// Longest wait for one kernel.
+    pub timeout: Duration,
+}
+
+impl CheckPlan {
+    /// Every supported spec, every regime, N in {1, 17, 64, 1000, 4097}.
+    pub fn full(seed: u64) -> Self {
+        CheckPlan {
+            head_dims: vec![64, 128],
+            dtypes: Dtype::ALL.to_vec(),
+            passes: vec![Pass::Forward, Pass::Backward],
+            masks: vec![Mask::Strict, Mask::AttendCurrent],
+            layouts: vec![Layout::Bhnd, Layout::Bnhd],
+            remainders: vec![Remainder::Return, Remainder::Fuse],
+            early_exits: vec![None, Some(24)],
+            regimes: Regime::ALL.to_vec(),
+            seqs: FULL_SEQS.to_vec(),
+            schedule: Schedule::DEFAULT,
+            seed,
+            threads: oracle::default_threads(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Every spec and regime, N in {17, 1000} only.
+    pub fn quick(seed: u64) -> Self {
+        CheckPlan { seqs: QUICK_SEQS.to_vec(), ..CheckPlan::full(seed) }
+    }
+
+    /// Every spec in the plan, in the order they run.
+    pub fn specs(&self) -> Vec<Spec> {
+        let mut out = Vec::new();
+        for &head_dim in &self.head_dims {
+            for &dtype in &self.dtypes {
+                for &mask in &self.masks {
+                    for &remainder in &self.remainders {
+                        for &layout in &self.layouts {
+                            for &pass in &self.passes {
+                                for &early_exit_bits in &self.early_exits {
+                                    out.push(Spec { head_dim, dtype, mask, layout, remainder, pass, early_exit_bits });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every kernel the plan runs on `builder`'s arch.
+    pub fn kernels(&self, builder: &KernelBuilder) -> Vec<Kernel> {
+        self.specs().into_iter().map(|s| builder.kernel(s, self.schedule)).collect()
+    }
+}
+
+/// The problem shape for sequence length `seq`.
+pub fn shape_for(seq: usize, head_dim: u32) -> Shape {
+    if seq > 1024 {
+        Shape::new(1, 3, seq, head_dim as usize)
+    } else {
+        Shape::new(3, 5, seq, head_dim as usize)
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub spec: Spec,
+    pub regime: Regime,
+    pub shape: Shape,
+    pub err_o: Option<f64>,
+    pub err_rem: Option<f64>,
+    pub err_dq: Option<f64>,
+    pub err_dk: Option<f64>,
+    pub err_dv: Option<f64>,
+    /// Empty when the row passed.
+    pub failures: Vec<String>,
+}
+
+impl Row {
+    fn new(spec: Spec, regime: Regime, shape: Shape) -> Self {
+        Row {
+            spec,
+            regime,
+            shape,
+            err_o: None,
+            err_rem: None,
+            err_dq: None,
+            err_dk: None,
+            err_dv: None,
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    fn error(&mut self, what: &str, err: f64, tol: f64) {
+        // NaN fails too.
+        if err.is_nan() || err > tol {
+            self.failures.push(format!("{what} {err:.2e} > {tol:.0e}"));
+        }
+    }
+
+    fn nan(&mut self, what: &str, x: &[f32]) {
+        let n = non_finite(x);
+        if n > 0 {
+            self.failures.push(format!("{n} of {} {what} elements NaN/inf (unwritten?)", x.len()));
+        }
+    }
+}
+
+/// Runs the plan, handing each row to `sink` as it is finished. Returns every row. Stops early
+/// (with an error) only when the CUDA context is lost or a kernel hangs.
+pub fn run(
+    dev: &Device,
+    builder: &KernelBuilder,
+    plan: &CheckPlan,
+    sink: &mut dyn FnMut(&Row),
+) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for &head_dim in &plan.head_dims {
+        for &dtype in &plan.dtypes {
+            for &regime in &plan.regimes {
+                for &seq in &plan.seqs {
+                    let shape = shape_for(seq, head_dim);
+                    let seed = group_seed(plan.seed, head_dim, dtype, regime, seq);
+                    let inputs = make_inputs(shape, dtype, regime, seed);
+                    let mut group = Group { dev, builder, plan, regime, inputs: &inputs, rows: &mut rows, sink };
+                    match dtype {
+                        Dtype::Bf16 => group.run::<half::bf16>()?,
+                        Dtype::F16 => group.run::<half::f16>()?,
+                    }
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// The seed of one (head_dim, dtype, regime, N) group: a mix of the run's seed and the group.
+pub fn group_seed(seed: u64, head_dim: u32, dtype: Dtype, regime: Regime, seq: usize) -> u64 {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for x in [head_dim as u64, dtype as u64, regime as u64, seq as u64] {
+        h = (h ^ x).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 31;
+    }
+    h
+}
+
+struct Group<'a> {
+    dev: &'a Device,
+    builder: &'a KernelBuilder,
+    plan: &'a CheckPlan,
+    regime: Regime,
+    inputs: &'a Inputs,
+    rows: &'a mut Vec<Row>,
+    sink: &'a mut dyn FnMut(&Row),
+}
+
+/// Forward outputs of one run, BHND f32.
+struct FwdResult {
+    o: Vec<f32>,
+    rem: Vec<f32>,
+    log2_rem: Vec<f32>,
+}
+
+struct BwdResult {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl Group<'_> {
+    fn run<T: SbElement>(&mut self) -> Result<(), GpuError> {
+        let plan = self.plan;
+        let shape = self.inputs.shape;
+        let configs: Vec<(Mask, Remainder)> =
+            plan.masks.iter().flat_map(|&m| plan.remainders.iter().map(move |&r| (m, r))).collect();
+        let options: Vec<Options> =
+            configs.iter().map(|&(mask, remainder)| Options { mask, remainder, ..Options::causal() }).collect();
+        let backward = plan.passes.contains(&Pass::Backward);
+        let expected = oracle::expected(self.inputs, &options, backward, plan.threads);
+        for &layout in &plan.layouts {
+            let problem = DeviceProblem::<T>::upload(self.dev, self.inputs, layout, true)?;
+            for (&(mask, remainder), exp) in configs.iter().zip(&expected) {
+                let base = Spec {
+                    head_dim: shape.head_dim as u32,
+                    dtype: self.inputs.dtype,
+                    mask,
+                    layout,
+                    remainder,
+                    pass: Pass::Forward,
+                    early_exit_bits: None,
+                };
+                if plan.passes.contains(&Pass::Forward) {
+                    self.forward_family(&problem, base, exp)?;
+                }
+                if backward {
+                    self.backward_family(&problem, Spec { pass: Pass::Backward, ..base }, exp)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, row: Row) {
+        (self.sink)(&row);
+        self.rows.push(row);
+    }
+
+    /// Builds and runs one kernel; build and launch failures become row failures, a lost context
+    /// an error.
+    fn attempt<R>(&self, row: &mut Row, f: impl FnOnce() -> Result<R, GpuError>) -> Result<Option<R>, GpuError> {
+        match f() {
+            Ok(r) => Ok(Some(r)),
+            Err(e @ (GpuError::ContextLost { .. } | GpuError::Hung { .. })) => Err(e),
+            Err(e) => {
+                row.failures.push(e.to_string());
+                Ok(None)
+            }
+        }
+    }
+
+    fn forward_family<T: SbElement>(
+        &mut self,
+        p: &DeviceProblem<T>,
+        base: Spec,
+        exp: &Expected,
+    ) -> Result<(), GpuError> {
+        let mut full: Option<FwdResult> = None;
+        for &ee in &self.plan.early_exits {
+            let spec = Spec { early_exit_bits: ee, ..base };
+            let mut row = Row::new(spec, self.regime, p.shape);
+            let got = match self.build(&mut row, spec) {
+                Some(binary) => self.attempt(&mut row, || {
+                    let out = exec::forward(self.dev, &binary, p, None)?;
+                    self.dev.sync(binary.name(), self.plan.timeout)?;
+                    Ok(FwdResult {
+                        o: exec::download(self.dev, p.shape, p.layout, &out.o)?,
+                        rem: exec::download_f32(self.dev, &out.rem)?,
+                        log2_rem: exec::download_f32(self.dev, &out.log2_rem)?,
+                    })
+                })?,
+                None => None,
+            };
+            if let Some(got) = got {
+                row.nan("o", &got.o);
+                row.nan("rem", &got.rem);
+                row.nan("log2_rem", &got.log2_rem);
+                let err_o = rel_l2(&got.o, &exp.o);
+                let err_rem = rel_l2(&got.rem, &exp.rem);
+                row.err_o = Some(err_o);
+                row.err_rem = Some(err_rem);
+                row.error("o", err_o, FWD_TOL);
+                row.error("rem", err_rem, FWD_TOL);
+                match (ee, &full) {
+                    (None, _) => full = Some(got),
+                    (Some(bits), Some(f)) => self.early_exit_forward(&mut row, bits, &got, f),
+                    (Some(_), None) => {}
+                }
+            }
+            self.emit(row);
+        }
+        Ok(())
+    }
+
+    fn early_exit_forward(&self, row: &mut Row, bits: u32, got: &FwdResult, full: &FwdResult) {
+        let shape = self.inputs.shape;
+        let bound = 2f32.powi(-(bits as i32));
+        let fuse = if row.spec.remainder == Remainder::Fuse { 2.0 } else { 1.0 };
+        let head = shape.seq * shape.head_dim;
+        let mut over_o = 0usize;
+        for (h, (oe, of)) in got.o.chunks(head).zip(full.o.chunks(head)).enumerate() {
+            let vmax = self.inputs.v[h * head..(h + 1) * head].iter().fold(0f32, |m, x| m.max(x.abs()));
+            over_o += oe
+                .iter()
+                .zip(of)
+                .filter(|(a, b)| (*a - *b).abs() > fuse * bound * vmax + ulp(self.inputs.dtype, **b))
+                .count();
+        }
+        let over_rem =
+            got.rem.iter().zip(&full.rem).filter(|(a, b)| (*a - *b).abs() > bound * 1.01 + 1e-7 * b.abs()).count();
+        if over_o + over_rem > 0 {
+            row.failures.push(format!(
+                "early exit exceeds its bound 2^-{bits} against the full run: {over_o} o and {over_rem} rem elements"
+            ));
+        }
+        if self.regime == Regime::LongReach {
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            let differ = same(&got.o, &full.o) + same(&got.rem, &full.rem) + same(&got.log2_rem, &full.log2_rem);
+            if differ > 0 {
+                row.failures.push(format!(
+                    "early exit changed the forward on long-reach data ({differ} elements differ from the full run)"
+                ));
+            }
+        }
+    }
+
+    fn backward_family<T: SbElement>(
+        &mut self,
+        p: &DeviceProblem<T>,
+        base: Spec,
+        exp: &Expected,
+    ) -> Result<(), GpuError> {
+        let grads = exp.grads.as_ref().expect("the reference ran the backward");
+        let shape = p.shape;
+        // The forward's outputs the backward reads: the reference's, rounded as a kernel stores them.
+        let o_ref: Vec<f32> = exp.o.iter().map(|&x| self.inputs.dtype.round(x as f32)).collect();
+        let log2_rem_ref: Vec<f32> = exp.log2_rem.iter().map(|&x| x as f32).collect();
+        let o = exec::upload::<T>(self.dev, shape, p.layout, &o_ref)?;
+        let log2_rem = exec::upload_f32(self.dev, &log2_rem_ref)?;
+        let mut full: Option<BwdResult> = None;
+        for &ee in &self.plan.early_exits {
+            let spec = Spec { early_exit_bits: ee, ..base };
+            let mut row = Row::new(spec, self.regime, shape);
+            let got = match self.build(&mut row, spec) {
+                Some(binary) => self.attempt(&mut row, || {
+                    let g = exec::backward(self.dev, &binary, p, &o, &log2_rem, None)?;
+                    self.dev.sync(binary.name(), self.plan.timeout)?;
+                    Ok(BwdResult {
+                        dq: exec::download(self.dev, shape, p.layout, &g.dq)?,
+                        dk: exec::download(self.dev, shape, p.layout, &g.dk)?,
+                        dv: exec::download(self.dev, shape, p.layout, &g.dv)?,
+                    })
+                })?,
+                None => None,
+            };
+            if let Some(got) = got {
+                row.err_dq = Some(rel_l2(&got.dq, &grads.dq));
+                row.err_dk = Some(rel_l2(&got.dk, &grads.dk));
+                row.err_dv = Some(rel_l2(&got.dv, &grads.dv));
+                for (name, x, err) in
+                    [("dq", &got.dq, row.err_dq), ("dk", &got.dk, row.err_dk), ("dv", &got.dv, row.err_dv)]
+                {
+                    row.nan(name, x);
+                    row.error(name, err.unwrap_or(f64::NAN), GRAD_TOL);
+                }
+                match (ee, &full) {
+                    (None, _) => full = Some(got),
+                    (Some(bits), Some(f)) => {
+                        for (name, a, b) in [("dq", &got.dq, &f.dq), ("dk", &got.dk, &f.dk), ("dv", &got.dv, &f.dv)] {
+                            let d = rel_l2_f32(a, b);
+                            if d.is_nan() || d > EE_BWD_TOL {
+                                row.failures.push(format!(
+                                    "early exit (2^-{bits}) moved {name} by {d:.2e} (relative) from the full run, over {EE_BWD_TOL:.0e}"
+                                ));
+                            }
+                        }
+                    }
+                    (Some(_), None) => {}
+                }
+            }
+            self.emit(row);
+        }
+        Ok(())
+    }
+
+    fn build(&self, row: &mut Row, spec: Spec) -> Option<std::sync::Arc<sbgen_runtime::launcher::KernelBinary>> {
+        let kernel = self.builder.kernel(spec, self.plan.schedule);
+        match self.builder.build(&kernel) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                row.failures.push(format!("build: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// The report's header line.
+pub fn header() -> String {
+    format!(
+        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        "spec", "regime", "N", "err_o", "err_rem", "err_dq", "err_dk", "err_dv", "status"
+    )
+}
+
+/// One report line.
+pub fn format_row(row: &Row) -> String {
+    let f = |e: Option<f64>| e.map_or("-".to_string(), |v| format!("{v:.2e}"));
+    let status = if row.passed() { "ok".to_string() } else { format!("FAIL: {}", row.failures.join("; ")) };
+    format!(
+        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        row.spec.slug(),
+        row.regime.to_string(),
+        row.shape.seq,
+        f(row.err_o),
+        f(row.err_rem),
+        f(row.err_dq),
+        f(row.err_dk),
+        f(row.err_dv),
+        status
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_full_plan_covers_every_supported_spec() {
+        let plan = CheckPlan::full(1);
+        let specs = plan.specs();
+        assert_eq!(specs.len(), 2 * 2 * 2 * 2 * 2 * 2 * 2);
+        assert!(specs.iter().all(|s| s.validate().is_ok()));
+        let mut unique = specs.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), specs.len());
+        assert_eq!(plan.seqs, vec![1, 17, 64, 1000, 4097]);
+    }
+
+    #[test]
+    fn shapes_are_odd_and_small_for_long_sequences() {
+        assert_eq!(shape_for(17, 64), Shape::new(3, 5, 17, 64));
+        assert_eq!(shape_for(4097, 128), Shape::new(1, 3, 4097, 128));
+    }
+
+    #[test]
+    fn group_seeds_differ() {
+        let a = group_seed(1, 64, Dtype::Bf16, Regime::Random, 17);
+        assert_ne!(a, group_seed(1, 64, Dtype::Bf16, Regime::Random, 1000));
+        assert_ne!(a, group_seed(1, 64, Dtype::F16, Regime::Random, 17));
+        assert_ne!(a, group_seed(2, 64, Dtype::Bf16, Regime::Random, 17));
+    }
+
+    #[test]
+    fn rows_fail_on_nan_and_on_tolerance() {
+        let mut row = Row::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Regime::Random, Shape::new(1, 1, 2, 64));
+        row.error("o", 1e-3, FWD_TOL);
+        assert!(row.passed());
+        row.error("o", f64::NAN, FWD_TOL);
+        assert!(!row.passed());
+        let mut row = Row::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Regime::Random, Shape::new(1, 1, 2, 64));
+        row.nan("o", &[1.0, f32::NAN]);
+        assert!(format_row(&row).contains("FAIL: 1 of 2 o elements NaN"), "{}", format_row(&row));
+    }
+}

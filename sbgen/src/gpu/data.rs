@@ -1,0 +1,239 @@
+//! Test data: the three regimes of DESIGN §6, rounding to the kernel's dtype, layouts, poisoned
+//! outputs and the error metrics the checks use.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sbgen_runtime::reference::{bhnd_to_bnhd, bnhd_to_bhnd, Shape};
+use sbgen_runtime::spec::{Dtype, Layout};
+use std::fmt;
+use std::str::FromStr;
+
+/// How q and k are drawn, which decides how far the stick reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Regime {
+    /// q, k, v ~ N(0, 1): the stick is spent within tens of keys.
+    Random,
+    /// Scores near -8 (beta ~ 3e-4): the stick survives thousands of keys; early exit must not
+    /// trigger wrongly.
+    LongReach,
+    /// Scores near +8: the nearest key takes almost all of the stick.
+    Sharp,
+}
+
+impl Regime {
+    pub const ALL: [Regime; 3] = [Regime::Random, Regime::LongReach, Regime::Sharp];
+
+    /// The score every (q_i, k_j) pair is drawn near, if the regime fixes one.
+    pub fn target_score(self) -> Option<f64> {
+        match self {
+            Regime::Random => None,
+            Regime::LongReach => Some(-8.0),
+            Regime::Sharp => Some(8.0),
+        }
+    }
+}
+
+impl fmt::Display for Regime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Regime::Random => "random",
+            Regime::LongReach => "long_reach",
+            Regime::Sharp => "sharp",
+        })
+    }
+}
+
+impl FromStr for Regime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "random" => Ok(Regime::Random),
+            "long_reach" | "long" => Ok(Regime::LongReach),
+            "sharp" => Ok(Regime::Sharp),
+            _ => Err(format!("`regime` = `{s}` is not a valid value: allowed random, long_reach, sharp")),
+        }
+    }
+}
+
+/// Inputs of one problem, logical BHND order, already rounded to the kernel's dtype (so the f64
+/// reference sees exactly what the kernel reads). `d_rem` is f32.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub shape: Shape,
+    pub dtype: Dtype,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub d_o: Vec<f32>,
+    pub d_rem: Vec<f32>,
+}
+
+/// Standard normal samples (Box-Muller: `rand` without `rand_distr`).
+pub fn normal(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let u: f64 = 1.0 - rng.gen::<f64>();
+            let w: f64 = rng.gen();
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * w).cos()) as f32
+        })
+        .collect()
+}
+
+/// Draws the inputs of `regime`. For long reach and sharp data each head gets a random unit
+/// direction u; q_i = c u + 0.1 n_i and k_j = ±c u + 0.1 n_j with c = sqrt(|score| / scale), so every
+/// score s q_i.k_j is within about 0.1 of the target (scale = 1/sqrt(D)). v, dO, dRem ~ N(0, 1).
+pub fn make_inputs(shape: Shape, dtype: Dtype, regime: Regime, seed: u64) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut q = normal(&mut rng, shape.len());
+    let mut k = normal(&mut rng, shape.len());
+    let mut v = normal(&mut rng, shape.len());
+    let mut d_o = normal(&mut rng, shape.len());
+    let d_rem = normal(&mut rng, shape.rows());
+    if let Some(score) = regime.target_score() {
+        let d = shape.head_dim;
+        let scale = 1.0 / (d as f64).sqrt();
+        let c = (score.abs() / scale).sqrt() as f32;
+        let sign = score.signum() as f32;
+        let head = shape.seq * d;
+        for (qh, kh) in q.chunks_mut(head).zip(k.chunks_mut(head)) {
+            let mut u = normal(&mut rng, d);
+            let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+            u.iter_mut().for_each(|x| *x /= norm);
+            for (qr, kr) in qh.chunks_mut(d).zip(kh.chunks_mut(d)) {
+                for t in 0..d {
+                    qr[t] = c * u[t] + 0.1 * qr[t];
+                    kr[t] = sign * c * u[t] + 0.1 * kr[t];
+                }
+            }
+        }
+    }
+    let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|e| *e = dtype.round(*e));
+    for t in [&mut q, &mut k, &mut v, &mut d_o] {
+        round(t);
+    }
+    Inputs { shape, dtype, q, k, v, d_o, d_rem }
+}
+
+/// A BHND tensor in `layout` order.
+pub fn to_layout<T: Copy>(shape: Shape, layout: Layout, bhnd: &[T]) -> Vec<T> {
+    match layout {
+        Layout::Bhnd => bhnd.to_vec(),
+        Layout::Bnhd => bhnd_to_bnhd(shape, bhnd),
+    }
+}
+
+/// A tensor in `layout` order back in BHND order.
+pub fn from_layout<T: Copy>(shape: Shape, layout: Layout, x: &[T]) -> Vec<T> {
+    match layout {
+        Layout::Bhnd => x.to_vec(),
+        Layout::Bnhd => bnhd_to_bhnd(shape, x),
+    }
+}
+
+/// Relative L2 error ||got - want|| / ||want|| (the absolute norm when want is all zeros).
+/// NaN when `got` holds a NaN or an infinity.
+pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::NAN;
+        }
+        let d = g as f64 - w;
+        num += d * d;
+        den += w * w;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Relative L2 distance between two kernel outputs.
+pub fn rel_l2_f32(got: &[f32], want: &[f32]) -> f64 {
+    let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    rel_l2(got, &want)
+}
+
+/// Number of elements that are NaN or infinite (a poisoned element the kernel never wrote is NaN).
+pub fn non_finite(x: &[f32]) -> usize {
+    x.iter().filter(|v| !v.is_finite()).count()
+}
+
+/// The spacing of `dtype` values near `x` (one unit in the last place).
+pub fn ulp(dtype: Dtype, x: f32) -> f32 {
+    let mantissa_bits = match dtype {
+        Dtype::Bf16 => 7,
+        Dtype::F16 => 10,
+    };
+    let x = x.abs().max(f32::MIN_POSITIVE);
+    let exp = x.log2().floor() as i32;
+    2f32.powi(exp - mantissa_bits)
+}
+
+/// f32 values to f64.
+pub fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_reach_and_sharp_scores_are_near_their_targets() {
+        for (regime, target) in [(Regime::LongReach, -8.0), (Regime::Sharp, 8.0)] {
+            let shape = Shape::new(1, 2, 16, 64);
+            let x = make_inputs(shape, Dtype::Bf16, regime, 7);
+            let d = 64;
+            let s = 1.0 / 8.0;
+            for h in 0..2 {
+                for i in 0..16 {
+                    for j in 0..16 {
+                        let qi = &x.q[(h * 16 + i) * d..(h * 16 + i + 1) * d];
+                        let kj = &x.k[(h * 16 + j) * d..(h * 16 + j + 1) * d];
+                        let z: f32 = s * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
+                        assert!((z - target).abs() < 1.0, "{regime}: score {z}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inputs_are_rounded_to_the_dtype() {
+        let x = make_inputs(Shape::new(1, 1, 8, 64), Dtype::Bf16, Regime::Random, 1);
+        assert!(x.q.iter().all(|&v| half::bf16::from_f32(v).to_f32() == v));
+        let x = make_inputs(Shape::new(1, 1, 8, 64), Dtype::F16, Regime::Random, 1);
+        assert!(x.v.iter().all(|&v| half::f16::from_f32(v).to_f32() == v));
+    }
+
+    #[test]
+    fn rel_l2_flags_nan_and_handles_zero_references() {
+        assert!(rel_l2(&[1.0, f32::NAN], &[1.0, 1.0]).is_nan());
+        assert_eq!(rel_l2(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
+        assert!((rel_l2(&[3.0, 0.0], &[0.0, 0.0]) - 3.0).abs() < 1e-12);
+        assert!((rel_l2(&[1.1], &[1.0]) - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layouts_round_trip() {
+        let shape = Shape::new(2, 3, 5, 4);
+        let x: Vec<u32> = (0..shape.len() as u32).collect();
+        assert_eq!(from_layout(shape, Layout::Bnhd, &to_layout(shape, Layout::Bnhd, &x)), x);
+    }
+
+    #[test]
+    fn ulp_of_one() {
+        assert_eq!(ulp(Dtype::Bf16, 1.0), 2f32.powi(-7));
+        assert_eq!(ulp(Dtype::F16, 1.5), 2f32.powi(-10));
+    }
+
+    #[test]
+    fn regimes_parse() {
+        assert_eq!("long-reach".parse::<Regime>().unwrap(), Regime::LongReach);
+        assert!("flat".parse::<Regime>().unwrap_err().contains("`regime`"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Tensors on the device and one kernel run on them: upload in the kernel's layout, launch with
+//! poisoned (NaN-filled) outputs, download back in BHND order as f32.
+
+use super::data::{from_layout, to_layout, Inputs};
+use super::device::{Device, GpuError};
+use cudarc::driver::CudaSlice;
+use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, SbElement};
+use sbgen_runtime::reference::Shape;
+use sbgen_runtime::spec::Layout;
+
+/// The bits every poisoned f32 holds (a NaN).
+pub const POISON_F32: u32 = 0xFFFF_FFFF;
+/// The bits every poisoned bf16 / f16 holds (a NaN in both).
+pub const POISON_16: u16 = 0xFFFF;
+
+/// q, k, v, dO (in `layout`) and dRem on the device.
+pub struct DeviceProblem<T> {
+    pub shape: Shape,
+    pub layout: Layout,
+    pub q: CudaSlice<T>,
+    pub k: CudaSlice<T>,
+    pub v: CudaSlice<T>,
+    pub d_o: CudaSlice<T>,
+    pub d_rem: Option<CudaSlice<f32>>,
+}
+
+/// The forward's outputs on the device.
+pub struct ForwardOutputs<T> {
+    pub o: CudaSlice<T>,
+    pub rem: CudaSlice<f32>,
+    pub log2_rem: CudaSlice<f32>,
+}
+
+/// The backward's outputs on the device.
+pub struct GradOutputs<T> {
+    pub dq: CudaSlice<T>,
+    pub dk: CudaSlice<T>,
+    pub dv: CudaSlice<T>,
+}
+
+/// Uploads a BHND f32 tensor as `T` in `layout`.
+pub fn upload<T: SbElement>(
+    dev: &Device,
+    shape: Shape,
+    layout: Layout,
+    bhnd: &[f32],
+) -> Result<CudaSlice<T>, GpuError> {
+    let host: Vec<T> = to_layout(shape, layout, bhnd).into_iter().map(T::from_f32).collect();
+    Ok(dev.stream.clone_htod(&host)?)
+}
+
+/// Uploads f32 values as they are.
+pub fn upload_f32(dev: &Device, x: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+    Ok(dev.stream.clone_htod(x)?)
+}
+
+/// `n` elements of NaN.
+pub fn poisoned<T: SbElement>(dev: &Device, n: usize) -> Result<CudaSlice<T>, GpuError> {
+    Ok(dev.stream.clone_htod(&vec![T::from_bits(POISON_16); n])?)
+}
+
+/// `n` f32 NaNs.
+pub fn poisoned_f32(dev: &Device, n: usize) -> Result<CudaSlice<f32>, GpuError> {
+    Ok(dev.stream.clone_htod(&vec![f32::from_bits(POISON_F32); n])?)
+}
+
+/// Downloads a `T` tensor in `layout` as f32 in BHND order.
+pub fn download<T: SbElement>(
+    dev: &Device,
+    shape: Shape,
+    layout: Layout,
+    x: &CudaSlice<T>,
+) -> Result<Vec<f32>, GpuError> {
+    let host = dev.stream.clone_dtoh(x)?;
+    let f: Vec<f32> = host.into_iter().map(T::to_f32).collect();
+    Ok(from_layout(shape, layout, &f))
+}
+
+pub fn download_f32(dev: &Device, x: &CudaSlice<f32>) -> Result<Vec<f32>, GpuError> {
+    Ok(dev.stream.clone_dtoh(x)?)
+}
+
+impl<T: SbElement> DeviceProblem<T> {
+    /// Uploads `inputs` in `layout`; dRem only when `with_d_rem`.
+    pub fn upload(dev: &Device, inputs: &Inputs, layout: Layout, with_d_rem: bool) -> Result<Self, GpuError> {
+        let s = inputs.shape;
+        Ok(DeviceProblem {
+            shape: s,
+            layout,
+            q: upload(dev, s, layout, &inputs.q)?,
+            k: upload(dev, s, layout, &inputs.k)?,
+            v: upload(dev, s, layout, &inputs.v)?,
+            d_o: upload(dev, s, layout, &inputs.d_o)?,
+            d_rem: if with_d_rem { Some(upload_f32(dev, &inputs.d_rem)?) } else { None },
+        })
+    }
+}
+
+/// Launches the forward into freshly poisoned outputs (asynchronous: sync before reading).
+pub fn forward<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    scale: Option<f32>,
+) -> Result<ForwardOutputs<T>, GpuError> {
+    let mut out = ForwardOutputs {
+        o: poisoned::<T>(dev, p.shape.len())?,
+        rem: poisoned_f32(dev, p.shape.rows())?,
+        log2_rem: poisoned_f32(dev, p.shape.rows())?,
+    };
+    forward_into(dev, kernel, p, &mut out, scale)?;
+    Ok(out)
+}
+
+/// Launches the forward into existing outputs.
+pub fn forward_into<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    out: &mut ForwardOutputs<T>,
+    scale: Option<f32>,
+) -> Result<(), GpuError> {
+    let args = ForwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: out.o.as_view_mut(),
+        rem: out.rem.as_view_mut(),
+        log2_rem: out.log2_rem.as_view_mut(),
+    };
+    dev.launcher.forward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
+}
+
+/// Launches the backward into freshly poisoned gradients. `o` and `log2_rem` are the forward's.
+pub fn backward<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    o: &CudaSlice<T>,
+    log2_rem: &CudaSlice<f32>,
+    scale: Option<f32>,
+) -> Result<GradOutputs<T>, GpuError> {
+    let n = p.shape.len();
+    let mut g = GradOutputs { dq: poisoned::<T>(dev, n)?, dk: poisoned::<T>(dev, n)?, dv: poisoned::<T>(dev, n)? };
+    backward_into(dev, kernel, p, o, log2_rem, &mut g, scale)?;
+    Ok(g)
+}
+
+/// Launches the backward into existing gradient buffers.
+pub fn backward_into<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    o: &CudaSlice<T>,
+    log2_rem: &CudaSlice<f32>,
+    g: &mut GradOutputs<T>,
+    scale: Option<f32>,
+) -> Result<(), GpuError> {
+    let args = BackwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: o.as_view(),
+        d_o: p.d_o.as_view(),
+        d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
+        log2_rem: log2_rem.as_view(),
+        dq: g.dq.as_view_mut(),
+        dk: g.dk.as_view_mut(),
+        dv: g.dv.as_view_mut(),
+    };
+    dev.launcher.backward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
+}
+
+/// A launch error, or [`GpuError::ContextLost`] when it left the context unusable.
+fn lost_or(e: sbgen_runtime::launcher::LaunchError, kernel: &KernelBinary) -> GpuError {
+    match super::device::is_context_lost(&e) {
+        Some(source) => GpuError::ContextLost { kernel: kernel.name().to_string(), source },
+        None => GpuError::Launch(e),
+    }
+}

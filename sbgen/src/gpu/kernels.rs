@@ -1,0 +1,174 @@
+//! Kernels for the device: lowering plus PTX, taken from a folder of prebuilt PTX when one is given
+//! (the GPU machine has no CUDA toolchain: PTX is compiled where the toolchain is and carried over),
+//! otherwise compiled with NVRTC through [`crate::compile`].
+//!
+//! PTX files are named `<kernel name>-<16 hex digits of the CUDA source's FNV-1a hash>.<target>.ptx`,
+//! so a file made from other templates is never picked up for a kernel of the same name.
+
+use crate::compile::{CompileError, Compiler};
+use crate::ir::{Arch, Kernel, Schedule, Spec};
+use crate::lower::{lower, LowerError, Lowered};
+use sbgen_runtime::launcher::KernelBinary;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Why a kernel could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error(transparent)]
+    Lower(#[from] LowerError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("no PTX for `{kernel}` in `{dir}` (expected `{file}`) and no CUDA toolchain to compile it: {toolchain}")]
+    NoPtx { kernel: String, dir: String, file: String, toolchain: String },
+    #[error("cannot {action} `{}`: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds (and caches) kernels for one arch.
+pub struct KernelBuilder {
+    arch: Arch,
+    ptx_dir: Option<PathBuf>,
+    compiler: OnceLock<Result<Compiler, String>>,
+    cache: Mutex<HashMap<Kernel, Arc<KernelBinary>>>,
+}
+
+impl KernelBuilder {
+    pub fn new(arch: Arch, ptx_dir: Option<PathBuf>) -> Self {
+        KernelBuilder { arch, ptx_dir, compiler: OnceLock::new(), cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// `ptx_dir`, else `SBGEN_PTX_DIR` when set.
+    pub fn from_env(arch: Arch, ptx_dir: Option<PathBuf>) -> Self {
+        let dir = ptx_dir.or_else(|| std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(PathBuf::from));
+        KernelBuilder::new(arch, dir)
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    pub fn ptx_dir(&self) -> Option<&Path> {
+        self.ptx_dir.as_deref()
+    }
+
+    /// The kernel for `spec` with `schedule` on this builder's arch.
+    pub fn kernel(&self, spec: Spec, schedule: Schedule) -> Kernel {
+        Kernel::new(spec, schedule, self.arch)
+    }
+
+    /// Lowers and compiles (or finds the PTX of) `kernel`.
+    pub fn build(&self, kernel: &Kernel) -> Result<Arc<KernelBinary>, BuildError> {
+        if let Some(b) = self.cache.lock().unwrap().get(kernel) {
+            return Ok(b.clone());
+        }
+        let lowered = lower(kernel)?;
+        let target = kernel.arch.compile_target();
+        let file = ptx_file_name(&lowered);
+        let from_dir = self.ptx_dir.as_ref().map(|d| d.join(&file)).filter(|p| p.is_file());
+        let ptx = match from_dir {
+            Some(path) => {
+                std::fs::read_to_string(&path).map_err(|source| BuildError::Io { action: "read", path, source })?
+            }
+            None => match self.compiler() {
+                Ok(c) => c.to_ptx(&lowered)?,
+                Err(toolchain) => {
+                    return Err(BuildError::NoPtx {
+                        kernel: lowered.name.clone(),
+                        dir: self.ptx_dir.as_ref().map_or("(no PTX folder given)".into(), |d| d.display().to_string()),
+                        file,
+                        toolchain: toolchain.clone(),
+                    })
+                }
+            },
+        };
+        let binary = Arc::new(KernelBinary {
+            manifest: lowered.manifest,
+            ptx: vec![(target.to_string(), ptx)],
+            cuda_source: Some(lowered.cuda_source),
+        });
+        self.cache.lock().unwrap().insert(*kernel, binary.clone());
+        Ok(binary)
+    }
+
+    /// Compiles `kernel` and writes its PTX into `dir` (no GPU needed). Returns the file's path.
+    pub fn emit_ptx(&self, kernel: &Kernel, dir: &Path) -> Result<PathBuf, BuildError> {
+        let lowered = lower(kernel)?;
+        let compiler = self.compiler().map_err(|toolchain| BuildError::NoPtx {
+            kernel: lowered.name.clone(),
+            dir: dir.display().to_string(),
+            file: ptx_file_name(&lowered),
+            toolchain: toolchain.clone(),
+        })?;
+        let ptx = compiler.to_ptx(&lowered)?;
+        std::fs::create_dir_all(dir).map_err(|source| BuildError::Io { action: "create", path: dir.into(), source })?;
+        let path = dir.join(ptx_file_name(&lowered));
+        let tmp = dir.join(format!(".{}.tmp-{}", ptx_file_name(&lowered), std::process::id()));
+        std::fs::write(&tmp, ptx).map_err(|source| BuildError::Io { action: "write", path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| BuildError::Io {
+            action: "rename",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    fn compiler(&self) -> Result<&Compiler, &String> {
+        self.compiler.get_or_init(|| Compiler::discover().map_err(|e| e.to_string())).as_ref()
+    }
+}
+
+/// `<name>-<source hash>.<target>.ptx`.
+pub fn ptx_file_name(lowered: &Lowered) -> String {
+    format!(
+        "{}-{:016x}.{}.ptx",
+        lowered.name,
+        fnv1a64(lowered.cuda_source.as_bytes()),
+        lowered.kernel.arch.compile_target()
+    )
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dtype, Pass};
+
+    #[test]
+    fn ptx_file_names_carry_the_source_hash_and_target() {
+        let kernel = Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule::DEFAULT, Arch::Sm90);
+        let lowered = lower(&kernel).unwrap();
+        let name = ptx_file_name(&lowered);
+        assert!(name.starts_with(&format!("{}-", lowered.name)), "{name}");
+        assert!(name.ends_with(".sm_90a.ptx"), "{name}");
+        let mut other = lowered.clone();
+        other.cuda_source.push(' ');
+        assert_ne!(ptx_file_name(&other), name);
+    }
+
+    #[test]
+    fn a_missing_ptx_without_toolchain_names_the_file() {
+        // A folder with no PTX; whether a toolchain exists here decides the outcome, so only the
+        // error's wording is checked when it fails.
+        let kernel = Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule::DEFAULT, Arch::Sm90);
+        let builder = KernelBuilder::new(Arch::Sm90, Some(std::env::temp_dir().join("sbgen-no-ptx-here")));
+        if let Err(BuildError::NoPtx { file, .. }) = builder.build(&kernel) {
+            assert!(file.ends_with(".sm_90a.ptx"));
+        }
+    }
+}
