@@ -193,3 +193,81 @@ __device__ __forceinline__ void store_tile(elem_t* dst, const unsigned char* til
                 *reinterpret_cast<const uint4*>(tile + swz<DCH>(r, c));
     }
 }
+
+// ---- backward helpers ----------------------------------------------------------------------------
+constexpr int PCH = BN / 8;  // 16-byte chunks per row of a [BM x BN] weight tile
+
+// Writes a warp's block values (accumulator layout, permuted keys) as 16-bit elements into a
+// [BM x BN] shared tile at their true key positions: lane t's contiguous run becomes KPT/8 chunks.
+__device__ __forceinline__ void stage_keys(unsigned char* tile, const float (&s)[MT][NT][4], int row0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = row0 + mt * 16 + g + 8 * hh;
+#pragma unroll
+            for (int c = 0; c < KPT / 8; ++c) {
+                uint4 val;
+                val.x = pack2(s[mt][4 * c + 0][2 * hh], s[mt][4 * c + 0][2 * hh + 1]);
+                val.y = pack2(s[mt][4 * c + 1][2 * hh], s[mt][4 * c + 1][2 * hh + 1]);
+                val.z = pack2(s[mt][4 * c + 2][2 * hh], s[mt][4 * c + 2][2 * hh + 1]);
+                val.w = pack2(s[mt][4 * c + 3][2 * hh], s[mt][4 * c + 3][2 * hh + 1]);
+                *reinterpret_cast<uint4*>(tile + swz<PCH>(r, t * (KPT / 8) + c)) = val;
+            }
+        }
+}
+
+// Adds two consecutive floats to global memory (one vector reduction on sm_90).
+__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}
+
+// dV += P^T dO and dK += dZ^T Q for one key block: the [BN x D] tiles are split among the warps in
+// 16x16 pieces; each piece runs over the CTA's BM query rows and is added to the f32 accumulators.
+__device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, unsigned p_tile, unsigned dz_tile, unsigned q_tile,
+                                          unsigned do_tile, int b, int h, int key0, int H, int N, int warp, int lane) {
+    constexpr int PN = D / 16;
+    constexpr int PIECES = (BN / 16) * PN;
+    static_assert(PIECES % WARPS == 0, "dK/dV pieces must split evenly among warps");
+    const int g = lane >> 2, t = lane & 3, j = lane >> 3;
+#pragma unroll 1
+    for (int i = 0; i < PIECES / WARPS; ++i) {
+        const int piece = warp * (PIECES / WARPS) + i;
+        const int mbase = (piece / PN) * 16, nbase = (piece % PN) * 16;
+        float dv[2][4] = {}, dk[2][4] = {};
+#pragma unroll
+        for (int kb = 0; kb < BM; kb += 16) {
+            unsigned pa[4], za[4], ob[4], qb[4];
+            // A = P^T (keys x rows) from the row-major weight tile, transposed by ldmatrix.
+            const int arow = kb + (j >> 1) * 8 + (lane & 7), achunk = (mbase >> 3) + (j & 1);
+            ldmatrix_x4_trans(pa, p_tile + swz<PCH>(arow, achunk));
+            ldmatrix_x4_trans(za, dz_tile + swz<PCH>(arow, achunk));
+            // B = dO or Q (rows x D), k = rows.
+            const int brow = kb + (j & 1) * 8 + (lane & 7), bchunk = (nbase >> 3) + (j >> 1);
+            ldmatrix_x4_trans(ob, do_tile + swz<DCH>(brow, bchunk));
+            ldmatrix_x4_trans(qb, q_tile + swz<DCH>(brow, bchunk));
+            mma_16816(dv[0], pa, ob[0], ob[1]);
+            mma_16816(dv[1], pa, ob[2], ob[3]);
+            mma_16816(dk[0], za, qb[0], qb[1]);
+            mma_16816(dk[1], za, qb[2], qb[3]);
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int key = key0 + mbase + g + 8 * hh;
+            if (key < N) {
+                const long long off = token_offset(b, h, key, H, N) + nbase + 2 * t;
+#pragma unroll
+                for (int n2 = 0; n2 < 2; ++n2) {
+                    red_add2(dv_acc + off + 8 * n2, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
+                    red_add2(dk_acc + off + 8 * n2, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
+                }
+            }
+        }
+    }
+}

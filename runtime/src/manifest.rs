@@ -70,6 +70,10 @@ pub const PARAM_FIELDS: &[(&str, &str)] = &[
     ("o", "T*"),
     ("rem", "float*"),
     ("log2_rem", "float*"),
+    // optional forward output, required backward input: o before the fused remainder, in f32 and the
+    // spec's layout. The backward's D_i = dO_i . o_i must match its own sum of weights to f32
+    // precision (a bf16 o makes dQ/dK errors grow with N: every far key's beta multiplies the error).
+    ("o_saved", "float*"),
     // backward inputs (d_rem may be null: no gradient flows into rem)
     ("d_o", "const T*"),
     ("d_rem", "const float*"),
@@ -96,6 +100,7 @@ pub struct SbParams {
     pub o: u64,
     pub rem: u64,
     pub log2_rem: u64,
+    pub o_saved: u64,
     pub d_o: u64,
     pub d_rem: u64,
     pub dq: u64,
@@ -132,6 +137,7 @@ mod tests {
             offset_of!(SbParams, o),
             offset_of!(SbParams, rem),
             offset_of!(SbParams, log2_rem),
+            offset_of!(SbParams, o_saved),
             offset_of!(SbParams, d_o),
             offset_of!(SbParams, d_rem),
             offset_of!(SbParams, dq),

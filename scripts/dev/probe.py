@@ -22,7 +22,7 @@ def check(err):
 
 class Params(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in
-                "q k v o rem log2_rem d_o d_rem dq dk dv dk_accum dv_accum".split()] + [
+                "q k v o rem log2_rem o_saved d_o d_rem dq dk dv dk_accum dv_accum".split()] + [
         ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("seq", ctypes.c_int), ("scale_log2", ctypes.c_float)]
 
 
@@ -112,20 +112,22 @@ def run_fwd(kern, q, k, v, scale):
     o = torch.full_like(ql, float("nan"))
     rem = torch.full((B, H, N), float("nan"), device="cuda")
     l2 = torch.full((B, H, N), float("nan"), device="cuda")
-    p = Params(q=ptr(ql), k=ptr(kl), v=ptr(vl), o=ptr(o), rem=ptr(rem), log2_rem=ptr(l2), batch=B, heads=H, seq=N,
-               scale_log2=scale * LOG2E)
+    osv = torch.full(ql.shape, float("nan"), device="cuda")
+    p = Params(q=ptr(ql), k=ptr(kl), v=ptr(vl), o=ptr(o), rem=ptr(rem), log2_rem=ptr(l2), o_saved=ptr(osv), batch=B,
+               heads=H, seq=N, scale_log2=scale * LOG2E)
     kern.launch(p, B, H, N, D)
-    return from_layout(o, spec), rem, l2
+    return from_layout(o, spec), rem, (l2, osv)
 
 
-def run_bwd(kern, q, k, v, o, l2, do, drem, scale):
+def run_bwd(kern, q, k, v, o, saved, do, drem, scale):
     spec = kern.m["spec"]
     B, H, N, D = q.shape
+    l2, osv = saved
     ql, kl, vl, ol, dol = [to_layout(t, spec) for t in (q, k, v, o, do)]
     dq, dk, dv = [torch.full_like(ql, float("nan")) for _ in range(3)]
     dka = torch.zeros(B * H * N * D, device="cuda")
     dva = torch.zeros(B * H * N * D, device="cuda")
-    p = Params(q=ptr(ql), k=ptr(kl), v=ptr(vl), o=ptr(ol), log2_rem=ptr(l2), d_o=ptr(dol),
+    p = Params(q=ptr(ql), k=ptr(kl), v=ptr(vl), o=ptr(ol), log2_rem=ptr(l2), o_saved=ptr(osv), d_o=ptr(dol),
                d_rem=ptr(drem), dq=ptr(dq), dk=ptr(dk), dv=ptr(dv), dk_accum=ptr(dka), dv_accum=ptr(dva),
                batch=B, heads=H, seq=N, scale_log2=scale * LOG2E)
     kern.launch(p, B, H, N, D)
