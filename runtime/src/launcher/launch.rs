@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 unsafe impl DeviceRepr for SbParams {}
 
 /// The forward's tensors, in the kernel's layout (BHND or BNHD as the spec says), contiguous.
-/// `rem` and `log2_rem` are f32 `[batch, heads, seq]`; keep `log2_rem` for the backward.
+/// `rem` and `log2_rem` are f32 `[batch, heads, seq]`. When a backward will follow, pass `o_saved`
+/// (f32, same shape and layout as `o`: o before the fused remainder) and keep it and `log2_rem` for
+/// the backward; inference passes `None` and saves the f32 write.
 pub struct ForwardArgs<'a, T> {
     pub q: CudaView<'a, T>,
     pub k: CudaView<'a, T>,
@@ -28,15 +30,18 @@ pub struct ForwardArgs<'a, T> {
     pub o: CudaViewMut<'a, T>,
     pub rem: CudaViewMut<'a, f32>,
     pub log2_rem: CudaViewMut<'a, f32>,
+    pub o_saved: Option<CudaViewMut<'a, f32>>,
 }
 
 /// The backward's tensors. `o` is the forward's output (fused when the spec fuses the remainder),
-/// `log2_rem` the forward's, `d_rem` the gradient flowing into rem (`None`: none).
+/// `o_saved` and `log2_rem` the forward's saved f32 values, `d_rem` the gradient flowing into rem
+/// (`None`: none).
 pub struct BackwardArgs<'a, T> {
     pub q: CudaView<'a, T>,
     pub k: CudaView<'a, T>,
     pub v: CudaView<'a, T>,
     pub o: CudaView<'a, T>,
+    pub o_saved: CudaView<'a, f32>,
     pub d_o: CudaView<'a, T>,
     pub d_rem: Option<CudaView<'a, f32>>,
     pub log2_rem: CudaView<'a, f32>,
@@ -102,6 +107,7 @@ impl Launcher {
             o: args.o.len(),
             rem: args.rem.len(),
             log2_rem: args.log2_rem.len(),
+            o_saved: args.o_saved.as_ref().map(|x| x.len()),
         };
         let plan = plan_forward(&kernel.manifest, T::DTYPE, shape, &lens, scale)?;
         let ctx = self.stream.context();
@@ -111,6 +117,9 @@ impl Launcher {
         same_context(ctx, "o", args.o.stream())?;
         same_context(ctx, "rem", args.rem.stream())?;
         same_context(ctx, "log2_rem", args.log2_rem.stream())?;
+        if let Some(o_saved) = &args.o_saved {
+            same_context(ctx, "o_saved", o_saved.stream())?;
+        }
         let loaded = self.store.load(kernel)?;
 
         let s = &*self.stream;
@@ -120,7 +129,30 @@ impl Launcher {
         let (o, _o) = args.o.device_ptr_mut(s);
         let (rem, _rem) = args.rem.device_ptr_mut(s);
         let (log2_rem, _log2_rem) = args.log2_rem.device_ptr_mut(s);
-        let params = SbParams { q, k, v, o, rem, log2_rem, ..params_base(shape, &plan) };
+        let o_saved_ptr = args.o_saved.as_mut().map(|x| x.device_ptr_mut(s));
+        let o_saved = o_saved_ptr.as_ref().map_or(0, |(p, _)| *p);
+        let (batch, heads, seq) = dims(shape);
+        // Every field is named (no `..`), so a field added to the ABI fails to compile here.
+        let params = SbParams {
+            q,
+            k,
+            v,
+            o,
+            rem,
+            log2_rem,
+            o_saved,
+            d_o: 0,
+            d_rem: 0,
+            dq: 0,
+            dk: 0,
+            dv: 0,
+            dk_accum: 0,
+            dv_accum: 0,
+            batch,
+            heads,
+            seq,
+            scale_log2: plan.scale_log2,
+        };
         self.launch_steps(&loaded, &plan, &params)
         // The guards drop here, after the launches: later work on other streams waits for them.
     }
@@ -139,6 +171,7 @@ impl Launcher {
             k: args.k.len(),
             v: args.v.len(),
             o: args.o.len(),
+            o_saved: args.o_saved.len(),
             d_o: args.d_o.len(),
             d_rem: args.d_rem.as_ref().map(|d| d.len()),
             log2_rem: args.log2_rem.len(),
@@ -152,6 +185,7 @@ impl Launcher {
         same_context(ctx, "k", args.k.stream())?;
         same_context(ctx, "v", args.v.stream())?;
         same_context(ctx, "o", args.o.stream())?;
+        same_context(ctx, "o_saved", args.o_saved.stream())?;
         same_context(ctx, "d_o", args.d_o.stream())?;
         if let Some(d_rem) = &args.d_rem {
             same_context(ctx, "d_rem", d_rem.stream())?;
@@ -185,6 +219,7 @@ impl Launcher {
         let (k, _k) = args.k.device_ptr(s);
         let (v, _v) = args.v.device_ptr(s);
         let (o, _o) = args.o.device_ptr(s);
+        let (o_saved, _o_saved) = args.o_saved.device_ptr(s);
         let (d_o, _d_o) = args.d_o.device_ptr(s);
         let d_rem_ptr = args.d_rem.as_ref().map(|d| d.device_ptr(s));
         let d_rem = d_rem_ptr.as_ref().map_or(0, |(p, _)| *p);
@@ -194,8 +229,27 @@ impl Launcher {
         let (dv, _dv) = args.dv.device_ptr_mut(s);
         let (dk_accum, _dk_accum) = dk_accum.view_ptr_mut(s);
         let (dv_accum, _dv_accum) = dv_accum.view_ptr_mut(s);
-        let params =
-            SbParams { q, k, v, o, log2_rem, d_o, d_rem, dq, dk, dv, dk_accum, dv_accum, ..params_base(shape, &plan) };
+        let (batch, heads, seq) = dims(shape);
+        let params = SbParams {
+            q,
+            k,
+            v,
+            o,
+            rem: 0,
+            log2_rem,
+            o_saved,
+            d_o,
+            d_rem,
+            dq,
+            dk,
+            dv,
+            dk_accum,
+            dv_accum,
+            batch,
+            heads,
+            seq,
+            scale_log2: plan.scale_log2,
+        };
         self.launch_steps(&loaded, &plan, &params)
     }
 
@@ -220,15 +274,9 @@ impl Launcher {
     }
 }
 
-fn params_base(shape: Shape, plan: &LaunchPlan) -> SbParams {
+fn dims(shape: Shape) -> (i32, i32, i32) {
     // `plan_*` refused batch, heads > 65535 and seq > i32::MAX, so these casts are exact.
-    SbParams {
-        batch: shape.batch as i32,
-        heads: shape.heads as i32,
-        seq: shape.seq as i32,
-        scale_log2: plan.scale_log2,
-        ..SbParams::default()
-    }
+    (shape.batch as i32, shape.heads as i32, shape.seq as i32)
 }
 
 fn same_context(ctx: &Arc<CudaContext>, tensor: &'static str, stream: &Arc<CudaStream>) -> Result<(), LaunchError> {

@@ -22,6 +22,8 @@ pub struct ForwardLens {
     pub o: usize,
     pub rem: usize,
     pub log2_rem: usize,
+    /// `None` when the forward does not save o in f32 (no backward will follow).
+    pub o_saved: Option<usize>,
 }
 
 /// Lengths, in elements, of the backward's device slices. `d_rem` is `None` when no gradient flows
@@ -32,6 +34,7 @@ pub struct BackwardLens {
     pub k: usize,
     pub v: usize,
     pub o: usize,
+    pub o_saved: usize,
     pub d_o: usize,
     pub d_rem: Option<usize>,
     pub log2_rem: usize,
@@ -82,6 +85,9 @@ pub fn plan_forward(
     ] {
         check_len(tensor, needed, got)?;
     }
+    if let Some(got) = lens.o_saved {
+        check_len("o_saved", e, got)?;
+    }
     plan.accum_elements = 0;
     Ok(plan)
 }
@@ -101,6 +107,7 @@ pub fn plan_backward(
         ("k", e, lens.k),
         ("v", e, lens.v),
         ("o", e, lens.o),
+        ("o_saved", e, lens.o_saved),
         ("d_o", e, lens.d_o),
         ("log2_rem", r, lens.log2_rem),
         ("dq", e, lens.dq),
@@ -243,13 +250,13 @@ mod tests {
     fn fwd_lens(s: Shape) -> ForwardLens {
         let e = s.batch * s.heads * s.seq * s.head_dim;
         let r = s.batch * s.heads * s.seq;
-        ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r }
+        ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r, o_saved: Some(e) }
     }
 
     fn bwd_lens(s: Shape) -> BackwardLens {
         let e = s.batch * s.heads * s.seq * s.head_dim;
         let r = s.batch * s.heads * s.seq;
-        BackwardLens { q: e, k: e, v: e, o: e, d_o: e, d_rem: Some(r), log2_rem: r, dq: e, dk: e, dv: e }
+        BackwardLens { q: e, k: e, v: e, o: e, o_saved: e, d_o: e, d_rem: Some(r), log2_rem: r, dq: e, dk: e, dv: e }
     }
 
     #[test]
@@ -322,6 +329,7 @@ mod tests {
             o: usize::MAX,
             rem: usize::MAX,
             log2_rem: usize::MAX,
+            o_saved: None,
         };
         let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "seq", .. }), "{err}");
@@ -347,7 +355,7 @@ mod tests {
         // 65535 * 65535 * (2^31 - 1) * 64 overflows isize (and u64 byte counts).
         let s = shape(65535, 65535, (1 << 31) - 1, 64);
         let big = usize::MAX;
-        let lens = ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big };
+        let lens = ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big, o_saved: Some(big) };
         let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "batch * heads * seq * head_dim", .. }), "{err}");
     }
@@ -362,6 +370,7 @@ mod tests {
             k: big,
             v: big,
             o: big,
+            o_saved: big,
             d_o: big,
             d_rem: None,
             log2_rem: big,
@@ -379,13 +388,14 @@ mod tests {
         let e = 3 * 5 * 17 * 64;
         let r = 3 * 5 * 17;
         let full = fwd_lens(s);
-        let cases: [(&str, ForwardLens, usize); 6] = [
+        let cases: [(&str, ForwardLens, usize); 7] = [
             ("q", ForwardLens { q: e - 1, ..full }, e),
             ("k", ForwardLens { k: 0, ..full }, e),
             ("v", ForwardLens { v: 7, ..full }, e),
             ("o", ForwardLens { o: r, ..full }, e),
             ("rem", ForwardLens { rem: r - 1, ..full }, r),
             ("log2_rem", ForwardLens { log2_rem: 1, ..full }, r),
+            ("o_saved", ForwardLens { o_saved: Some(e - 1), ..full }, e),
         ];
         for (name, lens, needed) in cases {
             let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
@@ -397,8 +407,8 @@ mod tests {
                 other => panic!("{name}: {other}"),
             }
         }
-        // Longer slices are fine (a pooled buffer).
-        let long = ForwardLens { q: e + 100, ..full };
+        // Longer slices are fine (a pooled buffer), and o_saved is optional in the forward.
+        let long = ForwardLens { q: e + 100, o_saved: None, ..full };
         assert!(plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &long, None).is_ok());
     }
 
@@ -406,11 +416,12 @@ mod tests {
     fn refuses_backward_slices_too_short_naming_the_tensor() {
         let s = shape(1, 3, 33, 64);
         let full = bwd_lens(s);
-        let cases: [(&str, BackwardLens); 10] = [
+        let cases: [(&str, BackwardLens); 11] = [
             ("q", BackwardLens { q: 1, ..full }),
             ("k", BackwardLens { k: 1, ..full }),
             ("v", BackwardLens { v: 1, ..full }),
             ("o", BackwardLens { o: 1, ..full }),
+            ("o_saved", BackwardLens { o_saved: 1, ..full }),
             ("d_o", BackwardLens { d_o: 1, ..full }),
             ("d_rem", BackwardLens { d_rem: Some(1), ..full }),
             ("log2_rem", BackwardLens { log2_rem: 1, ..full }),

@@ -7,8 +7,9 @@
 //! rotating through the input sets. The figure is the median; min and max are kept too.
 //! TFLOP/s counts 4 B H N^2 D / 2 for the forward and 3.5 times that for forward+backward (DESIGN §7),
 //! whatever the kernel actually computes (early exit skips work, so its figure is "equivalent").
-//! Forward+backward is one forward and one backward launch sequence (including the zeroing of the
-//! backward's f32 workspace).
+//! The forward alone runs as for inference (o_saved not written); forward+backward is one forward
+//! that saves o in f32 and one backward launch sequence (including the zeroing of the backward's f32
+//! workspace).
 
 use super::check::{self, CheckPlan};
 use super::data::{normal, Regime};
@@ -208,6 +209,8 @@ fn time_shape<T: SbElement>(
             o: dev.stream.alloc_zeros::<T>(shape.len())?,
             rem: dev.stream.alloc_zeros::<f32>(shape.rows())?,
             log2_rem: dev.stream.alloc_zeros::<f32>(shape.rows())?,
+            // Inference: the forward alone does not save o in f32.
+            o_saved: None,
         });
     }
     let flops = fwd_flops(shape);
@@ -222,10 +225,14 @@ fn time_shape<T: SbElement>(
             dk: dev.stream.alloc_zeros::<T>(shape.len())?,
             dv: dev.stream.alloc_zeros::<T>(shape.len())?,
         };
+        // Training: the forward saves o in f32 for the backward.
+        for o in outs.iter_mut() {
+            o.o_saved = Some(dev.stream.alloc_zeros::<f32>(shape.len())?);
+        }
         let both = |i: usize| -> Result<(), GpuError> {
             let o = &mut outs[i];
             exec::forward_into(dev, &fwd, &sets[i], o, None)?;
-            exec::backward_into(dev, &bwd, &sets[i], &o.o, &o.log2_rem, &mut grads, None)
+            exec::backward_into(dev, &bwd, &sets[i], exec::Saved::of(o), &mut grads, None)
         };
         match time(dev, plan, &bwd, both) {
             Ok(ms) => fill(&mut out[1], &ms, 3.5 * flops),

@@ -6,9 +6,10 @@
 //! in full (every row of every head). Then, for each layout and (mask, remainder), the forward and
 //! backward kernels with and without early exit run on that data with poisoned outputs:
 //!
-//! - forward: relative L2 error of o and rem <= 5e-3 ([`FWD_TOL`]); no NaN in o, rem or log2_rem;
-//! - backward (given the reference's o, rounded to the dtype, its log2_rem, dO and dRem ~ N(0, 1)):
-//!   dq, dk, dv <= 1e-2 ([`GRAD_TOL`]); no NaN;
+//! - forward (saving o_saved): relative L2 error of o, rem and o_saved (o before the fused
+//!   remainder) <= 5e-3 ([`FWD_TOL`]); no NaN in o, rem, log2_rem or o_saved;
+//! - backward (given the reference's o rounded to the dtype, o_saved and log2_rem in f32, dO and
+//!   dRem ~ N(0, 1)): dq, dk, dv <= 1e-2 ([`GRAD_TOL`]); no NaN;
 //! - early exit (T bits), against the run without it on the same data: |Δo| <= 2^-T max|v| (twice
 //!   that with a fused remainder) + one ulp of the dtype, |Δrem| <= 2^-T, elementwise; on long-reach
 //!   data, where the stick never falls below 2^-T, the forward's o, rem and log2_rem must be
@@ -220,6 +221,18 @@ struct FwdResult {
     o: Vec<f32>,
     rem: Vec<f32>,
     log2_rem: Vec<f32>,
+    o_saved: Vec<f32>,
+}
+
+/// The reference's o before the fused remainder (what o_saved holds): o - rem_i v_i when fused.
+fn unfused_o(exp: &Expected, inputs: &Inputs, remainder: Remainder) -> Vec<f64> {
+    match remainder {
+        Remainder::Return => exp.o.clone(),
+        Remainder::Fuse => {
+            let d = inputs.shape.head_dim;
+            exp.o.iter().zip(&inputs.v).enumerate().map(|(i, (&o, &v))| o - exp.rem[i / d] * v as f64).collect()
+        }
+    }
 }
 
 struct BwdResult {
@@ -291,12 +304,14 @@ impl Group<'_> {
             let mut row = Row::new(spec, self.regime, p.shape);
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
-                    let out = exec::forward(self.dev, &binary, p, None)?;
+                    let out = exec::forward(self.dev, &binary, p, None, true)?;
                     self.dev.sync(binary.name(), self.plan.timeout)?;
+                    let o_saved = out.o_saved.as_ref().expect("saved");
                     Ok(FwdResult {
                         o: exec::download(self.dev, p.shape, p.layout, &out.o)?,
                         rem: exec::download_f32(self.dev, &out.rem)?,
                         log2_rem: exec::download_f32(self.dev, &out.log2_rem)?,
+                        o_saved: exec::download_f32_in(self.dev, p.shape, p.layout, o_saved)?,
                     })
                 })?,
                 None => None,
@@ -305,6 +320,8 @@ impl Group<'_> {
                 row.nan("o", &got.o);
                 row.nan("rem", &got.rem);
                 row.nan("log2_rem", &got.log2_rem);
+                row.nan("o_saved", &got.o_saved);
+                row.error("o_saved", rel_l2(&got.o_saved, &unfused_o(exp, self.inputs, spec.remainder)), FWD_TOL);
                 let err_o = rel_l2(&got.o, &exp.o);
                 let err_rem = rel_l2(&got.rem, &exp.rem);
                 row.err_o = Some(err_o);
@@ -345,7 +362,10 @@ impl Group<'_> {
         }
         if self.regime == Regime::LongReach {
             let same = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            let differ = same(&got.o, &full.o) + same(&got.rem, &full.rem) + same(&got.log2_rem, &full.log2_rem);
+            let differ = same(&got.o, &full.o)
+                + same(&got.rem, &full.rem)
+                + same(&got.log2_rem, &full.log2_rem)
+                + same(&got.o_saved, &full.o_saved);
             if differ > 0 {
                 row.failures.push(format!(
                     "early exit changed the forward on long-reach data ({differ} elements differ from the full run)"
@@ -362,18 +382,22 @@ impl Group<'_> {
     ) -> Result<(), GpuError> {
         let grads = exp.grads.as_ref().expect("the reference ran the backward");
         let shape = p.shape;
-        // The forward's outputs the backward reads: the reference's, rounded as a kernel stores them.
+        // The forward's outputs the backward reads: the reference's, rounded as a kernel stores them
+        // (o in the dtype; o_saved, o before the fused remainder, and log2_rem in f32).
         let o_ref: Vec<f32> = exp.o.iter().map(|&x| self.inputs.dtype.round(x as f32)).collect();
+        let o_saved_ref: Vec<f32> = unfused_o(exp, self.inputs, base.remainder).into_iter().map(|x| x as f32).collect();
         let log2_rem_ref: Vec<f32> = exp.log2_rem.iter().map(|&x| x as f32).collect();
         let o = exec::upload::<T>(self.dev, shape, p.layout, &o_ref)?;
+        let o_saved = exec::upload_f32_in(self.dev, shape, p.layout, &o_saved_ref)?;
         let log2_rem = exec::upload_f32(self.dev, &log2_rem_ref)?;
+        let saved = exec::Saved { o: &o, o_saved: &o_saved, log2_rem: &log2_rem };
         let mut full: Option<BwdResult> = None;
         for &ee in &self.plan.early_exits {
             let spec = Spec { early_exit_bits: ee, ..base };
             let mut row = Row::new(spec, self.regime, shape);
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
-                    let g = exec::backward(self.dev, &binary, p, &o, &log2_rem, None)?;
+                    let g = exec::backward(self.dev, &binary, p, saved, None)?;
                     self.dev.sync(binary.name(), self.plan.timeout)?;
                     Ok(BwdResult {
                         dq: exec::download(self.dev, shape, p.layout, &g.dq)?,

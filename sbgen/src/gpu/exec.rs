@@ -24,11 +24,13 @@ pub struct DeviceProblem<T> {
     pub d_rem: Option<CudaSlice<f32>>,
 }
 
-/// The forward's outputs on the device.
+/// The forward's outputs on the device. `o_saved` (o before the fused remainder, f32, in the
+/// layout) is what a backward needs; `None` skips writing it.
 pub struct ForwardOutputs<T> {
     pub o: CudaSlice<T>,
     pub rem: CudaSlice<f32>,
     pub log2_rem: CudaSlice<f32>,
+    pub o_saved: Option<CudaSlice<f32>>,
 }
 
 /// The backward's outputs on the device.
@@ -47,6 +49,16 @@ pub fn upload<T: SbElement>(
 ) -> Result<CudaSlice<T>, GpuError> {
     let host: Vec<T> = to_layout(shape, layout, bhnd).into_iter().map(T::from_f32).collect();
     Ok(dev.stream.clone_htod(&host)?)
+}
+
+/// Uploads a BHND f32 tensor as f32 in `layout`.
+pub fn upload_f32_in(dev: &Device, shape: Shape, layout: Layout, bhnd: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+    Ok(dev.stream.clone_htod(&to_layout(shape, layout, bhnd))?)
+}
+
+/// Downloads an f32 tensor in `layout` in BHND order.
+pub fn download_f32_in(dev: &Device, shape: Shape, layout: Layout, x: &CudaSlice<f32>) -> Result<Vec<f32>, GpuError> {
+    Ok(from_layout(shape, layout, &dev.stream.clone_dtoh(x)?))
 }
 
 /// Uploads f32 values as they are.
@@ -96,17 +108,20 @@ impl<T: SbElement> DeviceProblem<T> {
     }
 }
 
-/// Launches the forward into freshly poisoned outputs (asynchronous: sync before reading).
+/// Launches the forward into freshly poisoned outputs (asynchronous: sync before reading); with
+/// `save`, o_saved too (for a backward).
 pub fn forward<T: SbElement>(
     dev: &Device,
     kernel: &KernelBinary,
     p: &DeviceProblem<T>,
     scale: Option<f32>,
+    save: bool,
 ) -> Result<ForwardOutputs<T>, GpuError> {
     let mut out = ForwardOutputs {
         o: poisoned::<T>(dev, p.shape.len())?,
         rem: poisoned_f32(dev, p.shape.rows())?,
         log2_rem: poisoned_f32(dev, p.shape.rows())?,
+        o_saved: if save { Some(poisoned_f32(dev, p.shape.len())?) } else { None },
     };
     forward_into(dev, kernel, p, &mut out, scale)?;
     Ok(out)
@@ -127,22 +142,41 @@ pub fn forward_into<T: SbElement>(
         o: out.o.as_view_mut(),
         rem: out.rem.as_view_mut(),
         log2_rem: out.log2_rem.as_view_mut(),
+        o_saved: out.o_saved.as_mut().map(|x| x.as_view_mut()),
     };
     dev.launcher.forward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }
 
-/// Launches the backward into freshly poisoned gradients. `o` and `log2_rem` are the forward's.
+/// What the backward reads from the forward: o (the output), o_saved and log2_rem.
+#[derive(Clone, Copy)]
+pub struct Saved<'a, T> {
+    pub o: &'a CudaSlice<T>,
+    pub o_saved: &'a CudaSlice<f32>,
+    pub log2_rem: &'a CudaSlice<f32>,
+}
+
+impl<'a, T> Saved<'a, T> {
+    /// The saved values of a forward run with `save` (panics without o_saved).
+    pub fn of(out: &'a ForwardOutputs<T>) -> Self {
+        Saved {
+            o: &out.o,
+            o_saved: out.o_saved.as_ref().expect("the forward ran with `save`"),
+            log2_rem: &out.log2_rem,
+        }
+    }
+}
+
+/// Launches the backward into freshly poisoned gradients.
 pub fn backward<T: SbElement>(
     dev: &Device,
     kernel: &KernelBinary,
     p: &DeviceProblem<T>,
-    o: &CudaSlice<T>,
-    log2_rem: &CudaSlice<f32>,
+    saved: Saved<'_, T>,
     scale: Option<f32>,
 ) -> Result<GradOutputs<T>, GpuError> {
     let n = p.shape.len();
     let mut g = GradOutputs { dq: poisoned::<T>(dev, n)?, dk: poisoned::<T>(dev, n)?, dv: poisoned::<T>(dev, n)? };
-    backward_into(dev, kernel, p, o, log2_rem, &mut g, scale)?;
+    backward_into(dev, kernel, p, saved, &mut g, scale)?;
     Ok(g)
 }
 
@@ -151,8 +185,7 @@ pub fn backward_into<T: SbElement>(
     dev: &Device,
     kernel: &KernelBinary,
     p: &DeviceProblem<T>,
-    o: &CudaSlice<T>,
-    log2_rem: &CudaSlice<f32>,
+    saved: Saved<'_, T>,
     g: &mut GradOutputs<T>,
     scale: Option<f32>,
 ) -> Result<(), GpuError> {
@@ -160,10 +193,11 @@ pub fn backward_into<T: SbElement>(
         q: p.q.as_view(),
         k: p.k.as_view(),
         v: p.v.as_view(),
-        o: o.as_view(),
+        o: saved.o.as_view(),
+        o_saved: saved.o_saved.as_view(),
         d_o: p.d_o.as_view(),
         d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
-        log2_rem: log2_rem.as_view(),
+        log2_rem: saved.log2_rem.as_view(),
         dq: g.dq.as_view_mut(),
         dk: g.dk.as_view_mut(),
         dv: g.dv.as_view_mut(),

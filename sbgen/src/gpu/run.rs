@@ -234,7 +234,7 @@ fn run_typed<T: SbElement>(
         },
     };
     let mut kernels = vec![fwd.name().to_string()];
-    let out = exec::forward(dev, &fwd, &problem, req.scale)?;
+    let out = exec::forward(dev, &fwd, &problem, req.scale, req.pass != RunPass::Forward)?;
     dev.sync(fwd.name(), timeout)?;
     let st_dtype = match l.dtype {
         Dtype::Bf16 => StDtype::BF16,
@@ -257,7 +257,7 @@ fn run_typed<T: SbElement>(
     if req.pass != RunPass::Forward {
         let bwd = builder.build(&builder.kernel(spec(Pass::Backward), req.schedule))?;
         kernels.push(bwd.name().to_string());
-        let g = exec::backward(dev, &bwd, &problem, &out.o, &out.log2_rem, req.scale)?;
+        let g = exec::backward(dev, &bwd, &problem, exec::Saved::of(&out), req.scale)?;
         dev.sync(bwd.name(), timeout)?;
         for (name, x) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
             let x: Vec<T> = dev.stream.clone_dtoh(x).map_err(GpuError::from)?;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds, here (no GPU needed), everything a GPU session runs, into .carry/ (ignored by git):
+#
+#   .carry/sbgen          the CLI (release): `check`, `run`, `bench`
+#   .carry/gpu            the GPU test binary (`cargo test --release -p sbgen-tests --test gpu --no-run`)
+#   .carry/ptx.tar.gz     PTX of every kernel `sbgen check` (full matrix), `bench`, `run` and the GPU
+#                         tests use at the default schedule, for --arch (default sm_90 = sm_90a): the
+#                         GPU machine has no CUDA toolchain, so kernels are compiled here
+#   .carry/baselines.py   torch SDPA / fla-core baselines (from shared/bench)
+#
+# Then, on the GPU machine: `bash scripts/gpu-session.sh .carry` (see that script).
+# Usage: scripts/build-gpu-bundle.sh [--arch sm_90|sm_80]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+arch=sm_90
+if [ "${1:-}" = "--arch" ]; then arch="$2"; fi
+out="$root/.carry"
+source scripts/env.sh
+
+echo "--- building release binaries"
+cargo build --release -j2 -p sbgen --bin sbgen
+# The test binary's path comes from cargo's JSON messages (its name carries a hash).
+gpu_test=$(cargo test --release -j2 -p sbgen-tests --test gpu --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])' | tail -n 1)
+[ -n "$gpu_test" ] || { echo "error: could not find the gpu test binary" >&2; exit 1; }
+
+mkdir -p "$out"
+cp target/release/sbgen "$out/sbgen"
+cp "$gpu_test" "$out/gpu"
+strip "$out/sbgen" "$out/gpu" 2>/dev/null || true
+
+baselines=""
+for candidate in "$root/../shared/bench/baselines.py" "/work/shared/bench/baselines.py"; do
+    if [ -f "$candidate" ]; then baselines="$candidate"; break; fi
+done
+if [ -n "$baselines" ]; then cp -f "$baselines" "$out/baselines.py"; else echo "warning: baselines.py not found" >&2; fi
+
+echo "--- compiling PTX for $arch"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$out/sbgen" check --emit-ptx "$tmp/ptx" --arch "$arch"
+tar czf "$out/ptx.tar.gz" -C "$tmp" ptx
+
+echo "--- bundle"
+ls -la "$out"
+du -sh "$out"

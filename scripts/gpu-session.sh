@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One GPU session over a bundle made by scripts/build-gpu-bundle.sh (run it from the repository root
+# on the GPU machine; nothing here needs Rust or a CUDA toolchain):
+#
+#   bash scripts/gpu-session.sh .carry                 # all steps
+#   STEPS="check" CHECK_ARGS="--quick" bash scripts/gpu-session.sh .carry
+#
+# Steps, in order (env STEPS, default "tests check bench baselines"):
+#   tests      the GPU test binary (DIR/gpu), one test at a time
+#   check      DIR/sbgen check $CHECK_ARGS (default: the full matrix)
+#   bench      DIR/sbgen bench --json $OUT/bench.json $BENCH_ARGS
+#   baselines  python3 DIR/baselines.py --json $OUT/baselines.json $BASELINE_ARGS (same session as bench)
+# Each step has a time limit (env TESTS_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, BASELINES_TIMEOUT, in
+# seconds). Logs and JSON go to $OUT (default ./gpu-out); summary.txt lists every step's exit status.
+# Exit status: 0 when every step passed, 1 otherwise.
+set -uo pipefail
+dir="$(cd "${1:-.carry}" && pwd)"
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+STEPS="${STEPS:-tests check bench baselines}"
+
+# The PTX folder: unpacked from the bundle into a temporary folder.
+ptx_root=$(mktemp -d)
+trap 'rm -rf "$ptx_root"' EXIT
+if [ -f "$dir/ptx.tar.gz" ]; then
+    tar xzf "$dir/ptx.tar.gz" -C "$ptx_root"
+    export SBGEN_PTX_DIR="$ptx_root/ptx"
+    echo "PTX: $(ls "$SBGEN_PTX_DIR" | wc -l) kernels from $dir/ptx.tar.gz"
+else
+    echo "warning: no $dir/ptx.tar.gz: kernels will need NVRTC on this machine" >&2
+fi
+
+{
+    date -u
+    nvidia-smi 2>&1 || echo "nvidia-smi not available"
+} > "$OUT/machine.txt"
+head -n 20 "$OUT/machine.txt"
+
+summary=()
+failed=0
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "=== $name: timed out after $limit s" | tee -a "$OUT/$name.log"
+    summary+=("$name: exit $rc in $((SECONDS - t0)) s")
+    [ "$rc" = 0 ] || failed=1
+}
+
+for s in $STEPS; do
+    case "$s" in
+        tests) step tests "${TESTS_TIMEOUT:-300}" "$dir/gpu" --test-threads=1 ;;
+        # shellcheck disable=SC2086
+        check) step check "${CHECK_TIMEOUT:-540}" "$dir/sbgen" check ${CHECK_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        bench) step bench "${BENCH_TIMEOUT:-540}" "$dir/sbgen" bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        baselines) step baselines "${BASELINES_TIMEOUT:-540}" python3 "$dir/baselines.py" --json "$OUT/baselines.json" ${BASELINE_ARGS:-} ;;
+        *) echo "unknown step \`$s\`: allowed tests, check, bench, baselines" >&2; failed=1 ;;
+    esac
+done
+
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+exit "$failed"

@@ -1,0 +1,301 @@
+//! GPU tests: forward and backward kernels against the float64 reference (odd N, odd B and H,
+//! poisoned outputs) and the launcher's refusals on a real device.
+//!
+//! Every test starts with a device probe: with no driver or no GPU (CI) it prints "skipping: no
+//! CUDA device" and returns. Kernels come from `$SBGEN_PTX_DIR` (PTX built by `sbgen check
+//! --emit-ptx`) or are compiled with NVRTC when a CUDA toolchain is present.
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use sbgen::gpu::check::{self, CheckPlan, FWD_TOL, GRAD_TOL};
+use sbgen::gpu::data::{make_inputs, non_finite, rel_l2, widen, Regime};
+use sbgen::gpu::exec::{self, DeviceProblem};
+use sbgen::gpu::{Device, GpuError, KernelBuilder};
+use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Schedule, Spec};
+use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, LaunchError, SbElement};
+use sbgen_runtime::reference::{self, Options, Shape};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The device, or `None` (after saying so) when there is none.
+fn device() -> Option<Device> {
+    match Device::open(0) {
+        Ok(d) => Some(d),
+        Err(GpuError::NoDevice(why)) => {
+            eprintln!("skipping: no CUDA device ({why})");
+            None
+        }
+        Err(e) => panic!("opening the CUDA device failed: {e}"),
+    }
+}
+
+fn kernel(dev: &Device, spec: Spec) -> Arc<KernelBinary> {
+    let builder = KernelBuilder::from_env(dev.arch, None);
+    builder.build(&builder.kernel(spec, Schedule::DEFAULT)).unwrap_or_else(|e| panic!("{}: {e}", spec.slug()))
+}
+
+fn spec(head_dim: u32, dtype: Dtype, pass: Pass) -> Spec {
+    Spec::new(head_dim, dtype, pass)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The public launcher API end to end, as a user would call it: forward then backward, outputs
+/// poisoned, compared with the float64 reference.
+fn forward_and_backward<T: SbElement>(dev: &Device, base: Spec, shape: Shape, with_d_rem: bool) {
+    let inputs = make_inputs(shape, base.dtype, Regime::Random, 0x5eed ^ shape.seq as u64);
+    let fwd = kernel(dev, Spec { pass: Pass::Forward, ..base });
+    let bwd = kernel(dev, Spec { pass: Pass::Backward, ..base });
+    let p = DeviceProblem::<T>::upload(dev, &inputs, base.layout, with_d_rem).unwrap();
+    let mut o = exec::poisoned::<T>(dev, shape.len()).unwrap();
+    let mut rem = exec::poisoned_f32(dev, shape.rows()).unwrap();
+    let mut log2_rem = exec::poisoned_f32(dev, shape.rows()).unwrap();
+    let mut o_saved = exec::poisoned_f32(dev, shape.len()).unwrap();
+    let args = ForwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: Some(o_saved.as_view_mut()),
+    };
+    dev.launcher.forward(&fwd, shape, args, None).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        exec::poisoned::<T>(dev, shape.len()).unwrap(),
+        exec::poisoned::<T>(dev, shape.len()).unwrap(),
+        exec::poisoned::<T>(dev, shape.len()).unwrap(),
+    );
+    let args = BackwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: o.as_view(),
+        o_saved: o_saved.as_view(),
+        d_o: p.d_o.as_view(),
+        d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
+        log2_rem: log2_rem.as_view(),
+        dq: dq.as_view_mut(),
+        dk: dk.as_view_mut(),
+        dv: dv.as_view_mut(),
+    };
+    dev.launcher.backward(&bwd, shape, args, None).unwrap();
+    dev.sync(bwd.name(), TIMEOUT).unwrap();
+
+    let opts = Options::from(&base);
+    let (q, k, v) = (widen(&inputs.q), widen(&inputs.k), widen(&inputs.v));
+    let want = reference::forward(shape, &opts, &q, &k, &v);
+    let d_rem = widen(&inputs.d_rem);
+    let grads =
+        reference::backward(shape, &opts, &q, &k, &v, &widen(&inputs.d_o), with_d_rem.then_some(d_rem.as_slice()));
+    let what = format!("{} N={} d_rem={with_d_rem}", base.slug(), shape.seq);
+    let got_o = exec::download(dev, shape, base.layout, &o).unwrap();
+    let got_rem = exec::download_f32(dev, &rem).unwrap();
+    let got_log2_rem = exec::download_f32(dev, &log2_rem).unwrap();
+    let got_o_saved = exec::download_f32_in(dev, shape, base.layout, &o_saved).unwrap();
+    for (name, x) in [("o", &got_o), ("rem", &got_rem), ("log2_rem", &got_log2_rem), ("o_saved", &got_o_saved)] {
+        assert_eq!(non_finite(x), 0, "{what}: {name} has unwritten (NaN) elements");
+    }
+    let e = rel_l2(&got_o, &want.o);
+    assert!(e <= FWD_TOL, "{what}: o error {e:.2e}");
+    let e = rel_l2(&got_rem, &want.rem);
+    assert!(e <= FWD_TOL, "{what}: rem error {e:.2e}");
+    // o_saved is o before the fused remainder.
+    let d = shape.head_dim;
+    let unfused: Vec<f64> = match base.remainder {
+        Remainder::Return => want.o.clone(),
+        Remainder::Fuse => want.o.iter().zip(&v).enumerate().map(|(i, (o, v))| o - want.rem[i / d] * v).collect(),
+    };
+    let e = rel_l2(&got_o_saved, &unfused);
+    assert!(e <= FWD_TOL, "{what}: o_saved error {e:.2e}");
+    for (name, x, r) in [("dq", &dq, &grads.dq), ("dk", &dk, &grads.dk), ("dv", &dv, &grads.dv)] {
+        let got = exec::download(dev, shape, base.layout, x).unwrap();
+        assert_eq!(non_finite(&got), 0, "{what}: {name} has unwritten (NaN) elements");
+        // The backward read the kernel's o, o_saved and log2_rem (not the reference's).
+        let e = rel_l2(&got, r);
+        assert!(e <= GRAD_TOL, "{what}: {name} error {e:.2e}");
+    }
+}
+
+#[test]
+fn bf16_d64_forward_and_backward_match_the_reference_on_odd_shapes() {
+    let Some(dev) = device() else { return };
+    for seq in [1, 17, 129] {
+        forward_and_backward::<half::bf16>(&dev, spec(64, Dtype::Bf16, Pass::Forward), Shape::new(3, 5, seq, 64), true);
+    }
+}
+
+#[test]
+fn f16_d128_bnhd_fused_attend_current_without_d_rem() {
+    let Some(dev) = device() else { return };
+    let base = Spec {
+        mask: Mask::AttendCurrent,
+        layout: Layout::Bnhd,
+        remainder: Remainder::Fuse,
+        ..spec(128, Dtype::F16, Pass::Forward)
+    };
+    for seq in [17, 300] {
+        forward_and_backward::<half::f16>(&dev, base, Shape::new(3, 5, seq, 128), false);
+    }
+}
+
+#[test]
+fn early_exit_kernels_match_the_reference() {
+    let Some(dev) = device() else { return };
+    let base = Spec { early_exit_bits: Some(24), ..spec(128, Dtype::Bf16, Pass::Forward) };
+    forward_and_backward::<half::bf16>(&dev, base, Shape::new(1, 3, 1000, 128), true);
+}
+
+#[test]
+fn check_plan_on_a_small_matrix_passes() {
+    let Some(dev) = device() else { return };
+    let mut plan = CheckPlan::quick(0x1234);
+    plan.head_dims = vec![64];
+    plan.dtypes = vec![Dtype::Bf16];
+    plan.seqs = vec![1, 65];
+    let builder = KernelBuilder::from_env(dev.arch, None);
+    let rows = check::run(&dev, &builder, &plan, &mut |_| {}).unwrap();
+    let failed: Vec<String> = rows.iter().filter(|r| !r.passed()).map(check::format_row).collect();
+    assert!(failed.is_empty(), "{} failing rows:\n{}", failed.len(), failed.join("\n"));
+    assert_eq!(rows.len(), plan.specs().len() * plan.regimes.len() * plan.seqs.len());
+}
+
+/// A forward on bf16 tensors of `shape` with `q` shortened to `q_len`; returns the error and
+/// whether `o` is still all poison (nothing was launched).
+fn forward_with(dev: &Device, kernel: &KernelBinary, shape: Shape, q_len: usize) -> (LaunchError, bool) {
+    let len = shape.batch.max(1) * shape.heads.max(1) * shape.seq.max(1) * shape.head_dim.max(1);
+    let q = exec::poisoned::<half::bf16>(dev, q_len.max(1)).unwrap();
+    let kv = exec::poisoned::<half::bf16>(dev, len).unwrap();
+    let mut o = exec::poisoned::<half::bf16>(dev, len).unwrap();
+    let rows = (len / shape.head_dim.max(1)).max(1);
+    let mut rem = exec::poisoned_f32(dev, rows).unwrap();
+    let mut log2_rem = exec::poisoned_f32(dev, rows).unwrap();
+    let args = ForwardArgs {
+        q: q.slice(0..q_len),
+        k: kv.as_view(),
+        v: kv.as_view(),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: None,
+    };
+    let err = dev.launcher.forward(kernel, shape, args, None).expect_err("the launcher must refuse");
+    dev.stream.synchronize().unwrap();
+    let o_host = dev.stream.clone_dtoh(&o).unwrap();
+    (err, o_host.iter().all(|x| x.to_bits() == exec::POISON_16))
+}
+
+#[test]
+fn launcher_refuses_bad_inputs_before_launching() {
+    let Some(dev) = device() else { return };
+    let fwd = kernel(&dev, spec(64, Dtype::Bf16, Pass::Forward));
+    let shape = Shape::new(3, 5, 17, 64);
+
+    let (err, untouched) = forward_with(&dev, &fwd, shape, shape.len() - 1);
+    assert!(matches!(err, LaunchError::TooShort { tensor: "q", .. }), "{err}");
+    assert!(untouched, "o was written although the launch was refused");
+
+    let (err, untouched) = forward_with(&dev, &fwd, Shape::new(3, 5, 0, 64), 1);
+    assert!(matches!(err, LaunchError::EmptyDim { dim: "seq" }), "{err}");
+    assert!(untouched);
+
+    let (err, _) = forward_with(&dev, &fwd, Shape::new(3, 5, 17, 128), shape.len() * 2);
+    assert!(matches!(err, LaunchError::HeadDim { expected: 64, got: 128, .. }), "{err}");
+
+    let bwd = kernel(&dev, spec(64, Dtype::Bf16, Pass::Backward));
+    let (err, untouched) = forward_with(&dev, &bwd, shape, shape.len());
+    assert!(matches!(err, LaunchError::WrongPass { expected: Pass::Forward, got: Pass::Backward, .. }), "{err}");
+    assert!(untouched);
+
+    // f16 tensors into a bf16 kernel.
+    let x = exec::poisoned::<half::f16>(&dev, shape.len()).unwrap();
+    let mut o = exec::poisoned::<half::f16>(&dev, shape.len()).unwrap();
+    let mut rem = exec::poisoned_f32(&dev, shape.rows()).unwrap();
+    let mut log2_rem = exec::poisoned_f32(&dev, shape.rows()).unwrap();
+    let args = ForwardArgs {
+        q: x.as_view(),
+        k: x.as_view(),
+        v: x.as_view(),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: None,
+    };
+    let err = dev.launcher.forward(&fwd, shape, args, None).unwrap_err();
+    assert!(matches!(err, LaunchError::Dtype { expected: Dtype::Bf16, got: Dtype::F16, .. }), "{err}");
+}
+
+#[test]
+fn launcher_names_the_arch_when_no_ptx_fits_and_there_is_no_source() {
+    let Some(dev) = device() else { return };
+    let real = kernel(&dev, spec(64, Dtype::Bf16, Pass::Forward));
+    let mut binary = (*real).clone();
+    binary.manifest.name.push_str("_no_ptx_test");
+    binary.ptx = vec![("sm_120a".to_string(), String::new())];
+    binary.cuda_source = None;
+    let err = dev.launcher.load(&binary).unwrap_err();
+    let device_arch = sbgen_runtime::launcher::Target::for_device(dev.compute_capability);
+    assert!(matches!(&err, LaunchError::NoKernelForArch { device_arch: a, .. } if *a == device_arch), "{err}");
+    assert!(err.to_string().contains("sm_120a"), "{err}");
+}
+
+#[test]
+fn module_store_loads_each_kernel_once() {
+    let Some(dev) = device() else { return };
+    let fwd = kernel(&dev, spec(64, Dtype::Bf16, Pass::Forward));
+    let before = dev.launcher.store().len();
+    let a = dev.launcher.load(&fwd).unwrap();
+    let b = dev.launcher.load(&fwd).unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(dev.launcher.store().len(), before + 1);
+    let shape = Shape::new(1, 3, 33, 64);
+    let inputs = make_inputs(shape, Dtype::Bf16, Regime::Random, 1);
+    let p = DeviceProblem::<half::bf16>::upload(&dev, &inputs, Layout::Bhnd, false).unwrap();
+    for _ in 0..2 {
+        exec::forward(&dev, &fwd, &p, None, false).unwrap();
+    }
+    dev.sync(fwd.name(), TIMEOUT).unwrap();
+    assert_eq!(dev.launcher.store().len(), before + 1);
+}
+
+#[test]
+fn backward_workspace_allocation_failure_is_a_typed_error() {
+    let Some(dev) = device() else { return };
+    let bwd = kernel(&dev, spec(128, Dtype::Bf16, Pass::Backward));
+    // A problem whose f32 workspace (8 bytes per element) is larger than the device's memory, while
+    // its tensors are views of one f32 allocation of 4 bytes per element (the launch is refused
+    // before any kernel runs on them).
+    let (free, total) = dev.ctx.mem_get_info().unwrap();
+    let shape = Shape::new(1, 40, 1 << 22, 128);
+    let elems = shape.len();
+    if elems * 8 <= total || elems * 4 + shape.rows() * 4 + (1 << 30) >= free {
+        eprintln!("skipping: the device's memory ({total} bytes, {free} free) does not suit this test");
+        return;
+    }
+    let base = dev.stream.alloc_zeros::<f32>(elems).unwrap();
+    let log2_rem = dev.stream.alloc_zeros::<f32>(shape.rows()).unwrap();
+    let (ptr, _guard) = base.device_ptr(&dev.stream);
+    // SAFETY: the aliases lie within `base`'s allocation (bf16 ones cover its first half); they are
+    // leaked (never freed) below, and no kernel runs on them.
+    let alias = || unsafe { dev.stream.upgrade_device_ptr::<half::bf16>(ptr, elems) };
+    let (q, mut dq, mut dk, mut dv) = (alias(), alias(), alias(), alias());
+    let o_saved = unsafe { dev.stream.upgrade_device_ptr::<f32>(ptr, elems) };
+    let args = BackwardArgs {
+        q: q.as_view(),
+        k: q.as_view(),
+        v: q.as_view(),
+        o: q.as_view(),
+        o_saved: o_saved.as_view(),
+        d_o: q.as_view(),
+        d_rem: None,
+        log2_rem: log2_rem.as_view(),
+        dq: dq.as_view_mut(),
+        dk: dk.as_view_mut(),
+        dv: dv.as_view_mut(),
+    };
+    let err = dev.launcher.backward(&bwd, shape, args, None).unwrap_err();
+    for alias in [q, dq, dk, dv] {
+        let _: u64 = CudaSlice::leak(alias);
+    }
+    let _: u64 = CudaSlice::leak(o_saved);
+    assert!(matches!(err, LaunchError::Workspace { bytes, .. } if bytes == elems * 8), "{err}");
+}
