@@ -117,13 +117,20 @@ impl ModuleStore {
         self.len() == 0
     }
 
-    /// The kernel's module and functions, loaded on first use.
+    /// The kernel's module and functions, loaded on first use. The map is not locked while a
+    /// module is compiled or JIT-loaded, so threads can load different kernels at once; when two
+    /// load the same kernel, the first one stored is kept.
     pub fn load(&self, binary: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
         let name = binary.name();
-        let mut loaded = lock(&self.loaded);
-        if let Some(kernel) = loaded.get(name) {
+        if let Some(kernel) = lock(&self.loaded).get(name) {
             return Ok(kernel.clone());
         }
+        let kernel = Arc::new(self.load_new(binary)?);
+        Ok(lock(&self.loaded).entry(name.to_string()).or_insert(kernel).clone())
+    }
+
+    fn load_new(&self, binary: &KernelBinary) -> Result<LoadedKernel, LaunchError> {
+        let name = binary.name();
         let cc = self.compute_capability;
         let (ptx, origin) = match pick_ptx(&binary.ptx, cc) {
             Some(i) => {
@@ -179,9 +186,7 @@ impl ModuleStore {
             }
             functions.push(function);
         }
-        let kernel = Arc::new(LoadedKernel { name: name.to_string(), origin, functions, _module: module });
-        loaded.insert(name.to_string(), kernel.clone());
-        Ok(kernel)
+        Ok(LoadedKernel { name: name.to_string(), origin, functions, _module: module })
     }
 
     fn compile(&self, name: &str, source: &str, target: &str) -> Result<Ptx, LaunchError> {
@@ -207,6 +212,6 @@ impl ModuleStore {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves the map consistent (inserts are the last step).
+    // A panic while holding the lock leaves the map consistent (a lookup or one insert).
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -162,6 +162,7 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let rows = result?;
     let failed = rows.iter().filter(|r| !r.passed()).count();
+    details(&rows, out)?;
     writeln!(
         out,
         "check: {} passed, {failed} failed ({} kernel runs in {:.1} s, seed {seed})",
@@ -170,6 +171,29 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
         start.elapsed().as_secs_f64()
     )?;
     Ok(if failed == 0 && !rows.is_empty() { Outcome::Success } else { Outcome::Failure })
+}
+
+/// The full text of failures the table shortened (compiler and driver messages), each once.
+fn details(rows: &[check::Row], out: &mut dyn Write) -> Result<()> {
+    const MAX_SHOWN: usize = 10;
+    const MAX_LINES: usize = 40;
+    let mut seen: Vec<&str> = Vec::new();
+    for f in rows.iter().flat_map(|r| r.failures.iter()) {
+        if check::short(f) != *f && !seen.contains(&f.as_str()) {
+            seen.push(f);
+        }
+    }
+    if seen.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "--- failure details ({} distinct, first {} shown)", seen.len(), seen.len().min(MAX_SHOWN))?;
+    for f in seen.iter().take(MAX_SHOWN) {
+        for line in f.lines().take(MAX_LINES) {
+            writeln!(out, "  {line}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 /// Compiles every kernel of the plan for `args.arch` into `dir`, in parallel.

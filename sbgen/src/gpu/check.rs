@@ -196,6 +196,24 @@ pub fn run(
     Ok(rows)
 }
 
+/// Builds every kernel of the plan and loads the modules on all threads at once (the driver's
+/// JIT of PTX dominates otherwise). Failures are left for the rows to report.
+pub fn preload(dev: &Device, builder: &KernelBuilder, plan: &CheckPlan) {
+    let kernels = plan.kernels(builder);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..plan.threads.clamp(1, kernels.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(kernel) = kernels.get(i) else { break };
+                if let Ok(binary) = builder.build(kernel) {
+                    let _ = dev.launcher.load(&binary);
+                }
+            });
+        }
+    });
+}
+
 /// The seed of one (head_dim, dtype, regime, N) group: a mix of the run's seed and the group.
 pub fn group_seed(seed: u64, head_dim: u32, dtype: Dtype, regime: Regime, seq: usize) -> u64 {
     let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
@@ -361,14 +379,24 @@ impl Group<'_> {
             ));
         }
         if self.regime == Regime::LongReach {
-            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            let differ = same(&got.o, &full.o)
-                + same(&got.rem, &full.rem)
-                + same(&got.log2_rem, &full.log2_rem)
-                + same(&got.o_saved, &full.o_saved);
+            let pairs = [
+                (&got.o, &full.o),
+                (&got.rem, &full.rem),
+                (&got.log2_rem, &full.log2_rem),
+                (&got.o_saved, &full.o_saved),
+            ];
+            let differ: usize = pairs
+                .iter()
+                .map(|(a, b)| a.iter().zip(b.iter()).filter(|(x, y)| x.to_bits() != y.to_bits()).count())
+                .sum();
             if differ > 0 {
+                let worst = pairs
+                    .iter()
+                    .flat_map(|(a, b)| a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()))
+                    .fold(0f32, f32::max);
                 row.failures.push(format!(
-                    "early exit changed the forward on long-reach data ({differ} elements differ from the full run)"
+                    "early exit changed the forward on long-reach data ({differ} elements differ from the full run, \
+                     by up to {worst:.1e})"
                 ));
             }
         }
@@ -460,7 +488,11 @@ pub fn header() -> String {
 /// One report line.
 pub fn format_row(row: &Row) -> String {
     let f = |e: Option<f64>| e.map_or("-".to_string(), |v| format!("{v:.2e}"));
-    let status = if row.passed() { "ok".to_string() } else { format!("FAIL: {}", row.failures.join("; ")) };
+    let status = if row.passed() {
+        "ok".to_string()
+    } else {
+        format!("FAIL: {}", row.failures.iter().map(|f| short(f)).collect::<Vec<_>>().join("; "))
+    };
     format!(
         "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
         row.spec.slug(),
@@ -475,9 +507,27 @@ pub fn format_row(row: &Row) -> String {
     )
 }
 
+/// The first line of a failure, at most 160 characters (compiler logs can be long; the CLI prints
+/// them in full once, after the table).
+pub fn short(failure: &str) -> String {
+    let line = failure.lines().next().unwrap_or("");
+    let mut out: String = line.chars().take(160).collect();
+    if out.len() < line.len() || failure.lines().nth(1).is_some() {
+        out.push_str(" ...");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_failures_are_shortened_in_the_table() {
+        assert_eq!(short("o 6.00e-3 > 5e-3"), "o 6.00e-3 > 5e-3");
+        assert_eq!(short("build: NVRTC failed\nline 2"), "build: NVRTC failed ...");
+        assert_eq!(short(&"x".repeat(200)).len(), 164);
+    }
 
     #[test]
     fn the_full_plan_covers_every_supported_spec() {
