@@ -65,6 +65,17 @@ impl Schedule {
         mma: MmaFamily::MmaSync,
     };
 
+    /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
+    /// on the H200 (BENCHMARKS.md, 2026-11-29). The backward at head_dim 128 takes 32-key blocks: with
+    /// 64 it is 8% faster but spills 96 bytes, and tunable variants must not spill.
+    pub fn default_for(spec: &sbgen_runtime::spec::Spec) -> Schedule {
+        use sbgen_runtime::spec::Pass;
+        match (spec.pass, spec.head_dim) {
+            (Pass::Backward, d) if d > 64 => Schedule { block_n: 32, ..Schedule::DEFAULT },
+            _ => Schedule::DEFAULT,
+        }
+    }
+
     /// Query rows each warp owns.
     pub fn rows_per_warp(&self) -> u32 {
         self.block_m / self.warps.max(1)
