@@ -6,7 +6,7 @@
 #   STEPS="check" CHECK_ARGS="--quick" bash scripts/gpu-session.sh .carry
 #
 # Steps, in order (env STEPS, default "tests check bench baselines"):
-#   tests      the GPU test binary (DIR/gpu), one test at a time
+#   tests      the GPU test binary (DIR/gpu), one test at a time, failing (not skipping) without a GPU
 #   check      DIR/sbgen check $CHECK_ARGS (default: the full matrix)
 #   bench      DIR/sbgen bench --json $OUT/bench.json $BENCH_ARGS
 #   baselines  python3 DIR/baselines.py --json $OUT/baselines.json $BASELINE_ARGS (same session as bench)
@@ -52,7 +52,7 @@ step() {
 
 for s in $STEPS; do
     case "$s" in
-        tests) step tests "${TESTS_TIMEOUT:-300}" "$dir/gpu" --test-threads=1 ;;
+        tests) SBGEN_REQUIRE_GPU=1 step tests "${TESTS_TIMEOUT:-300}" "$dir/gpu" --test-threads=1 --nocapture ;;
         # shellcheck disable=SC2086
         check) step check "${CHECK_TIMEOUT:-540}" "$dir/sbgen" check ${CHECK_ARGS:-} ;;
         # shellcheck disable=SC2086

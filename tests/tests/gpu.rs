@@ -2,7 +2,8 @@
 //! poisoned outputs) and the launcher's refusals on a real device.
 //!
 //! Every test starts with a device probe: with no driver or no GPU (CI) it prints "skipping: no
-//! CUDA device" and returns. Kernels come from `$SBGEN_PTX_DIR` (PTX built by `sbgen check
+//! CUDA device" and returns, unless `SBGEN_REQUIRE_GPU=1` (set by `scripts/gpu-session.sh`), when
+//! a missing device fails the test. Kernels come from `$SBGEN_PTX_DIR` (PTX built by `sbgen check
 //! --emit-ptx`) or are compiled with NVRTC when a CUDA toolchain is present.
 
 use cudarc::driver::{CudaSlice, DevicePtr};
@@ -21,6 +22,9 @@ fn device() -> Option<Device> {
     match Device::open(0) {
         Ok(d) => Some(d),
         Err(GpuError::NoDevice(why)) => {
+            if std::env::var("SBGEN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("no CUDA device ({why}) and SBGEN_REQUIRE_GPU=1");
+            }
             eprintln!("skipping: no CUDA device ({why})");
             None
         }
