@@ -12,7 +12,7 @@
 //! workspace).
 
 use super::check::{self, CheckPlan};
-use super::data::{normal, Regime};
+use super::data::normal;
 use super::device::{Device, GpuError};
 use super::exec::{self, DeviceProblem, ForwardOutputs, GradOutputs};
 use super::kernels::KernelBuilder;
@@ -122,7 +122,7 @@ pub fn run(
 ) -> Result<Vec<BenchResult>, GpuError> {
     let mut results = Vec::new();
     // Verify each kernel once per head dimension (the kernels do not depend on the shape).
-    let mut verified: Vec<(u32, Option<u32>, Result<(), String>)> = Vec::new();
+    let mut verified: Vec<(u32, Option<u32>, Verdict)> = Vec::new();
     for shape in &plan.shapes {
         let d = shape.head_dim as u32;
         for &ee in &plan.early_exits {
@@ -144,6 +144,13 @@ pub fn run(
     Ok(results)
 }
 
+/// The outcome of checking the forward and the backward kernel before timing them.
+#[derive(Clone, Debug)]
+struct Verdict {
+    fwd: Result<(), String>,
+    bwd: Result<(), String>,
+}
+
 /// Checks the forward and backward kernels of (head_dim, early exit) on N = 256.
 fn verify(
     dev: &Device,
@@ -151,7 +158,7 @@ fn verify(
     plan: &BenchPlan,
     head_dim: u32,
     ee: Option<u32>,
-) -> Result<Result<(), String>, GpuError> {
+) -> Result<Verdict, GpuError> {
     let mut check = CheckPlan::full(plan.seed);
     check.head_dims = vec![head_dim];
     check.dtypes = vec![plan.dtype];
@@ -163,16 +170,22 @@ fn verify(
     check.seqs = vec![256];
     check.schedule = plan.schedule;
     let rows = check::run(dev, builder, &check, &mut |_| {})?;
-    let failures: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.passed())
-        .map(|r| format!("{} on {} data: {}", r.spec.slug(), r.regime, r.failures.join("; ")))
-        .collect();
-    Ok(if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("failed its check (not timed): {}", failures.join(" | ")))
-    })
+    let verdict = |pass: Pass| {
+        let failures: Vec<String> = rows
+            .iter()
+            .filter(|r| r.spec.pass == pass && !r.passed())
+            .map(|r| {
+                let why: Vec<String> = r.failures.iter().map(|f| check::short(f)).collect();
+                format!("{} on {} data: {}", r.spec.slug(), r.regime, why.join("; "))
+            })
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("failed its check, not timed: {}", failures.join(" | ")))
+        }
+    };
+    Ok(Verdict { fwd: verdict(Pass::Forward), bwd: verdict(Pass::Backward) })
 }
 
 fn time_shape<T: SbElement>(
@@ -181,7 +194,7 @@ fn time_shape<T: SbElement>(
     plan: &BenchPlan,
     shape: Shape,
     ee: Option<u32>,
-    verified: Result<(), String>,
+    verdict: Verdict,
 ) -> Result<Vec<BenchResult>, GpuError> {
     let d = shape.head_dim as u32;
     let fwd_kernel = builder.kernel(plan.spec(d, Pass::Forward, ee), plan.schedule);
@@ -190,17 +203,24 @@ fn time_shape<T: SbElement>(
     if plan.backward {
         out.push(blank(shape, "fwd+bwd", ee, vec![fwd_kernel.name(), bwd_kernel.name()]));
     }
-    if let Err(e) = verified {
-        out.iter_mut().for_each(|r| r.error = Some(e.clone()));
-        return Ok(out);
-    }
-    let build = |k| builder.build(k).map_err(|e| e.to_string());
-    let (fwd, bwd) = match (build(&fwd_kernel), if plan.backward { build(&bwd_kernel).map(Some) } else { Ok(None) }) {
-        (Ok(f), Ok(b)) => (f, b),
-        (Err(e), _) | (_, Err(e)) => {
+    // The forward must pass its check and build for either row; the backward for the second.
+    let fwd = match verdict.fwd.and_then(|()| builder.build(&fwd_kernel).map_err(|e| check::short(&e.to_string()))) {
+        Ok(f) => f,
+        Err(e) => {
             out.iter_mut().for_each(|r| r.error = Some(e.clone()));
             return Ok(out);
         }
+    };
+    let bwd = if plan.backward {
+        match verdict.bwd.and_then(|()| builder.build(&bwd_kernel).map_err(|e| check::short(&e.to_string()))) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                out[1].error = Some(e);
+                None
+            }
+        }
+    } else {
+        None
     };
     let sets = upload_sets::<T>(dev, plan, shape)?;
     let mut outs: Vec<ForwardOutputs<T>> = Vec::new();
@@ -317,7 +337,6 @@ fn upload_sets<T: SbElement>(dev: &Device, plan: &BenchPlan, shape: Shape) -> Re
             d_rem: None,
         });
     }
-    let _ = Regime::Random; // the regime these sets follow
     Ok(sets)
 }
 
