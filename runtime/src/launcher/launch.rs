@@ -60,9 +60,10 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// A launcher on `stream` with a fresh module store for the stream's context.
+    /// A launcher on `stream`, sharing the module store of the stream's context with every other
+    /// launcher on it (each module is loaded once per context).
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, LaunchError> {
-        let store = Arc::new(ModuleStore::new(stream.context().clone())?);
+        let store = ModuleStore::shared(stream.context())?;
         Ok(Launcher { stream, store, workspace: Mutex::new(None) })
     }
 

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Dynamic shared memory every function may use without opting in.
 const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
@@ -83,6 +83,23 @@ impl ModuleStore {
             nvrtc: Mutex::new(NvrtcOptions::from_env()),
             loaded: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The store of `ctx` shared by every launcher of this process on that context (created on
+    /// first use, dropped with the last launcher that holds it).
+    pub fn shared(ctx: &Arc<CudaContext>) -> Result<Arc<Self>, LaunchError> {
+        static STORES: Mutex<Vec<(usize, Weak<ModuleStore>)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut stores = lock(&STORES);
+        stores.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(store) = stores.iter().filter(|(k, _)| *k == key).find_map(|(_, w)| w.upgrade()) {
+            if **store.context() == **ctx {
+                return Ok(store);
+            }
+        }
+        let store = Arc::new(ModuleStore::new(ctx.clone())?);
+        stores.push((key, Arc::downgrade(&store)));
+        Ok(store)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
