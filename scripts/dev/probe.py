@@ -186,24 +186,55 @@ def main():
     print("worst error / tolerance:", worst)
     if bench:
         import triton
-        for name, kern in fwd.items():
-            spec = kern.m["spec"]
-            if spec["pass"] != "forward" or spec["layout"] != "bhnd":
+        kernels = list(fwd.values())
+        for fk in kernels:
+            fs = fk.m["spec"]
+            if fs["pass"] != "forward" or fs["layout"] != "bhnd" or fs["early_exit_bits"] is not None:
                 continue
-            D = spec["head_dim"]
+            D = fs["head_dim"]
+            pairs = [None] + [bk for bk in kernels if bk.m["spec"] == dict(fs, **{"pass": "backward"})]
             for (B, H, N) in [(2, 16, 8192)] if D == 128 else [(4, 16, 4096)]:
-                sets = [make(B, H, N, D, "random", torch.bfloat16, gen) for _ in range(3)]
-                outs = [run_fwd(kern, *s, 1 / math.sqrt(D)) for s in sets]
-                it = [0]
+                for bk in pairs:
+                    print(bench_pair(fk, bk, B, H, N, D, gen), flush=True)
 
-                def f():
-                    s = sets[it[0] % 3]
-                    it[0] += 1
-                    run_fwd(kern, *s, 1 / math.sqrt(D))
-                ms = triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median")
-                tf = 4 * B * H * N * N * D / 2 / ms / 1e9
-                print(f"BENCH fwd {name} {B},{H},{N},{D}: {ms:.3f} ms {tf:.0f} TFLOP/s (incl. alloc of outputs)")
 
+def bench_pair(fk, bk, B, H, N, D, gen):
+    """Median times (ms) of the forward alone and of forward + backward, on preallocated buffers and
+    three rotating random input sets (never zeros)."""
+    import triton
+    sets = [make(B, H, N, D, "random", torch.bfloat16, gen) + [torch.randn(B, H, N, D, device="cuda").bfloat16()]
+            for _ in range(3)]
+    o = torch.empty(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    rem, l2 = [torch.empty(B, H, N, device="cuda") for _ in range(2)]
+    osv, dka, dva = [torch.empty(B * H * N * D, device="cuda") for _ in range(3)]
+    dq, dk, dv = [torch.empty_like(o) for _ in range(3)]
+    scale_log2 = LOG2E / math.sqrt(D)
+    it = [0]
+
+    def fwd(save):
+        q, k, v, do = sets[it[0] % 3]
+        it[0] += 1
+        p = Params(q=ptr(q), k=ptr(k), v=ptr(v), o=ptr(o), rem=ptr(rem), log2_rem=ptr(l2),
+                   o_saved=ptr(osv) if save else 0, batch=B, heads=H, seq=N, scale_log2=scale_log2)
+        fk.launch(p, B, H, N, D)
+        return q, k, v, do
+
+    def fwdbwd():
+        q, k, v, do = fwd(True)
+        dka.zero_()
+        dva.zero_()
+        p = Params(q=ptr(q), k=ptr(k), v=ptr(v), o=ptr(o), log2_rem=ptr(l2), o_saved=ptr(osv), d_o=ptr(do),
+                   dq=ptr(dq), dk=ptr(dk), dv=ptr(dv), dk_accum=ptr(dka), dv_accum=ptr(dva), batch=B, heads=H,
+                   seq=N, scale_log2=scale_log2)
+        bk.launch(p, B, H, N, D)
+
+    flops = 4 * B * H * N * N * D / 2
+    if bk is None:
+        ms = triton.testing.do_bench(lambda: fwd(False), warmup=50, rep=300, return_mode="median")
+        return f"BENCH fwd {fk.m['name']} {B},{H},{N},{D}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s"
+    ms = triton.testing.do_bench(fwdbwd, warmup=50, rep=300, return_mode="median")
+    return (f"BENCH fwd+bwd {fk.m['name']} + {bk.m['name']} {B},{H},{N},{D}: {ms:.3f} ms "
+            f"{3.5 * flops / ms / 1e9:.0f} TFLOP/s")
 
 if __name__ == "__main__":
     main()
