@@ -15,15 +15,20 @@
 //!   data, where the stick never falls below 2^-T, the forward's o, rem and log2_rem must be
 //!   bit-identical, and the backward's gradients within [`EE_BWD_TOL`] (fp32 atomics may reorder sums).
 //!
+//! Every output lies between two poisoned guard zones ([`exec::GUARD`] elements each side); a write
+//! outside the tensor fails the row too.
+//!
 //! Shapes: B = 3, H = 5 up to N = 1024; B = 1, H = 3 above (the reference is O(B H N^2 D)).
 
+use super::data::from_layout;
 use super::data::{make_inputs, non_finite, rel_l2, rel_l2_f32, ulp, Inputs, Regime};
 use super::device::{Device, GpuError};
-use super::exec::{self, DeviceProblem};
+use super::exec::{self, guarded, guarded_f32, DeviceProblem, Guarded};
 use super::kernels::KernelBuilder;
 use super::oracle::{self, Expected};
 use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Spec};
-use sbgen_runtime::launcher::SbElement;
+use cudarc::driver::DeviceRepr;
+use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, SbElement};
 use sbgen_runtime::reference::{Options, Shape};
 use std::time::Duration;
 
@@ -160,6 +165,12 @@ impl Row {
         }
     }
 
+    fn outside(&mut self, outside: &[(&'static str, usize)]) {
+        for (name, n) in outside {
+            self.failures.push(format!("wrote {n} elements outside `{name}` (guard zones overwritten)"));
+        }
+    }
+
     fn nan(&mut self, what: &str, x: &[f32]) {
         let n = non_finite(x);
         if n > 0 {
@@ -240,6 +251,40 @@ struct FwdResult {
     rem: Vec<f32>,
     log2_rem: Vec<f32>,
     o_saved: Vec<f32>,
+    /// Outputs written outside their bounds: (name, elements of the guard zones overwritten).
+    outside: Vec<(&'static str, usize)>,
+}
+
+/// A guarded [B, H, N, D] output in the problem's layout, as f32 in BHND order; overwritten guard
+/// elements are added to `outside`.
+fn read_tensor<T: SbElement, E: DeviceRepr + Copy>(
+    dev: &Device,
+    g: &Guarded<E>,
+    to_f32: fn(E) -> f32,
+    p: &DeviceProblem<T>,
+    name: &'static str,
+    outside: &mut Vec<(&'static str, usize)>,
+) -> Result<Vec<f32>, GpuError> {
+    let (x, bad) = g.read(dev)?;
+    if bad > 0 {
+        outside.push((name, bad));
+    }
+    let f: Vec<f32> = x.into_iter().map(to_f32).collect();
+    Ok(from_layout(p.shape, p.layout, &f))
+}
+
+/// A guarded f32 [B, H, N] output.
+fn read_rows(
+    dev: &Device,
+    g: &Guarded<f32>,
+    name: &'static str,
+    outside: &mut Vec<(&'static str, usize)>,
+) -> Result<Vec<f32>, GpuError> {
+    let (x, bad) = g.read(dev)?;
+    if bad > 0 {
+        outside.push((name, bad));
+    }
+    Ok(x)
 }
 
 /// The reference's o before the fused remainder (what o_saved holds): o - rem_i v_i when fused.
@@ -257,6 +302,7 @@ struct BwdResult {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    outside: Vec<(&'static str, usize)>,
 }
 
 impl Group<'_> {
@@ -322,19 +368,33 @@ impl Group<'_> {
             let mut row = Row::new(spec, self.regime, p.shape);
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
-                    let out = exec::forward(self.dev, &binary, p, None, true)?;
-                    self.dev.sync(binary.name(), self.plan.timeout)?;
-                    let o_saved = out.o_saved.as_ref().expect("saved");
-                    Ok(FwdResult {
-                        o: exec::download(self.dev, p.shape, p.layout, &out.o)?,
-                        rem: exec::download_f32(self.dev, &out.rem)?,
-                        log2_rem: exec::download_f32(self.dev, &out.log2_rem)?,
-                        o_saved: exec::download_f32_in(self.dev, p.shape, p.layout, o_saved)?,
-                    })
+                    let (dev, shape) = (self.dev, p.shape);
+                    let mut o = guarded::<T>(dev, shape.len())?;
+                    let mut rem = guarded_f32(dev, shape.rows())?;
+                    let mut log2_rem = guarded_f32(dev, shape.rows())?;
+                    let mut o_saved = guarded_f32(dev, shape.len())?;
+                    let args = ForwardArgs {
+                        q: p.q.as_view(),
+                        k: p.k.as_view(),
+                        v: p.v.as_view(),
+                        o: o.view_mut(),
+                        rem: rem.view_mut(),
+                        log2_rem: log2_rem.view_mut(),
+                        o_saved: Some(o_saved.view_mut()),
+                    };
+                    dev.launcher.forward(&binary, shape, args, None).map_err(GpuError::Launch)?;
+                    dev.sync(binary.name(), self.plan.timeout)?;
+                    let mut outside = Vec::new();
+                    let o = read_tensor(dev, &o, T::to_f32, p, "o", &mut outside)?;
+                    let o_saved = read_tensor(dev, &o_saved, |x| x, p, "o_saved", &mut outside)?;
+                    let rem = read_rows(dev, &rem, "rem", &mut outside)?;
+                    let log2_rem = read_rows(dev, &log2_rem, "log2_rem", &mut outside)?;
+                    Ok(FwdResult { o, rem, log2_rem, o_saved, outside })
                 })?,
                 None => None,
             };
             if let Some(got) = got {
+                row.outside(&got.outside);
                 row.nan("o", &got.o);
                 row.nan("rem", &got.rem);
                 row.nan("log2_rem", &got.log2_rem);
@@ -425,17 +485,35 @@ impl Group<'_> {
             let mut row = Row::new(spec, self.regime, shape);
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
-                    let g = exec::backward(self.dev, &binary, p, saved, None)?;
-                    self.dev.sync(binary.name(), self.plan.timeout)?;
-                    Ok(BwdResult {
-                        dq: exec::download(self.dev, shape, p.layout, &g.dq)?,
-                        dk: exec::download(self.dev, shape, p.layout, &g.dk)?,
-                        dv: exec::download(self.dev, shape, p.layout, &g.dv)?,
-                    })
+                    let dev = self.dev;
+                    let mut dq = guarded::<T>(dev, shape.len())?;
+                    let mut dk = guarded::<T>(dev, shape.len())?;
+                    let mut dv = guarded::<T>(dev, shape.len())?;
+                    let args = BackwardArgs {
+                        q: p.q.as_view(),
+                        k: p.k.as_view(),
+                        v: p.v.as_view(),
+                        o: saved.o.as_view(),
+                        o_saved: saved.o_saved.as_view(),
+                        d_o: p.d_o.as_view(),
+                        d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
+                        log2_rem: saved.log2_rem.as_view(),
+                        dq: dq.view_mut(),
+                        dk: dk.view_mut(),
+                        dv: dv.view_mut(),
+                    };
+                    dev.launcher.backward(&binary, shape, args, None).map_err(GpuError::Launch)?;
+                    dev.sync(binary.name(), self.plan.timeout)?;
+                    let mut outside = Vec::new();
+                    let dq = read_tensor(dev, &dq, T::to_f32, p, "dq", &mut outside)?;
+                    let dk = read_tensor(dev, &dk, T::to_f32, p, "dk", &mut outside)?;
+                    let dv = read_tensor(dev, &dv, T::to_f32, p, "dv", &mut outside)?;
+                    Ok(BwdResult { dq, dk, dv, outside })
                 })?,
                 None => None,
             };
             if let Some(got) = got {
+                row.outside(&got.outside);
                 row.err_dq = Some(rel_l2(&got.dq, &grads.dq));
                 row.err_dk = Some(rel_l2(&got.dk, &grads.dk));
                 row.err_dv = Some(rel_l2(&got.dv, &grads.dv));

@@ -3,7 +3,7 @@
 
 use super::data::{from_layout, to_layout, Inputs};
 use super::device::{Device, GpuError};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, SbElement};
 use sbgen_runtime::reference::Shape;
 use sbgen_runtime::spec::Layout;
@@ -12,6 +12,49 @@ use sbgen_runtime::spec::Layout;
 pub const POISON_F32: u32 = 0xFFFF_FFFF;
 /// The bits every poisoned bf16 / f16 holds (a NaN in both).
 pub const POISON_16: u16 = 0xFFFF;
+
+/// Elements of poison on each side of a [`Guarded`] buffer (16 KiB of f32: keeps the tensor
+/// 256-byte aligned).
+pub const GUARD: usize = 4096;
+
+/// A poisoned output tensor with poisoned guard zones on both sides: after a run, the tensor must
+/// hold no poison (every element written) and the guards nothing else (nothing written outside).
+pub struct Guarded<T> {
+    buf: CudaSlice<T>,
+    len: usize,
+    is_poison: fn(&T) -> bool,
+}
+
+/// A guarded bf16 / f16 tensor of `len` elements.
+pub fn guarded<T: SbElement>(dev: &Device, len: usize) -> Result<Guarded<T>, GpuError> {
+    Guarded::with(dev, len, T::from_bits(POISON_16), |x| x.to_bits() == POISON_16)
+}
+
+/// A guarded f32 tensor of `len` elements.
+pub fn guarded_f32(dev: &Device, len: usize) -> Result<Guarded<f32>, GpuError> {
+    Guarded::with(dev, len, f32::from_bits(POISON_F32), |x| x.to_bits() == POISON_F32)
+}
+
+impl<T: DeviceRepr + Copy> Guarded<T> {
+    fn with(dev: &Device, len: usize, poison: T, is_poison: fn(&T) -> bool) -> Result<Self, GpuError> {
+        Ok(Guarded { buf: dev.stream.clone_htod(&vec![poison; len + 2 * GUARD])?, len, is_poison })
+    }
+
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.buf.slice(GUARD..GUARD + self.len)
+    }
+
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.buf.slice_mut(GUARD..GUARD + self.len)
+    }
+
+    /// The tensor's elements and the number of guard elements that were overwritten.
+    pub fn read(&self, dev: &Device) -> Result<(Vec<T>, usize), GpuError> {
+        let all = dev.stream.clone_dtoh(&self.buf)?;
+        let outside = all[..GUARD].iter().chain(&all[GUARD + self.len..]).filter(|x| !(self.is_poison)(x)).count();
+        Ok((all[GUARD..GUARD + self.len].to_vec(), outside))
+    }
+}
 
 /// q, k, v, dO (in `layout`) and dRem on the device.
 pub struct DeviceProblem<T> {
