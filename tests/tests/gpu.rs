@@ -11,7 +11,7 @@ use sbgen::gpu::check::{self, CheckPlan, FWD_TOL, GRAD_TOL};
 use sbgen::gpu::data::{make_inputs, non_finite, rel_l2, widen, Regime};
 use sbgen::gpu::exec::{self, DeviceProblem};
 use sbgen::gpu::{Device, GpuError, KernelBuilder};
-use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Schedule, Spec};
+use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};
 use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, LaunchError, SbElement};
 use sbgen_runtime::reference::{self, Options, Shape};
 use std::sync::Arc;
@@ -34,7 +34,7 @@ fn device() -> Option<Device> {
 
 fn kernel(dev: &Device, spec: Spec) -> Arc<KernelBinary> {
     let builder = KernelBuilder::from_env(dev.arch, None);
-    builder.build(&builder.kernel(spec, Schedule::DEFAULT)).unwrap_or_else(|e| panic!("{}: {e}", spec.slug()))
+    builder.build(&builder.kernel(spec, None)).unwrap_or_else(|e| panic!("{}: {e}", spec.slug()))
 }
 
 fn spec(head_dim: u32, dtype: Dtype, pass: Pass) -> Spec {

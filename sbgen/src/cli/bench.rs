@@ -5,7 +5,7 @@ use super::emit::ScheduleArgs;
 use super::{Outcome, UsageError};
 use crate::gpu::bench::{self, BenchPlan};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Spec};
+use crate::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};
 use anyhow::{Context, Result};
 use clap::Args;
 use sbgen_runtime::reference::Shape;
@@ -96,7 +96,7 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
     plan.dtype = args.dtype;
     plan.mask = args.mask;
     plan.layout = args.layout;
-    plan.schedule = args.schedule.schedule();
+    plan.schedule = super::check::schedule_override(&args.schedule);
     for shape in &plan.shapes {
         for &ee in &plan.early_exits {
             for pass in [Pass::Forward, Pass::Backward] {
@@ -109,7 +109,10 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
                     pass,
                     early_exit_bits: ee,
                 };
-                Kernel::new(spec, plan.schedule, crate::ir::Arch::Sm90).validate().map_err(UsageError::new)?;
+                KernelBuilder::new(crate::ir::Arch::Sm90, None)
+                    .kernel(spec, plan.schedule)
+                    .validate()
+                    .map_err(UsageError::new)?;
             }
         }
     }
@@ -124,7 +127,13 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     writeln!(
         out,
         "{} {} {}, schedule {}; median of {} reps ({} warm-up, {} rotating input sets)",
-        plan.dtype, plan.mask, plan.layout, plan.schedule, plan.reps, plan.warmup, plan.sets
+        plan.dtype,
+        plan.mask,
+        plan.layout,
+        super::check::describe_schedule(plan.schedule),
+        plan.reps,
+        plan.warmup,
+        plan.sets
     )?;
     writeln!(out, "{}", bench::header())?;
     out.flush()?;
@@ -151,7 +160,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
             "dtype": plan.dtype.to_string(),
             "mask": plan.mask.to_string(),
             "layout": plan.layout.to_string(),
-            "schedule": plan.schedule.to_string(),
+            "schedule": super::check::describe_schedule(plan.schedule),
             "reps": plan.reps,
             "flops": "fwd 4*B*H*N^2*D/2, fwd+bwd 3.5x that",
             "results": results,

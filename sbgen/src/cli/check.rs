@@ -7,7 +7,7 @@ use super::{Outcome, UsageError};
 use crate::gpu::check::{self, CheckPlan};
 use crate::gpu::data::Regime;
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Remainder};
+use crate::ir::{Arch, Dtype, Layout, Mask, Pass, Remainder, Schedule};
 use anyhow::Result;
 use clap::Args;
 use std::io::Write;
@@ -99,6 +99,24 @@ pub fn passes(choice: PassChoice) -> Vec<Pass> {
     }
 }
 
+/// The schedule the flags ask for, or `None` (each spec's default) when no flag is given.
+pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
+    let any = args.block_m.is_some()
+        || args.block_n.is_some()
+        || args.warps.is_some()
+        || args.stages.is_some()
+        || args.softplus.is_some();
+    any.then(|| args.schedule())
+}
+
+/// How a report names the schedule.
+pub fn describe_schedule(schedule: Option<Schedule>) -> String {
+    match schedule {
+        Some(s) => s.to_string(),
+        None => "per-spec defaults (Schedule::default_for)".to_string(),
+    }
+}
+
 /// The plan the arguments select, validated (every spec and the schedule) before any work.
 pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
     let mut plan = if args.quick { CheckPlan::quick(seed) } else { CheckPlan::full(seed) };
@@ -116,7 +134,7 @@ pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
     take(&args.regime, &mut plan.regimes);
     take(&args.seq, &mut plan.seqs);
     plan.passes = passes(args.pass);
-    plan.schedule = args.schedule.schedule();
+    plan.schedule = schedule_override(&args.schedule);
     if let Some(t) = args.threads {
         plan.threads = t.max(1);
     }
@@ -124,7 +142,7 @@ pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
         return Err(UsageError::new(format!("`seq` = {bad} is not allowed: at least 1")).into());
     }
     for spec in plan.specs() {
-        Kernel::new(spec, plan.schedule, args.arch).validate().map_err(UsageError::new)?;
+        KernelBuilder::new(args.arch, None).kernel(spec, plan.schedule).validate().map_err(UsageError::new)?;
     }
     Ok(plan)
 }
@@ -142,7 +160,7 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
     writeln!(
         out,
         "seed: {seed} (repeat with --seed {seed}); schedule {}; PTX from {}; reference threads {}",
-        plan.schedule,
+        describe_schedule(plan.schedule),
         builder.ptx_dir().map_or("NVRTC".to_string(), |d| format!("`{}` (else NVRTC)", d.display())),
         plan.threads
     )?;

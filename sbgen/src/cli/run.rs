@@ -4,7 +4,7 @@ use super::emit::{PassChoice, ScheduleArgs};
 use super::{Outcome, UsageError};
 use crate::gpu::run::{self, RunError, RunPass, RunRequest};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Kernel, Layout, Mask, Pass, Remainder, Spec};
+use crate::ir::{Layout, Mask, Pass, Remainder, Spec};
 use anyhow::Result;
 use clap::Args;
 use std::io::Write;
@@ -79,7 +79,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
         layout: args.layout,
         remainder: args.remainder,
         early_exit_bits: args.early_exit_bits,
-        schedule: args.schedule.schedule(),
+        schedule: super::check::schedule_override(&args.schedule),
         scale: args.scale,
     };
     // Everything the user must fix is reported before looking for a GPU.
@@ -94,7 +94,10 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
             pass,
             early_exit_bits: req.early_exit_bits,
         };
-        Kernel::new(spec, req.schedule, crate::ir::Arch::Sm90).validate().map_err(UsageError::new)?;
+        KernelBuilder::new(crate::ir::Arch::Sm90, None)
+            .kernel(spec, req.schedule)
+            .validate()
+            .map_err(UsageError::new)?;
     }
     let dev = Device::open(args.device)?;
     let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());

@@ -39,7 +39,8 @@ pub struct BenchPlan {
     pub mask: Mask,
     pub layout: Layout,
     pub early_exits: Vec<Option<u32>>,
-    pub schedule: Schedule,
+    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    pub schedule: Option<Schedule>,
     /// Timed repetitions (the median is reported); at least 20.
     pub reps: usize,
     pub warmup: usize,
@@ -58,7 +59,7 @@ impl BenchPlan {
             mask: Mask::Strict,
             layout: Layout::Bhnd,
             early_exits: vec![None, Some(24)],
-            schedule: Schedule::DEFAULT,
+            schedule: None,
             reps: 30,
             warmup: 5,
             sets: 3,

@@ -55,7 +55,8 @@ pub struct CheckPlan {
     pub early_exits: Vec<Option<u32>>,
     pub regimes: Vec<Regime>,
     pub seqs: Vec<usize>,
-    pub schedule: Schedule,
+    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    pub schedule: Option<Schedule>,
     pub seed: u64,
     /// Threads for the reference.
     pub threads: usize,
@@ -76,7 +77,7 @@ impl CheckPlan {
             early_exits: vec![None, Some(24)],
             regimes: Regime::ALL.to_vec(),
             seqs: FULL_SEQS.to_vec(),
-            schedule: Schedule::DEFAULT,
+            schedule: None,
             seed,
             threads: oracle::default_threads(),
             timeout: Duration::from_secs(60),

@@ -59,9 +59,10 @@ impl KernelBuilder {
         self.ptx_dir.as_deref()
     }
 
-    /// The kernel for `spec` with `schedule` on this builder's arch.
-    pub fn kernel(&self, spec: Spec, schedule: Schedule) -> Kernel {
-        Kernel::new(spec, schedule, self.arch)
+    /// The kernel for `spec` on this builder's arch, with `schedule` or, when `None`, the spec's
+    /// default ([`Schedule::default_for`]).
+    pub fn kernel(&self, spec: Spec, schedule: Option<Schedule>) -> Kernel {
+        Kernel::new(spec, schedule.unwrap_or_else(|| Schedule::default_for(&spec)), self.arch)
     }
 
     /// Lowers and compiles (or finds the PTX of) `kernel`.

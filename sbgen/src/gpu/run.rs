@@ -45,7 +45,8 @@ pub struct RunRequest {
     pub layout: Layout,
     pub remainder: Remainder,
     pub early_exit_bits: Option<u32>,
-    pub schedule: Schedule,
+    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    pub schedule: Option<Schedule>,
     pub scale: Option<f32>,
 }
 
@@ -335,7 +336,7 @@ mod tests {
             layout,
             remainder: Remainder::Return,
             early_exit_bits: None,
-            schedule: Schedule::DEFAULT,
+            schedule: None,
             scale: None,
         }
     }
