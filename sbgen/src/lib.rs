@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod compile;
 pub mod gpu;
+pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod search_space;
