@@ -36,14 +36,14 @@ const HOME_VARS: &[&str] = &["SBGEN_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"];
 pub enum CompileError {
     #[error(
         "CUDA toolchain not found (looked in: {searched}).\n\
-         Install the pinned compilers with `./scripts/setup` (or `python3 -m pip install --target \
-         ~/.cache/sbgen/cuda-13.0 {PINNED_WHEELS}`), or set `SBGEN_CUDA_HOME` to a folder with \
+         Install the pinned compilers with `source scripts/env.sh` in the sbgen repository (or `python3 -m \
+         pip install --target ~/.cache/sbgen/cuda-13.0 {PINNED_WHEELS}`), or set `SBGEN_CUDA_HOME` to a folder with \
          `include/cuda_bf16.h` and `bin/ptxas`"
     )]
     ToolchainNotFound { searched: String },
     #[error(
         "NVRTC (`{NVRTC_LIB}`) could not be loaded: add `{lib_dir}` to `LD_LIBRARY_PATH` \
-         (`source scripts/env.sh` does) or install the wheels with `./scripts/setup`"
+         (`source scripts/env.sh` in the sbgen repository sets it)"
     )]
     NvrtcUnavailable { lib_dir: String },
     #[error("`{kernel}`: NVRTC failed for {target}:\n{log}")]

@@ -130,6 +130,30 @@ fn tune_compile_only_prints_one_line_per_variant_and_the_summary() {
 }
 
 #[test]
+fn missing_toolchain_is_a_failure_that_says_what_to_install() {
+    if std::path::Path::new("/usr/local/cuda/include/cuda_bf16.h").exists() {
+        eprintln!("skipped: /usr/local/cuda has a toolchain, so it cannot be made to look missing");
+        return;
+    }
+    // No variables, an empty cache folder, no python3 on PATH (so no site-packages).
+    let out = Command::new(env!("CARGO_BIN_EXE_sbgen"))
+        .args(["tune", "--gpu", "sm_80", "--compile-only", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"])
+        .env_remove("SBGEN_CUDA_HOME")
+        .env_remove("CUDA_HOME")
+        .env_remove("CUDA_PATH")
+        .env("SBGEN_CACHE_DIR", scratch("no-toolchain"))
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("CUDA toolchain not found"), "{err}");
+    assert!(err.contains("source scripts/env.sh") && err.contains("SBGEN_CUDA_HOME"), "{err}");
+    assert!(err.contains("nvidia-cuda-nvrtc==13.0.88"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn tune_without_compile_only_needs_a_gpu_and_says_so() {
     let out = sbgen(&["tune", "--gpu", "sm_80", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"]);
     let err = text(&out.stderr);
