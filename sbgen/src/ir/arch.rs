@@ -6,11 +6,12 @@ use std::str::FromStr;
 
 /// A GPU architecture the templates target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
 pub enum Arch {
     /// Ampere (A100): `mma.sync`, `cp.async`.
+    #[serde(rename = "sm_80")]
     Sm80,
     /// Hopper (H100, H200), compiled as `sm_90a` so that `wgmma` variants can use it.
+    #[serde(rename = "sm_90")]
     Sm90,
 }
 

@@ -134,3 +134,107 @@ impl Kernel {
         format!("sb_{}_{}", self.spec.slug(), self.schedule.short_hash())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Cumsum, Dtype, MmaFamily, Softplus};
+
+    fn kernel(pass: Pass, schedule: Schedule) -> Kernel {
+        Kernel::new(Spec::new(128, Dtype::Bf16, pass), schedule, Arch::Sm90)
+    }
+
+    fn error(k: Kernel) -> String {
+        k.validate().expect_err("the kernel should be invalid").to_string()
+    }
+
+    #[test]
+    fn default_schedules_validate_for_every_pass_head_dim_and_arch() {
+        for pass in [Pass::Forward, Pass::Backward] {
+            for head_dim in [64, 128] {
+                for arch in Arch::ALL {
+                    let spec = Spec::new(head_dim, Dtype::F16, pass);
+                    let k = Kernel::new(spec, Schedule::default_for(&spec), arch);
+                    assert_eq!(k.validate(), Ok(()), "{k:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named_with_what_is_allowed() {
+        let d = Schedule::DEFAULT;
+        let cases = [
+            (Schedule { warps: 6, ..d }, "`warps` = 6 is not allowed: 4 or 8"),
+            (Schedule { block_m: 48, ..d }, "`block_m` = 48 is not allowed: 16 or 32 rows per warp"),
+            (Schedule { block_n: 48, ..d }, "`block_n` = 48 is not allowed: 32, 64 or 128"),
+            (Schedule { stages: 5, ..d }, "`stages` = 5 is not allowed: 2 to 4"),
+            (Schedule { stages: 1, ..d }, "`stages` = 1 is not allowed: 2 to 4"),
+            (Schedule { cumsum: Cumsum::TensorCore, ..d }, "`cumsum` = tensor_core is not supported"),
+            (Schedule { mma: MmaFamily::Wgmma, ..d }, "`mma` = wgmma is not supported"),
+        ];
+        for (schedule, expected) in cases {
+            let text = error(kernel(Pass::Forward, schedule));
+            assert!(text.starts_with(expected), "{text}");
+        }
+        let wgmma80 = Kernel::new(
+            Spec::new(64, Dtype::Bf16, Pass::Forward),
+            Schedule { mma: MmaFamily::Wgmma, ..d },
+            Arch::Sm80,
+        );
+        assert!(error(wgmma80).contains("wgmma needs sm_90a"));
+        let spec_error = Kernel::new(Spec::new(100, Dtype::Bf16, Pass::Forward), d, Arch::Sm90);
+        assert!(matches!(spec_error.validate(), Err(IrError::Spec(SpecError::HeadDim { got: 100, .. }))));
+    }
+
+    #[test]
+    fn shared_memory_over_the_arch_limit_names_both_numbers() {
+        let big = Schedule { block_m: 128, block_n: 128, warps: 8, stages: 4, ..Schedule::DEFAULT };
+        let k = Kernel::new(Spec::new(128, Dtype::Bf16, Pass::Backward), big, Arch::Sm80);
+        // Q and dO (2 x 32 KiB) + 4 stages of K and V (8 x 32 KiB) + P and dZ (2 x 32 KiB).
+        assert_eq!(k.smem_layout().total, 384 * 1024);
+        match k.validate() {
+            Err(IrError::SharedMemory { needed, limit, arch }) => {
+                assert_eq!((needed, limit, arch), (384 * 1024, 163 * 1024, Arch::Sm80));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(error(k).contains("393216 bytes per block, over the 166912-byte limit of sm_80"));
+    }
+
+    #[test]
+    fn smem_layout_places_buffers_back_to_back() {
+        let k = kernel(Pass::Forward, Schedule::DEFAULT);
+        let l = k.smem_layout();
+        // Q 64x128, then 2 stages each of K and V 64x128, all 2-byte elements; no dO, P or dZ.
+        assert_eq!((l.q, l.d_o, l.k, l.v, l.p, l.dz, l.total), (0, 16384, 16384, 49152, 81920, 81920, 81920));
+        let b = kernel(Pass::Backward, Schedule { block_n: 32, ..Schedule::DEFAULT }).smem_layout();
+        assert_eq!((b.d_o, b.k, b.v, b.p, b.dz, b.total), (16384, 32768, 49152, 65536, 69632, 73728));
+    }
+
+    #[test]
+    fn kernels_round_trip_through_json() {
+        let mut spec = Spec::new(64, Dtype::F16, Pass::Backward);
+        spec.early_exit_bits = Some(24);
+        let k = Kernel::new(spec, Schedule { softplus: Softplus::Poly, stages: 3, ..Schedule::DEFAULT }, Arch::Sm80);
+        let json = serde_json::to_string(&k).unwrap();
+        assert!(json.contains("\"dtype\":\"f16\"") && json.contains("\"softplus\":\"poly\""), "{json}");
+        assert!(json.contains("\"arch\":\"sm_80\""), "{json}");
+        let back: Kernel = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, k);
+        // An old spec without the optional field still reads.
+        let without_ee = json.replace(",\"early_exit_bits\":24", "");
+        let old: Kernel = serde_json::from_str(&without_ee).unwrap();
+        assert_eq!(old.spec.early_exit_bits, None);
+    }
+
+    #[test]
+    fn names_carry_the_spec_and_a_schedule_hash() {
+        let k = kernel(Pass::Forward, Schedule::DEFAULT);
+        let name = k.name();
+        assert!(name.starts_with("sb_fwd_d128_bf16_strict_bhnd_ret_full_"), "{name}");
+        assert_eq!(name.len(), "sb_fwd_d128_bf16_strict_bhnd_ret_full_".len() + 8);
+        let other = kernel(Pass::Forward, Schedule { stages: 3, ..Schedule::DEFAULT }).name();
+        assert_ne!(name, other);
+    }
+}
