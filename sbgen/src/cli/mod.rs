@@ -13,6 +13,7 @@
 //!    [`Command::run`].
 
 mod bench;
+mod cache;
 mod check;
 mod emit;
 mod run;
@@ -35,8 +36,11 @@ pub struct Cli {
 pub enum Command {
     /// Lower one spec (forward, backward or both) to CUDA C++ and write the sources and manifest.
     Emit(emit::EmitArgs),
-    /// Enumerate the search space of schedules, compile every variant and (later) time them on the GPU.
+    /// Enumerate the search space of schedules, compile every variant, check and time them on the GPU
+    /// and write the winners to the tuning cache (`--compile-only`: lower and compile, no GPU).
     Tune(tune::TuneArgs),
+    /// Inspect the tuning cache (`sbgen cache show`).
+    Cache(cache::CacheArgs),
     /// Check every supported kernel against the float64 reference on the GPU.
     Check(check::CheckArgs),
     /// Run one kernel on tensors from a safetensors file and write its outputs to another.
@@ -50,6 +54,7 @@ impl Command {
         match self {
             Command::Emit(args) => emit::run(args, out),
             Command::Tune(args) => tune::run(args, out),
+            Command::Cache(args) => cache::run(args, out),
             Command::Check(args) => check::run(args, out),
             Command::Run(args) => run::run(args, out),
             Command::Bench(args) => bench::run(args, out),

@@ -1,19 +1,28 @@
-//! `sbgen tune`: enumerate the default search space for each requested spec, prune, lower and
-//! compile every variant in parallel, and report registers, shared memory and spills. Timing on the
-//! GPU comes later; `--compile-only` is the part that runs anywhere.
+//! `sbgen tune`: enumerate the default search space for each requested spec and prune it; then
+//!
+//! - with `--compile-only` (no GPU): lower and compile every variant in parallel and report
+//!   registers, shared memory and spills (`--emit-ptx DIR` also writes the PTX of every variant that
+//!   compiles without spilling, for a GPU machine without a CUDA toolchain);
+//! - otherwise: check every variant against the float64 reference on the GPU, time the survivors
+//!   with CUDA events and write the winners to the tuning cache ([`crate::tune`]).
 
 use super::{Outcome, UsageError};
+use crate::cache::{TuningCache, DEFAULT_CACHE_FILE};
 use crate::compile::{CompileError, Compiled, Compiler};
+use crate::gpu::kernels::ptx_file_name;
+use crate::gpu::{Device, GpuError};
 use crate::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
 use crate::lower::{lower, Lowered};
 use crate::search_space::{variants, Pruned};
+use crate::tune::{self as tuner, format_summary_row, summary_header, TunePlan};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Lines of a compiler log printed under a failed variant.
 const LOG_LINES: usize = 40;
@@ -41,17 +50,35 @@ pub struct TuneArgs {
     /// List every pruned candidate (default: one line per distinct reason).
     #[arg(long)]
     pub show_pruned: bool,
+    /// With `--compile-only`: write the PTX of every variant that compiles without spilling into DIR
+    /// (named as `sbgen check --emit-ptx` names them), for `--ptx-dir` on a GPU machine.
+    #[arg(long, value_name = "DIR", requires = "compile_only")]
+    pub emit_ptx: Option<PathBuf>,
+    /// Sequence lengths to time, comma-separated; each is a cache bucket (the next power of two).
+    /// Every problem has about 2^18 tokens (B * H * N, H = 16).
+    #[arg(long, value_delimiter = ',', default_values_t = tuner::DEFAULT_SEQS.to_vec(),
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..(1u64 << 31)))]
+    pub seq: Vec<usize>,
+    /// Wall-time budget for checking and timing, in seconds: once spent, the remaining candidates
+    /// are not timed (the defaults still are) and the report says so. 0 = no limit.
+    #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S)]
+    pub budget_s: f64,
+    /// The tuning cache to write (merged with what it holds).
+    #[arg(long, default_value = DEFAULT_CACHE_FILE)]
+    pub cache: PathBuf,
+    /// Folder of prebuilt PTX (from `--compile-only --emit-ptx`); default `SBGEN_PTX_DIR`, else the
+    /// variants are compiled here with the CUDA toolchain.
+    #[arg(long, value_name = "DIR")]
+    pub ptx_dir: Option<PathBuf>,
+    /// Timed repetitions per candidate and sequence length (the median is kept).
+    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(3..))]
+    pub reps: usize,
 }
 
 pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
     let specs = specs(args)?;
     if !args.compile_only {
-        let device = find_device().map_err(|why| {
-            anyhow!("no CUDA device found: {why}\n(`sbgen tune --gpu {} --compile-only` lowers and compiles every variant without one)", args.gpu)
-        })?;
-        return Err(anyhow!(
-            "GPU tuning is not implemented yet (found {device}); `--compile-only` lowers and compiles every variant"
-        ));
+        return gpu_tune(args, specs, out);
     }
     let compiler = Compiler::discover()?;
     let tc = compiler.toolchain();
@@ -66,12 +93,9 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
     for spec in &specs {
         plan_spec(*spec, args, &mut items, &mut tally);
     }
-    let jobs = match args.jobs {
-        Some(j) => j as usize,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    };
+    let jobs = jobs(args);
     let start = Instant::now();
-    execute(&items, &compiler, jobs, out, &mut tally)?;
+    execute(&items, &compiler, jobs, args.emit_ptx.as_deref(), out, &mut tally)?;
     writeln!(
         out,
         "pruned {} candidates; {:.1} s with {jobs} parallel jobs",
@@ -79,7 +103,120 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
         start.elapsed().as_secs_f64()
     )?;
     writeln!(out, "compiled {} variants: {} failed, {} spilling", tally.compiled, tally.failed, tally.spilling)?;
+    if let Some(dir) = &args.emit_ptx {
+        writeln!(out, "wrote the PTX of {} variants to `{}`", tally.emitted, dir.display())?;
+    }
     Ok(if tally.failed == 0 && tally.spilling == 0 { Outcome::Success } else { Outcome::Failure })
+}
+
+fn jobs(args: &TuneArgs) -> usize {
+    match args.jobs {
+        Some(j) => j as usize,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }
+}
+
+/// The budget flag as a duration (`None` = no limit); a negative or non-finite value is a usage error.
+fn budget(budget_s: f64) -> Result<Option<Duration>, UsageError> {
+    if !budget_s.is_finite() || budget_s < 0.0 {
+        return Err(UsageError::new(format!(
+            "`--budget-s` = {budget_s} is not allowed: a number of seconds >= 0 (0 = no limit)"
+        )));
+    }
+    Ok((budget_s > 0.0).then(|| Duration::from_secs_f64(budget_s)))
+}
+
+/// The tuning plan the flags describe (validated before any GPU work).
+fn tune_plan(args: &TuneArgs, specs: Vec<Spec>) -> Result<TunePlan, UsageError> {
+    let mut plan = TunePlan::new(args.gpu, specs);
+    plan.budget = budget(args.budget_s)?;
+    let mut seqs = args.seq.clone();
+    seqs.dedup();
+    if seqs.is_empty() {
+        return Err(UsageError::new("`--seq` needs at least one sequence length"));
+    }
+    plan.seqs = seqs;
+    plan.jobs = jobs(args);
+    plan.reps = args.reps;
+    plan.ptx_dir =
+        args.ptx_dir.clone().or_else(|| std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(PathBuf::from));
+    if let Some(dir) = &plan.ptx_dir {
+        if !dir.is_dir() {
+            return Err(UsageError::new(format!("`--ptx-dir` `{}` is not a folder", dir.display())));
+        }
+    }
+    Ok(plan)
+}
+
+/// Checks and times every variant on the GPU and writes the winners to the cache.
+fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Outcome> {
+    let plan = tune_plan(args, specs)?;
+    let dev = Device::open(0).map_err(|e| match e {
+        GpuError::NoDevice(why) => anyhow!(
+            "no CUDA device found: {why}\n(`sbgen tune --gpu {} --compile-only` lowers and compiles every variant \
+             without one)",
+            args.gpu
+        ),
+        other => other.into(),
+    })?;
+    if dev.arch != args.gpu {
+        return Err(UsageError::new(format!(
+            "`--gpu {}` does not match the device found: {} runs {} kernels (use `--gpu {}`)",
+            args.gpu,
+            dev.describe(),
+            dev.arch,
+            dev.arch
+        ))
+        .into());
+    }
+    writeln!(out, "device: {}", dev.describe())?;
+    match &plan.ptx_dir {
+        Some(dir) => writeln!(out, "kernels: PTX from `{}`", dir.display())?,
+        None => writeln!(out, "kernels: compiled here with {} parallel jobs", plan.jobs)?,
+    }
+    writeln!(
+        out,
+        "budget: {}; cache: `{}`",
+        plan.budget.map_or("no limit".to_string(), |b| format!("{:.0} s", b.as_secs_f64())),
+        args.cache.display()
+    )?;
+    out.flush()?;
+    let start = Instant::now();
+    let report = tuner::run(&dev, &plan, &mut |line| eprintln!("{line}"))?;
+    writeln!(out, "\n{}", summary_header())?;
+    for row in &report.summary {
+        writeln!(out, "{}", format_summary_row(row))?;
+    }
+    let not_run: usize = report.summary.iter().map(|r| r.not_run).sum();
+    if report.budget_spent {
+        writeln!(
+            out,
+            "the time budget ({} s, --budget-s) ran out: {not_run} candidate timings were not run (recorded as \
+             `not_run` in the cache); the winners are the best of what was measured",
+            args.budget_s
+        )?;
+    }
+    if !report.entries.is_empty() {
+        let mut cache = TuningCache::new();
+        for entry in &report.entries {
+            cache.insert(entry.clone());
+        }
+        let written = cache.save(&args.cache)?;
+        writeln!(
+            out,
+            "wrote {} entries to `{}` ({} in all); `sbgen cache show --cache {}` lists them",
+            report.entries.len(),
+            args.cache.display(),
+            written.entries.len(),
+            args.cache.display()
+        )?;
+    }
+    writeln!(out, "{:.1} s", start.elapsed().as_secs_f64())?;
+    if let Some(why) = &report.aborted {
+        writeln!(out, "stopped early: {why}")?;
+        return Ok(Outcome::Failure);
+    }
+    Ok(if report.summary.iter().all(|r| r.winner.is_some()) { Outcome::Success } else { Outcome::Failure })
 }
 
 /// The specs to tune: every combination of the lists, each validated before any work.
@@ -99,28 +236,13 @@ fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
     Ok(specs)
 }
 
-/// A device description, or why there is none. Never panics: the driver library is looked for
-/// before cudarc touches it.
-fn find_device() -> Result<String, String> {
-    // SAFETY: only loads the library to see whether it exists, as cudarc itself does.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) is not installed".into());
-    }
-    let count = cudarc::driver::CudaContext::device_count().map_err(|e| format!("the driver reports {e:?}"))?;
-    if count < 1 {
-        return Err("the driver reports no devices".into());
-    }
-    let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| format!("device 0: {e:?}"))?;
-    let name = ctx.name().unwrap_or_else(|_| "device 0".into());
-    Ok(format!("{name}, {count} device(s)"))
-}
-
 #[derive(Default)]
 struct Tally {
     pruned: usize,
     compiled: usize,
     failed: usize,
     spilling: usize,
+    emitted: usize,
 }
 
 /// What the output shows, in order: text known up front, or a variant to compile.
@@ -175,7 +297,14 @@ fn plan_spec(spec: Spec, args: &TuneArgs, items: &mut Vec<Item>, tally: &mut Tal
 
 /// Compiles the variants on `jobs` threads and prints every item in order as soon as it and all
 /// before it are done.
-fn execute(items: &[Item], compiler: &Compiler, jobs: usize, out: &mut dyn Write, tally: &mut Tally) -> Result<()> {
+fn execute(
+    items: &[Item],
+    compiler: &Compiler,
+    jobs: usize,
+    emit_ptx: Option<&Path>,
+    out: &mut dyn Write,
+    tally: &mut Tally,
+) -> Result<()> {
     let work: Vec<usize> = (0..items.len()).filter(|&i| matches!(items[i], Item::Compile(_))).collect();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -221,7 +350,16 @@ fn execute(items: &[Item], compiler: &Compiler, jobs: usize, out: &mut dyn Write
                         if compiled.spills() {
                             tally.spilling += 1;
                         }
-                        variant_line(lowered, &compiled)
+                        let mut line = variant_line(lowered, &compiled);
+                        if let (Some(dir), false) = (emit_ptx, compiled.spills()) {
+                            match tuner::write_ptx(dir, &ptx_file_name(lowered), &compiled.ptx) {
+                                Ok(()) => tally.emitted += 1,
+                                Err(e) => return Err(anyhow!("--emit-ptx: {e}")),
+                            }
+                        } else if emit_ptx.is_some() {
+                            line.push_str("  (no PTX written: spills)");
+                        }
+                        line
                     }
                     Err(message) => {
                         tally.failed += 1;
@@ -276,4 +414,54 @@ fn failure_line(name: &str, schedule: &Schedule, message: &str) -> String {
         text.push_str(&format!("\n       ... ({} more lines)", rest.len() - LOG_LINES));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<TuneArgs, clap::Error> {
+        let mut all = vec!["sbgen", "tune"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Tune(t) => t,
+            other => panic!("not tune: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn the_defaults_tune_two_sequence_lengths_within_the_budget_into_sbgen_tune_json() {
+        let args = parse(&["--gpu", "sm_90", "--head-dim", "128", "--dtype", "bf16"]).unwrap();
+        let plan = tune_plan(&args, specs(&args).unwrap()).unwrap();
+        assert_eq!(plan.seqs, vec![2048, 8192]);
+        assert_eq!(plan.budget, Some(Duration::from_secs(90)));
+        assert_eq!(plan.specs.len(), 2, "fwd and bwd");
+        assert_eq!(args.cache, PathBuf::from("sbgen-tune.json"));
+        assert_eq!(plan.reps, 20);
+    }
+
+    #[test]
+    fn flags_are_validated_before_any_gpu_work() {
+        let args = parse(&["--gpu", "sm_80", "--seq", "1000,4096", "--budget-s", "0", "--reps", "5"]).unwrap();
+        let plan = tune_plan(&args, specs(&args).unwrap()).unwrap();
+        assert_eq!((plan.seqs, plan.budget, plan.reps, plan.arch), (vec![1000, 4096], None, 5, Arch::Sm80));
+        for bad in [
+            &["--gpu", "sm_90", "--seq", "0"][..],
+            &["--gpu", "sm_90", "--seq", "abc"][..],
+            &["--gpu", "sm_90", "--reps", "1"][..],
+            &["--gpu", "sm_70"][..],
+            &["--gpu", "sm_90", "--emit-ptx", "dir"][..],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(budget(-1.0).unwrap_err().to_string().contains("`--budget-s`"));
+        assert!(budget(f64::NAN).is_err());
+        assert_eq!(budget(1.5).unwrap(), Some(Duration::from_millis(1500)));
+        let args = parse(&["--gpu", "sm_90", "--ptx-dir", "/nonexistent/sbgen-ptx"]).unwrap();
+        let err = tune_plan(&args, specs(&args).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("`--ptx-dir`") && err.contains("/nonexistent/sbgen-ptx"), "{err}");
+        assert!(parse(&["--gpu", "sm_90", "--compile-only", "--emit-ptx", "dir"]).is_ok());
+    }
 }

@@ -289,7 +289,7 @@ fn fill(r: &mut BenchResult, ms: &[f64], flops: f64) {
 }
 
 /// Times `launch(set)` over the plan's repetitions; milliseconds per repetition.
-fn time(
+pub fn time(
     dev: &Device,
     plan: &BenchPlan,
     kernel: &Arc<KernelBinary>,
@@ -318,7 +318,11 @@ fn time(
 
 /// `plan.sets` input sets of N(0, 1) data (q, k, v, dO), taken as windows of one random pool at
 /// offsets that are not multiples of D, so no two tensors repeat each other row for row.
-fn upload_sets<T: SbElement>(dev: &Device, plan: &BenchPlan, shape: Shape) -> Result<Vec<DeviceProblem<T>>, GpuError> {
+pub fn upload_sets<T: SbElement>(
+    dev: &Device,
+    plan: &BenchPlan,
+    shape: Shape,
+) -> Result<Vec<DeviceProblem<T>>, GpuError> {
     let n = shape.len();
     let stride = 1031; // prime, not a multiple of any head dimension
     let tensors = 4 * plan.sets;

@@ -130,7 +130,8 @@ pub fn is_context_lost(e: &LaunchError) -> Option<DriverError> {
     }
 }
 
-fn driver_version() -> Option<i32> {
+/// The driver's CUDA version as `cuDriverGetVersion` reports it (13000 = CUDA 13.0), once a device is open.
+pub fn driver_version() -> Option<i32> {
     let mut v = 0i32;
     // SAFETY: cuDriverGetVersion writes one int; the library is loaded (Device::open checked).
     let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };

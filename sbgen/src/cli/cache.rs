@@ -1,0 +1,126 @@
+//! `sbgen cache show`: what a tuning cache holds, one line per (arch, spec, sequence bucket).
+
+use super::Outcome;
+use crate::cache::{CacheEntry, TuningCache, DEFAULT_CACHE_FILE};
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// List the entries: arch, spec, sequence bucket, winning schedule, time, TFLOP/s, speed-up over
+    /// the default schedule, GPU and date.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The cache file (default: `sbgen-tune.json` in the current directory, where `sbgen tune`
+    /// writes it).
+    #[arg(long, default_value = DEFAULT_CACHE_FILE)]
+    pub cache: PathBuf,
+    /// Also list every candidate of each entry with its outcome.
+    #[arg(long)]
+    pub candidates: bool,
+}
+
+pub fn run(args: &CacheArgs, out: &mut dyn Write) -> Result<Outcome> {
+    match &args.action {
+        CacheAction::Show(show) => {
+            // A missing, corrupt or other-version file is an error naming the file and the fix (exit 1).
+            let cache = TuningCache::load(&show.cache)?;
+            writeln!(out, "{}: version {}, {} entries", show.cache.display(), cache.version, cache.entries.len())?;
+            if cache.entries.is_empty() {
+                return Ok(Outcome::Success);
+            }
+            writeln!(out, "{}", header())?;
+            for entry in &cache.entries {
+                writeln!(out, "{}", format_entry(entry))?;
+                if show.candidates {
+                    for c in &entry.candidates {
+                        writeln!(out, "    {:<26} {}", c.schedule.to_string(), c.outcome)?;
+                    }
+                }
+            }
+            Ok(Outcome::Success)
+        }
+    }
+}
+
+fn header() -> String {
+    format!(
+        "{:<6} {:<36} {:>7} {:<26} {:>9} {:>8} {:>8}  {:<20} {}",
+        "arch", "spec", "bucket", "schedule", "ms", "TFLOP/s", "speedup", "GPU", "tuned at"
+    )
+}
+
+fn format_entry(e: &CacheEntry) -> String {
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    format!(
+        "{:<6} {:<36} {:>7} {:<26} {:>9.3} {:>8.1} {:>8}  {:<20} {}",
+        e.arch.to_string(),
+        e.spec.slug(),
+        e.seq_bucket,
+        e.schedule.to_string(),
+        e.time_ms,
+        e.tflops,
+        e.speedup_over_default.map_or("-".to_string(), |s| format!("{s:.2}x")),
+        or_dash(&e.gpu_name),
+        or_dash(&e.tuned_at)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
+
+    #[test]
+    fn an_entry_line_shows_the_key_the_winner_and_the_measurements() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
+        let schedule = Schedule::default_for(&spec);
+        let lowered = crate::lower::lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
+        let entry = CacheEntry {
+            arch: Arch::Sm90,
+            spec,
+            seq_bucket: 8192,
+            schedule,
+            kernel_name: lowered.name,
+            time_ms: 12.3456,
+            tflops: 111.11,
+            speedup_over_default: Some(1.0),
+            shape: None,
+            gpu_name: "NVIDIA H200".into(),
+            driver_version: String::new(),
+            sbgen_version: String::new(),
+            tuned_at: "2026-11-29T02:00:00Z".into(),
+            candidates_checksum: String::new(),
+            candidates: Vec::new(),
+            manifest: lowered.manifest,
+            ptx: String::new(),
+            cuda_source_hash: String::new(),
+        };
+        let line = format_entry(&entry);
+        for part in [
+            "sm_90",
+            "bwd_d128_bf16_strict_bhnd_ret_full",
+            "8192",
+            &schedule.to_string(),
+            "12.346",
+            "111.1",
+            "1.00x",
+            "NVIDIA H200",
+            "2026-11-29",
+        ] {
+            assert!(line.contains(part), "{part} in {line}");
+        }
+        assert_eq!(header().split_whitespace().count(), 10);
+    }
+}
