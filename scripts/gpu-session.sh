@@ -8,16 +8,18 @@
 # Steps, in order (env STEPS, default "tests check bench baselines"):
 #   tests      the GPU test binary (DIR/gpu), one test at a time, failing (not skipping) without a GPU
 #   check      DIR/sbgen check $CHECK_ARGS (default: the full matrix)
+#   tune       DIR/sbgen tune --gpu sm_90 --cache $OUT/sbgen-tune.json $TUNE_ARGS (default
+#              "--head-dim 128 --dtype bf16", the specs the bundle has PTX for), then `cache show`
 #   bench      DIR/sbgen bench --json $OUT/bench.json $BENCH_ARGS
 #   baselines  python3 DIR/baselines.py --json $OUT/baselines.json $BASELINE_ARGS (same session as bench)
-# Each step has a time limit (env TESTS_TIMEOUT, CHECK_TIMEOUT, BENCH_TIMEOUT, BASELINES_TIMEOUT, in
+# Each step has a time limit (env TESTS_TIMEOUT, CHECK_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, BASELINES_TIMEOUT, in
 # seconds). Logs and JSON go to $OUT (default ./gpu-out); summary.txt lists every step's exit status.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -uo pipefail
 dir="$(cd "${1:-.carry}" && pwd)"
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-tests check bench baselines}"
+STEPS="${STEPS:-tests check bench baselines}"  # `tune` runs only when asked for
 
 # The PTX folder: unpacked from the bundle into a temporary folder.
 ptx_root=$(mktemp -d)
@@ -56,10 +58,15 @@ for s in $STEPS; do
         # shellcheck disable=SC2086
         check) step check "${CHECK_TIMEOUT:-540}" "$dir/sbgen" check ${CHECK_ARGS:-} ;;
         # shellcheck disable=SC2086
+        tune)
+            step tune "${TUNE_TIMEOUT:-300}" "$dir/sbgen" tune --gpu sm_90 --cache "$OUT/sbgen-tune.json" \
+                ${TUNE_ARGS:---head-dim 128 --dtype bf16}
+            "$dir/sbgen" cache show --cache "$OUT/sbgen-tune.json" --candidates > "$OUT/cache-show.txt" 2>&1 ;;
+        # shellcheck disable=SC2086
         bench) step bench "${BENCH_TIMEOUT:-540}" "$dir/sbgen" bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
         # shellcheck disable=SC2086
         baselines) step baselines "${BASELINES_TIMEOUT:-540}" python3 "$dir/baselines.py" --json "$OUT/baselines.json" ${BASELINE_ARGS:-} ;;
-        *) echo "unknown step \`$s\`: allowed tests, check, bench, baselines" >&2; failed=1 ;;
+        *) echo "unknown step \`$s\`: allowed tests, check, tune, bench, baselines" >&2; failed=1 ;;
     esac
 done
 

@@ -404,10 +404,18 @@ fn tune_spec(
         cands.len(),
         cands.len() - kept.len()
     ));
+    // Pruned candidates: one line per distinct reason (every one is in the cache with its reason).
+    let mut reasons: Vec<(&str, usize)> = Vec::new();
     for c in &cands {
         if let Outcome::Pruned { reason } = &c.outcome {
-            progress(&format!("pruned {:<26} {reason}", c.schedule.to_string()));
+            match reasons.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((reason, 1)),
+            }
         }
+    }
+    for (reason, n) in reasons {
+        progress(&format!("pruned x{n:<3} {reason}"));
     }
 
     // 1. Kernels: compile here (failures and spills are losses) or take the PTX folder's.
@@ -441,7 +449,9 @@ fn tune_spec(
             }
         }
         // Helpers that are not candidates themselves (their failures show in the check).
-        let extra: Vec<Kernel> = helpers.iter().filter(|k| !kernels.contains(k)).copied().collect();
+        // Those compiled already (the forward spec's candidates, when both passes are tuned) are skipped.
+        let compiled = |k: &Kernel| lower(k).is_ok_and(|l| dir.join(ptx_file_name(&l)).is_file());
+        let extra: Vec<Kernel> = helpers.iter().filter(|k| !kernels.contains(k) && !compiled(k)).copied().collect();
         compile_to_dir(&extra, compiler, plan.jobs, &dir, &|_, _, _| {});
     }
 
