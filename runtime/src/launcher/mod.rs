@@ -6,6 +6,8 @@
 //!   tested without a GPU.
 //! - [`binary`]: [`KernelBinary`] (manifest + PTX per arch + optional CUDA source) and the rule that
 //!   picks the PTX for a device.
+//! - [`embedded`]: kernels embedded by `#[stick_breaking_attention]` and how one is picked per
+//!   device and sequence length.
 //! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
 //! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
 //!
@@ -14,6 +16,7 @@
 
 pub mod binary;
 pub mod element;
+pub mod embedded;
 pub mod error;
 pub mod launch;
 pub mod modules;
@@ -22,6 +25,7 @@ pub mod plan;
 pub use crate::reference::Shape;
 pub use binary::{pick_ptx, KernelBinary, Target};
 pub use element::SbElement;
+pub use embedded::{pick_embedded, EmbeddedKernel, EmbeddedSet};
 pub use error::LaunchError;
 pub use launch::{BackwardArgs, ForwardArgs, Launcher};
 pub use modules::{CodeOrigin, LoadedKernel, ModuleStore, NvrtcOptions};

@@ -1,0 +1,272 @@
+//! Code generation: the user's struct, unchanged, plus an `impl` with the embedded kernels and typed
+//! `forward` / `backward` over `::sbgen_runtime::launcher`. The generated code names only
+//! `::sbgen_runtime` (and `::core` / `::std`), so a user's crate needs `sbgen-runtime` (feature
+//! `cuda`) and this macro, plus its own choice of cudarc's CUDA version.
+
+use crate::attr::{self, Errors};
+use crate::kernels::{self, Embed};
+use crate::valid;
+use proc_macro2::{Ident, Span, TokenStream};
+use quote::{format_ident, quote};
+use sbgen_runtime::spec::{Dtype, Layout, Mask, Pass, Remainder, Spec};
+
+pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let options = attr::parse(args, &mut errors);
+    let target = match syn::parse2::<syn::ItemStruct>(item.clone()) {
+        Ok(s) => {
+            if !s.generics.params.is_empty() || s.generics.where_clause.is_some() {
+                errors.at(
+                    syn::spanned::Spanned::span(&s.generics),
+                    "#[stick_breaking_attention] takes a struct without generics, e.g. `pub struct SbAttn;`",
+                );
+            }
+            Some(s.ident)
+        }
+        Err(e) => {
+            errors.at(e.span(), "#[stick_breaking_attention] goes on a struct, e.g. `pub struct SbAttn;`");
+            None
+        }
+    };
+    let checked = valid::check(&options, &mut errors);
+    let found = checked.as_ref().and_then(|_| kernels::find_cache(&options, &mut errors));
+
+    let (Some(name), Some(checked), Some(found), true) = (&target, &checked, &found, errors.is_empty()) else {
+        // The user's item is emitted as written, with typed stubs when it is a struct, so the IDE
+        // keeps working and calls to `forward` / `backward` raise no follow-on errors.
+        let stubs = target.as_ref().map(|name| stubs(name, valid::dtype(&options))).unwrap_or_default();
+        let errors = errors.to_compile_error();
+        return quote! { #item #stubs #errors };
+    };
+
+    let backward_spec = Spec { pass: Pass::Backward, ..checked.forward };
+    let error_span = options.cache.as_ref().map_or(Span::call_site(), |c| c.span);
+    let ptx_dir = std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let mut sets = Vec::new();
+    let mut inputs: Vec<std::path::PathBuf> = found.file.iter().cloned().collect();
+    for spec in [&checked.forward, &backward_spec] {
+        match kernels::pick(&found.cache, spec, checked.seq, ptx_dir.as_deref()) {
+            Ok((k, files)) => {
+                sets.push(k);
+                inputs.extend(files);
+            }
+            Err(message) => errors.at(error_span, message),
+        }
+    }
+    if !errors.is_empty() {
+        let stubs = stubs(name, checked.forward.dtype);
+        let errors = errors.to_compile_error();
+        return quote! { #item #stubs #errors };
+    }
+
+    let build_inputs = inputs.iter().map(|path| {
+        let path = path.to_string_lossy().into_owned();
+        quote! { const _: &[u8] = ::core::include_bytes!(#path); }
+    });
+    let element = element(checked.forward.dtype);
+    let forward_spec = spec_tokens(&checked.forward);
+    let backward_spec_tokens = spec_tokens(&backward_spec);
+    let owner = name.to_string();
+    let forward_set = set_fn(&format_ident!("forward_kernels"), &owner, &sets[0]);
+    let backward_set = set_fn(&format_ident!("backward_kernels"), &owner, &sets[1]);
+    let forward_doc = kernel_doc("forward", &sets[0]);
+    let backward_doc = kernel_doc("backward", &sets[1]);
+    let forward_spec_doc = format!("The spec of the forward kernels (`{}`).", checked.forward.slug());
+    let backward_spec_doc = format!("The spec of the backward kernels (`{}`).", backward_spec.slug());
+    let rt = quote!(::sbgen_runtime);
+    let l = quote!(::sbgen_runtime::launcher);
+
+    quote! {
+        #item
+
+        // Build inputs: the tuning cache and PTX files read at expansion, `SBGEN_CACHE` and
+        // `SBGEN_PTX_DIR` (rustc records them in the crate's dep-info, so re-tuning or pointing
+        // elsewhere rebuilds the crate).
+        const _: () = {
+            #(#build_inputs)*
+            const _: ::core::option::Option<&str> = ::core::option_env!("SBGEN_CACHE");
+            const _: ::core::option::Option<&str> = ::core::option_env!("SBGEN_PTX_DIR");
+        };
+
+        #[automatically_derived]
+        impl #name {
+            #[doc = #forward_spec_doc]
+            pub const FORWARD_SPEC: #rt::Spec = #forward_spec;
+            #[doc = #backward_spec_doc]
+            pub const BACKWARD_SPEC: #rt::Spec = #backward_spec_tokens;
+
+            #forward_set
+            #backward_set
+
+            /// The forward kernel `forward` launches on `launcher`'s device for sequence length `seq`.
+            pub fn forward_kernel(launcher: &#l::Launcher, seq: usize)
+                -> ::core::result::Result<&'static #l::KernelBinary, #l::LaunchError> {
+                Self::forward_kernels().pick(launcher.store().compute_capability(), seq)
+            }
+
+            /// The backward kernel `backward` launches on `launcher`'s device for sequence length `seq`.
+            pub fn backward_kernel(launcher: &#l::Launcher, seq: usize)
+                -> ::core::result::Result<&'static #l::KernelBinary, #l::LaunchError> {
+                Self::backward_kernels().pick(launcher.store().compute_capability(), seq)
+            }
+
+            /// Stick-breaking attention forward: `o`, `rem`, `log2_rem` (and `o_saved` when given)
+            /// from `q`, `k`, `v`. Asynchronous on the launcher's stream; every input is checked first.
+            /// `scale`: `None` is 1/sqrt(head_dim).
+            #[doc = #forward_doc]
+            pub fn forward(
+                launcher: &#l::Launcher,
+                shape: #l::Shape,
+                args: #l::ForwardArgs<'_, #element>,
+                scale: ::core::option::Option<f32>,
+            ) -> ::core::result::Result<(), #l::LaunchError> {
+                let kernel = Self::forward_kernel(launcher, shape.seq)?;
+                launcher.forward::<#element>(kernel, shape, args, scale)
+            }
+
+            /// Stick-breaking attention backward: `dq`, `dk`, `dv` from the forward's inputs, its
+            /// outputs (`o`, `o_saved`, `log2_rem`) and `d_o`. Asynchronous on the launcher's stream.
+            #[doc = #backward_doc]
+            pub fn backward(
+                launcher: &#l::Launcher,
+                shape: #l::Shape,
+                args: #l::BackwardArgs<'_, #element>,
+                scale: ::core::option::Option<f32>,
+            ) -> ::core::result::Result<(), #l::LaunchError> {
+                let kernel = Self::backward_kernel(launcher, shape.seq)?;
+                launcher.backward::<#element>(kernel, shape, args, scale)
+            }
+        }
+    }
+}
+
+/// `fn <name>() -> &'static EmbeddedSet` with the kernels in statics.
+fn set_fn(fn_name: &Ident, owner: &str, kernels: &[Embed]) -> TokenStream {
+    let l = quote!(::sbgen_runtime::launcher);
+    let n = kernels.len();
+    let entries = kernels.iter().map(|k| {
+        let arch = match k.arch {
+            Some(a) => {
+                let a = a.to_string();
+                quote!(::core::option::Option::Some(#a))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        let bucket = match k.seq_bucket {
+            Some(b) => {
+                let b = b as u64;
+                quote!(::core::option::Option::Some(#b))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        let manifest = &k.manifest_json;
+        let ptx = k.ptx.iter().map(|(t, p)| quote!((#t, #p)));
+        let source = match &k.cuda_source {
+            Some(s) => quote!(::core::option::Option::Some(#s)),
+            None => quote!(::core::option::Option::None),
+        };
+        quote! {
+            #l::EmbeddedKernel {
+                arch: #arch,
+                seq_bucket: #bucket,
+                manifest_json: #manifest,
+                ptx: &[#(#ptx),*],
+                cuda_source: #source,
+            }
+        }
+    });
+    quote! {
+        /// Every embedded kernel of this pass (`.binaries()` parses them; `.pick(cc, seq)` chooses).
+        pub fn #fn_name() -> &'static #l::EmbeddedSet {
+            static KERNELS: [#l::EmbeddedKernel; #n] = [#(#entries),*];
+            static SET: #l::EmbeddedSet = #l::EmbeddedSet::new(#owner, &KERNELS);
+            &SET
+        }
+    }
+}
+
+/// `forward` / `backward` with the right types and no kernels, emitted next to the errors.
+fn stubs(name: &Ident, dtype: Dtype) -> TokenStream {
+    let element = element(dtype);
+    let l = quote!(::sbgen_runtime::launcher);
+    quote! {
+        #[automatically_derived]
+        impl #name {
+            pub fn forward(
+                _: &#l::Launcher,
+                _: #l::Shape,
+                _: #l::ForwardArgs<'_, #element>,
+                _: ::core::option::Option<f32>,
+            ) -> ::core::result::Result<(), #l::LaunchError> {
+                ::core::unreachable!("#[stick_breaking_attention] failed to expand")
+            }
+            pub fn backward(
+                _: &#l::Launcher,
+                _: #l::Shape,
+                _: #l::BackwardArgs<'_, #element>,
+                _: ::core::option::Option<f32>,
+            ) -> ::core::result::Result<(), #l::LaunchError> {
+                ::core::unreachable!("#[stick_breaking_attention] failed to expand")
+            }
+        }
+    }
+}
+
+fn kernel_doc(pass: &str, kernels: &[Embed]) -> String {
+    let mut doc = format!("\n\nEmbedded {pass} kernels:\n");
+    for k in kernels {
+        let from = match (k.arch, k.seq_bucket) {
+            (Some(a), Some(b)) => format!("tuned on {a}, sequence lengths up to {b}"),
+            (Some(a), None) => format!("default schedule, PTX for {a}"),
+            (None, _) => "default schedule, CUDA source compiled by NVRTC at first use".to_string(),
+        };
+        doc.push_str(&format!("- `{}` ({from})\n", k.name));
+    }
+    doc
+}
+
+fn element(dtype: Dtype) -> TokenStream {
+    match dtype {
+        Dtype::Bf16 => quote!(::sbgen_runtime::half::bf16),
+        Dtype::F16 => quote!(::sbgen_runtime::half::f16),
+    }
+}
+
+fn spec_tokens(spec: &Spec) -> TokenStream {
+    let head_dim = spec.head_dim;
+    let dtype = match spec.dtype {
+        Dtype::Bf16 => quote!(Bf16),
+        Dtype::F16 => quote!(F16),
+    };
+    let mask = match spec.mask {
+        Mask::Strict => quote!(Strict),
+        Mask::AttendCurrent => quote!(AttendCurrent),
+    };
+    let layout = match spec.layout {
+        Layout::Bhnd => quote!(Bhnd),
+        Layout::Bnhd => quote!(Bnhd),
+    };
+    let remainder = match spec.remainder {
+        Remainder::Return => quote!(Return),
+        Remainder::Fuse => quote!(Fuse),
+    };
+    let pass = match spec.pass {
+        Pass::Forward => quote!(Forward),
+        Pass::Backward => quote!(Backward),
+    };
+    let early_exit_bits = match spec.early_exit_bits {
+        Some(t) => quote!(::core::option::Option::Some(#t)),
+        None => quote!(::core::option::Option::None),
+    };
+    quote! {
+        ::sbgen_runtime::Spec {
+            head_dim: #head_dim,
+            dtype: ::sbgen_runtime::Dtype::#dtype,
+            mask: ::sbgen_runtime::Mask::#mask,
+            layout: ::sbgen_runtime::Layout::#layout,
+            remainder: ::sbgen_runtime::Remainder::#remainder,
+            pass: ::sbgen_runtime::Pass::#pass,
+            early_exit_bits: #early_exit_bits,
+        }
+    }
+}

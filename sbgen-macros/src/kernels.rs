@@ -1,0 +1,250 @@
+//! The kernels to embed: finds the tuning cache (attribute, `SBGEN_CACHE`, the crate's
+//! `sbgen-tune.json`, the built-in default), takes its entries for the spec and lowers the spec's
+//! default schedule for every arch the cache has no entry for.
+
+use crate::attr::{Errors, Options};
+use proc_macro2::Span;
+use sbgen::cache::{CacheError, TuningCache, DEFAULT_CACHE_FILE};
+use sbgen::ir::{Arch, Kernel, Schedule, Spec};
+use std::path::{Path, PathBuf};
+
+/// The cache in use and the file it came from (`None`: the built-in default).
+pub struct Found {
+    pub cache: TuningCache,
+    pub file: Option<PathBuf>,
+}
+
+/// One kernel to embed, as plain data.
+pub struct Embed {
+    /// The arch the entry was tuned on; `None` for the default-schedule source fallback.
+    pub arch: Option<Arch>,
+    pub seq_bucket: Option<u32>,
+    pub name: String,
+    pub manifest_json: String,
+    pub ptx: Vec<(String, String)>,
+    pub cuda_source: Option<String>,
+}
+
+/// Finds and reads the cache. Errors point at `cache = "..."` when the key was given, else at the
+/// attribute.
+pub fn find_cache(options: &Options, errors: &mut Errors) -> Option<Found> {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_default();
+    let (path, span, required) = if let Some(c) = &options.cache {
+        (crate_dir.join(&c.value), c.span, true)
+    } else if let Some(env) = std::env::var_os("SBGEN_CACHE").filter(|v| !v.is_empty()) {
+        (crate_dir.join(env), Span::call_site(), true)
+    } else {
+        (crate_dir.join(DEFAULT_CACHE_FILE), Span::call_site(), false)
+    };
+    match TuningCache::load(&path) {
+        Ok(cache) => Some(Found { cache, file: Some(absolute(&path)) }),
+        Err(CacheError::Missing { .. }) if !required => {
+            match TuningCache::parse(sbgen::DEFAULT_CACHE, Path::new("<sbgen built-in default cache>")) {
+                Ok(cache) => Some(Found { cache, file: None }),
+                Err(e) => {
+                    errors.at(span, e);
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            let from = if options.cache.is_some() { "the `cache` key" } else { "env `SBGEN_CACHE`" };
+            errors.at(span, format!("{e} (the cache file comes from {from}, relative to CARGO_MANIFEST_DIR)"));
+            None
+        }
+    }
+}
+
+/// The kernels of `spec` (one pass): the cache's entries (all buckets, or the one `lookup` picks for
+/// `seq`), plus, for each arch without an entry, the spec's default schedule: as PTX when `ptx_dir`
+/// (env `SBGEN_PTX_DIR` at expansion) holds it under the name `sbgen check --emit-ptx` and
+/// `sbgen tune --compile-only --emit-ptx` write (`<kernel>-<source hash>.<target>.ptx`), and always
+/// as CUDA source (NVRTC at first use) for devices no PTX fits. Returns the PTX files read too (build
+/// inputs).
+pub fn pick(
+    cache: &TuningCache,
+    spec: &Spec,
+    seq: Option<usize>,
+    ptx_dir: Option<&Path>,
+) -> Result<(Vec<Embed>, Vec<PathBuf>), String> {
+    let mut out = Vec::new();
+    let mut files = Vec::new();
+    let mut missing_arch = false;
+    for arch in Arch::ALL {
+        let entries: Vec<_> = match seq {
+            Some(n) => cache.lookup(arch, spec, n).into_iter().collect(),
+            None => cache.entries.iter().filter(|e| e.arch == arch && e.spec == *spec).collect(),
+        };
+        if entries.is_empty() {
+            missing_arch = true;
+            if let Some(dir) = ptx_dir {
+                let kernel = Kernel::new(*spec, Schedule::default_for(spec), arch);
+                let lowered =
+                    sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;
+                let target = arch.compile_target();
+                let file = dir.join(format!(
+                    "{}-{}.{target}.ptx",
+                    lowered.name,
+                    sbgen::cache::source_hash(&lowered.cuda_source)
+                ));
+                if let Ok(ptx) = std::fs::read_to_string(&file) {
+                    out.push(Embed {
+                        arch: Some(arch),
+                        seq_bucket: None,
+                        name: lowered.name,
+                        manifest_json: serde_json::to_string(&lowered.manifest).map_err(|e| e.to_string())?,
+                        ptx: vec![(target.to_string(), ptx)],
+                        cuda_source: None,
+                    });
+                    files.push(absolute(&file));
+                }
+            }
+        }
+        for e in entries {
+            let manifest_json = serde_json::to_string(&e.manifest).map_err(|e| e.to_string())?;
+            out.push(Embed {
+                arch: Some(arch),
+                seq_bucket: Some(e.seq_bucket),
+                name: e.kernel_name.clone(),
+                manifest_json,
+                ptx: vec![(arch.compile_target().to_string(), e.ptx.clone())],
+                cuda_source: None,
+            });
+        }
+    }
+    if missing_arch {
+        // The kernel's source differs between arches only in a comment; sm_80's shared-memory limit
+        // is the smaller, so a schedule valid there is valid on every supported device.
+        let kernel = Kernel::new(*spec, Schedule::default_for(spec), Arch::Sm80);
+        let lowered = sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;
+        out.push(Embed {
+            arch: None,
+            seq_bucket: None,
+            name: lowered.name,
+            manifest_json: serde_json::to_string(&lowered.manifest).map_err(|e| e.to_string())?,
+            ptx: Vec::new(),
+            cuda_source: Some(lowered.cuda_source),
+        });
+    }
+    Ok((out, files))
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::Spanned;
+    use sbgen::cache::CacheEntry;
+    use sbgen::ir::{Dtype, Pass};
+
+    fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
+        let schedule = Schedule::default_for(&spec);
+        let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, arch)).unwrap();
+        CacheEntry {
+            arch,
+            spec,
+            seq_bucket,
+            schedule,
+            kernel_name: lowered.name.clone(),
+            time_ms: 1.0,
+            tflops: 0.0,
+            speedup_over_default: None,
+            shape: None,
+            gpu_name: String::new(),
+            driver_version: String::new(),
+            sbgen_version: String::new(),
+            tuned_at: String::new(),
+            candidates_checksum: String::new(),
+            candidates: Vec::new(),
+            manifest: lowered.manifest,
+            ptx: format!("// ptx {arch} {seq_bucket}"),
+            cuda_source_hash: String::new(),
+        }
+    }
+
+    fn cache(entries: Vec<CacheEntry>) -> TuningCache {
+        TuningCache { entries, ..TuningCache::new() }
+    }
+
+    #[test]
+    fn every_bucket_of_a_tuned_arch_and_source_for_the_others() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let other = Spec { head_dim: 64, ..spec };
+        let c =
+            cache(vec![entry(Arch::Sm90, spec, 1024), entry(Arch::Sm90, spec, 8192), entry(Arch::Sm90, other, 1024)]);
+        let (k, _) = pick(&c, &spec, None, None).unwrap();
+        assert_eq!(k.len(), 3);
+        assert_eq!((k[0].arch, k[0].seq_bucket), (Some(Arch::Sm90), Some(1024)));
+        assert_eq!(k[0].ptx, vec![("sm_90a".to_string(), "// ptx sm_90 1024".to_string())]);
+        assert_eq!(k[1].seq_bucket, Some(8192));
+        // No sm_80 entry: the default schedule as source.
+        assert_eq!((k[2].arch, k[2].ptx.len()), (None, 0));
+        assert!(k[2].cuda_source.as_deref().unwrap().contains(&k[2].name));
+        let manifest: sbgen_runtime::KernelManifest = serde_json::from_str(&k[0].manifest_json).unwrap();
+        assert_eq!(manifest.spec, spec);
+    }
+
+    #[test]
+    fn seq_keeps_the_bucket_lookup_picks_and_no_fallback_when_every_arch_is_tuned() {
+        let spec = Spec::new(64, Dtype::F16, Pass::Backward);
+        let c = cache(vec![entry(Arch::Sm90, spec, 1024), entry(Arch::Sm90, spec, 8192), entry(Arch::Sm80, spec, 512)]);
+        let (k, _) = pick(&c, &spec, Some(2000), None).unwrap();
+        let got: Vec<_> = k.iter().map(|k| (k.arch, k.seq_bucket)).collect();
+        assert_eq!(got, vec![(Some(Arch::Sm80), Some(512)), (Some(Arch::Sm90), Some(8192))]);
+    }
+
+    #[test]
+    fn empty_cache_lowers_the_default_schedule() {
+        let c = TuningCache::parse(sbgen::DEFAULT_CACHE, Path::new("default")).unwrap();
+        for pass in [Pass::Forward, Pass::Backward] {
+            for head_dim in [64, 128] {
+                let spec = Spec::new(head_dim, Dtype::Bf16, pass);
+                let (k, _) = pick(&c, &spec, None, None).unwrap();
+                assert_eq!(k.len(), 1);
+                assert_eq!(k[0].name, Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90).name());
+            }
+        }
+    }
+
+    #[test]
+    fn default_schedule_ptx_from_the_ptx_folder() {
+        let dir = std::env::temp_dir().join(format!("sbgen-macros-ptx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
+        let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90)).unwrap();
+        let file = dir.join(format!("{}-{}.sm_90a.ptx", lowered.name, sbgen::cache::source_hash(&lowered.cuda_source)));
+        std::fs::write(&file, "// ptx").unwrap();
+        let (k, files) = pick(&TuningCache::new(), &spec, None, Some(&dir)).unwrap();
+        let got: Vec<_> = k.iter().map(|k| (k.arch, k.ptx.len(), k.cuda_source.is_some())).collect();
+        assert_eq!(got, vec![(Some(Arch::Sm90), 1, false), (None, 0, true)]);
+        assert_eq!(k[0].ptx[0], ("sm_90a".to_string(), "// ptx".to_string()));
+        assert_eq!(k[0].name, k[1].name);
+        assert_eq!(files, vec![std::fs::canonicalize(&file).unwrap()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_cache_key_names_a_file_that_must_exist() {
+        let dir = std::env::temp_dir().join(format!("sbgen-macros-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tuned.json");
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        cache(vec![entry(Arch::Sm80, spec, 4096)]).save(&file).unwrap();
+
+        let mut options = Options::default();
+        options.cache = Some(Spanned { value: file.to_string_lossy().into_owned(), span: Span::call_site() });
+        let mut errors = Errors::default();
+        let found = find_cache(&options, &mut errors).unwrap();
+        assert!(errors.is_empty());
+        assert_eq!(found.cache.entries.len(), 1);
+        assert_eq!(found.file.as_deref(), Some(std::fs::canonicalize(&file).unwrap().as_path()));
+
+        options.cache.as_mut().unwrap().value = dir.join("missing.json").to_string_lossy().into_owned();
+        assert!(find_cache(&options, &mut errors).is_none());
+        assert!(!errors.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

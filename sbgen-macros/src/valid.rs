@@ -1,0 +1,71 @@
+//! Checks the parsed [`Options`] against what the kernels support and builds the spec. Every problem
+//! is an error at the literal that caused it; a missing `head_dim` points at the attribute.
+
+use crate::attr::{Errors, Options};
+use proc_macro2::Span;
+use sbgen_runtime::spec::{
+    Dtype, Layout, Mask, Pass, Remainder, Spec, SpecError, EARLY_EXIT_BITS_RANGE, SUPPORTED_HEAD_DIMS,
+};
+
+/// What the checks leave: the forward spec (the backward's differs only in `pass`) and the
+/// sequence length to pick kernels for, if one was given. `None` when a check failed; the errors
+/// are in `errors` then, except that `dtype` is still returned so stubs can be typed.
+pub struct Checked {
+    pub forward: Spec,
+    pub seq: Option<usize>,
+}
+
+pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
+    let mut ok = errors.is_empty();
+    let head_dim = match &options.head_dim {
+        Some(h) if SUPPORTED_HEAD_DIMS.contains(&h.value) => h.value,
+        Some(h) => {
+            errors.at(h.span, SpecError::HeadDim { got: h.value, allowed: SUPPORTED_HEAD_DIMS });
+            ok = false;
+            0
+        }
+        None => {
+            // A `head_dim` that failed to parse was reported already.
+            if !options.given.contains(&"head_dim") {
+                errors
+                    .at(Span::call_site(), "missing `head_dim`: add e.g. `head_dim = 128` (allowed values: [64, 128])");
+            }
+            ok = false;
+            0
+        }
+    };
+    let early_exit_bits = match &options.early_exit_bits {
+        Some(t) if !EARLY_EXIT_BITS_RANGE.contains(&t.value) => {
+            errors.at(t.span, SpecError::EarlyExitBits { got: t.value, range: EARLY_EXIT_BITS_RANGE });
+            ok = false;
+            None
+        }
+        t => t.as_ref().map(|t| t.value),
+    };
+    let seq = match &options.seq {
+        Some(s) if s.value == 0 || s.value > i32::MAX as u64 => {
+            errors.at(s.span, format!("`seq` = {} is out of range: allowed 1..={}", s.value, i32::MAX));
+            ok = false;
+            None
+        }
+        s => s.as_ref().map(|s| s.value as usize),
+    };
+    if !ok {
+        return None;
+    }
+    let forward = Spec {
+        head_dim,
+        dtype: dtype(options),
+        mask: options.mask.as_ref().map_or(Mask::Strict, |m| m.value),
+        layout: options.layout.as_ref().map_or(Layout::Bhnd, |l| l.value),
+        remainder: options.remainder.as_ref().map_or(Remainder::Return, |r| r.value),
+        pass: Pass::Forward,
+        early_exit_bits,
+    };
+    Some(Checked { forward, seq })
+}
+
+/// The element type, `bf16` unless given (also used to type the stubs emitted on error).
+pub fn dtype(options: &Options) -> Dtype {
+    options.dtype.as_ref().map_or(Dtype::Bf16, |d| d.value)
+}
