@@ -102,12 +102,21 @@ pub enum TuneError {
          (or set SBGEN_PTX_DIR)"
     )]
     NoKernels { arch: Arch, toolchain: String },
+    /// A kernel the run needs (not a candidate) could not be built.
+    #[error("{what}: {message}")]
+    Kernel { what: &'static str, message: String },
     #[error("cannot create the scratch folder `{}`: {source}", .path.display())]
     Scratch {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<cudarc::driver::DriverError> for TuneError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        TuneError::Gpu(GpuError::Driver(e))
+    }
 }
 
 /// A wall-time budget. `spent_after` is the whole rule, so it can be tested without a clock.
@@ -371,11 +380,11 @@ pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Res
     for &spec in &plan.specs {
         match tune_spec(dev, plan, &builder, compiler.as_ref(), spec, &budget, &driver, progress, &mut report) {
             Ok(()) => {}
-            Err(e @ (GpuError::ContextLost { .. } | GpuError::Hung { .. })) => {
+            Err(TuneError::Gpu(e @ (GpuError::ContextLost { .. } | GpuError::Hung { .. }))) => {
                 report.aborted = Some(e.to_string());
                 break;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -393,7 +402,7 @@ fn tune_spec(
     driver: &str,
     progress: &mut dyn FnMut(&str),
     report: &mut TuneReport,
-) -> Result<(), GpuError> {
+) -> Result<(), TuneError> {
     let (mut cands, checksum) = candidates(spec, plan.arch);
     let default = Schedule::default_for(&spec);
     let kept: Vec<usize> = (0..cands.len()).filter(|&i| !matches!(cands[i].outcome, Outcome::Pruned { .. })).collect();
@@ -530,7 +539,7 @@ fn tune_spec(
             let schedule = results[w].schedule;
             let binary = builder
                 .build(&Kernel::new(spec, schedule, plan.arch))
-                .map_err(|e| GpuError::NoDevice(format!("the winner's PTX disappeared: {e}")))?;
+                .map_err(|e| TuneError::Kernel { what: "the winner", message: e.to_string() })?;
             report.entries.push(CacheEntry {
                 arch: plan.arch,
                 spec,
@@ -554,7 +563,7 @@ fn tune_spec(
         }
         report.summary.push(row);
         if let Some(e) = fatal {
-            return Err(e);
+            return Err(e.into());
         }
     }
     Ok(())
@@ -678,7 +687,7 @@ impl<'a> Timer<'a> {
         plan: &'a BenchPlan,
         spec: Spec,
         shape: Shape,
-    ) -> Result<Self, GpuError> {
+    ) -> Result<Self, TuneError> {
         let state = match spec.dtype {
             Dtype::Bf16 => State::Bf16(Buffers::new(dev, builder, plan, spec, shape)?),
             Dtype::F16 => State::F16(Buffers::new(dev, builder, plan, spec, shape)?),
@@ -709,7 +718,7 @@ impl<T: SbElement> Buffers<T> {
         plan: &BenchPlan,
         spec: Spec,
         shape: Shape,
-    ) -> Result<Self, GpuError> {
+    ) -> Result<Self, TuneError> {
         let sets = bench::upload_sets::<T>(dev, plan, shape)?;
         let backward = spec.pass == Pass::Backward;
         let mut outs = Vec::with_capacity(sets.len());
@@ -723,9 +732,9 @@ impl<T: SbElement> Buffers<T> {
         }
         let grads = if backward {
             // The backward's inputs: what the spec's default forward saves, once per set.
-            let fwd = builder
-                .build(&builder.kernel(Spec { pass: Pass::Forward, ..spec }, None))
-                .map_err(|e| GpuError::NoDevice(format!("the default forward for timing the backward: {e}")))?;
+            let fwd = builder.build(&builder.kernel(Spec { pass: Pass::Forward, ..spec }, None)).map_err(|e| {
+                TuneError::Kernel { what: "the default forward (for timing the backward)", message: e.to_string() }
+            })?;
             for (set, out) in sets.iter().zip(outs.iter_mut()) {
                 exec::forward_into(dev, &fwd, set, out, None)?;
             }
