@@ -897,6 +897,42 @@ mod tests {
         assert!(format_summary_row(&none).contains("(none)"));
     }
 
+    /// The compile-here path with the real NVRTC and ptxas (skipped without the toolchain): the PTX
+    /// lands under the name a `KernelBuilder` on the folder looks for, a kernel that does not lower
+    /// is a named loss, and no temp file is left behind.
+    #[test]
+    fn compile_to_dir_writes_ptx_a_builder_finds_and_names_the_losses() {
+        let compiler = match Compiler::discover() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("sbgen-tune-compile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+        let good = Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm80);
+        let bad = Kernel::new(spec, Schedule { block_n: 48, ..Schedule::DEFAULT }, Arch::Sm80);
+        let seen = Mutex::new(Vec::new());
+        let results =
+            compile_to_dir(&[good, bad], &compiler, 2, &dir, &|i, _, r| seen.lock().unwrap().push((i, r.is_ok())));
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(results[1].as_ref().unwrap_err().contains("`block_n`"), "{:?}", results[1]);
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, vec![(0, true), (1, false)]);
+        let file = dir.join(ptx_file_name(&lower(&good).unwrap()));
+        assert!(std::fs::read_to_string(&file).unwrap().contains(".entry"), "{}", file.display());
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let builder = KernelBuilder::new(Arch::Sm80, Some(dir.clone()));
+        let binary = builder.build(&good).unwrap();
+        assert_eq!(binary.ptx[0].1, std::fs::read_to_string(&file).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn check_rows_become_wrong_results_with_a_finite_error() {
         use crate::gpu::data::Regime;
