@@ -1,9 +1,10 @@
-// With no cache in the crate, the built-in (empty) default cache is used: each pass embeds its
-// spec's default schedule as CUDA source. Runs without a GPU: it only looks at the embedded tables.
+// Specs the cache has no entry for (tests/ui.rs points SBGEN_CACHE at tests/fixtures/tuned-cache.json,
+// which holds head_dim 128 bf16 only; the built-in default cache, empty, behaves the same): each pass
+// embeds its spec's default schedule as CUDA source. Runs without a GPU: it only reads the tables.
 use sbgen_macros::stick_breaking_attention;
 use sbgen_runtime::{Dtype, Layout, Pass};
 
-#[stick_breaking_attention(head_dim = 128, dtype = "bf16", mask = "strict", layout = "bhnd", remainder = "return")]
+#[stick_breaking_attention(head_dim = 128, dtype = "f16", mask = "strict", layout = "bhnd", remainder = "return")]
 pub struct SbAttn;
 
 #[stick_breaking_attention(head_dim = 64, dtype = "f16", layout = "bnhd", remainder = "fuse", early_exit_bits = 24, seq = 4096)]
@@ -29,6 +30,6 @@ fn main() {
     assert!(SbAttnHalf::forward_kernels().binaries()[0].name().starts_with("sb_fwd_d64_f16_strict_bnhd_fuse_ee24_"));
 
     // The typed entry points exist with the dtype's element type.
-    let _: fn(&_, _, sbgen_runtime::launcher::ForwardArgs<'_, sbgen_runtime::half::bf16>, _) -> _ = SbAttn::forward;
+    let _: fn(&_, _, sbgen_runtime::launcher::ForwardArgs<'_, sbgen_runtime::half::f16>, _) -> _ = SbAttn::forward;
     let _: fn(&_, _, sbgen_runtime::launcher::BackwardArgs<'_, sbgen_runtime::half::f16>, _) -> _ = SbAttnHalf::backward;
 }
