@@ -283,6 +283,8 @@ pub struct TuneReport {
     /// Set when the run stopped early (lost CUDA context, hung kernel): what was measured before
     /// is in `entries`.
     pub aborted: Option<String>,
+    /// Backward winners that fail their check on the same bucket's forward winner ([`winner_pairs`]).
+    pub pair_failures: Vec<String>,
 }
 
 /// Called from the compiling threads with each kernel's index and result.
@@ -387,8 +389,64 @@ pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Res
             Err(e) => return Err(e),
         }
     }
+    if report.aborted.is_none() {
+        pair_check(dev, plan, &builder, progress, &mut report)?;
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(report)
+}
+
+/// In training the tuned backward reads what the tuned forward saved, and each was checked with
+/// its own schedule's forward: where the two winners of a bucket differ, the backward winner is
+/// checked again on the forward winner's saved outputs. A failure is reported in
+/// [`TuneReport::pair_failures`] (the entries are still written: the pair is the cache user's choice).
+fn pair_check(
+    dev: &Device,
+    plan: &TunePlan,
+    builder: &KernelBuilder,
+    progress: &mut dyn FnMut(&str),
+    report: &mut TuneReport,
+) -> Result<(), TuneError> {
+    let pairs = winner_pairs(&report.entries);
+    for (fwd, bwd, bucket) in pairs {
+        let mut cp = CheckPlan::quick(plan.seed ^ 0x9a1);
+        cp.head_dims = vec![bwd.spec.head_dim];
+        cp.dtypes = vec![bwd.spec.dtype];
+        cp.passes = vec![Pass::Backward];
+        cp.masks = vec![bwd.spec.mask];
+        cp.layouts = vec![bwd.spec.layout];
+        cp.remainders = vec![bwd.spec.remainder];
+        cp.early_exits = vec![bwd.spec.early_exit_bits];
+        cp.regimes = Regime::ALL.to_vec();
+        cp.seqs = CHECK_SEQS.to_vec();
+        cp.schedule = Some(bwd.schedule);
+        cp.forward_schedule = Some(fwd.schedule);
+        let rows = check::run(dev, builder, &cp, &mut |_| {})?;
+        let what =
+            format!("{} (bucket {bucket}): backward {} on forward {}", bwd.spec.slug(), bwd.schedule, fwd.schedule);
+        match check_verdict(&rows) {
+            None => progress(&format!("pair ok {what}")),
+            Some(outcome) => {
+                progress(&format!("PAIR FAILS {what}: {outcome}"));
+                report.pair_failures.push(format!("{what}: {outcome}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The (forward, backward, bucket) winners of the same spec (but the pass), arch and bucket whose
+/// schedules differ.
+pub fn winner_pairs(entries: &[CacheEntry]) -> Vec<(&CacheEntry, &CacheEntry, u32)> {
+    let mut out = Vec::new();
+    for bwd in entries.iter().filter(|e| e.spec.pass == Pass::Backward) {
+        let fwd_spec = Spec { pass: Pass::Forward, ..bwd.spec };
+        let fwd = entries.iter().find(|e| e.spec == fwd_spec && e.arch == bwd.arch && e.seq_bucket == bwd.seq_bucket);
+        if let Some(fwd) = fwd.filter(|f| f.schedule != bwd.schedule) {
+            out.push((fwd, bwd, bwd.seq_bucket));
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -931,6 +989,45 @@ mod tests {
         let binary = builder.build(&good).unwrap();
         assert_eq!(binary.ptx[0].1, std::fs::read_to_string(&file).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pairs_are_the_forward_and_backward_winners_of_a_bucket_that_differ() {
+        let entry = |pass: Pass, bucket: u32, schedule: Schedule| {
+            let spec = Spec::new(128, Dtype::Bf16, pass);
+            let lowered = lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
+            CacheEntry {
+                arch: Arch::Sm90,
+                spec,
+                seq_bucket: bucket,
+                schedule,
+                kernel_name: lowered.name,
+                time_ms: 1.0,
+                tflops: 1.0,
+                speedup_over_default: None,
+                shape: None,
+                gpu_name: String::new(),
+                driver_version: String::new(),
+                sbgen_version: String::new(),
+                tuned_at: String::new(),
+                candidates_checksum: String::new(),
+                candidates: Vec::new(),
+                manifest: lowered.manifest,
+                ptx: String::new(),
+                cuda_source_hash: String::new(),
+            }
+        };
+        let (a, b) = (s(32, 2), s(32, 3));
+        let entries = vec![
+            entry(Pass::Forward, 2048, a),
+            entry(Pass::Backward, 2048, b),
+            entry(Pass::Forward, 8192, b),
+            entry(Pass::Backward, 8192, b),
+            entry(Pass::Backward, 16384, a),
+        ];
+        let pairs = winner_pairs(&entries);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!((pairs[0].0.schedule, pairs[0].1.schedule, pairs[0].2), (a, b, 2048));
     }
 
     #[test]

@@ -196,6 +196,9 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
             args.budget_s
         )?;
     }
+    for failure in &report.pair_failures {
+        writeln!(out, "WARNING: the tuned backward fails on the tuned forward's saved outputs: {failure}")?;
+    }
     if !report.entries.is_empty() {
         let mut cache = TuningCache::new();
         for entry in &report.entries {

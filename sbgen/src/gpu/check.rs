@@ -58,6 +58,9 @@ pub struct CheckPlan {
     pub seqs: Vec<usize>,
     /// `None`: each spec's default schedule ([`Schedule::default_for`]).
     pub schedule: Option<Schedule>,
+    /// The forward kernels' schedule when it is not `schedule`: a backward is then checked on the
+    /// saved outputs of another forward (as a tuned forward and a tuned backward pair in training).
+    pub forward_schedule: Option<Schedule>,
     pub seed: u64,
     /// Threads for the reference.
     pub threads: usize,
@@ -79,6 +82,7 @@ impl CheckPlan {
             regimes: Regime::ALL.to_vec(),
             seqs: FULL_SEQS.to_vec(),
             schedule: None,
+            forward_schedule: None,
             seed,
             threads: oracle::default_threads(),
             timeout: Duration::from_secs(60),
@@ -113,7 +117,15 @@ impl CheckPlan {
 
     /// Every kernel the plan runs on `builder`'s arch.
     pub fn kernels(&self, builder: &KernelBuilder) -> Vec<Kernel> {
-        self.specs().into_iter().map(|s| builder.kernel(s, self.schedule)).collect()
+        self.specs().into_iter().map(|s| builder.kernel(s, self.schedule_for(&s))).collect()
+    }
+
+    /// The schedule `spec`'s kernel runs with (`None`: the spec's default).
+    pub fn schedule_for(&self, spec: &Spec) -> Option<Schedule> {
+        match spec.pass {
+            Pass::Forward => self.forward_schedule.or(self.schedule),
+            Pass::Backward => self.schedule,
+        }
     }
 }
 
@@ -550,7 +562,7 @@ impl Group<'_> {
     }
 
     fn build(&self, row: &mut Row, spec: Spec) -> Option<std::sync::Arc<sbgen_runtime::launcher::KernelBinary>> {
-        let kernel = self.builder.kernel(spec, self.plan.schedule);
+        let kernel = self.builder.kernel(spec, self.plan.schedule_for(&spec));
         match self.builder.build(&kernel) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -624,6 +636,18 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), specs.len());
         assert_eq!(plan.seqs, vec![1, 17, 64, 1000, 4097]);
+    }
+
+    #[test]
+    fn the_forward_can_run_another_schedule_than_the_backward() {
+        let mut plan = CheckPlan::quick(1);
+        let (fwd, bwd) = (Spec::new(64, Dtype::Bf16, Pass::Forward), Spec::new(64, Dtype::Bf16, Pass::Backward));
+        assert_eq!((plan.schedule_for(&fwd), plan.schedule_for(&bwd)), (None, None));
+        let (a, b) = (Schedule::DEFAULT, Schedule { block_n: 32, ..Schedule::DEFAULT });
+        plan.schedule = Some(a);
+        assert_eq!((plan.schedule_for(&fwd), plan.schedule_for(&bwd)), (Some(a), Some(a)));
+        plan.forward_schedule = Some(b);
+        assert_eq!((plan.schedule_for(&fwd), plan.schedule_for(&bwd)), (Some(b), Some(a)));
     }
 
     #[test]
