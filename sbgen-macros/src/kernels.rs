@@ -234,8 +234,10 @@ mod tests {
         let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
         cache(vec![entry(Arch::Sm80, spec, 4096)]).save(&file).unwrap();
 
-        let mut options = Options::default();
-        options.cache = Some(Spanned { value: file.to_string_lossy().into_owned(), span: Span::call_site() });
+        let mut options = Options {
+            cache: Some(Spanned { value: file.to_string_lossy().into_owned(), span: Span::call_site() }),
+            ..Options::default()
+        };
         let mut errors = Errors::default();
         let found = find_cache(&options, &mut errors).unwrap();
         assert!(errors.is_empty());
