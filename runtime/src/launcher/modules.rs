@@ -217,14 +217,25 @@ impl ModuleStore {
             name: Some(format!("{name}.cu")),
             ..Default::default()
         };
-        cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| LaunchError::Nvrtc {
-            kernel: name.to_string(),
-            arch: target.to_string(),
-            log: match e {
-                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                other => other.to_string(),
-            },
-        })
+        // With cudarc's dynamic loading, a machine without libnvrtc panics inside cudarc on the first
+        // NVRTC call; the user gets a typed error instead (the kernel had no PTX for this arch).
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        }));
+        let nvrtc_error = |log: String| LaunchError::Nvrtc { kernel: name.to_string(), arch: target.to_string(), log };
+        match compiled {
+            Ok(result) => result.map_err(|e| {
+                nvrtc_error(match e {
+                    CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                    other => other.to_string(),
+                })
+            }),
+            Err(_) => Err(nvrtc_error(
+                "NVRTC could not be loaded on this machine: there is no PTX for this arch, so the kernel's \
+                 CUDA source must be compiled here; install NVRTC (CUDA 13) or embed PTX for this arch"
+                    .to_string(),
+            )),
+        }
     }
 }
 
