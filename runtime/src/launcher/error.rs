@@ -38,6 +38,13 @@ pub enum LaunchError {
     WrongContext { tensor: &'static str, expected: usize, got: usize },
 
     /// `scale` is NaN, infinite or zero.
+    #[error(
+        "tensor `{tensor}` starts at device address {address:#x}, not a multiple of {required} bytes: the \
+         kernels move 16 bytes at a time; pass a view whose element offset is a multiple of {} elements",
+        .required / .element_bytes
+    )]
+    Misaligned { tensor: &'static str, address: u64, required: u64, element_bytes: u64 },
+
     #[error("`scale` = {got} is not allowed: it must be finite and non-zero")]
     Scale { got: f32 },
 

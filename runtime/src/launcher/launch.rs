@@ -6,7 +6,7 @@ use super::binary::KernelBinary;
 use super::element::SbElement;
 use super::error::{KernelContext, LaunchError};
 use super::modules::{LoadedKernel, ModuleStore};
-use super::plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan};
+use super::plan::{check_alignment, plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan};
 use super::Shape;
 use crate::manifest::SbParams;
 use cudarc::driver::{
@@ -132,6 +132,8 @@ impl Launcher {
         let (log2_rem, _log2_rem) = args.log2_rem.device_ptr_mut(s);
         let o_saved_ptr = args.o_saved.as_mut().map(|x| x.device_ptr_mut(s));
         let o_saved = o_saved_ptr.as_ref().map_or(0, |(p, _)| *p);
+        let e = T::DTYPE.size_bytes() as u64;
+        check_alignment(&[("q", q, e), ("k", k, e), ("v", v, e), ("o", o, e), ("o_saved", o_saved, 4)])?;
         let (batch, heads, seq) = dims(shape);
         // Every field is named (no `..`), so a field added to the ABI fails to compile here.
         let params = SbParams {
@@ -197,6 +199,33 @@ impl Launcher {
         same_context(ctx, "dv", args.dv.stream())?;
         let loaded = self.store.load(kernel)?;
 
+        // Pointers first: a misaligned view is refused before the workspace is touched.
+        let s = &*self.stream;
+        let (q, _q) = args.q.device_ptr(s);
+        let (k, _k) = args.k.device_ptr(s);
+        let (v, _v) = args.v.device_ptr(s);
+        let (o, _o) = args.o.device_ptr(s);
+        let (o_saved, _o_saved) = args.o_saved.device_ptr(s);
+        let (d_o, _d_o) = args.d_o.device_ptr(s);
+        let d_rem_ptr = args.d_rem.as_ref().map(|d| d.device_ptr(s));
+        let d_rem = d_rem_ptr.as_ref().map_or(0, |(p, _)| *p);
+        let (log2_rem, _log2_rem) = args.log2_rem.device_ptr(s);
+        let (dq, _dq) = args.dq.device_ptr_mut(s);
+        let (dk, _dk) = args.dk.device_ptr_mut(s);
+        let (dv, _dv) = args.dv.device_ptr_mut(s);
+        let e = T::DTYPE.size_bytes() as u64;
+        check_alignment(&[
+            ("q", q, e),
+            ("k", k, e),
+            ("v", v, e),
+            ("o", o, e),
+            ("o_saved", o_saved, 4),
+            ("d_o", d_o, e),
+            ("dq", dq, e),
+            ("dk", dk, e),
+            ("dv", dv, e),
+        ])?;
+
         let name = &kernel.manifest.name;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let needed = 2 * plan.accum_elements;
@@ -214,20 +243,6 @@ impl Launcher {
         let mut used = buffer.slice_mut(0..needed);
         self.stream.memset_zeros(&mut used).kernel_ctx(name, "zeroing the backward workspace")?;
         let (dk_accum, dv_accum) = used.split_at_mut(plan.accum_elements);
-
-        let s = &*self.stream;
-        let (q, _q) = args.q.device_ptr(s);
-        let (k, _k) = args.k.device_ptr(s);
-        let (v, _v) = args.v.device_ptr(s);
-        let (o, _o) = args.o.device_ptr(s);
-        let (o_saved, _o_saved) = args.o_saved.device_ptr(s);
-        let (d_o, _d_o) = args.d_o.device_ptr(s);
-        let d_rem_ptr = args.d_rem.as_ref().map(|d| d.device_ptr(s));
-        let d_rem = d_rem_ptr.as_ref().map_or(0, |(p, _)| *p);
-        let (log2_rem, _log2_rem) = args.log2_rem.device_ptr(s);
-        let (dq, _dq) = args.dq.device_ptr_mut(s);
-        let (dk, _dk) = args.dk.device_ptr_mut(s);
-        let (dv, _dv) = args.dv.device_ptr_mut(s);
         let (dk_accum, _dk_accum) = dk_accum.view_ptr_mut(s);
         let (dv_accum, _dv_accum) = dv_accum.view_ptr_mut(s);
         let (batch, heads, seq) = dims(shape);

@@ -128,6 +128,20 @@ pub fn plan_backward(
     Ok(plan)
 }
 
+/// Byte alignment every q/k/v/o/dO/dq/dk/dv and o_saved view must start at: the kernels copy and store
+/// 16 bytes per thread (cp.async, vector stores), so a view at an odd element offset would fault.
+pub const TENSOR_ALIGN: u64 = 16;
+
+/// Checks that each `(tensor, device address, element bytes)` starts on a [`TENSOR_ALIGN`] boundary.
+pub fn check_alignment(tensors: &[(&'static str, u64, u64)]) -> Result<(), LaunchError> {
+    for &(tensor, address, element_bytes) in tensors {
+        if address % TENSOR_ALIGN != 0 {
+            return Err(LaunchError::Misaligned { tensor, address, required: TENSOR_ALIGN, element_bytes });
+        }
+    }
+    Ok(())
+}
+
 fn check_len(tensor: &'static str, needed: usize, got: usize) -> Result<(), LaunchError> {
     if got < needed {
         return Err(LaunchError::TooShort { tensor, needed, got });
@@ -462,5 +476,15 @@ mod tests {
         let s = shape(1, 1, 0, 64);
         let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
         assert!(err.is_input_error());
+    }
+
+    #[test]
+    fn views_off_a_16_byte_boundary_are_refused_by_name() {
+        assert!(check_alignment(&[("q", 0x7f00_0000, 2), ("o_saved", 0x7f00_1000, 4)]).is_ok());
+        let err = check_alignment(&[("q", 0x7f00_0000, 2), ("k", 0x7f00_0002, 2)]).unwrap_err();
+        assert!(matches!(err, LaunchError::Misaligned { tensor: "k", address: 0x7f00_0002, required: 16, .. }));
+        assert!(err.to_string().contains("multiple of 8 elements"), "{err}");
+        let err = check_alignment(&[("o_saved", 0x7f00_0008, 4)]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 4 elements"), "{err}");
     }
 }
