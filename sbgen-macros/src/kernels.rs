@@ -101,6 +101,7 @@ pub fn pick(
             }
         }
         for e in entries {
+            check_entry_matches_lowering(e)?;
             let manifest_json = serde_json::to_string(&e.manifest).map_err(|e| e.to_string())?;
             out.push(Embed {
                 arch: Some(arch),
@@ -127,6 +128,35 @@ pub fn pick(
         });
     }
     Ok((out, files))
+}
+
+/// A tuned entry is embedded only if this sbgen lowers its (spec, schedule, arch) to the same kernel:
+/// an entry from another sbgen version (other templates, another parameter block) or an edited
+/// manifest would launch with the wrong arguments or grid.
+fn check_entry_matches_lowering(e: &sbgen::cache::CacheEntry) -> Result<(), String> {
+    let lowered = sbgen::lower::lower(&Kernel::new(e.spec, e.schedule, e.arch))
+        .map_err(|err| format!("cache entry `{}`: its schedule no longer lowers: {err}", e.kernel_name))?;
+    let mismatch = if lowered.name != e.kernel_name {
+        Some(format!("its kernel name is now `{}`", lowered.name))
+    } else if lowered.manifest != e.manifest {
+        Some("its launch manifest differs".to_string())
+    } else if !e.cuda_source_hash.is_empty() && sbgen::cache::source_hash(&lowered.cuda_source) != e.cuda_source_hash {
+        Some("the CUDA source of its schedule changed since it was tuned".to_string())
+    } else {
+        None
+    };
+    match mismatch {
+        None => Ok(()),
+        Some(what) => Err(format!(
+            "cache entry `{}` ({} bucket {}, tuned by sbgen {}) does not match this sbgen ({}): {what}; \
+             re-run `sbgen tune` for it",
+            e.kernel_name,
+            e.arch,
+            e.seq_bucket,
+            if e.sbgen_version.is_empty() { "?" } else { &e.sbgen_version },
+            env!("CARGO_PKG_VERSION"),
+        )),
+    }
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -194,6 +224,19 @@ mod tests {
         let (k, _) = pick(&c, &spec, Some(2000), None).unwrap();
         let got: Vec<_> = k.iter().map(|k| (k.arch, k.seq_bucket)).collect();
         assert_eq!(got, vec![(Some(Arch::Sm80), Some(512)), (Some(Arch::Sm90), Some(8192))]);
+    }
+
+    #[test]
+    fn an_entry_that_no_longer_matches_the_lowering_is_refused() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let mut stale = entry(Arch::Sm90, spec, 1024);
+        stale.manifest.steps[0].dynamic_smem_bytes += 16;
+        let err = pick(&cache(vec![stale]), &spec, None, None).err().expect("a stale entry is refused");
+        assert!(err.contains("launch manifest differs") && err.contains("re-run `sbgen tune`"), "{err}");
+        let mut renamed = entry(Arch::Sm90, spec, 1024);
+        renamed.cuda_source_hash = "0000".to_string();
+        let err = pick(&cache(vec![renamed]), &spec, None, None).err().expect("a changed source is refused");
+        assert!(err.contains("CUDA source"), "{err}");
     }
 
     #[test]

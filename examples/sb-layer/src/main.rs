@@ -112,7 +112,14 @@ fn main() -> ExitCode {
     let shape = Shape::new(batch, heads, seq, head_dim);
 
     for (pass, set) in [("forward", SbAttn::forward_kernels()), ("backward", SbAttn::backward_kernels())] {
-        for k in set.binaries() {
+        let binaries = match set.binaries() {
+            Ok(binaries) => binaries,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        };
+        for k in binaries {
             let targets: Vec<&str> = k.ptx.iter().map(|(t, _)| t.as_str()).collect();
             let source = if k.cuda_source.is_some() { "CUDA source (NVRTC at first use)" } else { "" };
             println!("embedded {pass} kernel {}: PTX {targets:?} {source}", k.name());

@@ -27,16 +27,20 @@ pub struct EmbeddedKernel {
 }
 
 impl EmbeddedKernel {
-    /// The launcher's form of this kernel. Panics if the manifest JSON does not parse: the macro
-    /// wrote it from a [`KernelManifest`] of the same crate version, so that is a bug.
-    pub fn to_binary(&self) -> KernelBinary {
-        let manifest: KernelManifest = serde_json::from_str(self.manifest_json)
-            .unwrap_or_else(|e| panic!("sbgen: embedded manifest does not parse ({e}): a bug in sbgen-macros"));
-        KernelBinary {
+    /// The launcher's form of this kernel. A manifest that does not parse (an sbgen-runtime other
+    /// than the one the macro expanded against) is a [`LaunchError::Manifest`].
+    pub fn to_binary(&self) -> Result<KernelBinary, LaunchError> {
+        let manifest: KernelManifest = serde_json::from_str(self.manifest_json).map_err(|e| LaunchError::Manifest {
+            kernel: format!("embedded kernel for {}", self.arch.unwrap_or("any arch")),
+            reason: format!(
+                "the embedded manifest does not parse ({e}); rebuild the crate with matching sbgen versions"
+            ),
+        })?;
+        Ok(KernelBinary {
             manifest,
             ptx: self.ptx.iter().map(|(t, p)| (t.to_string(), p.to_string())).collect(),
             cuda_source: self.cuda_source.map(str::to_string),
-        }
+        })
     }
 }
 
@@ -46,7 +50,8 @@ pub struct EmbeddedSet {
     /// The struct's name, for error messages.
     pub owner: &'static str,
     pub kernels: &'static [EmbeddedKernel],
-    pub parsed: OnceLock<Vec<KernelBinary>>,
+    /// The parsed kernels, or why they do not parse (kept as the error's kernel and reason).
+    parsed: OnceLock<Result<Vec<KernelBinary>, (String, String)>>,
 }
 
 impl EmbeddedSet {
@@ -54,15 +59,25 @@ impl EmbeddedSet {
         EmbeddedSet { owner, kernels, parsed: OnceLock::new() }
     }
 
-    pub fn binaries(&self) -> &[KernelBinary] {
-        self.parsed.get_or_init(|| self.kernels.iter().map(EmbeddedKernel::to_binary).collect())
+    /// Every kernel in the launcher's form, parsed once.
+    pub fn binaries(&self) -> Result<&[KernelBinary], LaunchError> {
+        let parsed = self.parsed.get_or_init(|| {
+            self.kernels.iter().map(EmbeddedKernel::to_binary).collect::<Result<Vec<_>, _>>().map_err(|e| match e {
+                LaunchError::Manifest { kernel, reason } => (kernel, reason),
+                other => (self.owner.to_string(), other.to_string()),
+            })
+        });
+        match parsed {
+            Ok(binaries) => Ok(binaries),
+            Err((kernel, reason)) => Err(LaunchError::Manifest { kernel: kernel.clone(), reason: reason.clone() }),
+        }
     }
 
     /// The kernel for a device of compute capability `cc` and sequence length `seq`
     /// (see [`pick_embedded`]).
     pub fn pick(&self, cc: (u32, u32), seq: usize) -> Result<&KernelBinary, LaunchError> {
         match pick_embedded(self.kernels, cc, seq) {
-            Some(i) => Ok(&self.binaries()[i]),
+            Some(i) => Ok(&self.binaries()?[i]),
             None => Err(LaunchError::NoKernelForArch {
                 kernel: self.owner.to_string(),
                 device_arch: Target::for_device(cc),
@@ -162,6 +177,6 @@ mod tests {
         let a = SET.pick((9, 0), 10).unwrap() as *const KernelBinary;
         let b = SET.pick((9, 0), 20).unwrap() as *const KernelBinary;
         assert_eq!(a, b);
-        assert_eq!(SET.binaries()[0].manifest.name, "sb_fwd_x");
+        assert_eq!(SET.binaries().unwrap()[0].manifest.name, "sb_fwd_x");
     }
 }

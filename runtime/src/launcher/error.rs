@@ -37,14 +37,15 @@ pub enum LaunchError {
     #[error("tensor `{tensor}` lives on another CUDA context (device {got}) than the launcher's (device {expected})")]
     WrongContext { tensor: &'static str, expected: usize, got: usize },
 
-    /// `scale` is NaN, infinite or zero.
+    /// A tensor view does not start on the alignment the kernels' vector loads and stores need.
     #[error(
         "tensor `{tensor}` starts at device address {address:#x}, not a multiple of {required} bytes: the \
-         kernels move 16 bytes at a time; pass a view whose element offset is a multiple of {} elements",
-        .required / .element_bytes
+         kernels move {required} bytes at a time; pass a view whose element offset is a multiple of {} elements",
+        .required / (*.element_bytes).max(1)
     )]
     Misaligned { tensor: &'static str, address: u64, required: u64, element_bytes: u64 },
 
+    /// `scale` is NaN, infinite or zero.
     #[error("`scale` = {got} is not allowed: it must be finite and non-zero")]
     Scale { got: f32 },
 
@@ -102,6 +103,7 @@ impl LaunchError {
                 | LaunchError::TooLarge { .. }
                 | LaunchError::TooShort { .. }
                 | LaunchError::WrongContext { .. }
+                | LaunchError::Misaligned { .. }
                 | LaunchError::Scale { .. }
         )
     }

@@ -7,7 +7,7 @@
 //!   with CUDA events and write the winners to the tuning cache ([`crate::tune`]).
 
 use super::{Outcome, UsageError};
-use crate::cache::{TuningCache, DEFAULT_CACHE_FILE};
+use crate::cache::{seq_bucket, TuningCache, DEFAULT_CACHE_FILE};
 use crate::compile::{CompileError, Compiled, Compiler};
 use crate::gpu::kernels::ptx_file_name;
 use crate::gpu::{Device, GpuError};
@@ -116,11 +116,15 @@ fn jobs(args: &TuneArgs) -> usize {
     }
 }
 
-/// The budget flag as a duration (`None` = no limit); a negative or non-finite value is a usage error.
+/// The largest `--budget-s` accepted: a week.
+const MAX_BUDGET_S: f64 = 7.0 * 24.0 * 3600.0;
+
+/// The budget flag as a duration (`None` = no limit); a negative, non-finite or huge value is a usage
+/// error.
 fn budget(budget_s: f64) -> Result<Option<Duration>, UsageError> {
-    if !budget_s.is_finite() || budget_s < 0.0 {
+    if !(0.0..=MAX_BUDGET_S).contains(&budget_s) {
         return Err(UsageError::new(format!(
-            "`--budget-s` = {budget_s} is not allowed: a number of seconds >= 0 (0 = no limit)"
+            "`--budget-s` = {budget_s} is not allowed: a number of seconds from 0 to {MAX_BUDGET_S} (0 = no limit)"
         )));
     }
     Ok((budget_s > 0.0).then(|| Duration::from_secs_f64(budget_s)))
@@ -130,8 +134,10 @@ fn budget(budget_s: f64) -> Result<Option<Duration>, UsageError> {
 fn tune_plan(args: &TuneArgs, specs: Vec<Spec>) -> Result<TunePlan, UsageError> {
     let mut plan = TunePlan::new(args.gpu, specs);
     plan.budget = budget(args.budget_s)?;
+    // One sequence length per cache bucket: two in one bucket would overwrite each other's entry.
     let mut seqs = args.seq.clone();
-    seqs.dedup();
+    seqs.sort_unstable();
+    seqs.dedup_by_key(|n| seq_bucket(*n));
     if seqs.is_empty() {
         return Err(UsageError::new("`--seq` needs at least one sequence length"));
     }
@@ -151,6 +157,8 @@ fn tune_plan(args: &TuneArgs, specs: Vec<Spec>) -> Result<TunePlan, UsageError> 
 /// Checks and times every variant on the GPU and writes the winners to the cache.
 fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Outcome> {
     let plan = tune_plan(args, specs)?;
+    // A corrupt or other-version cache is reported before any GPU time is spent on it.
+    TuningCache::load_or_new(&args.cache)?;
     let dev = Device::open(0).map_err(|e| match e {
         GpuError::NoDevice(why) => anyhow!(
             "no CUDA device found: {why}\n(`sbgen tune --gpu {} --compile-only` lowers and compiles every variant \
@@ -462,6 +470,10 @@ mod tests {
         assert!(budget(-1.0).unwrap_err().to_string().contains("`--budget-s`"));
         assert!(budget(f64::NAN).is_err());
         assert_eq!(budget(1.5).unwrap(), Some(Duration::from_millis(1500)));
+        assert!(budget(1e20).unwrap_err().to_string().contains("from 0 to"), "no panic on a huge budget");
+        // One length per cache bucket, in order.
+        let args = parse(&["--gpu", "sm_90", "--seq", "4000,3000,2048,2048"]).unwrap();
+        assert_eq!(tune_plan(&args, specs(&args).unwrap()).unwrap().seqs, vec![2048, 3000]);
         let args = parse(&["--gpu", "sm_90", "--ptx-dir", "/nonexistent/sbgen-ptx"]).unwrap();
         let err = tune_plan(&args, specs(&args).unwrap()).unwrap_err().to_string();
         assert!(err.contains("`--ptx-dir`") && err.contains("/nonexistent/sbgen-ptx"), "{err}");

@@ -13,12 +13,12 @@ struct SbAttnHalf;
 fn main() {
     assert_eq!(SbAttn::FORWARD_SPEC.head_dim, 128);
     assert_eq!(SbAttn::BACKWARD_SPEC.pass, Pass::Backward);
-    let fwd = SbAttn::forward_kernels().binaries();
+    let fwd = SbAttn::forward_kernels().binaries().unwrap();
     assert_eq!(fwd.len(), 1);
     assert!(fwd[0].ptx.is_empty());
     assert!(fwd[0].cuda_source.as_deref().unwrap().contains(&fwd[0].manifest.name));
     assert_eq!(fwd[0].manifest.spec, SbAttn::FORWARD_SPEC);
-    let bwd = SbAttn::backward_kernels().binaries();
+    let bwd = SbAttn::backward_kernels().binaries().unwrap();
     assert_eq!(bwd[0].manifest.spec, SbAttn::BACKWARD_SPEC);
     assert_eq!(bwd[0].manifest.steps.len(), 2);
     // Picked for any device: the source is NVRTC-compiled for it.
@@ -27,7 +27,7 @@ fn main() {
     assert_eq!(SbAttnHalf::FORWARD_SPEC.dtype, Dtype::F16);
     assert_eq!(SbAttnHalf::FORWARD_SPEC.layout, Layout::Bnhd);
     assert_eq!(SbAttnHalf::FORWARD_SPEC.early_exit_bits, Some(24));
-    assert!(SbAttnHalf::forward_kernels().binaries()[0].name().starts_with("sb_fwd_d64_f16_strict_bnhd_fuse_ee24_"));
+    assert!(SbAttnHalf::forward_kernels().binaries().unwrap()[0].name().starts_with("sb_fwd_d64_f16_strict_bnhd_fuse_ee24_"));
 
     // The typed entry points exist with the dtype's element type.
     let _: fn(&_, _, sbgen_runtime::launcher::ForwardArgs<'_, sbgen_runtime::half::f16>, _) -> _ = SbAttn::forward;
