@@ -202,6 +202,9 @@ impl TuningCache {
     /// Adds `entry`, replacing an entry of the same (arch, spec, seq_bucket).
     pub fn insert(&mut self, entry: CacheEntry) {
         match self.entries.iter_mut().find(|e| e.key() == entry.key()) {
+            // A run whose budget ran out before timing as many candidates (say, only the default)
+            // does not overwrite a fuller tuning of the same key.
+            Some(old) if entry.timed_candidates() < old.timed_candidates() => {}
             Some(old) => *old = entry,
             None => self.entries.push(entry),
         }
@@ -240,6 +243,11 @@ impl TuningCache {
 }
 
 impl CacheEntry {
+    /// How many candidates were checked and timed (the measure of how fully the key was tuned).
+    pub fn timed_candidates(&self) -> usize {
+        self.candidates.iter().filter(|c| matches!(c.outcome, Outcome::Timed { .. })).count()
+    }
+
     /// What identifies an entry: (arch, spec, seq_bucket).
     pub fn key(&self) -> (Arch, Spec, u32) {
         (self.arch, self.spec, self.seq_bucket)
@@ -397,6 +405,28 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.contains(".tmp-"))
             .collect()
+    }
+
+    #[test]
+    fn a_budget_cut_run_does_not_overwrite_a_fuller_tuning() {
+        let mut cache = TuningCache::new();
+        let mut full = entry(128, Pass::Forward, 2048, 1.5);
+        full.candidates.push(CandidateResult {
+            schedule: Schedule { stages: 3, ..full.schedule },
+            outcome: Outcome::Timed { ms: 1.7, tflops: 90.0 },
+        });
+        cache.insert(full);
+        let mut cut = entry(128, Pass::Forward, 2048, 1.9);
+        cut.candidates[1].outcome = Outcome::NotRun { reason: "budget spent".into() };
+        cache.insert(cut.clone());
+        assert_eq!(cache.entries[0].time_ms, 1.5, "the fuller entry stays");
+        // As fully measured as what is there: the new run wins.
+        cut.candidates.push(CandidateResult {
+            schedule: Schedule { stages: 4, ..cut.schedule },
+            outcome: Outcome::Timed { ms: 2.0, tflops: 80.0 },
+        });
+        cache.insert(cut);
+        assert_eq!(cache.entries[0].time_ms, 1.9);
     }
 
     #[test]

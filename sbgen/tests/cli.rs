@@ -161,8 +161,12 @@ fn missing_toolchain_is_a_failure_that_says_what_to_install() {
 fn tune_without_compile_only_needs_a_gpu_and_says_so() {
     let out = sbgen(&["tune", "--gpu", "sm_80", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"]);
     let err = text(&out.stderr);
+    if err.contains("does not match the device found") {
+        eprintln!("skipped: a CUDA device is present (this test is for machines without one)");
+        return;
+    }
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("no CUDA device found") || err.contains("not implemented yet"), "{err}");
+    assert!(err.contains("no CUDA device found"), "{err}");
     assert!(err.contains("--compile-only"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }

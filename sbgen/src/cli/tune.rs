@@ -190,7 +190,10 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
     )?;
     out.flush()?;
     let start = Instant::now();
-    let report = tuner::run(&dev, &plan, &mut |line| eprintln!("{line}"))?;
+    // Progress goes to stderr; a closed stderr must not end a tuning run.
+    let report = tuner::run(&dev, &plan, &mut |line| {
+        let _ = writeln!(std::io::stderr(), "{line}");
+    })?;
     writeln!(out, "\n{}", summary_header())?;
     for row in &report.summary {
         writeln!(out, "{}", format_summary_row(row))?;
