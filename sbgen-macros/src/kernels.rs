@@ -29,12 +29,12 @@ pub struct Embed {
 /// attribute.
 pub fn find_cache(options: &Options, errors: &mut Errors) -> Option<Found> {
     let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_default();
-    let (path, span, required) = if let Some(c) = &options.cache {
-        (crate_dir.join(&c.value), c.span, true)
+    let (path, span, required, from) = if let Some(c) = &options.cache {
+        (crate_dir.join(&c.value), c.span, true, "the `cache` key")
     } else if let Some(env) = std::env::var_os("SBGEN_CACHE").filter(|v| !v.is_empty()) {
-        (crate_dir.join(env), Span::call_site(), true)
+        (crate_dir.join(env), Span::call_site(), true, "env `SBGEN_CACHE`")
     } else {
-        (crate_dir.join(DEFAULT_CACHE_FILE), Span::call_site(), false)
+        (crate_dir.join(DEFAULT_CACHE_FILE), Span::call_site(), false, "the crate's default cache file")
     };
     match TuningCache::load(&path) {
         Ok(cache) => Some(Found { cache, file: Some(absolute(&path)) }),
@@ -48,7 +48,6 @@ pub fn find_cache(options: &Options, errors: &mut Errors) -> Option<Found> {
             }
         }
         Err(e) => {
-            let from = if options.cache.is_some() { "the `cache` key" } else { "env `SBGEN_CACHE`" };
             errors.at(span, format!("{e} (the cache file comes from {from}, relative to CARGO_MANIFEST_DIR)"));
             None
         }

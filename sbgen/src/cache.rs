@@ -9,8 +9,10 @@
 //! Loading never panics and never drops a file silently: a missing file is [`CacheError::Missing`];
 //! a corrupt file or one of another [`CACHE_VERSION`] is an error that names the file and says what to
 //! do. Saving is atomic (a temp file in the same folder, fsync, rename) and merges with what is on
-//! disk at that moment (re-read just before writing), so two tuners writing the same file lose no
-//! entries of different keys; an entry with the same key is replaced.
+//! disk at that moment (re-read just before writing), so two tuners writing the same file one after
+//! the other lose no entries of different keys (there is no file lock: two saves racing between
+//! the re-read and the rename can still lose one side's entries). An entry with the same key is
+//! replaced unless the new one timed fewer candidates (a run cut short by its budget).
 //!
 //! Fields added after version 1 must carry `#[serde(default)]`, so older files keep loading.
 //!
