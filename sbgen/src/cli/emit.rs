@@ -20,18 +20,8 @@ pub struct EmitArgs {
     /// Which passes to emit.
     #[arg(long, value_enum, default_value_t = PassChoice::Both)]
     pub pass: PassChoice,
-    /// Causal mask: strict (key j < query i) or attend_current (j <= i).
-    #[arg(long, default_value_t = Mask::Strict)]
-    pub mask: Mask,
-    /// Memory order of q, k, v, o: bhnd or bnhd.
-    #[arg(long, default_value_t = Layout::Bhnd)]
-    pub layout: Layout,
-    /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
-    #[arg(long, default_value_t = Remainder::Return)]
-    pub remainder: Remainder,
-    /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
-    #[arg(long, value_name = "T")]
-    pub early_exit_bits: Option<u32>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Target architecture: sm_80 or sm_90 (compiled as sm_90a).
     #[arg(long, default_value = "sm_90")]
     pub arch: Arch,
@@ -40,6 +30,24 @@ pub struct EmitArgs {
     /// Output folder.
     #[arg(long, default_value = "sbgen-out")]
     pub out: PathBuf,
+}
+
+/// The spec fields besides head_dim, dtype and pass, shared by the subcommands that take one spec
+/// (`emit`, `run`).
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// Causal mask: strict (key j < query i) or attend_current (j <= i).
+    #[arg(long, default_value_t = Mask::Strict)]
+    pub mask: Mask,
+    /// Memory order of q, k, v, o (and do, the gradients): bhnd or bnhd.
+    #[arg(long, default_value_t = Layout::Bhnd)]
+    pub layout: Layout,
+    /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
+    #[arg(long, default_value_t = Remainder::Return)]
+    pub remainder: Remainder,
+    /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
+    #[arg(long, value_name = "T")]
+    pub early_exit_bits: Option<u32>,
 }
 
 /// Schedule overrides; absent fields keep the default schedule (64 x 64, 4 warps, 2 stages, mufu).
@@ -123,11 +131,11 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
         let spec = Spec {
             head_dim: args.head_dim,
             dtype: args.dtype,
-            mask: args.mask,
-            layout: args.layout,
-            remainder: args.remainder,
+            mask: args.spec.mask,
+            layout: args.spec.layout,
+            remainder: args.spec.remainder,
             pass,
-            early_exit_bits: args.early_exit_bits,
+            early_exit_bits: args.spec.early_exit_bits,
         };
         let kernel = Kernel::new(spec, args.schedule.schedule(), args.arch);
         kernel.validate().map_err(UsageError::new)?;

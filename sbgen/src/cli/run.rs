@@ -1,10 +1,10 @@
 //! `sbgen run`: one kernel on tensors from a safetensors file (see [`crate::gpu::run`]).
 
-use super::emit::{PassChoice, ScheduleArgs};
+use super::emit::{PassChoice, ScheduleArgs, SpecArgs};
 use super::{Outcome, UsageError};
 use crate::gpu::run::{self, RunError, RunPass, RunRequest};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Layout, Mask, Pass, Remainder, Spec};
+use crate::ir::{Pass, Spec};
 use anyhow::Result;
 use clap::Args;
 use std::io::Write;
@@ -36,18 +36,8 @@ pub struct RunArgs {
     /// Which passes to run.
     #[arg(long, value_enum, default_value_t = PassChoice::Fwd)]
     pub pass: PassChoice,
-    /// Causal mask: strict (key j < query i) or attend_current (j <= i).
-    #[arg(long, default_value_t = Mask::Strict)]
-    pub mask: Mask,
-    /// Memory order of q, k, v, do and the outputs: bhnd or bnhd.
-    #[arg(long, default_value_t = Layout::Bhnd)]
-    pub layout: Layout,
-    /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
-    #[arg(long, default_value_t = Remainder::Return)]
-    pub remainder: Remainder,
-    /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
-    #[arg(long, value_name = "T")]
-    pub early_exit_bits: Option<u32>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Score scale (default 1/sqrt(D)).
     #[arg(long)]
     pub scale: Option<f32>,
@@ -75,10 +65,10 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
             PassChoice::Bwd => RunPass::Backward,
             PassChoice::Both => RunPass::Both,
         },
-        mask: args.mask,
-        layout: args.layout,
-        remainder: args.remainder,
-        early_exit_bits: args.early_exit_bits,
+        mask: args.spec.mask,
+        layout: args.spec.layout,
+        remainder: args.spec.remainder,
+        early_exit_bits: args.spec.early_exit_bits,
         schedule: super::check::schedule_override(&args.schedule),
         scale: args.scale,
     };
