@@ -151,6 +151,21 @@ pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     }
 }
 
+/// Relative L2 error with the denominator floored at `||floor||`: ||got - want|| / max(||want||, ||floor||).
+/// For a reference that is a cancellation of terms the size of `floor` (see `check`'s fused
+/// gradients), where the plain relative error would divide rounding noise by near zero.
+pub fn rel_l2_floored(got: &[f32], want: &[f64], floor: &[f64]) -> f64 {
+    let err = rel_l2(got, want);
+    let want_norm = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    let floor_norm = floor.iter().map(|w| w * w).sum::<f64>().sqrt();
+    if err.is_nan() || floor_norm <= want_norm {
+        return err;
+    }
+    // rel_l2 divided by ||want|| (or by 1 when want is all zeros); rescale to ||floor||.
+    let abs = if want_norm == 0.0 { err } else { err * want_norm };
+    abs / floor_norm
+}
+
 /// Relative L2 distance between two kernel outputs.
 pub fn rel_l2_f32(got: &[f32], want: &[f32]) -> f64 {
     let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
@@ -216,6 +231,16 @@ mod tests {
         assert_eq!(rel_l2(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
         assert!((rel_l2(&[3.0, 0.0], &[0.0, 0.0]) - 3.0).abs() < 1e-12);
         assert!((rel_l2(&[1.1], &[1.0]) - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn floored_rel_l2_only_raises_a_smaller_denominator() {
+        // A reference of ~0 (a cancellation) measured against the size of the cancelling terms.
+        assert!((rel_l2_floored(&[0.01, 0.0], &[0.0, 0.0], &[1.0, 0.0]) - 0.01).abs() < 1e-9);
+        assert!((rel_l2_floored(&[0.01], &[1e-12], &[2.0]) - 0.005).abs() < 1e-9);
+        // A floor smaller than the reference changes nothing; NaN stays NaN.
+        assert!((rel_l2_floored(&[1.1], &[1.0], &[0.5]) - 0.1).abs() < 1e-6);
+        assert!(rel_l2_floored(&[f32::NAN], &[1.0], &[5.0]).is_nan());
     }
 
     #[test]
