@@ -240,13 +240,39 @@ mod tests {
 
     #[test]
     fn empty_cache_lowers_the_default_schedule() {
-        let c = TuningCache::parse(sbgen::DEFAULT_CACHE, Path::new("default")).unwrap();
+        let c = TuningCache::new();
         for pass in [Pass::Forward, Pass::Backward] {
             for head_dim in [64, 128] {
                 let spec = Spec::new(head_dim, Dtype::Bf16, pass);
                 let (k, _) = pick(&c, &spec, None, None).unwrap();
                 assert_eq!(k.len(), 1);
                 assert_eq!(k[0].name, Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90).name());
+            }
+        }
+    }
+
+    /// The shipped default cache must still lower to the same kernels (else every user of the macro
+    /// without a cache of their own gets a compile error): a template change means re-tuning it
+    /// (README, "Re-tuning the default cache").
+    #[test]
+    fn shipped_default_cache_covers_its_specs_and_matches_this_sbgen() {
+        let c = TuningCache::parse(sbgen::DEFAULT_CACHE, Path::new("sbgen/default-cache.json")).unwrap();
+        for e in &c.entries {
+            check_entry_matches_lowering(e).unwrap();
+            assert!(!e.ptx.is_empty(), "{} has no PTX", e.kernel_name);
+        }
+        for pass in [Pass::Forward, Pass::Backward] {
+            for dtype in [Dtype::Bf16, Dtype::F16] {
+                for head_dim in [64, 128] {
+                    let spec = Spec::new(head_dim, dtype, pass);
+                    let (k, _) = pick(&c, &spec, None, None).unwrap();
+                    let buckets: Vec<_> = k.iter().map(|k| (k.arch, k.seq_bucket)).collect();
+                    assert_eq!(
+                        buckets,
+                        vec![(Some(Arch::Sm90), Some(2048)), (Some(Arch::Sm90), Some(8192)), (None, None)],
+                        "{spec:?}"
+                    );
+                }
             }
         }
     }

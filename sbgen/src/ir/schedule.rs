@@ -67,14 +67,16 @@ impl Schedule {
 
     /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
     /// on the H200 (BENCHMARKS.md, 2026-11-29). The forward at head_dim 128 takes 3 stages (as fast
-    /// as 2, which spill 12-24 bytes on sm_90a); the backward at head_dim 128 takes 32-key blocks
-    /// (64 is 8% faster but spills).
+    /// as 2, which spill 12-24 bytes on sm_90a); the forward at head_dim 64 takes 32-key blocks
+    /// (`sbgen tune`: 5-6% faster than 64 at N = 2048 and 8192); the backward at head_dim 128 takes
+    /// 32-key blocks (64 is 8% faster but spills).
     pub fn default_for(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         use sbgen_runtime::spec::Pass;
         match (spec.pass, spec.head_dim) {
             (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
+            (Pass::Forward, _) => Schedule { block_n: 32, ..Schedule::DEFAULT },
             (Pass::Backward, d) if d > 64 => Schedule { block_n: 32, ..Schedule::DEFAULT },
-            _ => Schedule::DEFAULT,
+            (Pass::Backward, _) => Schedule::DEFAULT,
         }
     }
 
