@@ -614,9 +614,9 @@ fn tune_spec(
                 tuned_at: cache::now_utc(),
                 candidates_checksum: checksum.clone(),
                 candidates: results.clone(),
-                manifest: binary.manifest.clone(),
-                ptx: binary.ptx.first().map(|(_, p)| p.clone()).unwrap_or_default(),
-                cuda_source_hash: binary.cuda_source.as_deref().map(cache::source_hash).unwrap_or_default(),
+                manifest: binary.manifest().clone(),
+                ptx: binary.ptx().first().map(|(_, p)| p.clone()).unwrap_or_default(),
+                cuda_source_hash: binary.cuda_source().map(cache::source_hash).unwrap_or_default(),
             });
         }
         report.summary.push(row);
@@ -987,7 +987,7 @@ mod tests {
         assert_eq!(names.len(), 1, "{names:?}");
         let builder = KernelBuilder::new(Arch::Sm80, Some(dir.clone()));
         let binary = builder.build(&good).unwrap();
-        assert_eq!(binary.ptx[0].1, std::fs::read_to_string(&file).unwrap());
+        assert_eq!(binary.ptx()[0].1, std::fs::read_to_string(&file).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -232,10 +232,9 @@ fn launcher_refuses_bad_inputs_before_launching() {
 fn launcher_names_the_arch_when_no_ptx_fits_and_there_is_no_source() {
     let Some(dev) = device() else { return };
     let real = kernel(&dev, spec(64, Dtype::Bf16, Pass::Forward));
-    let mut binary = (*real).clone();
-    binary.manifest.name.push_str("_no_ptx_test");
-    binary.ptx = vec![("sm_120a".to_string(), String::new())];
-    binary.cuda_source = None;
+    let mut manifest = real.manifest().clone();
+    manifest.name.push_str("_no_ptx_test");
+    let binary = KernelBinary::new(manifest, vec![("sm_120a".to_string(), String::new())], None);
     let err = dev.launcher.load(&binary).unwrap_err();
     let device_arch = sbgen_runtime::launcher::Target::for_device(dev.compute_capability);
     assert!(matches!(&err, LaunchError::NoKernelForArch { device_arch: a, .. } if *a == device_arch), "{err}");
@@ -261,6 +260,17 @@ fn module_store_loads_each_kernel_once() {
     let other = sbgen_runtime::launcher::Launcher::new(dev.ctx.new_stream().unwrap()).unwrap();
     assert!(Arc::ptr_eq(other.store(), dev.launcher.store()));
     assert!(Arc::ptr_eq(&a, &other.load(&fwd).unwrap()));
+    // The same name with other code (another sbgen's templates, say) is another module.
+    let (target, ptx) = fwd.ptx()[0].clone();
+    let edited = KernelBinary::new(
+        fwd.manifest().clone(),
+        vec![(target, format!("{ptx}\n// edited\n"))],
+        fwd.cuda_source().map(str::to_string),
+    );
+    assert_eq!(edited.name(), fwd.name());
+    let c = dev.launcher.load(&edited).unwrap();
+    assert!(!Arc::ptr_eq(&a, &c), "a kernel of the same name but other code reused the module");
+    assert!(Arc::ptr_eq(&c, &dev.launcher.load(&edited).unwrap()));
 }
 
 #[test]

@@ -120,8 +120,8 @@ fn main() -> ExitCode {
             }
         };
         for k in binaries {
-            let targets: Vec<&str> = k.ptx.iter().map(|(t, _)| t.as_str()).collect();
-            let source = if k.cuda_source.is_some() { "CUDA source (NVRTC at first use)" } else { "" };
+            let targets: Vec<&str> = k.ptx().iter().map(|(t, _)| t.as_str()).collect();
+            let source = if k.cuda_source().is_some() { "CUDA source (NVRTC at first use)" } else { "" };
             println!("embedded {pass} kernel {}: PTX {targets:?} {source}", k.name());
         }
     }

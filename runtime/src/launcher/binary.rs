@@ -4,21 +4,85 @@
 
 use crate::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
+use std::sync::OnceLock;
 
 /// One kernel, ready to load. Built by `sbgen` (lower + compile) or embedded by the macro.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Read-only once built: the module store keys loaded modules by name and a fingerprint of the
+/// code, computed once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KernelBinary {
-    pub manifest: KernelManifest,
+    manifest: KernelManifest,
     /// `(target, ptx)` pairs; the target is what the PTX was compiled for: `sm_90a`, `sm_80`, ...
-    pub ptx: Vec<(String, String)>,
+    ptx: Vec<(String, String)>,
     /// The CUDA C++ source, compiled with NVRTC for the device's arch when no PTX fits.
     #[serde(default)]
-    pub cuda_source: Option<String>,
+    cuda_source: Option<String>,
+    #[serde(skip)]
+    fingerprint: OnceLock<u64>,
 }
 
+impl PartialEq for KernelBinary {
+    fn eq(&self, other: &Self) -> bool {
+        self.manifest == other.manifest && self.ptx == other.ptx && self.cuda_source == other.cuda_source
+    }
+}
+
+impl Eq for KernelBinary {}
+
 impl KernelBinary {
+    pub fn new(manifest: KernelManifest, ptx: Vec<(String, String)>, cuda_source: Option<String>) -> Self {
+        KernelBinary { manifest, ptx, cuda_source, fingerprint: OnceLock::new() }
+    }
+
     pub fn name(&self) -> &str {
         &self.manifest.name
+    }
+
+    pub fn manifest(&self) -> &KernelManifest {
+        &self.manifest
+    }
+
+    /// `(target, ptx)` pairs.
+    pub fn ptx(&self) -> &[(String, String)] {
+        &self.ptx
+    }
+
+    pub fn cuda_source(&self) -> Option<&str> {
+        self.cuda_source.as_deref()
+    }
+
+    /// A 64-bit FNV-1a hash of the manifest, every PTX and the source: two binaries of the same
+    /// name from different sbgen versions (other templates, another parameter block) differ here,
+    /// so one process never launches one's module with the other's manifest.
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| {
+            let mut h = Fnv64::new();
+            h.write(serde_json::to_string(&self.manifest).unwrap_or_default().as_bytes());
+            for (target, ptx) in &self.ptx {
+                h.write(target.as_bytes());
+                h.write(&[0]);
+                h.write(ptx.as_bytes());
+                h.write(&[0]);
+            }
+            if let Some(source) = &self.cuda_source {
+                h.write(source.as_bytes());
+            }
+            h.0
+        })
+    }
+}
+
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
 }
 
@@ -70,7 +134,9 @@ impl Target {
 pub fn pick_ptx(ptx: &[(String, String)], cc: (u32, u32)) -> Option<usize> {
     let mut best: Option<(usize, (bool, u32, u32, bool))> = None;
     for (i, (target, _)) in ptx.iter().enumerate() {
-        let Some(t) = Target::parse(target) else { continue };
+        let Some(t) = Target::parse(target) else {
+            continue;
+        };
         if !t.runs_on(cc) {
             continue;
         }
@@ -120,6 +186,32 @@ mod tests {
         assert_eq!(pick_ptx(&ptx(&["sm_80"]), (7, 5)), None);
         assert_eq!(pick_ptx(&ptx(&["sm_80", "sm_86"]), (8, 9)), Some(1));
         assert_eq!(pick_ptx(&ptx(&["sm_86", "sm_80"]), (8, 0)), Some(1));
+    }
+
+    #[test]
+    fn the_fingerprint_tells_apart_same_named_binaries_with_other_code() {
+        let manifest: KernelManifest = serde_json::from_str(
+            r#"{"name":"sb_fwd_x","spec":{"head_dim":128,"dtype":"bf16","mask":"strict","layout":"bhnd","remainder":"return","pass":"forward"},"block_m":64,"block_n":64,"steps":[]}"#,
+        )
+        .unwrap();
+        let a = KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), Some("src".into()));
+        let same = KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), Some("src".into()));
+        assert_eq!(a.fingerprint(), same.fingerprint());
+        assert_eq!(a, same);
+        let others = [
+            KernelBinary::new(manifest.clone(), vec![("sm_90a".into(), "x".into())], Some("src".into())),
+            KernelBinary::new(manifest.clone(), ptx(&["sm_80"]), Some("src".into())),
+            KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), Some("src2".into())),
+            KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), None),
+            KernelBinary::new(KernelManifest { block_n: 32, ..manifest }, ptx(&["sm_90a"]), Some("src".into())),
+        ];
+        for other in &others {
+            assert_eq!(other.name(), a.name());
+            assert_ne!(other.fingerprint(), a.fingerprint(), "{other:?}");
+        }
+        // A deserialized binary computes its own fingerprint (the cached one is not serialized).
+        let back: KernelBinary = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back.fingerprint(), a.fingerprint());
     }
 
     #[test]

@@ -36,11 +36,11 @@ impl EmbeddedKernel {
                 "the embedded manifest does not parse ({e}); rebuild the crate with matching sbgen versions"
             ),
         })?;
-        Ok(KernelBinary {
+        Ok(KernelBinary::new(
             manifest,
-            ptx: self.ptx.iter().map(|(t, p)| (t.to_string(), p.to_string())).collect(),
-            cuda_source: self.cuda_source.map(str::to_string),
-        })
+            self.ptx.iter().map(|(t, p)| (t.to_string(), p.to_string())).collect(),
+            self.cuda_source.map(str::to_string),
+        ))
     }
 }
 
@@ -177,6 +177,6 @@ mod tests {
         let a = SET.pick((9, 0), 10).unwrap() as *const KernelBinary;
         let b = SET.pick((9, 0), 20).unwrap() as *const KernelBinary;
         assert_eq!(a, b);
-        assert_eq!(SET.binaries().unwrap()[0].manifest.name, "sb_fwd_x");
+        assert_eq!(SET.binaries().unwrap()[0].manifest().name, "sb_fwd_x");
     }
 }

@@ -110,7 +110,7 @@ impl Launcher {
             log2_rem: args.log2_rem.len(),
             o_saved: args.o_saved.as_ref().map(|x| x.len()),
         };
-        let plan = plan_forward(&kernel.manifest, T::DTYPE, shape, &lens, scale)?;
+        let plan = plan_forward(kernel.manifest(), T::DTYPE, shape, &lens, scale)?;
         let ctx = self.stream.context();
         same_context(ctx, "q", args.q.stream())?;
         same_context(ctx, "k", args.k.stream())?;
@@ -182,7 +182,7 @@ impl Launcher {
             dk: args.dk.len(),
             dv: args.dv.len(),
         };
-        let plan = plan_backward(&kernel.manifest, T::DTYPE, shape, &lens, scale)?;
+        let plan = plan_backward(kernel.manifest(), T::DTYPE, shape, &lens, scale)?;
         let ctx = self.stream.context();
         same_context(ctx, "q", args.q.stream())?;
         same_context(ctx, "k", args.k.stream())?;
@@ -226,7 +226,7 @@ impl Launcher {
             ("dv", dv, e),
         ])?;
 
-        let name = &kernel.manifest.name;
+        let name = &kernel.manifest().name;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let needed = 2 * plan.accum_elements;
         if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {

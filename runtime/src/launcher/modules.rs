@@ -69,7 +69,8 @@ pub struct ModuleStore {
     compute_capability: (u32, u32),
     max_dynamic_smem: u32,
     nvrtc: Mutex<NvrtcOptions>,
-    loaded: Mutex<HashMap<String, Arc<LoadedKernel>>>,
+    /// Keyed by (kernel name, [`KernelBinary::fingerprint`]).
+    loaded: Mutex<HashMap<(String, u64), Arc<LoadedKernel>>>,
 }
 
 impl ModuleStore {
@@ -138,26 +139,26 @@ impl ModuleStore {
     /// module is compiled or JIT-loaded, so threads can load different kernels at once; when two
     /// load the same kernel, the first one stored is kept.
     pub fn load(&self, binary: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
-        let name = binary.name();
-        if let Some(kernel) = lock(&self.loaded).get(name) {
+        let key = (binary.name().to_string(), binary.fingerprint());
+        if let Some(kernel) = lock(&self.loaded).get(&key) {
             return Ok(kernel.clone());
         }
         let kernel = Arc::new(self.load_new(binary)?);
-        Ok(lock(&self.loaded).entry(name.to_string()).or_insert(kernel).clone())
+        Ok(lock(&self.loaded).entry(key).or_insert(kernel).clone())
     }
 
     fn load_new(&self, binary: &KernelBinary) -> Result<LoadedKernel, LaunchError> {
         let name = binary.name();
         let cc = self.compute_capability;
-        let (ptx, origin) = match pick_ptx(&binary.ptx, cc) {
+        let (ptx, origin) = match pick_ptx(binary.ptx(), cc) {
             Some(i) => {
-                let (target, text) = &binary.ptx[i];
+                let (target, text) = &binary.ptx()[i];
                 (Ptx::from_src(text.clone()), CodeOrigin::Ptx { target: target.clone() })
             }
             None => {
                 let target = Target::for_device(cc);
-                let Some(source) = &binary.cuda_source else {
-                    let available = binary.ptx.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ");
+                let Some(source) = binary.cuda_source() else {
+                    let available = binary.ptx().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ");
                     return Err(LaunchError::NoKernelForArch {
                         kernel: name.to_string(),
                         device_arch: target,
@@ -169,8 +170,8 @@ impl ModuleStore {
             }
         };
         let module = self.ctx.load_module(ptx).kernel_ctx(name, "loading the module")?;
-        let mut functions = Vec::with_capacity(binary.manifest.steps.len());
-        for step in &binary.manifest.steps {
+        let mut functions = Vec::with_capacity(binary.manifest().steps.len());
+        for step in &binary.manifest().steps {
             let function = module.load_function(&step.function).kernel_ctx(name, "finding an entry point")?;
             let max_threads = function.max_threads_per_block().kernel_ctx(name, "querying max threads")?;
             if step.threads as i64 > max_threads as i64 {

@@ -90,11 +90,8 @@ impl KernelBuilder {
                 }
             },
         };
-        let binary = Arc::new(KernelBinary {
-            manifest: lowered.manifest,
-            ptx: vec![(target.to_string(), ptx)],
-            cuda_source: Some(lowered.cuda_source),
-        });
+        let binary =
+            Arc::new(KernelBinary::new(lowered.manifest, vec![(target.to_string(), ptx)], Some(lowered.cuda_source)));
         self.cache.lock().unwrap().insert(*kernel, binary.clone());
         Ok(binary)
     }
