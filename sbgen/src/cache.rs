@@ -158,6 +158,9 @@ pub enum CacheError {
         .path.display(), env!("CARGO_PKG_VERSION"), .path.display()
     )]
     Version { path: PathBuf, found: u64, expected: u32 },
+    /// What would be written breaks a rule [`TuningCache::parse`] enforces (a bug in the writer).
+    #[error("refusing to write `{}`: the cache would not load back ({message})", .path.display())]
+    Invalid { path: PathBuf, message: String },
 }
 
 impl TuningCache {
@@ -198,7 +201,50 @@ impl TuningCache {
         if version != CACHE_VERSION as u64 {
             return Err(CacheError::Version { path: path.to_path_buf(), found: version, expected: CACHE_VERSION });
         }
-        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+        let cache: TuningCache = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        cache.validate().map_err(corrupt)?;
+        Ok(cache)
+    }
+
+    /// The rules a loaded cache must meet beyond its JSON shape: one entry per key, power-of-two
+    /// buckets, PTX present, finite positive times.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.entries {
+            let name = &e.kernel_name;
+            if !seen.insert(e.key()) {
+                return Err(format!(
+                    "two entries for {} {} bucket {} (the second is `{name}`)",
+                    e.arch,
+                    e.spec.slug(),
+                    e.seq_bucket
+                ));
+            }
+            if !e.seq_bucket.is_power_of_two() {
+                return Err(format!("entry `{name}`: seq_bucket {} is not a power of two", e.seq_bucket));
+            }
+            if e.ptx.trim().is_empty() {
+                return Err(format!("entry `{name}` has no PTX"));
+            }
+            if !(e.time_ms.is_finite() && e.time_ms > 0.0) {
+                return Err(format!("entry `{name}`: time_ms {} is not a positive number", e.time_ms));
+            }
+            let numbers = [Some(e.tflops), e.speedup_over_default];
+            if numbers.iter().flatten().any(|x| !x.is_finite()) {
+                return Err(format!("entry `{name}`: tflops or speedup_over_default is not finite"));
+            }
+            for c in &e.candidates {
+                let finite = match c.outcome {
+                    Outcome::Timed { ms, tflops } => ms.is_finite() && tflops.is_finite(),
+                    Outcome::WrongResult { max_error } => max_error.is_finite(),
+                    _ => true,
+                };
+                if !finite {
+                    return Err(format!("entry `{name}`: candidate {} has a non-finite figure", c.schedule));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds `entry`, replacing an entry of the same (arch, spec, seq_bucket).
@@ -221,6 +267,8 @@ impl TuningCache {
         }
         merged.version = CACHE_VERSION;
         merged.sort();
+        // JSON has no NaN: a non-finite time would be written as null and never load again.
+        merged.validate().map_err(|message| CacheError::Invalid { path: path.to_path_buf(), message })?;
         let mut text = serde_json::to_string_pretty(&merged)
             .map_err(|e| CacheError::Corrupt { path: path.to_path_buf(), message: format!("cannot serialize: {e}") })?;
         text.push('\n');
@@ -504,6 +552,42 @@ mod tests {
             assert!(matches!(TuningCache::new().save(&path), Err(CacheError::Corrupt { .. })));
             assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         }
+    }
+
+    #[test]
+    fn a_file_breaking_the_entry_rules_is_corrupt_naming_the_entry() {
+        let dir = scratch("rules");
+        let path = dir.join("sbgen-tune.json");
+        let good = entry(128, Pass::Forward, 2048, 1.5);
+        let cases: Vec<(Vec<CacheEntry>, &str)> = vec![
+            (vec![good.clone(), good.clone()], "two entries"),
+            (vec![CacheEntry { seq_bucket: 3000, ..good.clone() }], "not a power of two"),
+            (vec![CacheEntry { ptx: " ".into(), ..good.clone() }], "no PTX"),
+            (vec![CacheEntry { time_ms: 0.0, ..good.clone() }], "time_ms"),
+        ];
+        for (entries, expected) in cases {
+            let cache = TuningCache { version: CACHE_VERSION, entries };
+            std::fs::write(&path, serde_json::to_string(&cache).unwrap()).unwrap();
+            let err = TuningCache::load(&path).unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{expected}: {err:?}");
+            let message = err.to_string();
+            assert!(message.contains(expected) && message.contains(&good.kernel_name), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_time_is_refused_before_writing_never_saved_as_null() {
+        let dir = scratch("nan");
+        let path = dir.join("sbgen-tune.json");
+        let mut cache = TuningCache::new();
+        let mut e = entry(64, Pass::Backward, 8192, 2.0);
+        e.candidates[0].outcome = Outcome::Timed { ms: f64::NAN, tflops: f64::NAN };
+        cache.insert(e);
+        let err = cache.save(&path).unwrap_err();
+        assert!(matches!(err, CacheError::Invalid { .. }), "{err:?}");
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        assert!(!path.exists());
+        assert!(leftovers(&dir).is_empty());
     }
 
     #[test]
