@@ -47,8 +47,11 @@ pub const HEADS: usize = 16;
 pub const CHECK_SEQS: &[usize] = &[17, 256];
 /// Sequence lengths tuned when none are given.
 pub const DEFAULT_SEQS: &[usize] = &[2048, 8192];
-/// Wall-time budget of checking and timing when none is given, in seconds: one spec's forward and
-/// backward on an H200 take well under a minute, so the whole run stays under two.
+/// The longest sequence `--seq` accepts: there the timed problem (1 x 2 x 131072) is already 8x the
+/// work of the N = 16384 one, and every candidate is timed 20 times.
+pub const MAX_SEQ: usize = 1 << 17;
+/// Wall-time budget of a run when none is given, in seconds: one spec's forward and backward took
+/// 36 s on the H200 (2026-11-29), so the whole run stays under two minutes.
 pub const DEFAULT_BUDGET_S: f64 = 90.0;
 
 /// What to tune.
@@ -285,6 +288,9 @@ pub struct TuneReport {
     pub aborted: Option<String>,
     /// Backward winners that fail their check on the same bucket's forward winner ([`winner_pairs`]).
     pub pair_failures: Vec<String>,
+    /// Specs that stopped on an error of their own (out of memory, a winner that would not build):
+    /// `(spec slug, error)`. The other specs' entries are still in `entries`.
+    pub spec_errors: Vec<(String, String)>,
 }
 
 /// Called from the compiling threads with each kernel's index and result.
@@ -361,15 +367,16 @@ pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Res
     if dev.arch != plan.arch {
         return Err(TuneError::ArchMismatch { requested: plan.arch, found: dev.arch, device: dev.describe() });
     }
-    // Kernels: from the PTX folder, or compiled here into a scratch folder.
-    let scratch = std::env::temp_dir().join(format!("sbgen-tune-{}", std::process::id()));
+    // Kernels: from the PTX folder, or compiled here into a scratch folder (removed on every path).
+    let mut _scratch = None;
     let (ptx_dir, compiler) = match &plan.ptx_dir {
         Some(dir) => (dir.clone(), None),
         None => match Compiler::discover() {
             Ok(c) => {
-                std::fs::create_dir_all(&scratch)
-                    .map_err(|source| TuneError::Scratch { path: scratch.clone(), source })?;
-                (scratch.clone(), Some(c))
+                let dir = ScratchDir::create()?;
+                let path = dir.path.clone();
+                _scratch = Some(dir);
+                (path, Some(c))
             }
             Err(e) => return Err(TuneError::NoKernels { arch: plan.arch, toolchain: e.to_string() }),
         },
@@ -386,14 +393,54 @@ pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Res
                 report.aborted = Some(e.to_string());
                 break;
             }
-            Err(e) => return Err(e),
+            // An error of this spec alone: keep what the others measured and go on.
+            Err(e) => {
+                progress(&format!("ERROR {}: {e}", spec.slug()));
+                report.spec_errors.push((spec.slug(), e.to_string()));
+            }
         }
     }
     if report.aborted.is_none() {
-        pair_check(dev, plan, &builder, progress, &mut report)?;
+        // The pair check adds warnings; its own failure must not cost the measured entries.
+        if let Err(e) = pair_check(dev, plan, &builder, progress, &mut report) {
+            report.aborted = Some(format!("checking the forward/backward winner pairs: {e}"));
+        }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(report)
+}
+
+/// A private scratch folder under the temp dir, with a name no other process can predict or
+/// have created, removed when dropped.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn create() -> Result<Self, TuneError> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let path = std::env::temp_dir().join(format!(
+                "sbgen-tune-{}-{:x}",
+                std::process::id(),
+                nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(attempt as u128) & 0xffff_ffff_ffff
+            ));
+            // `create_dir` (not `_all`) fails when the path exists: the folder is ours alone.
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(ScratchDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((path, e)),
+                Err(source) => return Err(TuneError::Scratch { path, source }),
+            }
+        }
+        let (path, source) = last.expect("16 attempts were made");
+        Err(TuneError::Scratch { path, source })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// In training the tuned backward reads what the tuned forward saved, and each was checked with
@@ -644,7 +691,9 @@ fn preload(
         for _ in 0..threads.clamp(1, all.len().max(1)) {
             s.spawn(|| loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(i, kernel)) = all.get(n) else { break };
+                let Some(&(i, kernel)) = all.get(n) else {
+                    break;
+                };
                 let r = builder
                     .build(&kernel)
                     .map_err(|e| check::short(&e.to_string()))

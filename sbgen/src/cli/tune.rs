@@ -54,13 +54,14 @@ pub struct TuneArgs {
     /// (named as `sbgen check --emit-ptx` names them), for `--ptx-dir` on a GPU machine.
     #[arg(long, value_name = "DIR", requires = "compile_only")]
     pub emit_ptx: Option<PathBuf>,
-    /// Sequence lengths to time, comma-separated; each is a cache bucket (the next power of two).
-    /// Every problem has about 2^18 tokens (B * H * N, H = 16).
+    /// Sequence lengths to time, comma-separated (1 to 131072); each is a cache bucket (the next power
+    /// of two). Every problem has about 2^18 tokens (B * H * N; H = 16, fewer above N = 16384).
     #[arg(long, value_delimiter = ',', default_values_t = tuner::DEFAULT_SEQS.to_vec(),
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..(1u64 << 31)))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=tuner::MAX_SEQ as u64))]
     pub seq: Vec<usize>,
-    /// Wall-time budget for checking and timing, in seconds: once spent, the remaining candidates
-    /// are not timed (the defaults still are) and the report says so. 0 = no limit.
+    /// Wall-time budget of the whole run in seconds (compiling or loading, checking and timing; all
+    /// specs together): once spent, the remaining candidates are not timed (each spec's default still
+    /// is) and the report says so. 0 = no limit.
     #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S)]
     pub budget_s: f64,
     /// The tuning cache to write (merged with what it holds).
@@ -71,7 +72,7 @@ pub struct TuneArgs {
     #[arg(long, value_name = "DIR")]
     pub ptx_dir: Option<PathBuf>,
     /// Timed repetitions per candidate and sequence length (the median is kept).
-    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(3..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(3..=1000))]
     pub reps: usize,
 }
 
@@ -226,11 +227,15 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
         )?;
     }
     writeln!(out, "{:.1} s", start.elapsed().as_secs_f64())?;
+    for (spec, error) in &report.spec_errors {
+        writeln!(out, "not tuned: {spec}: {error}")?;
+    }
     if let Some(why) = &report.aborted {
         writeln!(out, "stopped early: {why}")?;
         return Ok(Outcome::Failure);
     }
-    Ok(if report.summary.iter().all(|r| r.winner.is_some()) { Outcome::Success } else { Outcome::Failure })
+    let all_won = report.summary.iter().all(|r| r.winner.is_some());
+    Ok(if all_won && report.spec_errors.is_empty() { Outcome::Success } else { Outcome::Failure })
 }
 
 /// The specs to tune: every combination of the lists, each validated before any work.
@@ -332,7 +337,9 @@ fn execute(
                 if k >= work.len() || stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let Item::Compile(lowered) = &items[work[k]] else { continue };
+                let Item::Compile(lowered) = &items[work[k]] else {
+                    continue;
+                };
                 let result = catch_unwind(AssertUnwindSafe(|| compiler.compile(lowered)))
                     .unwrap_or_else(|panic| Err(panicked(&lowered.name, panic)))
                     .map_err(|e: CompileError| e.to_string());
@@ -348,7 +355,9 @@ fn execute(
         let mut printed = 0;
         let mut print_ready = |lines: &mut Vec<Option<String>>, out: &mut dyn Write| -> std::io::Result<()> {
             while printed < lines.len() {
-                let Some(line) = lines[printed].take() else { break };
+                let Some(line) = lines[printed].take() else {
+                    break;
+                };
                 writeln!(out, "{line}")?;
                 printed += 1;
             }
@@ -357,7 +366,9 @@ fn execute(
         let result = (|| -> Result<()> {
             print_ready(&mut lines, out)?;
             for (i, result) in rx.iter() {
-                let Item::Compile(lowered) = &items[i] else { continue };
+                let Item::Compile(lowered) = &items[i] else {
+                    continue;
+                };
                 tally.compiled += 1;
                 lines[i] = Some(match result {
                     Ok(compiled) => {
