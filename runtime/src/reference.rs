@@ -38,12 +38,7 @@ pub struct Shape {
 
 impl Shape {
     pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Self {
-        Shape {
-            batch,
-            heads,
-            seq,
-            head_dim,
-        }
+        Shape { batch, heads, seq, head_dim }
     }
 
     /// Elements of q, k, v, o and each gradient: B * H * N * D.
@@ -77,12 +72,7 @@ pub struct Options {
 impl Options {
     /// Strict causal mask, remainder returned, no early exit, default scale.
     pub fn causal() -> Self {
-        Options {
-            mask: Mask::Strict,
-            remainder: Remainder::Return,
-            early_exit_bits: None,
-            scale: None,
-        }
+        Options { mask: Mask::Strict, remainder: Remainder::Return, early_exit_bits: None, scale: None }
     }
 
     /// The scale for a head dimension: `scale` or 1 / sqrt(head_dim).
@@ -116,12 +106,7 @@ impl Default for Options {
 
 impl From<&Spec> for Options {
     fn from(spec: &Spec) -> Self {
-        Options {
-            mask: spec.mask,
-            remainder: spec.remainder,
-            early_exit_bits: spec.early_exit_bits,
-            scale: None,
-        }
+        Options { mask: spec.mask, remainder: spec.remainder, early_exit_bits: spec.early_exit_bits, scale: None }
     }
 }
 
@@ -171,14 +156,7 @@ struct RowWalk {
 
 /// Walks row `i` of one head from its nearest allowed key to the farthest (or to the early exit).
 /// `qi` is the row's query, `k` the head's keys [N, D].
-fn walk_row(
-    opts: &Options,
-    shape: &Shape,
-    scale_log2: f64,
-    i: usize,
-    qi: &[f64],
-    k: &[f64],
-) -> RowWalk {
+fn walk_row(opts: &Options, shape: &Shape, scale_log2: f64, i: usize, qi: &[f64], k: &[f64]) -> RowWalk {
     let d = shape.head_dim;
     let n_allowed = opts.allowed_keys(i, shape.seq);
     let threshold = opts.early_exit_bits.map(|t| -(t as f64));
@@ -201,19 +179,11 @@ fn walk_row(
     }
     weights.reverse();
     betas.reverse();
-    RowWalk {
-        first,
-        weights,
-        betas,
-        log2_rem: acc,
-    }
+    RowWalk { first, weights, betas, log2_rem: acc }
 }
 
 fn check_len(name: &str, got: usize, want: usize) {
-    assert_eq!(
-        got, want,
-        "reference: `{name}` has {got} elements, the shape needs {want}"
-    );
+    assert_eq!(got, want, "reference: `{name}` has {got} elements, the shape needs {want}");
 }
 
 /// The float64 forward: o, rem and log2 rem for q, k, v in BHND.
@@ -289,12 +259,7 @@ pub fn backward(
     for bh in 0..shape.batch * shape.heads {
         let base = bh * n * d;
         let head = base..base + n * d;
-        let (qh, kh, vh, doh) = (
-            &q[head.clone()],
-            &k[head.clone()],
-            &v[head.clone()],
-            &d_o[head.clone()],
-        );
+        let (qh, kh, vh, doh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()], &d_o[head.clone()]);
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
             let doi = &doh[i * d..(i + 1) * d];
@@ -381,11 +346,7 @@ mod tests {
     const REMAINDERS: [Remainder; 2] = [Remainder::Return, Remainder::Fuse];
 
     fn opts(mask: Mask, remainder: Remainder) -> Options {
-        Options {
-            mask,
-            remainder,
-            ..Options::causal()
-        }
+        Options { mask, remainder, ..Options::causal() }
     }
 
     /// Standard normal samples (Box-Muller; `rand` without `rand_distr`).
@@ -401,11 +362,7 @@ mod tests {
 
     fn inputs(seed: u64, shape: Shape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut rng = StdRng::seed_from_u64(seed);
-        (
-            normal(&mut rng, shape.len()),
-            normal(&mut rng, shape.len()),
-            normal(&mut rng, shape.len()),
-        )
+        (normal(&mut rng, shape.len()), normal(&mut rng, shape.len()), normal(&mut rng, shape.len()))
     }
 
     /// q, k with every score z_ij = s q_i . k_j close to `score` (small noise), v ~ N(0, 1).
@@ -429,10 +386,7 @@ mod tests {
 
     fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max)
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
     }
 
     /// The definition straight from DESIGN §2, in plain (non-log) arithmetic:
@@ -471,10 +425,7 @@ mod tests {
                         o[(bh * n + i) * d + t] += *a * vj;
                     }
                 }
-                let r = (0..n)
-                    .filter(|&j| opts.allowed(i, j))
-                    .map(|j| 1.0 - beta(i, j))
-                    .product::<f64>();
+                let r = (0..n).filter(|&j| opts.allowed(i, j)).map(|j| 1.0 - beta(i, j)).product::<f64>();
                 if opts.remainder == Remainder::Fuse {
                     for (t, vi) in at(v, i).iter().enumerate() {
                         o[(bh * n + i) * d + t] += r * vi;
@@ -490,31 +441,18 @@ mod tests {
     #[test]
     fn forward_matches_the_product_definition() {
         let shape = Shape::new(2, 2, 9, 4);
-        for (case, (mask, remainder)) in MASKS
-            .iter()
-            .flat_map(|&m| REMAINDERS.map(|r| (m, r)))
-            .enumerate()
-        {
+        for (case, (mask, remainder)) in MASKS.iter().flat_map(|&m| REMAINDERS.map(|r| (m, r))).enumerate() {
             let opts = opts(mask, remainder);
             let (q, k, v) = inputs(10 + case as u64, shape);
             let got = forward(shape, &opts, &q, &k, &v);
             let (o, rem, weights) = naive_forward(shape, &opts, &q, &k, &v);
             let err_o = max_abs_diff(&got.o, &o);
             let err_rem = max_abs_diff(&got.rem, &rem);
-            assert!(
-                err_o < 1e-13,
-                "{mask:?} {remainder:?}: max |o - naive| = {err_o:e}"
-            );
-            assert!(
-                err_rem < 1e-14,
-                "{mask:?} {remainder:?}: max |rem - naive| = {err_rem:e}"
-            );
+            assert!(err_o < 1e-13, "{mask:?} {remainder:?}: max |o - naive| = {err_o:e}");
+            assert!(err_rem < 1e-14, "{mask:?} {remainder:?}: max |rem - naive| = {err_rem:e}");
             for (r, row) in weights.iter().enumerate() {
                 let sum: f64 = row.iter().sum();
-                assert!(
-                    (got.rem[r] - (1.0 - sum)).abs() < 1e-14,
-                    "rem != 1 - sum_j A_ij at row {r}"
-                );
+                assert!((got.rem[r] - (1.0 - sum)).abs() < 1e-14, "rem != 1 - sum_j A_ij at row {r}");
                 assert!((got.log2_rem[r].exp2() - got.rem[r]).abs() == 0.0);
             }
             // The data must exercise the weights: some rows far from uniform, some stick spent.
@@ -533,24 +471,13 @@ mod tests {
                 let (o, rem, _) = naive_forward(shape, &opts, &q, &k, &v);
                 let err_o = max_abs_diff(&got.o, &o);
                 let err_rem = max_abs_diff(&got.rem, &rem);
-                assert!(
-                    err_o < 1e-13 && err_rem < 1e-14,
-                    "score {score}: {err_o:e} {err_rem:e}"
-                );
+                assert!(err_o < 1e-13 && err_rem < 1e-14, "score {score}: {err_o:e} {err_rem:e}");
             }
         }
     }
 
     /// L = sum(d_o * o) + sum(d_rem * rem).
-    fn loss(
-        shape: Shape,
-        opts: &Options,
-        q: &[f64],
-        k: &[f64],
-        v: &[f64],
-        d_o: &[f64],
-        d_rem: Option<&[f64]>,
-    ) -> f64 {
+    fn loss(shape: Shape, opts: &Options, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64], d_rem: Option<&[f64]>) -> f64 {
         let f = forward(shape, opts, q, k, v);
         dot(&f.o, d_o) + d_rem.map_or(0.0, |dr| dot(&f.rem, dr))
     }
@@ -597,16 +524,9 @@ mod tests {
         let d_rem = with_d_rem.then_some(&d_rem_vec[..]);
         let got = backward(shape, opts, &q, &k, &v, &d_o, d_rem);
         let fd = finite_differences(shape, opts, [&q, &k, &v], &d_o, d_rem);
-        for (name, g, want) in [
-            ("dq", &got.dq, &fd[0]),
-            ("dk", &got.dk, &fd[1]),
-            ("dv", &got.dv, &fd[2]),
-        ] {
+        for (name, g, want) in [("dq", &got.dq, &fd[0]), ("dk", &got.dk, &fd[1]), ("dv", &got.dv, &fd[2])] {
             let err = rel_l2(g, want);
-            assert!(
-                err < 1e-6,
-                "{opts:?} d_rem {with_d_rem}: {name} relative error {err:e}"
-            );
+            assert!(err < 1e-6, "{opts:?} d_rem {with_d_rem}: {name} relative error {err:e}");
         }
     }
 
@@ -617,11 +537,7 @@ mod tests {
             for remainder in REMAINDERS {
                 for with_d_rem in [false, true] {
                     seed += 1;
-                    check_backward_against_finite_differences(
-                        &opts(mask, remainder),
-                        seed,
-                        with_d_rem,
-                    );
+                    check_backward_against_finite_differences(&opts(mask, remainder), seed, with_d_rem);
                 }
             }
         }
@@ -633,52 +549,21 @@ mod tests {
         // step function of the inputs; the seed is checked to keep every row's stopping acc away
         // from the threshold, so the finite differences see one smooth piece.
         let shape = Shape::new(1, 2, 7, 4);
-        for (mask, remainder, seed) in [
-            (Mask::Strict, Remainder::Return, 7),
-            (Mask::AttendCurrent, Remainder::Fuse, 8),
-        ] {
-            let opts = Options {
-                early_exit_bits: Some(2),
-                ..opts(mask, remainder)
-            };
+        for (mask, remainder, seed) in [(Mask::Strict, Remainder::Return, 7), (Mask::AttendCurrent, Remainder::Fuse, 8)]
+        {
+            let opts = Options { early_exit_bits: Some(2), ..opts(mask, remainder) };
             let (q, k, v) = inputs(seed, shape);
-            let exact = forward(
-                shape,
-                &Options {
-                    early_exit_bits: None,
-                    ..opts
-                },
-                &q,
-                &k,
-                &v,
-            );
+            let exact = forward(shape, &Options { early_exit_bits: None, ..opts }, &q, &k, &v);
             let truncated = forward(shape, &opts, &q, &k, &v);
-            assert!(
-                truncated
-                    .log2_rem
-                    .iter()
-                    .zip(&exact.log2_rem)
-                    .filter(|(a, b)| a != b)
-                    .count()
-                    >= 3
-            );
+            assert!(truncated.log2_rem.iter().zip(&exact.log2_rem).filter(|(a, b)| a != b).count() >= 3);
             let margin = min_distance_of_running_acc_to(shape, &opts, &q, &k, -2.0);
-            assert!(
-                margin > 1e-3,
-                "seed {seed}: a row's running acc is {margin:e} from the threshold"
-            );
+            assert!(margin > 1e-3, "seed {seed}: a row's running acc is {margin:e} from the threshold");
             check_backward_against_finite_differences(&opts, seed, true);
         }
     }
 
     /// The smallest |acc - threshold| over every row's running acc (after each allowed key).
-    fn min_distance_of_running_acc_to(
-        shape: Shape,
-        opts: &Options,
-        q: &[f64],
-        k: &[f64],
-        threshold: f64,
-    ) -> f64 {
+    fn min_distance_of_running_acc_to(shape: Shape, opts: &Options, q: &[f64], k: &[f64], threshold: f64) -> f64 {
         let (n, d) = (shape.seq, shape.head_dim);
         let scale_log2 = opts.scale_for(d) * std::f64::consts::LOG2_E;
         let mut min = f64::INFINITY;
@@ -702,10 +587,7 @@ mod tests {
             for mask in MASKS {
                 for remainder in REMAINDERS {
                     let exact_opts = opts(mask, remainder);
-                    let ee_opts = Options {
-                        early_exit_bits: Some(t),
-                        ..exact_opts
-                    };
+                    let ee_opts = Options { early_exit_bits: Some(t), ..exact_opts };
                     let (q, k, v) = inputs(t as u64, shape);
                     let exact = forward(shape, &exact_opts, &q, &k, &v);
                     let ee = forward(shape, &ee_opts, &q, &k, &v);
@@ -717,23 +599,12 @@ mod tests {
                     };
                     let err_o = max_abs_diff(&ee.o, &exact.o);
                     let err_rem = max_abs_diff(&ee.rem, &exact.rem);
-                    assert!(
-                        err_o <= o_bound,
-                        "T = {t}: max |Δo| = {err_o:e} > {o_bound:e}"
-                    );
-                    assert!(
-                        err_rem <= bound,
-                        "T = {t}: max |Δrem| = {err_rem:e} > {bound:e}"
-                    );
+                    assert!(err_o <= o_bound, "T = {t}: max |Δo| = {err_o:e} > {o_bound:e}");
+                    assert!(err_rem <= bound, "T = {t}: max |Δrem| = {err_rem:e} > {bound:e}");
                     // Rows that stopped early: rem is the value reached, below 2^-T.
-                    let stopped = (0..shape.rows())
-                        .filter(|&r| ee.log2_rem[r] != exact.log2_rem[r])
-                        .collect::<Vec<_>>();
-                    assert!(
-                        stopped.len() > shape.rows() / 2,
-                        "T = {t}: only {} rows stopped early",
-                        stopped.len()
-                    );
+                    let stopped =
+                        (0..shape.rows()).filter(|&r| ee.log2_rem[r] != exact.log2_rem[r]).collect::<Vec<_>>();
+                    assert!(stopped.len() > shape.rows() / 2, "T = {t}: only {} rows stopped early", stopped.len());
                     for r in stopped {
                         assert!(ee.log2_rem[r] < -(t as f64) && ee.log2_rem[r] > exact.log2_rem[r]);
                     }
@@ -755,15 +626,9 @@ mod tests {
         for mask in MASKS {
             for remainder in REMAINDERS {
                 let exact_opts = opts(mask, remainder);
-                let ee_opts = Options {
-                    early_exit_bits: Some(24),
-                    ..exact_opts
-                };
+                let ee_opts = Options { early_exit_bits: Some(24), ..exact_opts };
                 let exact = forward(shape, &exact_opts, &q, &k, &v);
-                assert!(
-                    exact.rem.iter().all(|&r| r > 0.9),
-                    "the data is not long-reach"
-                );
+                assert!(exact.rem.iter().all(|&r| r > 0.9), "the data is not long-reach");
                 assert_eq!(forward(shape, &ee_opts, &q, &k, &v), exact);
                 let d_o = normal(&mut StdRng::seed_from_u64(6), shape.len());
                 let d_rem = normal(&mut StdRng::seed_from_u64(7), shape.rows());
@@ -786,24 +651,9 @@ mod tests {
                 Remainder::Return => vec![0.0; 4],
                 Remainder::Fuse => v.clone(),
             };
-            assert_eq!(
-                f,
-                Forward {
-                    o: want_o,
-                    rem: vec![1.0],
-                    log2_rem: vec![0.0]
-                }
-            );
+            assert_eq!(f, Forward { o: want_o, rem: vec![1.0], log2_rem: vec![0.0] });
             let d_o = [1.0, -2.0, 0.5, 3.0];
-            let g = backward(
-                shape,
-                &opts(Mask::Strict, remainder),
-                &q,
-                &k,
-                &v,
-                &d_o,
-                Some(&[4.0]),
-            );
+            let g = backward(shape, &opts(Mask::Strict, remainder), &q, &k, &v, &d_o, Some(&[4.0]));
             assert_eq!(g.dq, vec![0.0; 4]);
             assert_eq!(g.dk, vec![0.0; 4]);
             let want_dv = match remainder {
@@ -813,13 +663,7 @@ mod tests {
             assert_eq!(g.dv, want_dv);
         }
         // Attend-current: row 0 attends to itself only: o = beta v_0, rem = 1 - beta.
-        let f = forward(
-            shape,
-            &opts(Mask::AttendCurrent, Remainder::Return),
-            &q,
-            &k,
-            &v,
-        );
+        let f = forward(shape, &opts(Mask::AttendCurrent, Remainder::Return), &q, &k, &v);
         let beta = 1.0 / (1.0 + (-0.5 * dot(&q, &k)).exp());
         assert!((f.rem[0] - (1.0 - beta)).abs() < 1e-15);
         assert!(max_abs_diff(&f.o, &v.iter().map(|x| beta * x).collect::<Vec<_>>()) < 1e-15);
@@ -837,13 +681,7 @@ mod tests {
 
     #[test]
     fn softplus2_is_log2_of_one_plus_exp2() {
-        for (x, tol) in [
-            (-20.0, 1e-9),
-            (-3.5, 1e-14),
-            (0.0, 1e-15),
-            (1.0, 1e-15),
-            (14.9, 1e-15),
-        ] {
+        for (x, tol) in [(-20.0, 1e-9), (-3.5, 1e-14), (0.0, 1e-15), (1.0, 1e-15), (14.9, 1e-15)] {
             let want = (1.0 + f64::exp2(x)).log2();
             assert!((softplus2(x) - want).abs() <= tol * want, "x = {x}");
         }

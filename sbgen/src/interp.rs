@@ -130,14 +130,7 @@ struct Faults {
 ///
 /// # Panics
 /// When `shape.head_dim` differs from the kernel's or a slice's length does not match `shape`.
-pub fn forward(
-    kernel: &Kernel,
-    shape: Shape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: Option<f32>,
-) -> ForwardOut {
+pub fn forward(kernel: &Kernel, shape: Shape, q: &[f32], k: &[f32], v: &[f32], scale: Option<f32>) -> ForwardOut {
     check_head_dim(kernel, shape);
     Walk::of(kernel).forward(shape, q, k, v, scale).0
 }
@@ -161,9 +154,7 @@ pub fn backward(
     scale: Option<f32>,
 ) -> Grads {
     check_head_dim(kernel, shape);
-    Walk::of(kernel)
-        .backward(shape, q, k, v, o_saved, log2_rem, d_o, d_rem, scale)
-        .0
+    Walk::of(kernel).backward(shape, q, k, v, o_saved, log2_rem, d_o, d_rem, scale).0
 }
 
 fn check_head_dim(kernel: &Kernel, shape: Shape) {
@@ -175,10 +166,7 @@ fn check_head_dim(kernel: &Kernel, shape: Shape) {
 }
 
 fn check_len(name: &str, got: usize, want: usize) {
-    assert_eq!(
-        got, want,
-        "interpreter: `{name}` has {got} elements, the shape needs {want}"
-    );
+    assert_eq!(got, want, "interpreter: `{name}` has {got} elements, the shape needs {want}");
 }
 
 /// log2(1 + 2^x) in f32, x itself when x > 15.
@@ -299,14 +287,7 @@ impl Walk {
     ///
     /// # Panics
     /// When a slice's length does not match `shape`.
-    pub fn forward(
-        &self,
-        shape: Shape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        scale: Option<f32>,
-    ) -> (ForwardOut, Stats) {
+    pub fn forward(&self, shape: Shape, q: &[f32], k: &[f32], v: &[f32], scale: Option<f32>) -> (ForwardOut, Stats) {
         self.forward_faulty(shape, q, k, v, scale, Faults::default())
     }
 
@@ -328,18 +309,10 @@ impl Walk {
         let mut rem = vec![1.0f32; shape.rows()];
         let mut log2_rem = vec![0.0f32; shape.rows()];
         let mut stats = Stats::default();
-        let mut sc = BlockScratch {
-            x: vec![0.0; bn],
-            l: vec![0.0; bn],
-            s: vec![0.0; bn],
-        };
+        let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
-            let (qh, kh, vh) = (
-                &q[base..base + n * d],
-                &k[base..base + n * d],
-                &v[base..base + n * d],
-            );
+            let (qh, kh, vh) = (&q[base..base + n * d], &k[base..base + n * d], &v[base..base + n * d]);
             let oh = &mut o[base..base + n * d];
             for q0 in (0..n).step_by(bm) {
                 let rows = q0..(q0 + bm).min(n);
@@ -380,15 +353,7 @@ impl Walk {
                 *x = self.dtype.round(*x);
             }
         }
-        (
-            ForwardOut {
-                o,
-                rem,
-                log2_rem,
-                o_saved,
-            },
-            stats,
-        )
+        (ForwardOut { o, rem, log2_rem, o_saved }, stats)
     }
 
     /// The backward over every CTA, with the counts of key blocks (equal to the forward's).
@@ -408,14 +373,7 @@ impl Walk {
         d_rem: Option<&[f32]>,
         scale: Option<f32>,
     ) -> (Grads, Stats) {
-        self.backward_faulty(
-            shape,
-            [q, k, v, o_saved, d_o],
-            log2_rem,
-            d_rem,
-            scale,
-            Faults::default(),
-        )
+        self.backward_faulty(shape, [q, k, v, o_saved, d_o], log2_rem, d_rem, scale, Faults::default())
     }
 
     fn backward_faulty(
@@ -427,13 +385,7 @@ impl Walk {
         scale: Option<f32>,
         faults: Faults,
     ) -> (Grads, Stats) {
-        for (name, x) in [
-            ("q", q),
-            ("k", k),
-            ("v", v),
-            ("o_saved", o_saved),
-            ("d_o", d_o),
-        ] {
+        for (name, x) in [("q", q), ("k", k), ("v", v), ("o_saved", o_saved), ("d_o", d_o)] {
             check_len(name, x.len(), shape.len());
         }
         check_len("log2_rem", log2_rem.len(), shape.rows());
@@ -448,21 +400,13 @@ impl Walk {
         let mut dk = vec![0.0f32; shape.len()];
         let mut dv = vec![0.0f32; shape.len()];
         let mut stats = Stats::default();
-        let mut sc = BlockScratch {
-            x: vec![0.0; bn],
-            l: vec![0.0; bn],
-            s: vec![0.0; bn],
-        };
+        let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
             let head = base..base + n * d;
             let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
             let (oh, doh) = (&o_saved[head.clone()], &d_o[head.clone()]);
-            let (dqh, dkh, dvh) = (
-                &mut dq[head.clone()],
-                &mut dk[head.clone()],
-                &mut dv[head.clone()],
-            );
+            let (dqh, dkh, dvh) = (&mut dq[head.clone()], &mut dk[head.clone()], &mut dv[head.clone()]);
             for q0 in (0..n).step_by(bm) {
                 let rows = q0..(q0 + bm).min(n);
                 let blocks = self.key_blocks(n, q0);
@@ -478,9 +422,7 @@ impl Walk {
                     let vi = &vh[i * d..(i + 1) * d];
                     let mut di = if faults.d_from_rounded_o {
                         let fused = if fuse { ri } else { 0.0 };
-                        let o: Vec<f32> = (0..d)
-                            .map(|t| self.dtype.round(oh[i * d + t] + fused * vi[t]))
-                            .collect();
+                        let o: Vec<f32> = (0..d).map(|t| self.dtype.round(oh[i * d + t] + fused * vi[t])).collect();
                         dot(doi, &o)
                     } else {
                         dot(doi, &oh[i * d..(i + 1) * d])
@@ -563,14 +505,7 @@ mod tests {
     const REMAINDERS: [Remainder; 2] = [Remainder::Return, Remainder::Fuse];
     /// (block_m, block_n): block_m 64 or 128 (16 or 32 rows per warp with 4 or 8 warps; the walk
     /// only sees block_m), block_n 32, 64 or 128.
-    const TILINGS: [(usize, usize); 6] = [
-        (64, 32),
-        (64, 64),
-        (64, 128),
-        (128, 32),
-        (128, 64),
-        (128, 128),
-    ];
+    const TILINGS: [(usize, usize); 6] = [(64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)];
     /// Not multiples of the blocks, but for 64.
     const SEQS: [usize; 5] = [1, 17, 64, 100, 257];
     const HEAD_DIM: usize = 16;
@@ -635,14 +570,7 @@ mod tests {
         let d_o = normal(&mut rng, shape.len());
         let d_rem = normal(&mut rng, shape.rows());
         let round = |x: Vec<f32>| x.into_iter().map(|e| dtype.round(e)).collect::<Vec<_>>();
-        Data {
-            shape,
-            q: round(q),
-            k: round(k),
-            v: round(v),
-            d_o: round(d_o),
-            d_rem,
-        }
+        Data { shape, q: round(q), k: round(k), v: round(v), d_o: round(d_o), d_rem }
     }
 
     fn up(x: &[f32]) -> Vec<f64> {
@@ -674,14 +602,7 @@ mod tests {
     }
 
     fn walk(tiling: (usize, usize), dtype: Dtype, mask: Mask, remainder: Remainder) -> Walk {
-        Walk {
-            block_m: tiling.0,
-            block_n: tiling.1,
-            dtype,
-            mask,
-            remainder,
-            early_exit_bits: None,
-        }
+        Walk { block_m: tiling.0, block_n: tiling.1, dtype, mask, remainder, early_exit_bits: None }
     }
 
     /// The float64 reference (exact, no early exit) on the same rounded inputs, and the scores of
@@ -694,12 +615,7 @@ mod tests {
     }
 
     fn reference_for(w: &Walk, data: &Data, with_d_rem: bool) -> Reference {
-        let opts = Options {
-            mask: w.mask,
-            remainder: w.remainder,
-            early_exit_bits: None,
-            scale: None,
-        };
+        let opts = Options { mask: w.mask, remainder: w.remainder, early_exit_bits: None, scale: None };
         let shape = data.shape;
         let (q, k, v) = (up(&data.q), up(&data.k), up(&data.v));
         let fwd = reference::forward(shape, &opts, &q, &k, &v);
@@ -713,13 +629,7 @@ mod tests {
             let at = |i: usize| (bh * n + i) * d;
             for i in 0..n {
                 let qi = &q[at(i)..at(i) + d];
-                let x = |j: usize| {
-                    scale_log2
-                        * qi.iter()
-                            .zip(&k[at(j)..at(j) + d])
-                            .map(|(a, b)| a * b)
-                            .sum::<f64>()
-                };
+                let x = |j: usize| scale_log2 * qi.iter().zip(&k[at(j)..at(j) + d]).map(|(a, b)| a * b).sum::<f64>();
                 scores.push((0..w.row_keys(i).min(n)).map(x).collect());
             }
         }
@@ -740,12 +650,7 @@ mod tests {
                     processed += 1;
                     for (a, i) in acc.iter_mut().zip(rows.clone()) {
                         let xs = &r.scores[bh * n + i];
-                        *a -= xs
-                            .iter()
-                            .skip(b * bn)
-                            .take(bn)
-                            .map(|&x| reference::softplus2(x))
-                            .sum::<f64>();
+                        *a -= xs.iter().skip(b * bn).take(bn).map(|&x| reference::softplus2(x)).sum::<f64>();
                     }
                     if acc.iter().all(|&a| a < threshold) {
                         break;
@@ -794,10 +699,7 @@ mod tests {
         let d_rem = with_d_rem.then_some(&data.d_rem[..]);
         let inputs = [&data.q[..], &data.k, &data.v, &fwd.o_saved, &data.d_o];
         let (g, bstats) = w.backward_faulty(shape, inputs, &fwd.log2_rem, d_rem, None, faults);
-        assert_eq!(
-            fstats, bstats,
-            "the backward must walk the key blocks the forward walked"
-        );
+        assert_eq!(fstats, bstats, "the backward must walk the key blocks the forward walked");
         (fwd, g, fstats)
     }
 
@@ -827,8 +729,7 @@ mod tests {
                     let dtype = Dtype::ALL[t];
                     let with_d_rem = (ni + mi) % 2 == 0;
                     let data = data(regime, shape, dtype, (100 * ni + 10 * mi + ri) as u64);
-                    let r =
-                        reference_for(&walk(TILINGS[0], dtype, mask, remainder), &data, with_d_rem);
+                    let r = reference_for(&walk(TILINGS[0], dtype, mask, remainder), &data, with_d_rem);
                     for tiling in TILINGS {
                         let w = walk(tiling, dtype, mask, remainder);
                         let (fwd, g, _) = run(&w, &data, with_d_rem, Faults::default());
@@ -882,10 +783,7 @@ mod tests {
         let r = reference_for(&w, &data, true);
         let (fwd, g, _) = run(&w, &data, true, Faults::default());
         let now = errors(&r, &fwd, &g);
-        let faults = Faults {
-            d_from_rounded_o: true,
-            ..Faults::default()
-        };
+        let faults = Faults { d_from_rounded_o: true, ..Faults::default() };
         let (fwd, g, _) = run(&w, &data, true, faults);
         let before = errors(&r, &fwd, &g);
         eprintln!("D from o_saved: {now:?}\nD from the rounded o: {before:?}");
@@ -903,51 +801,32 @@ mod tests {
     fn early_exit_skips_blocks_and_stays_within_the_bound() {
         let shape = Shape::new(1, 1, 1024, HEAD_DIM);
         let t = 24;
-        for (mask, remainder, dtype) in [
-            (Mask::Strict, Remainder::Fuse, Dtype::Bf16),
-            (Mask::AttendCurrent, Remainder::Return, Dtype::F16),
-        ] {
+        for (mask, remainder, dtype) in
+            [(Mask::Strict, Remainder::Fuse, Dtype::Bf16), (Mask::AttendCurrent, Remainder::Return, Dtype::F16)]
+        {
             let data = data(Regime::Random, shape, dtype, 7);
             let exact = walk((64, 32), dtype, mask, remainder);
-            let ee = Walk {
-                early_exit_bits: Some(t),
-                ..exact
-            };
+            let ee = Walk { early_exit_bits: Some(t), ..exact };
             let (full, full_stats) = exact.forward(shape, &data.q, &data.k, &data.v, None);
             let (cut, cut_stats) = ee.forward(shape, &data.q, &data.k, &data.v, None);
             // It skips blocks: on N(0, 1) scores the stick is spent within tens of keys.
             assert_eq!(cut_stats.key_blocks_needed, full_stats.key_blocks_processed);
-            assert!(
-                cut_stats.key_blocks_processed * 4 < full_stats.key_blocks_processed,
-                "{cut_stats:?}"
-            );
+            assert!(cut_stats.key_blocks_processed * 4 < full_stats.key_blocks_processed, "{cut_stats:?}");
             // Before rounding and the fused remainder: |Δo| <= 2^-T max|v|, plus f32 rounding of
             // the sums; rem either untouched or below 2^-T on both sides.
             let limit = (-(t as f32)).exp2();
             let bound = limit * max_abs(&data.v);
             for (a, b) in cut.o_saved.iter().zip(&full.o_saved) {
-                assert!(
-                    (a - b).abs() <= bound + 4.0 * f32::EPSILON * b.abs(),
-                    "|{a} - {b}| > {bound:e}"
-                );
+                assert!((a - b).abs() <= bound + 4.0 * f32::EPSILON * b.abs(), "|{a} - {b}| > {bound:e}");
             }
             for (a, b) in cut.rem.iter().zip(&full.rem) {
-                assert!(
-                    a == b || (*a < limit && *b < limit && a >= b),
-                    "rem {a} vs {b}"
-                );
+                assert!(a == b || (*a < limit && *b < limit && a >= b), "rem {a} vs {b}");
             }
-            assert!(
-                cut.rem != full.rem,
-                "early exit changed nothing: the data does not exercise it"
-            );
+            assert!(cut.rem != full.rem, "early exit changed nothing: the data does not exercise it");
             // Against the exact reference, forward and backward; the vote redone in float64.
             let r = reference_for(&exact, &data, true);
             let processed = blocks_processed_f64(&ee, shape, &r);
-            assert_eq!(
-                processed, cut_stats.key_blocks_processed,
-                "the f32 and f64 votes disagree"
-            );
+            assert_eq!(processed, cut_stats.key_blocks_processed, "the f32 and f64 votes disagree");
             let (fwd, g, stats) = run(&ee, &data, true, Faults::default());
             assert_eq!(stats, cut_stats);
             let e = errors(&r, &fwd, &g);
@@ -960,22 +839,15 @@ mod tests {
     fn early_exit_never_triggers_on_long_reach_data() {
         // beta ~ 3e-4: 600 keys spend ~0.3 bits of the stick, nowhere near 2^-24.
         let shape = Shape::new(1, 1, 600, HEAD_DIM);
-        for (tiling, mask, remainder) in [
-            ((64, 32), Mask::Strict, Remainder::Fuse),
-            ((128, 64), Mask::AttendCurrent, Remainder::Return),
-        ] {
+        for (tiling, mask, remainder) in
+            [((64, 32), Mask::Strict, Remainder::Fuse), ((128, 64), Mask::AttendCurrent, Remainder::Return)]
+        {
             let data = data(Regime::LongReach, shape, Dtype::Bf16, 11);
             let exact = walk(tiling, Dtype::Bf16, mask, remainder);
-            let ee = Walk {
-                early_exit_bits: Some(24),
-                ..exact
-            };
+            let ee = Walk { early_exit_bits: Some(24), ..exact };
             let (fwd, g, stats) = run(&exact, &data, true, Faults::default());
             let (fwd_ee, g_ee, stats_ee) = run(&ee, &data, true, Faults::default());
-            assert!(
-                fwd.rem.iter().all(|&r| r > 0.5),
-                "the data is not long-reach"
-            );
+            assert!(fwd.rem.iter().all(|&r| r > 0.5), "the data is not long-reach");
             assert_eq!(stats_ee, stats);
             assert_eq!(stats_ee.key_blocks_processed, stats_ee.key_blocks_needed);
             assert_eq!(fwd_ee, fwd);
@@ -1011,26 +883,13 @@ mod tests {
         for remainder in REMAINDERS {
             let w = walk((64, 32), Dtype::Bf16, Mask::Strict, remainder);
             let (fwd, g, _) = run(&w, &data, true, Faults::default());
-            let want_o = if remainder == Remainder::Fuse {
-                data.v.clone()
-            } else {
-                vec![0.0; HEAD_DIM]
-            };
+            let want_o = if remainder == Remainder::Fuse { data.v.clone() } else { vec![0.0; HEAD_DIM] };
             assert_eq!(
                 fwd,
-                ForwardOut {
-                    o: want_o,
-                    rem: vec![1.0],
-                    log2_rem: vec![0.0],
-                    o_saved: vec![0.0; HEAD_DIM]
-                }
+                ForwardOut { o: want_o, rem: vec![1.0], log2_rem: vec![0.0], o_saved: vec![0.0; HEAD_DIM] }
             );
             assert!(g.dq.iter().chain(&g.dk).all(|&x| x == 0.0));
-            let want_dv = if remainder == Remainder::Fuse {
-                data.d_o.clone()
-            } else {
-                vec![0.0; HEAD_DIM]
-            };
+            let want_dv = if remainder == Remainder::Fuse { data.d_o.clone() } else { vec![0.0; HEAD_DIM] };
             assert_eq!(g.dv, want_dv);
         }
     }
@@ -1043,43 +902,18 @@ mod tests {
         let r = reference_for(&w, &data, true);
         let (fwd, g, _) = run(&w, &data, true, Faults::default());
         assert!(errors(&r, &fwd, &g).within(tolerances(Dtype::Bf16)));
-        let faults = [
-            Faults {
-                exclusive_cumsum: true,
-                ..Faults::default()
-            },
-            Faults {
-                inclusive_c: true,
-                ..Faults::default()
-            },
-        ];
+        let faults =
+            [Faults { exclusive_cumsum: true, ..Faults::default() }, Faults { inclusive_c: true, ..Faults::default() }];
         for f in faults {
             let (fwd, g, _) = run(&w, &data, true, f);
             let e = errors(&r, &fwd, &g);
-            assert!(
-                !e.within(tolerances(Dtype::Bf16)),
-                "{f:?} went unnoticed: {e:?}"
-            );
+            assert!(!e.within(tolerances(Dtype::Bf16)), "{f:?} went unnoticed: {e:?}");
         }
         // Voting with the row that spent its stick first cuts the others short.
-        let ee = Walk {
-            early_exit_bits: Some(24),
-            ..w
-        };
-        let (fwd, _, _) = run(
-            &ee,
-            &data,
-            true,
-            Faults {
-                min_vote: true,
-                ..Faults::default()
-            },
-        );
+        let ee = Walk { early_exit_bits: Some(24), ..w };
+        let (fwd, _, _) = run(&ee, &data, true, Faults { min_vote: true, ..Faults::default() });
         let e = rel_l2(&fwd.o, &r.fwd.o);
-        assert!(
-            e > tolerances(Dtype::Bf16).0,
-            "the min vote went unnoticed: {e}"
-        );
+        assert!(e > tolerances(Dtype::Bf16).0, "the min vote went unnoticed: {e}");
     }
 
     #[test]
@@ -1106,33 +940,14 @@ mod tests {
         let fwd = forward(&kernel, shape, &data.q, &data.k, &data.v, None);
         assert_eq!(fwd, w.forward(shape, &data.q, &data.k, &data.v, None).0);
         let (q, k, v, d_o) = (&data.q, &data.k, &data.v, &data.d_o);
-        let g = backward(
-            &kernel,
-            shape,
-            q,
-            k,
-            v,
-            &fwd.o_saved,
-            &fwd.log2_rem,
-            d_o,
-            None,
-            None,
-        );
-        assert_eq!(
-            g,
-            w.backward(shape, q, k, v, &fwd.o_saved, &fwd.log2_rem, d_o, None, None)
-                .0
-        );
+        let g = backward(&kernel, shape, q, k, v, &fwd.o_saved, &fwd.log2_rem, d_o, None, None);
+        assert_eq!(g, w.backward(shape, q, k, v, &fwd.o_saved, &fwd.log2_rem, d_o, None, None).0);
     }
 
     #[test]
     #[should_panic(expected = "shape.head_dim = 16 but the kernel is for head_dim = 64")]
     fn kernel_entry_points_check_the_head_dim() {
-        let kernel = Kernel::new(
-            Spec::new(64, Dtype::Bf16, Pass::Forward),
-            Schedule::DEFAULT,
-            Arch::Sm90,
-        );
+        let kernel = Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule::DEFAULT, Arch::Sm90);
         let shape = Shape::new(1, 1, 4, 16);
         let x = vec![0.0; shape.len()];
         forward(&kernel, shape, &x, &x, &x, None);

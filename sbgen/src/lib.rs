@@ -7,13 +7,13 @@
 //! safetensors. With `default-features = false` (as `sbgen-macros` builds it) the library is the IR,
 //! lowering, search space, interpreter and tuning cache only.
 
+pub mod cache;
 #[cfg(feature = "cli")]
 pub mod cli;
 #[cfg(feature = "cli")]
 pub mod compile;
 #[cfg(feature = "cli")]
 pub mod gpu;
-pub mod cache;
 pub mod interp;
 pub mod ir;
 pub mod lower;

@@ -116,9 +116,8 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     let tera = engine().as_ref().map_err(|message| LowerError::Template { template, message: message.clone() })?;
     let context = tera::Context::from_serialize(&ctx)
         .map_err(|e| LowerError::Template { template, message: format!("{e:?}") })?;
-    let cuda_source = tera
-        .render(template, &context)
-        .map_err(|e| LowerError::Template { template, message: format!("{e:?}") })?;
+    let cuda_source =
+        tera.render(template, &context).map_err(|e| LowerError::Template { template, message: format!("{e:?}") })?;
 
     let main = LaunchStep {
         function: name.clone(),

@@ -62,7 +62,7 @@ impl Kernel {
         if !matches!(s.warps, 4 | 8) {
             return Err(IrError::Field { field: "warps", got: s.warps, allowed: "4 or 8" });
         }
-        if s.block_m % s.warps != 0 || !matches!(s.block_m / s.warps, 16 | 32) {
+        if !s.block_m.is_multiple_of(s.warps) || !matches!(s.block_m / s.warps, 16 | 32) {
             return Err(IrError::Field {
                 field: "block_m",
                 got: s.block_m,
@@ -95,7 +95,7 @@ impl Kernel {
         if self.spec.pass == Pass::Backward {
             // dK/dV tiles (block_n x head_dim) are split among the warps in 16 x 16 pieces.
             let pieces = (s.block_n / 16) * (self.spec.head_dim / 16);
-            if pieces % s.warps != 0 {
+            if !pieces.is_multiple_of(s.warps) {
                 return Err(IrError::Field {
                     field: "block_n",
                     got: s.block_n,
@@ -177,11 +177,8 @@ mod tests {
             let text = error(kernel(Pass::Forward, schedule));
             assert!(text.starts_with(expected), "{text}");
         }
-        let wgmma80 = Kernel::new(
-            Spec::new(64, Dtype::Bf16, Pass::Forward),
-            Schedule { mma: MmaFamily::Wgmma, ..d },
-            Arch::Sm80,
-        );
+        let wgmma80 =
+            Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule { mma: MmaFamily::Wgmma, ..d }, Arch::Sm80);
         assert!(error(wgmma80).contains("wgmma needs sm_90a"));
         let spec_error = Kernel::new(Spec::new(100, Dtype::Bf16, Pass::Forward), d, Arch::Sm90);
         assert!(matches!(spec_error.validate(), Err(IrError::Spec(SpecError::HeadDim { got: 100, .. }))));
