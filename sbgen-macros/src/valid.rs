@@ -27,8 +27,10 @@ pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
         None => {
             // A `head_dim` that failed to parse was reported already.
             if !options.given.contains(&"head_dim") {
-                errors
-                    .at(Span::call_site(), "missing `head_dim`: add e.g. `head_dim = 128` (allowed values: [64, 128])");
+                errors.at(
+                    Span::call_site(),
+                    format!("missing `head_dim`: add e.g. `head_dim = 128` (allowed values: {SUPPORTED_HEAD_DIMS:?})"),
+                );
             }
             ok = false;
             0

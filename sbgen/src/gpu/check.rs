@@ -32,7 +32,7 @@ use super::kernels::KernelBuilder;
 use super::oracle::{self, Expected};
 use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Spec};
 use cudarc::driver::DeviceRepr;
-use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, SbElement};
+use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::{Grads, Options, Shape};
 use std::time::Duration;
 
@@ -409,16 +409,13 @@ impl Group<'_> {
                     let mut rem = guarded_f32(dev, shape.rows())?;
                     let mut log2_rem = guarded_f32(dev, shape.rows())?;
                     let mut o_saved = guarded_f32(dev, shape.len())?;
-                    let args = ForwardArgs {
-                        q: p.q.as_view(),
-                        k: p.k.as_view(),
-                        v: p.v.as_view(),
+                    let out = exec::FwdViews {
                         o: o.view_mut(),
                         rem: rem.view_mut(),
                         log2_rem: log2_rem.view_mut(),
                         o_saved: Some(o_saved.view_mut()),
                     };
-                    dev.launcher.forward(&binary, shape, args, None).map_err(GpuError::Launch)?;
+                    exec::forward_to(dev, &binary, p, out, None)?;
                     dev.sync(binary.name(), self.plan.timeout)?;
                     let mut outside = Vec::new();
                     let o = read_tensor(dev, &o, T::to_f32, p, "o", &mut outside)?;
@@ -536,20 +533,8 @@ impl Group<'_> {
                     let mut dq = guarded::<T>(dev, shape.len())?;
                     let mut dk = guarded::<T>(dev, shape.len())?;
                     let mut dv = guarded::<T>(dev, shape.len())?;
-                    let args = BackwardArgs {
-                        q: p.q.as_view(),
-                        k: p.k.as_view(),
-                        v: p.v.as_view(),
-                        o: saved.o.as_view(),
-                        o_saved: saved.o_saved.as_view(),
-                        d_o: p.d_o.as_view(),
-                        d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
-                        log2_rem: saved.log2_rem.as_view(),
-                        dq: dq.view_mut(),
-                        dk: dk.view_mut(),
-                        dv: dv.view_mut(),
-                    };
-                    dev.launcher.backward(&binary, shape, args, None).map_err(GpuError::Launch)?;
+                    let out = exec::GradViews { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+                    exec::backward_to(dev, &binary, p, saved, out, None)?;
                     dev.sync(binary.name(), self.plan.timeout)?;
                     let mut outside = Vec::new();
                     let dq = read_tensor(dev, &dq, T::to_f32, p, "dq", &mut outside)?;

@@ -178,14 +178,40 @@ pub fn forward_into<T: SbElement>(
     out: &mut ForwardOutputs<T>,
     scale: Option<f32>,
 ) -> Result<(), GpuError> {
-    let args = ForwardArgs {
-        q: p.q.as_view(),
-        k: p.k.as_view(),
-        v: p.v.as_view(),
+    let views = FwdViews {
         o: out.o.as_view_mut(),
         rem: out.rem.as_view_mut(),
         log2_rem: out.log2_rem.as_view_mut(),
         o_saved: out.o_saved.as_mut().map(|x| x.as_view_mut()),
+    };
+    forward_to(dev, kernel, p, views, scale)
+}
+
+/// Where the forward writes (views into [`ForwardOutputs`] or into guarded buffers).
+pub struct FwdViews<'a, T> {
+    pub o: CudaViewMut<'a, T>,
+    pub rem: CudaViewMut<'a, f32>,
+    pub log2_rem: CudaViewMut<'a, f32>,
+    pub o_saved: Option<CudaViewMut<'a, f32>>,
+}
+
+/// Launches the forward of `p`, writing into `out`. A launch that left the context unusable is
+/// [`GpuError::ContextLost`].
+pub fn forward_to<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    out: FwdViews<'_, T>,
+    scale: Option<f32>,
+) -> Result<(), GpuError> {
+    let args = ForwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: out.o,
+        rem: out.rem,
+        log2_rem: out.log2_rem,
+        o_saved: out.o_saved,
     };
     dev.launcher.forward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }
@@ -232,6 +258,26 @@ pub fn backward_into<T: SbElement>(
     g: &mut GradOutputs<T>,
     scale: Option<f32>,
 ) -> Result<(), GpuError> {
+    let out = GradViews { dq: g.dq.as_view_mut(), dk: g.dk.as_view_mut(), dv: g.dv.as_view_mut() };
+    backward_to(dev, kernel, p, saved, out, scale)
+}
+
+/// Where the backward writes dq, dk and dv (views into [`GradOutputs`] or into guarded buffers).
+pub struct GradViews<'a, T> {
+    pub dq: CudaViewMut<'a, T>,
+    pub dk: CudaViewMut<'a, T>,
+    pub dv: CudaViewMut<'a, T>,
+}
+
+/// Launches the backward of `p` on what the forward saved, writing the gradients into `out`.
+pub fn backward_to<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    p: &DeviceProblem<T>,
+    saved: Saved<'_, T>,
+    out: GradViews<'_, T>,
+    scale: Option<f32>,
+) -> Result<(), GpuError> {
     let args = BackwardArgs {
         q: p.q.as_view(),
         k: p.k.as_view(),
@@ -241,9 +287,9 @@ pub fn backward_into<T: SbElement>(
         d_o: p.d_o.as_view(),
         d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
         log2_rem: saved.log2_rem.as_view(),
-        dq: g.dq.as_view_mut(),
-        dk: g.dk.as_view_mut(),
-        dv: g.dv.as_view_mut(),
+        dq: out.dq,
+        dk: out.dk,
+        dv: out.dv,
     };
     dev.launcher.backward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }
