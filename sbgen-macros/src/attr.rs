@@ -75,6 +75,10 @@ pub fn parse(args: TokenStream, errors: &mut Errors) -> Options {
 fn parse_one(options: &mut Options, meta: &ParseNestedMeta<'_>, errors: &mut Errors) {
     let path_span = syn::spanned::Spanned::span(&meta.path);
     let key = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_else(|| path_to_string(&meta.path));
+    // Given even without a value, so a bare `head_dim` is one error ("needs a value"), not two.
+    if let Some(k) = KEYS.iter().find(|k| **k == key) {
+        options.given.push(k);
+    }
     let value = match meta.value().and_then(|v| v.parse::<Expr>()) {
         Ok(v) => v,
         Err(_) => {
@@ -82,9 +86,6 @@ fn parse_one(options: &mut Options, meta: &ParseNestedMeta<'_>, errors: &mut Err
             return;
         }
     };
-    if let Some(k) = KEYS.iter().find(|k| **k == key) {
-        options.given.push(k);
-    }
     let span = syn::spanned::Spanned::span(&value);
     let lit = match &value {
         Expr::Lit(ExprLit { lit, .. }) => Some(lit),

@@ -20,8 +20,11 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
                     syn::spanned::Spanned::span(&s.generics),
                     "#[stick_breaking_attention] takes a struct without generics, e.g. `pub struct SbAttn;`",
                 );
+                // No stubs: `impl SbAttn` without its generics would add a second, confusing error.
+                None
+            } else {
+                Some(s.ident)
             }
-            Some(s.ident)
         }
         Err(e) => {
             errors.at(e.span(), "#[stick_breaking_attention] goes on a struct, e.g. `pub struct SbAttn;`");

@@ -226,6 +226,37 @@ fn launcher_refuses_bad_inputs_before_launching() {
     };
     let err = dev.launcher.forward(&fwd, shape, args, None).unwrap_err();
     assert!(matches!(err, LaunchError::Dtype { expected: Dtype::Bf16, got: Dtype::F16, .. }), "{err}");
+
+    // A sub-slice one element in: long enough, but not 16-byte aligned (the kernels load 16 bytes
+    // at a time); o must stay untouched.
+    let big = exec::poisoned::<half::bf16>(&dev, shape.len() + 8).unwrap();
+    let mut o = exec::poisoned::<half::bf16>(&dev, shape.len()).unwrap();
+    let args = ForwardArgs {
+        q: big.slice(1..shape.len() + 1),
+        k: big.slice(0..shape.len()),
+        v: big.slice(0..shape.len()),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: None,
+    };
+    let err = dev.launcher.forward(&fwd, shape, args, None).unwrap_err();
+    assert!(matches!(err, LaunchError::Misaligned { tensor: "q", required: 16, .. }), "{err}");
+    dev.stream.synchronize().unwrap();
+    let o_host = dev.stream.clone_dtoh(&o).unwrap();
+    assert!(o_host.iter().all(|x| x.to_bits() == exec::POISON_16), "o was written although the launch was refused");
+    // Eight elements in (16 bytes) is aligned and runs.
+    let args = ForwardArgs {
+        q: big.slice(8..shape.len() + 8),
+        k: big.slice(0..shape.len()),
+        v: big.slice(0..shape.len()),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: None,
+    };
+    dev.launcher.forward(&fwd, shape, args, None).unwrap();
+    dev.stream.synchronize().unwrap();
 }
 
 #[test]

@@ -15,14 +15,14 @@ fn main() {
     let names: Vec<(&str, Vec<&str>, bool)> = fwd
         .binaries().unwrap()
         .iter()
-        .map(|k| (k.name(), k.ptx.iter().map(|(t, _)| t.as_str()).collect(), k.cuda_source.is_some()))
+        .map(|k| (k.name(), k.ptx().iter().map(|(t, _)| t.as_str()).collect(), k.cuda_source().is_some()))
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
     assert_eq!((names[0].1.clone(), names[0].2), (vec!["sm_90a"], false));
     assert_eq!((names[1].1.clone(), names[1].2), (vec!["sm_90a"], false));
     assert_eq!((names[2].1.len(), names[2].2), (0, true));
-    assert!(fwd.binaries().unwrap()[0].ptx[0].1.contains("N <= 2048"));
-    assert!(fwd.binaries().unwrap()[1].ptx[0].1.contains("N <= 8192"));
+    assert!(fwd.binaries().unwrap()[0].ptx()[0].1.contains("N <= 2048"));
+    assert!(fwd.binaries().unwrap()[1].ptx()[0].1.contains("N <= 8192"));
 
     // On an H100/H200: the bucket that holds N, else the largest.
     assert_eq!(fwd.pick((9, 0), 100).unwrap().name(), names[0].0);
@@ -32,10 +32,10 @@ fn main() {
     // Elsewhere: the default schedule's source.
     assert_eq!(fwd.pick((8, 0), 100).unwrap().name(), names[2].0);
     assert_eq!(SbAttn::backward_kernels().binaries().unwrap().len(), 3);
-    assert_eq!(SbAttn::backward_kernels().binaries().unwrap()[0].manifest.steps.len(), 2);
+    assert_eq!(SbAttn::backward_kernels().binaries().unwrap()[0].manifest().steps.len(), 2);
 
     let only = SbAttn4k::forward_kernels().binaries().unwrap();
     assert_eq!(only.len(), 2);
-    assert!(only[0].ptx[0].1.contains("N <= 8192"));
-    assert_eq!(only[1].ptx.len(), 0);
+    assert!(only[0].ptx()[0].1.contains("N <= 8192"));
+    assert_eq!(only[1].ptx().len(), 0);
 }

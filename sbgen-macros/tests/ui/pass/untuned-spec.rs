@@ -15,12 +15,12 @@ fn main() {
     assert_eq!(SbAttn::BACKWARD_SPEC.pass, Pass::Backward);
     let fwd = SbAttn::forward_kernels().binaries().unwrap();
     assert_eq!(fwd.len(), 1);
-    assert!(fwd[0].ptx.is_empty());
-    assert!(fwd[0].cuda_source.as_deref().unwrap().contains(&fwd[0].manifest.name));
-    assert_eq!(fwd[0].manifest.spec, SbAttn::FORWARD_SPEC);
+    assert!(fwd[0].ptx().is_empty());
+    assert!(fwd[0].cuda_source().unwrap().contains(&fwd[0].manifest().name));
+    assert_eq!(fwd[0].manifest().spec, SbAttn::FORWARD_SPEC);
     let bwd = SbAttn::backward_kernels().binaries().unwrap();
-    assert_eq!(bwd[0].manifest.spec, SbAttn::BACKWARD_SPEC);
-    assert_eq!(bwd[0].manifest.steps.len(), 2);
+    assert_eq!(bwd[0].manifest().spec, SbAttn::BACKWARD_SPEC);
+    assert_eq!(bwd[0].manifest().steps.len(), 2);
     // Picked for any device: the source is NVRTC-compiled for it.
     assert_eq!(SbAttn::forward_kernels().pick((9, 0), 4096).unwrap().name(), fwd[0].name());
 
