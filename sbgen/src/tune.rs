@@ -618,7 +618,9 @@ fn tune_spec(
         };
         let mut timer = Timer::new(dev, builder, &bench_plan, spec, shape)?;
         let mut fatal: Option<GpuError> = None;
-        let total = cands.len();
+        // Progress counts the candidates to time (those still `NotRun`), not the pruned ones.
+        let total = cands.iter().filter(|c| matches!(c.outcome, Outcome::NotRun { .. })).count();
+        let mut timed = 0;
         let (results, not_run) = measure_within_budget(&cands, &mut || budget.spent(), &mut |schedule| {
             if fatal.is_some() {
                 return Outcome::NotRun { reason: "the CUDA context was lost".into() };
@@ -632,8 +634,8 @@ fn tune_spec(
                 }
                 Err(e) => Outcome::Failed { reason: check::short(&e.to_string()) },
             };
-            let pos = cands.iter().position(|c| c.schedule == *schedule).unwrap_or(0) + 1;
-            progress(&format!("[{pos:>2}/{total}] {} N={seq:<6} {:<26} {outcome}", spec.slug(), schedule.to_string()));
+            timed += 1;
+            progress(&format!("[{timed:>2}/{total}] {} N={seq:<6} {:<26} {outcome}", spec.slug(), schedule.to_string()));
             outcome
         });
         if not_run > 0 {
