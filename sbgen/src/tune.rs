@@ -143,6 +143,13 @@ impl Budget {
     pub fn spent(&self) -> bool {
         self.spent_after(self.elapsed())
     }
+    /// `12 s of 90 s` (or `12 s, no budget`), for progress lines.
+    pub fn progress_after(&self, elapsed: Duration) -> String {
+        match self.limit {
+            Some(limit) => format!("{:.0} s of {:.0} s", elapsed.as_secs_f64(), limit.as_secs_f64()),
+            None => format!("{:.0} s, no budget", elapsed.as_secs_f64()),
+        }
+    }
 }
 
 /// The outcomes of `order` (the default first), measuring each with `measure` until `spent()` says
@@ -635,7 +642,12 @@ fn tune_spec(
                 Err(e) => Outcome::Failed { reason: check::short(&e.to_string()) },
             };
             timed += 1;
-            progress(&format!("[{timed:>2}/{total}] {} N={seq:<6} {:<26} {outcome}", spec.slug(), schedule.to_string()));
+            progress(&format!(
+                "[{timed:>2}/{total}] {} N={seq:<6} {:<26} {outcome}  ({})",
+                spec.slug(),
+                schedule.to_string(),
+                budget.progress_after(budget.elapsed())
+            ));
             outcome
         });
         if not_run > 0 {
@@ -944,6 +956,13 @@ mod tests {
         let unlimited = Budget::start(None);
         assert!(!unlimited.spent_after(Duration::from_secs(1_000_000)));
         assert!(Budget::start(Some(Duration::from_secs(1))).spent_after(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn progress_shows_the_time_spent_against_the_budget() {
+        let b = Budget::start(Some(Duration::from_secs(90)));
+        assert_eq!(b.progress_after(Duration::from_millis(12_400)), "12 s of 90 s");
+        assert_eq!(Budget::start(None).progress_after(Duration::from_secs(3)), "3 s, no budget");
     }
 
     #[test]
