@@ -219,7 +219,7 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
         candidates_checksum: String::new(),
         candidates: vec![CandidateResult { schedule, outcome: Outcome::Timed { ms: 0.9, tflops: 150.0 } }],
         manifest: lowered.manifest.clone(),
-        ptx: String::new(),
+        ptx: "// ptx".into(),
         cuda_source_hash: String::new(),
     });
     cache.save(&path).unwrap();
