@@ -64,8 +64,13 @@ impl KernelBinary {
                 h.write(ptx.as_bytes());
                 h.write(&[0]);
             }
-            if let Some(source) = &self.cuda_source {
-                h.write(source.as_bytes());
+            // A tag byte first, so an empty source differs from none.
+            match &self.cuda_source {
+                Some(source) => {
+                    h.write(&[1]);
+                    h.write(source.as_bytes());
+                }
+                None => h.write(&[0]),
             }
             h.0
         })
@@ -203,6 +208,7 @@ mod tests {
             KernelBinary::new(manifest.clone(), ptx(&["sm_80"]), Some("src".into())),
             KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), Some("src2".into())),
             KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), None),
+            KernelBinary::new(manifest.clone(), ptx(&["sm_90a"]), Some(String::new())),
             KernelBinary::new(KernelManifest { block_n: 32, ..manifest }, ptx(&["sm_90a"]), Some("src".into())),
         ];
         for other in &others {

@@ -61,6 +61,9 @@ impl NvrtcOptions {
     }
 }
 
+/// Loaded kernels by fingerprint, each with its name.
+type LoadedByFingerprint = HashMap<u64, Vec<(String, Arc<LoadedKernel>)>>;
+
 /// Loaded kernels of one CUDA context. Share one store (in an `Arc`) between launchers on the same
 /// context so each module is loaded once.
 #[derive(Debug)]
@@ -69,8 +72,9 @@ pub struct ModuleStore {
     compute_capability: (u32, u32),
     max_dynamic_smem: u32,
     nvrtc: Mutex<NvrtcOptions>,
-    /// Keyed by (kernel name, [`KernelBinary::fingerprint`]).
-    loaded: Mutex<HashMap<(String, u64), Arc<LoadedKernel>>>,
+    /// Keyed by [`KernelBinary::fingerprint`] (which covers the name, in the manifest); the name is
+    /// kept beside each kernel and compared, so even a hash collision cannot mix two kernels up.
+    loaded: Mutex<LoadedByFingerprint>,
 }
 
 impl ModuleStore {
@@ -128,7 +132,7 @@ impl ModuleStore {
 
     /// Number of kernels loaded so far.
     pub fn len(&self) -> usize {
-        lock(&self.loaded).len()
+        lock(&self.loaded).values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -139,12 +143,21 @@ impl ModuleStore {
     /// module is compiled or JIT-loaded, so threads can load different kernels at once; when two
     /// load the same kernel, the first one stored is kept.
     pub fn load(&self, binary: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
-        let key = (binary.name().to_string(), binary.fingerprint());
-        if let Some(kernel) = lock(&self.loaded).get(&key) {
-            return Ok(kernel.clone());
+        let key = binary.fingerprint();
+        let name = binary.name();
+        let find = |loaded: &LoadedByFingerprint| {
+            loaded.get(&key)?.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone())
+        };
+        if let Some(kernel) = find(&lock(&self.loaded)) {
+            return Ok(kernel);
         }
         let kernel = Arc::new(self.load_new(binary)?);
-        Ok(lock(&self.loaded).entry(key).or_insert(kernel).clone())
+        let mut loaded = lock(&self.loaded);
+        if let Some(first) = find(&loaded) {
+            return Ok(first);
+        }
+        loaded.entry(key).or_default().push((name.to_string(), kernel.clone()));
+        Ok(kernel)
     }
 
     fn load_new(&self, binary: &KernelBinary) -> Result<LoadedKernel, LaunchError> {

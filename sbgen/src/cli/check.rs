@@ -164,6 +164,13 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
         builder.ptx_dir().map_or("NVRTC".to_string(), |d| format!("`{}` (else NVRTC)", d.display())),
         plan.threads
     )?;
+    if plan.passes.contains(&Pass::Backward) && plan.remainders.contains(&Remainder::Fuse) {
+        writeln!(
+            out,
+            "dq/dk: floored: with a fused remainder, relative to max(||fused||, ||unfused||) of the reference \
+             gradient (the plain relative error is undefined where they cancel: N = 1, attend_current)"
+        )?;
+    }
     writeln!(out, "{}", check::header())?;
     out.flush()?;
     let start = Instant::now();

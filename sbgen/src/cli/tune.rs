@@ -59,9 +59,9 @@ pub struct TuneArgs {
     #[arg(long, value_delimiter = ',', default_values_t = tuner::DEFAULT_SEQS.to_vec(),
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=tuner::MAX_SEQ as u64))]
     pub seq: Vec<usize>,
-    /// Wall-time budget of the whole run in seconds (compiling or loading, checking and timing; all
-    /// specs together): once spent, the remaining candidates are not timed (each spec's default still
-    /// is) and the report says so. 0 = no limit.
+    /// Wall-time budget in seconds for all specs together, counted from the start (compiling and
+    /// loading count against it, but are not cut short): once spent, the remaining candidates are
+    /// not checked or timed (each spec's default still is) and the report says so. 0 = no limit.
     #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S)]
     pub budget_s: f64,
     /// The tuning cache to write (merged with what it holds).
@@ -227,15 +227,19 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
         )?;
     }
     writeln!(out, "{:.1} s", start.elapsed().as_secs_f64())?;
-    for (spec, error) in &report.spec_errors {
-        writeln!(out, "not tuned: {spec}: {error}")?;
+    for (what, error) in &report.spec_errors {
+        writeln!(out, "{what}: {error}")?;
+    }
+    if let Some(why) = &report.pair_check_error {
+        writeln!(out, "the forward/backward pair check could not run (the entries are written): {why}")?;
     }
     if let Some(why) = &report.aborted {
         writeln!(out, "stopped early: {why}")?;
         return Ok(Outcome::Failure);
     }
     let all_won = report.summary.iter().all(|r| r.winner.is_some());
-    Ok(if all_won && report.spec_errors.is_empty() { Outcome::Success } else { Outcome::Failure })
+    let clean = report.spec_errors.is_empty() && report.pair_check_error.is_none();
+    Ok(if all_won && clean { Outcome::Success } else { Outcome::Failure })
 }
 
 /// The specs to tune: every combination of the lists, each validated before any work.
@@ -461,7 +465,7 @@ mod tests {
         let args = parse(&["--gpu", "sm_90", "--head-dim", "128", "--dtype", "bf16"]).unwrap();
         let plan = tune_plan(&args, specs(&args).unwrap()).unwrap();
         assert_eq!(plan.seqs, vec![2048, 8192]);
-        assert_eq!(plan.budget, Some(Duration::from_secs(90)));
+        assert_eq!(plan.budget, Some(Duration::from_secs(180)));
         assert_eq!(plan.specs.len(), 2, "fwd and bwd");
         assert_eq!(args.cache, PathBuf::from("sbgen-tune.json"));
         assert_eq!(plan.reps, 20);
@@ -476,6 +480,8 @@ mod tests {
             &["--gpu", "sm_90", "--seq", "0"][..],
             &["--gpu", "sm_90", "--seq", "abc"][..],
             &["--gpu", "sm_90", "--reps", "1"][..],
+            &["--gpu", "sm_90", "--reps", "1001"][..],
+            &["--gpu", "sm_90", "--seq", "131073"][..],
             &["--gpu", "sm_70"][..],
             &["--gpu", "sm_90", "--emit-ptx", "dir"][..],
         ] {
