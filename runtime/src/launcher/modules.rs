@@ -145,9 +145,8 @@ impl ModuleStore {
     pub fn load(&self, binary: &KernelBinary) -> Result<Arc<LoadedKernel>, LaunchError> {
         let key = binary.fingerprint();
         let name = binary.name();
-        let find = |loaded: &LoadedByFingerprint| {
-            loaded.get(&key)?.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone())
-        };
+        let find =
+            |loaded: &LoadedByFingerprint| loaded.get(&key)?.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone());
         if let Some(kernel) = find(&lock(&self.loaded)) {
             return Ok(kernel);
         }

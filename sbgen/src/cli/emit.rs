@@ -33,7 +33,7 @@ pub struct EmitArgs {
 }
 
 /// The spec fields besides head_dim, dtype and pass, shared by the subcommands that take one spec
-/// (`emit`, `run`).
+/// (`emit`, `run`) and by `tune`.
 #[derive(Debug, Args)]
 pub struct SpecArgs {
     /// Causal mask: strict (key j < query i) or attend_current (j <= i).

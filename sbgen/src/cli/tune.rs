@@ -6,6 +6,7 @@
 //! - otherwise: check every variant against the float64 reference on the GPU, time the survivors
 //!   with CUDA events and write the winners to the tuning cache ([`crate::tune`]).
 
+use super::emit::SpecArgs;
 use super::{Outcome, UsageError};
 use crate::cache::{seq_bucket, TuningCache, DEFAULT_CACHE_FILE};
 use crate::compile::{CompileError, Compiled, Compiler};
@@ -44,6 +45,9 @@ pub struct TuneArgs {
     /// Passes, comma-separated (fwd, bwd).
     #[arg(long, value_delimiter = ',', default_values_t = [Pass::Forward, Pass::Backward])]
     pub pass: Vec<Pass>,
+    /// Mask, layout, remainder and early exit of every spec tuned (the cache keys on them).
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Parallel compilations (default: the number of cores).
     #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
@@ -248,7 +252,13 @@ fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
     for &pass in &args.pass {
         for &head_dim in &args.head_dim {
             for &dtype in &args.dtype {
-                let spec = Spec::new(head_dim, dtype, pass);
+                let spec = Spec {
+                    mask: args.spec.mask,
+                    layout: args.spec.layout,
+                    remainder: args.spec.remainder,
+                    early_exit_bits: args.spec.early_exit_bits,
+                    ..Spec::new(head_dim, dtype, pass)
+                };
                 spec.validate().map_err(UsageError::new)?;
                 if !specs.contains(&spec) {
                     specs.push(spec);
@@ -449,6 +459,7 @@ fn failure_line(name: &str, schedule: &Schedule, message: &str) -> String {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::ir::{Layout, Mask, Remainder};
     use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<TuneArgs, clap::Error> {
@@ -469,6 +480,44 @@ mod tests {
         assert_eq!(plan.specs.len(), 2, "fwd and bwd");
         assert_eq!(args.cache, PathBuf::from("sbgen-tune.json"));
         assert_eq!(plan.reps, 20);
+    }
+
+    #[test]
+    fn the_spec_flags_reach_every_tuned_spec() {
+        let args = parse(&[
+            "--gpu",
+            "sm_90",
+            "--head-dim",
+            "64",
+            "--dtype",
+            "f16",
+            "--layout",
+            "bnhd",
+            "--mask",
+            "attend_current",
+            "--remainder",
+            "fuse",
+            "--early-exit-bits",
+            "24",
+        ])
+        .unwrap();
+        let tuned = specs(&args).unwrap();
+        assert_eq!(tuned.len(), 2);
+        for s in tuned {
+            assert_eq!(
+                (s.layout, s.mask, s.remainder, s.early_exit_bits),
+                (Layout::Bnhd, Mask::AttendCurrent, Remainder::Fuse, Some(24))
+            );
+        }
+        let defaults = specs_of(&["--gpu", "sm_90"]);
+        assert!(defaults.iter().all(|s| (s.layout, s.mask, s.remainder, s.early_exit_bits)
+            == (Layout::Bhnd, Mask::Strict, Remainder::Return, None)));
+        let bad = parse(&["--gpu", "sm_90", "--early-exit-bits", "99"]).unwrap();
+        assert!(specs(&bad).unwrap_err().to_string().contains("early_exit_bits"));
+    }
+
+    fn specs_of(argv: &[&str]) -> Vec<Spec> {
+        specs(&parse(argv).unwrap()).unwrap()
     }
 
     #[test]
