@@ -167,7 +167,7 @@ mod tests {
     use super::*;
     use crate::attr::Spanned;
     use sbgen::cache::CacheEntry;
-    use sbgen::ir::{Dtype, Pass};
+    use sbgen::ir::{Dtype, Layout, Pass, Remainder};
 
     fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
         let schedule = Schedule::default_for(&spec);
@@ -261,10 +261,13 @@ mod tests {
             check_entry_matches_lowering(e).unwrap();
             assert!(!e.ptx.is_empty(), "{} has no PTX", e.kernel_name);
         }
+        // The specs it was tuned for: BHND with a returned remainder, and BNHD (candle, flash-attn)
+        // with the remainder fused (the paper's models), both with the strict mask.
+        let variants = [(Layout::Bhnd, Remainder::Return), (Layout::Bnhd, Remainder::Fuse)];
         for pass in [Pass::Forward, Pass::Backward] {
             for dtype in [Dtype::Bf16, Dtype::F16] {
-                for head_dim in [64, 128] {
-                    let spec = Spec::new(head_dim, dtype, pass);
+                for (head_dim, (layout, remainder)) in [64, 128].into_iter().flat_map(|d| variants.map(|v| (d, v))) {
+                    let spec = Spec { layout, remainder, ..Spec::new(head_dim, dtype, pass) };
                     let (k, _) = pick(&c, &spec, None, None).unwrap();
                     let buckets: Vec<_> = k.iter().map(|k| (k.arch, k.seq_bucket)).collect();
                     assert_eq!(

@@ -23,7 +23,7 @@ pub mod tune;
 
 /// The built-in tuning cache (`sbgen/default-cache.json`), used by `#[stick_breaking_attention]`
 /// when the user's crate has none: tuned on an H200 (sm_90) for head_dim 64 and 128, bf16 and f16,
-/// forward and backward, strict mask, BHND, returned remainder, no early exit; buckets 2048 and
-/// 8192. Other specs and arches fall back to their default schedule, embedded as CUDA source and
-/// NVRTC-compiled at first use.
+/// forward and backward, strict mask, no early exit, in two variants: BHND with the remainder
+/// returned, and BNHD with the remainder fused; buckets 2048 and 8192. Other specs and arches fall
+/// back to their default schedule, embedded as CUDA source and NVRTC-compiled at first use.
 pub const DEFAULT_CACHE: &str = include_str!("../default-cache.json");
