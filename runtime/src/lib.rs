@@ -3,9 +3,11 @@
 //! - [`spec`]: what a kernel computes (head_dim, dtype, mask, layout, ...), shared by the compiler,
 //!   the macro and the launcher.
 //! - [`manifest`]: how a compiled kernel is launched (entry points, grids, shared memory).
+//! - [`hash`]: FNV-1a 64, the stable hash behind PTX file names and module fingerprints.
 //! - [`reference`]: the float64 CPU reference (forward and backward), the ground truth for every test.
 //! - `launcher` (feature `cuda`): loads PTX through cudarc, checks inputs and launches.
 
+pub mod hash;
 #[cfg(feature = "cuda")]
 pub mod launcher;
 pub mod manifest;

@@ -19,6 +19,7 @@
 //! This module depends on serde and std only (no CUDA, no CLI), so the proc-macro can read caches.
 
 use crate::ir::{Arch, Schedule, Spec};
+use sbgen_runtime::hash::{fnv1a64, Fnv64};
 use sbgen_runtime::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -320,28 +321,12 @@ pub fn candidates_checksum<'a>(candidates: impl IntoIterator<Item = (&'a Schedul
         h.write(schedule.to_string().as_bytes());
         h.write(if kept { b":kept\n" } else { b":pruned\n" });
     }
-    format!("fnv1a64:{:016x}", h.0)
+    format!("fnv1a64:{:016x}", h.finish())
 }
 
 /// FNV-1a 64 of a CUDA source, 16 hex digits (the hash in PTX file names, `gpu::kernels`).
 pub fn source_hash(source: &str) -> String {
-    let mut h = Fnv64::new();
-    h.write(source.as_bytes());
-    format!("{:016x}", h.0)
-}
-
-struct Fnv64(u64);
-
-impl Fnv64 {
-    fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
+    format!("{:016x}", fnv1a64(source.as_bytes()))
 }
 
 /// Writes `bytes` to `path` through a temp file in the same folder: write, fsync, rename, fsync the

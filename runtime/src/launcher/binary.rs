@@ -2,6 +2,7 @@
 //! optionally, the CUDA source to compile with NVRTC on a device none of the PTX fits. Also the
 //! rule that picks the PTX for a device.
 
+use crate::hash::Fnv64;
 use crate::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
@@ -72,22 +73,8 @@ impl KernelBinary {
                 }
                 None => h.write(&[0]),
             }
-            h.0
+            h.finish()
         })
-    }
-}
-
-struct Fnv64(u64);
-
-impl Fnv64 {
-    fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
     }
 }
 

@@ -128,18 +128,9 @@ pub fn ptx_file_name(lowered: &Lowered) -> String {
     format!(
         "{}-{:016x}.{}.ptx",
         lowered.name,
-        fnv1a64(lowered.cuda_source.as_bytes()),
+        sbgen_runtime::hash::fnv1a64(lowered.cuda_source.as_bytes()),
         lowered.kernel.arch.compile_target()
     )
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]
