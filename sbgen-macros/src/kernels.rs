@@ -170,28 +170,8 @@ mod tests {
     use sbgen::ir::{Dtype, Layout, Pass, Remainder};
 
     fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
-        let schedule = Schedule::default_for(&spec);
-        let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, arch)).unwrap();
-        CacheEntry {
-            arch,
-            spec,
-            seq_bucket,
-            schedule,
-            kernel_name: lowered.name.clone(),
-            time_ms: 1.0,
-            tflops: 0.0,
-            speedup_over_default: None,
-            shape: None,
-            gpu_name: String::new(),
-            driver_version: String::new(),
-            sbgen_version: String::new(),
-            tuned_at: String::new(),
-            candidates_checksum: String::new(),
-            candidates: Vec::new(),
-            manifest: lowered.manifest,
-            ptx: format!("// ptx {arch} {seq_bucket}"),
-            cuda_source_hash: String::new(),
-        }
+        let kernel = Kernel::new(spec, Schedule::default_for(&spec), arch);
+        CacheEntry::untimed(kernel, seq_bucket, format!("// ptx {arch} {seq_bucket}")).unwrap()
     }
 
     fn cache(entries: Vec<CacheEntry>) -> TuningCache {

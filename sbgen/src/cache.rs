@@ -18,7 +18,7 @@
 //!
 //! This module depends on serde and std only (no CUDA, no CLI), so the proc-macro can read caches.
 
-use crate::ir::{Arch, Schedule, Spec};
+use crate::ir::{Arch, Kernel, Schedule, Spec};
 use sbgen_runtime::hash::{fnv1a64, Fnv64};
 use sbgen_runtime::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
@@ -294,6 +294,33 @@ impl TuningCache {
 }
 
 impl CacheEntry {
+    /// An entry for `kernel` in bucket `seq_bucket` carrying `ptx`, with its identity (name,
+    /// manifest, source hash) from lowering it and nothing measured yet (time 1 ms, no candidates,
+    /// empty provenance): the base the tests override with `..` (the tuner fills every field).
+    pub fn untimed(kernel: Kernel, seq_bucket: u32, ptx: String) -> Result<CacheEntry, crate::lower::LowerError> {
+        let lowered = crate::lower::lower(&kernel)?;
+        Ok(CacheEntry {
+            arch: kernel.arch,
+            spec: kernel.spec,
+            seq_bucket,
+            schedule: kernel.schedule,
+            kernel_name: lowered.name,
+            time_ms: 1.0,
+            tflops: 0.0,
+            speedup_over_default: None,
+            shape: None,
+            gpu_name: String::new(),
+            driver_version: String::new(),
+            sbgen_version: String::new(),
+            tuned_at: String::new(),
+            candidates_checksum: String::new(),
+            candidates: Vec::new(),
+            manifest: lowered.manifest,
+            ptx,
+            cuda_source_hash: source_hash(&lowered.cuda_source),
+        })
+    }
+
     /// How many candidates were checked and timed (the measure of how fully the key was tuned).
     pub fn timed_candidates(&self) -> usize {
         self.candidates.iter().filter(|c| matches!(c.outcome, Outcome::Timed { .. })).count()
@@ -389,7 +416,6 @@ pub fn format_utc(secs: u64) -> String {
 mod tests {
     use super::*;
     use crate::ir::{Dtype, Kernel, Pass};
-    use crate::lower::lower;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sbgen-cache-{name}-{}", std::process::id()));
@@ -401,13 +427,8 @@ mod tests {
     fn entry(head_dim: u32, pass: Pass, bucket: u32, ms: f64) -> CacheEntry {
         let spec = Spec::new(head_dim, Dtype::Bf16, pass);
         let schedule = Schedule::default_for(&spec);
-        let lowered = lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
+        let base = CacheEntry::untimed(Kernel::new(spec, schedule, Arch::Sm90), bucket, "// ptx".into()).unwrap();
         CacheEntry {
-            arch: Arch::Sm90,
-            spec,
-            seq_bucket: bucket,
-            schedule,
-            kernel_name: lowered.name.clone(),
             time_ms: ms,
             tflops: 100.0,
             speedup_over_default: Some(1.0),
@@ -428,9 +449,7 @@ mod tests {
                     outcome: Outcome::WrongResult { max_error: 0.5 },
                 },
             ],
-            manifest: lowered.manifest,
-            ptx: "// ptx".into(),
-            cuda_source_hash: source_hash(&lowered.cuda_source),
+            ..base
         }
     }
 

@@ -1079,28 +1079,8 @@ mod tests {
     #[test]
     fn pairs_are_the_forward_and_backward_winners_of_a_bucket_that_differ() {
         let entry = |pass: Pass, bucket: u32, schedule: Schedule| {
-            let spec = Spec::new(128, Dtype::Bf16, pass);
-            let lowered = lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
-            CacheEntry {
-                arch: Arch::Sm90,
-                spec,
-                seq_bucket: bucket,
-                schedule,
-                kernel_name: lowered.name,
-                time_ms: 1.0,
-                tflops: 1.0,
-                speedup_over_default: None,
-                shape: None,
-                gpu_name: String::new(),
-                driver_version: String::new(),
-                sbgen_version: String::new(),
-                tuned_at: String::new(),
-                candidates_checksum: String::new(),
-                candidates: Vec::new(),
-                manifest: lowered.manifest,
-                ptx: String::new(),
-                cuda_source_hash: String::new(),
-            }
+            let kernel = Kernel::new(Spec::new(128, Dtype::Bf16, pass), schedule, Arch::Sm90);
+            CacheEntry::untimed(kernel, bucket, String::new()).unwrap()
         };
         let (a, b) = (s(32, 2), s(32, 3));
         let entries = vec![

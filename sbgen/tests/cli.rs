@@ -200,14 +200,8 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
     let path = dir.join("cache.json");
     let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
     let schedule = Schedule::default_for(&spec);
-    let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
     let mut cache = TuningCache::new();
     cache.insert(CacheEntry {
-        arch: Arch::Sm90,
-        spec,
-        seq_bucket: 2048,
-        schedule,
-        kernel_name: lowered.name.clone(),
         time_ms: 0.9,
         tflops: 150.0,
         speedup_over_default: Some(1.0),
@@ -218,9 +212,7 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
         tuned_at: "2026-11-29T02:00:00Z".into(),
         candidates_checksum: String::new(),
         candidates: vec![CandidateResult { schedule, outcome: Outcome::Timed { ms: 0.9, tflops: 150.0 } }],
-        manifest: lowered.manifest.clone(),
-        ptx: "// ptx".into(),
-        cuda_source_hash: String::new(),
+        ..CacheEntry::untimed(Kernel::new(spec, schedule, Arch::Sm90), 2048, "// ptx".into()).unwrap()
     });
     cache.save(&path).unwrap();
     let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap(), "--candidates"]);

@@ -86,26 +86,13 @@ mod tests {
     fn an_entry_line_shows_the_key_the_winner_and_the_measurements() {
         let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
         let schedule = Schedule::default_for(&spec);
-        let lowered = crate::lower::lower(&Kernel::new(spec, schedule, Arch::Sm90)).unwrap();
         let entry = CacheEntry {
-            arch: Arch::Sm90,
-            spec,
-            seq_bucket: 8192,
-            schedule,
-            kernel_name: lowered.name,
             time_ms: 12.3456,
             tflops: 111.11,
             speedup_over_default: Some(1.0),
-            shape: None,
             gpu_name: "NVIDIA H200".into(),
-            driver_version: String::new(),
-            sbgen_version: String::new(),
             tuned_at: "2026-11-29T02:00:00Z".into(),
-            candidates_checksum: String::new(),
-            candidates: Vec::new(),
-            manifest: lowered.manifest,
-            ptx: String::new(),
-            cuda_source_hash: String::new(),
+            ..CacheEntry::untimed(Kernel::new(spec, schedule, Arch::Sm90), 8192, String::new()).unwrap()
         };
         let line = format_entry(&entry);
         for part in [
