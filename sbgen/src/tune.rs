@@ -435,23 +435,17 @@ struct ScratchDir {
 
 impl ScratchDir {
     fn create() -> Result<Self, TuneError> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let mut last = None;
-        for attempt in 0..16u32 {
-            let path = std::env::temp_dir().join(format!(
-                "sbgen-tune-{}-{:x}",
-                std::process::id(),
-                nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(attempt as u128) & 0xffff_ffff_ffff
-            ));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let mut attempt = 0;
+        loop {
+            let path = std::env::temp_dir().join(format!("sbgen-tune-{}-{nanos:x}-{attempt}", std::process::id()));
             // `create_dir` (not `_all`) fails when the path exists: the folder is ours alone.
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(ScratchDir { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((path, e)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 15 => attempt += 1,
                 Err(source) => return Err(TuneError::Scratch { path, source }),
             }
         }
-        let (path, source) = last.expect("16 attempts were made");
-        Err(TuneError::Scratch { path, source })
     }
 }
 
@@ -971,6 +965,17 @@ mod tests {
         let unlimited = Budget::start(None);
         assert!(!unlimited.spent_after(Duration::from_secs(1_000_000)));
         assert!(Budget::start(Some(Duration::from_secs(1))).spent_after(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn scratch_folders_are_distinct_and_removed_on_drop() {
+        let (a, b) = (ScratchDir::create().unwrap(), ScratchDir::create().unwrap());
+        assert_ne!(a.path, b.path);
+        assert!(a.path.is_dir() && b.path.is_dir());
+        std::fs::write(a.path.join("x.ptx"), "x").unwrap();
+        let path = a.path.clone();
+        drop(a);
+        assert!(!path.exists(), "a scratch folder outlived its run");
     }
 
     #[test]
