@@ -93,7 +93,7 @@ __device__ __forceinline__ float poly_exp2(float x) {
     return __int_as_float(__float_as_int(p) + ((int)fi << 23));
 }
 
-// log2(1 + 2^x), taking x itself when x > 15 (DESIGN.md §2).
+// log2(1 + 2^x), taking x itself when x > 15 (docs/math.md#forward-blocked).
 __device__ __forceinline__ float softplus2(float x) {
     float s = fast_log2(1.0f + fast_exp2(x));
     return x > 15.0f ? x : s;

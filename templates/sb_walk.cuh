@@ -1,4 +1,4 @@
-// ---- sb_walk.cuh: the tile algebra of the right-to-left stick-breaking walk (DESIGN.md §2) ---------
+// ---- sb_walk.cuh: the tile algebra of the right-to-left stick-breaking walk (docs/math.md#forward-blocked) --
 // Expects the constants of the including template (D, BM, BN, WARPS, THREADS, MT, STAGES,
 // ATTEND_CURRENT, BNHD) and sb_common.cuh.
 //
