@@ -7,7 +7,8 @@
 #                         tests use at the default schedule, for --arch (default sm_90 = sm_90a): the
 #                         GPU machine has no CUDA toolchain, so kernels are compiled here; plus the PTX
 #                         of every non-spilling variant of the search space of the specs in $TUNE_SPECS
-#                         (default "--head-dim 128 --dtype bf16"; fwd and bwd), for `sbgen tune`
+#                         (default "--head-dim 128 --dtype bf16"; fwd and bwd; several sets separated by
+#                         `;`), for `sbgen tune`
 #   .carry/baselines.py   torch SDPA / fla-core baselines (from shared/bench)
 #
 # Then, on the GPU machine: `bash scripts/gpu-session.sh .carry` (see that script).
@@ -46,10 +47,14 @@ echo "--- compiling PTX for $arch"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$out/sbgen" check --emit-ptx "$tmp/ptx" --arch "$arch"
-echo "--- compiling the search space for sbgen tune (${TUNE_SPECS:=--head-dim 128 --dtype bf16})"
-# shellcheck disable=SC2086
-"$out/sbgen" tune --gpu "$arch" --compile-only --emit-ptx "$tmp/ptx" -j 2 $TUNE_SPECS ||
-    echo "warning: some variants failed to compile or spill: they have no PTX and tune records them as failed" >&2
+# Several spec sets can be given, separated by `;` (e.g. the two families of the default cache).
+IFS=';' read -ra spec_sets <<<"${TUNE_SPECS:=--head-dim 128 --dtype bf16}"
+for specs in "${spec_sets[@]}"; do
+    echo "--- compiling the search space for sbgen tune ($specs)"
+    # shellcheck disable=SC2086
+    "$out/sbgen" tune --gpu "$arch" --compile-only --emit-ptx "$tmp/ptx" -j 2 $specs ||
+        echo "warning: some variants failed to compile or spill: they have no PTX and tune records them as failed" >&2
+done
 tar czf "$out/ptx.tar.gz" -C "$tmp" ptx
 
 echo "--- bundle"

@@ -12,6 +12,11 @@
 #              "--head-dim 128 --dtype bf16", the specs the bundle has PTX for), then `cache show`
 #   bench      DIR/sbgen bench --json $OUT/bench.json $BENCH_ARGS
 #   baselines  python3 DIR/baselines.py --json $OUT/baselines.json $BASELINE_ARGS (same session as bench)
+#   sanitize   compute-sanitizer over small runs of every kernel family (forward, backward + its finish
+#              kernel; both head dims, masks, layouts, remainders, early exit off/on): memcheck with
+#              leak check, racecheck, initcheck and synccheck, each over `DIR/sbgen check $SANITIZE_ARGS`
+#              (default below), logs in $OUT/sanitize-<tool>.log; fails on any finding
+#              (docs/checking.md#sanitizer). Only when asked for, like tune.
 # Each step has a time limit (env TESTS_TIMEOUT, CHECK_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, BASELINES_TIMEOUT, in
 # seconds). Logs and JSON go to $OUT (default ./gpu-out); summary.txt lists every step's exit status.
 # Exit status: 0 when every step passed, 1 otherwise.
@@ -66,7 +71,27 @@ for s in $STEPS; do
         bench) step bench "${BENCH_TIMEOUT:-540}" "$dir/sbgen" bench --json "$OUT/bench.json" ${BENCH_ARGS:-} ;;
         # shellcheck disable=SC2086
         baselines) step baselines "${BASELINES_TIMEOUT:-540}" python3 "$dir/baselines.py" --json "$OUT/baselines.json" ${BASELINE_ARGS:-} ;;
-        *) echo "unknown step \`$s\`: allowed tests, check, tune, bench, baselines" >&2; failed=1 ;;
+        sanitize)
+            # Small shapes: every launch runs instrumented (10-100x slower). One dtype is enough for
+            # racecheck/synccheck (the dtype only changes conversions); memcheck and initcheck take both.
+            sanitizer="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+            small="--seq 17,200 --regime random --seed 1"
+            for tool in memcheck initcheck racecheck synccheck; do
+                case "$tool" in
+                    memcheck) extra="--leak-check full"; sel="${SANITIZE_ARGS:-$small}" ;;
+                    initcheck) extra=""; sel="${SANITIZE_ARGS:-$small}" ;;
+                    *) extra=""; sel="${SANITIZE_ARGS:-$small --dtype bf16}" ;;
+                esac
+                # shellcheck disable=SC2086
+                step "sanitize-$tool" "${SANITIZE_TIMEOUT:-240}" "$sanitizer" --tool "$tool" $extra \
+                    --error-exitcode 3 --print-limit 50 "$dir/sbgen" check --failures-only $sel
+                grep -h "ERROR SUMMARY\|LEAK SUMMARY\|RACECHECK SUMMARY" "$OUT/sanitize-$tool.log" | sed "s/^/  $tool: /"
+            done
+            # The launcher's own paths (refused views, module store, macro-free launches) under memcheck.
+            SBGEN_REQUIRE_GPU=1 step sanitize-tests "${SANITIZE_TIMEOUT:-240}" "$sanitizer" --tool memcheck \
+                --leak-check full --error-exitcode 3 --print-limit 50 "$dir/gpu" --test-threads=1
+            grep -h "ERROR SUMMARY\|LEAK SUMMARY" "$OUT/sanitize-tests.log" | sed "s/^/  tests: /" ;;
+        *) echo "unknown step \`$s\`: allowed tests, check, tune, bench, baselines, sanitize" >&2; failed=1 ;;
     esac
 done
 
