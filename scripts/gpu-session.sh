@@ -72,15 +72,17 @@ for s in $STEPS; do
         # shellcheck disable=SC2086
         baselines) step baselines "${BASELINES_TIMEOUT:-540}" python3 "$dir/baselines.py" --json "$OUT/baselines.json" ${BASELINE_ARGS:-} ;;
         sanitize)
-            # Small shapes: every launch runs instrumented (10-100x slower). One dtype is enough for
-            # racecheck/synccheck (the dtype only changes conversions); memcheck and initcheck take both.
+            # Small shapes: every launch and module load runs instrumented (10-100x slower). bf16 only
+            # (f16 differs in conversions alone). memcheck and initcheck take every head dim, mask,
+            # layout, remainder and early-exit setting; racecheck and synccheck (shared memory and
+            # barriers, which the layout does not touch) one layout.
             sanitizer="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
-            small="--seq 17,200 --regime random --seed 1"
+            small="--seq 17,200 --regime random --seed 1 --dtype bf16"
             for tool in memcheck initcheck racecheck synccheck; do
                 case "$tool" in
                     memcheck) extra="--leak-check full"; sel="${SANITIZE_ARGS:-$small}" ;;
                     initcheck) extra=""; sel="${SANITIZE_ARGS:-$small}" ;;
-                    *) extra=""; sel="${SANITIZE_ARGS:-$small --dtype bf16}" ;;
+                    *) extra=""; sel="${SANITIZE_ARGS:-$small --layout bhnd}" ;;
                 esac
                 # shellcheck disable=SC2086
                 step "sanitize-$tool" "${SANITIZE_TIMEOUT:-240}" "$sanitizer" --tool "$tool" $extra \
