@@ -1,7 +1,8 @@
 //! The float64 CPU reference: stick-breaking attention forward and backward, O(N^2) per head.
 //!
 //! This is the ground truth every kernel, the interpreter of the blocked schedule and the tuner's
-//! correctness check are measured against. It follows DESIGN §2 literally, in log space base 2:
+//! correctness check are measured against. It follows the definitions literally
+//! (docs/math.md#definitions), in log space base 2:
 //!
 //! ```text
 //! x_ij         = s * log2(e) * q_i . k_j
@@ -16,9 +17,10 @@
 //!
 //! **Early exit** (`early_exit_bits = Some(T)`) is applied per row here: once a row's running
 //! `acc` falls below -T, its remaining (farther) keys get weight 0 and rem keeps the value reached.
-//! The kernels decide per query block instead (a coarser rule); both stay within the bound of DESIGN
-//! §2 of the exact result: |Δrem_i| <= 2^-T and, with the remainder returned, |Δo_i| <= 2^-T max_j
-//! |v_j| elementwise (with a fused remainder the bound is 2^-T max_j |v_i - v_j|, at most twice that).
+//! The kernels decide per query block instead (a coarser rule); both stay within this bound of the
+//! exact result (docs/math.md#early-exit): |Δrem_i| <= 2^-T and, with the remainder returned,
+//! |Δo_i| <= 2^-T max_j |v_j| elementwise (with a fused remainder the bound is 2^-T max_j |v_i - v_j|,
+//! at most twice that).
 //! The backward differentiates the truncated function (the same per-row rule).
 //!
 //! All tensors are flat slices in BHND order: q, k, v, o and the gradients are [B, H, N, D]; rem
@@ -129,7 +131,7 @@ pub struct Grads {
     pub dv: Vec<f64>,
 }
 
-/// log2(1 + 2^x), taking x itself when x > 15 (the rule the kernels use, DESIGN §2).
+/// log2(1 + 2^x), taking x itself when x > 15 (the rule the kernels use, docs/math.md#forward-blocked).
 pub fn softplus2(x: f64) -> f64 {
     if x > 15.0 {
         x
@@ -225,7 +227,7 @@ pub fn forward(shape: Shape, opts: &Options, q: &[f64], k: &[f64], v: &[f64]) ->
 }
 
 /// The float64 backward: gradients of L = sum(d_o * o) + sum(d_rem * rem) with respect to q, k, v
-/// (DESIGN §2). `d_rem = None` means no gradient flows into rem.
+/// (docs/math.md#backward). `d_rem = None` means no gradient flows into rem.
 ///
 /// Per row i, over the keys the forward kept:
 /// g_ij = A_ij (dO_i . v_j); C_ik = sum_{j <= k} g_ij; dz_ik = g_ik - beta_ik (C_ik + dRem_i rem_i);
@@ -389,7 +391,7 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
     }
 
-    /// The definition straight from DESIGN §2, in plain (non-log) arithmetic:
+    /// The definition straight from docs/math.md#definitions, in plain (non-log) arithmetic:
     /// A_ij = beta_ij prod_{allowed k, j < k} (1 - beta_ik), rem_i = prod_{allowed k} (1 - beta_ik).
     fn naive_forward(
         shape: Shape,

@@ -54,8 +54,8 @@
 //! (see `matches_the_reference_on_sharp_data`).
 //!
 //! The float64 reference ([`sbgen_runtime::reference`]) is the ground truth this is checked
-//! against; early exit there is decided per row, here per CTA, and both stay within DESIGN §2's
-//! bound of the exact result.
+//! against; early exit there is decided per row, here per CTA, and both stay within the same bound
+//! of the exact result (docs/math.md#early-exit).
 
 use crate::ir::{Dtype, Kernel, Mask, Remainder};
 use sbgen_runtime::reference::Shape;
@@ -510,8 +510,8 @@ mod tests {
     const SEQS: [usize; 5] = [1, 17, 64, 100, 257];
     const HEAD_DIM: usize = 16;
 
-    /// (forward, gradients): DESIGN §6 for bf16; f16 carries 3 more mantissa bits, so a tiling
-    /// bug that bf16 rounding would hide still fails its tighter bound.
+    /// (forward, gradients): bf16 as in docs/checking.md#tolerances; f16 carries 3 more mantissa
+    /// bits, so a tiling bug that bf16 rounding would hide still fails its tighter bound.
     fn tolerances(dtype: Dtype) -> (f64, f64) {
         match dtype {
             Dtype::Bf16 => (5e-3, 1e-2),

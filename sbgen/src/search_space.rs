@@ -81,7 +81,7 @@ pub const RULES: &[Rule] = &[
 
 /// Schedules left out of the default search even though they validate. The spill entries come from
 /// compiling every candidate with the pinned CUDA 13.0 compilers (NVRTC, then `ptxas -v`), the
-/// check CI repeats: a variant the tuner may choose must not spill (DESIGN.md §3).
+/// check CI repeats: a variant the tuner may choose must not spill (docs/architecture.md#artifact-pipeline).
 pub const EXCLUSIONS: &[Exclusion] = &[
     Exclusion {
         reason: "32 rows per warp (block_m = 32 * warps) is left out of the default search space until \

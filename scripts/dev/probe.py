@@ -1,5 +1,5 @@
 """Kernel probe for the H200, independent of the Rust launcher: loads cubins built here, checks them
-against a float64 torch reference (DESIGN.md §2) on fresh random data, and times them.
+against a float64 torch reference (docs/math.md#definitions) on fresh random data, and times them.
 
     python3 probe.py DIR [--bench]     # DIR holds manifest.json (list of KernelManifest) + NAME.cubin
 """

@@ -2,7 +2,7 @@
 
 Makes random q, k, v, do, drem with torch, saves them with safetensors, runs `sbgen run` for the
 forward and backward, and compares o, rem, dq, dk, dv with a float64 reference written here from
-the definition (`reference` below, after ../shared/DESIGN.md section 2) and differentiated by torch autograd: nothing of sbgen's own
+the definition (`reference` below, after docs/math.md#definitions) and differentiated by torch autograd: nothing of sbgen's own
 reference is used. Needs a CUDA device, torch and safetensors (the GPU machine has both).
 
     python3 scripts/dev/run_check.py SBGEN_BINARY [--workdir DIR]

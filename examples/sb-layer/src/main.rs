@@ -21,7 +21,7 @@ use std::sync::Arc;
 #[stick_breaking_attention(head_dim = 64, dtype = "bf16", mask = "strict", layout = "bhnd", remainder = "return")]
 pub struct SbAttn;
 
-/// Relative L2 error of the forward's outputs (DESIGN §6).
+/// Relative L2 error of the forward's outputs (docs/checking.md#tolerances).
 const FWD_TOL: f64 = 5e-3;
 /// Relative L2 error of the gradients.
 const GRAD_TOL: f64 = 1e-2;

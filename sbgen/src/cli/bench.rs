@@ -15,8 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Args)]
 #[command(after_help = "TFLOP/s counts 4*B*H*N^2*D/2 for the forward and 3.5 times that for forward+backward \
-(DESIGN §7), so figures compare with softmax attention on the same work. Each kernel is checked against the \
-float64 reference on N = 256 first; a kernel that fails is reported and not timed (exit 1).")]
+(docs/performance.md#counting), so figures compare with softmax attention on the same work. Each kernel is \
+checked against the float64 reference on N = 256 first; a kernel that fails is reported and not timed (exit 1).")]
 pub struct BenchArgs {
     /// Shapes as B,H,N,D (default: 8,16,2048,128 4,16,4096,128 2,16,8192,128 1,16,16384,128 4,16,4096,64).
     #[arg(long, num_args = 1.., value_parser = parse_shape)]

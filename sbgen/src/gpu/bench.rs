@@ -1,12 +1,13 @@
-//! `sbgen bench`: forward and forward+backward times of the DESIGN §7 shapes, with CUDA events.
+//! `sbgen bench`: forward and forward+backward times of the benchmark shapes, with CUDA events.
 //!
 //! For each shape and early-exit setting: the kernels are first checked against the float64
 //! reference on a small problem (N = 256, all three data regimes; see [`super::check`]) so a wrong
 //! kernel is never timed; then `sets` input sets of N(0, 1) data are uploaded (never zeros), a few
 //! warm-up launches run, and each of `reps` repetitions is timed with its own pair of CUDA events,
 //! rotating through the input sets. The figure is the median; min and max are kept too.
-//! TFLOP/s counts 4 B H N^2 D / 2 for the forward and 3.5 times that for forward+backward (DESIGN §7),
-//! whatever the kernel actually computes (early exit skips work, so its figure is "equivalent").
+//! TFLOP/s counts 4 B H N^2 D / 2 for the forward and 3.5 times that for forward+backward, whatever
+//! the kernel actually computes (early exit skips work, so its figure is "equivalent"); the shapes
+//! and the convention are in (docs/performance.md#counting).
 //! The forward alone runs as for inference (o_saved not written); forward+backward is one forward
 //! that saves o in f32 and one backward launch sequence (including the zeroing of the backward's f32
 //! workspace).
@@ -27,7 +28,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The shapes of DESIGN §7: (B, H, N, D).
+/// The benchmark shapes of docs/performance.md#counting: (B, H, N, D).
 pub const DEFAULT_SHAPES: &[(usize, usize, usize, usize)] =
     &[(8, 16, 2048, 128), (4, 16, 4096, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (4, 16, 4096, 64)];
 
@@ -93,14 +94,14 @@ pub struct BenchResult {
     pub ms_median: Option<f64>,
     pub ms_min: Option<f64>,
     pub ms_max: Option<f64>,
-    /// DESIGN §7 TFLOP/s at the median time.
+    /// TFLOP/s-equivalent at the median time (docs/performance.md#counting).
     pub tflops: Option<f64>,
     pub reps: usize,
     /// Why it was not timed (a kernel that failed its check, a build or launch error).
     pub error: Option<String>,
 }
 
-/// The forward's work as DESIGN §7 counts it: 4 B H N^2 D / 2.
+/// The forward's work as docs/performance.md#counting counts it: 4 B H N^2 D / 2.
 pub fn fwd_flops(s: Shape) -> f64 {
     4.0 * s.batch as f64 * s.heads as f64 * (s.seq as f64).powi(2) * s.head_dim as f64 / 2.0
 }

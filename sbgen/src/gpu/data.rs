@@ -1,4 +1,4 @@
-//! Test data: the three regimes of DESIGN §6, rounding to the kernel's dtype, layouts, poisoned
+//! Test data: the three regimes of docs/checking.md#data-regimes, rounding to the kernel's dtype, layouts, poisoned
 //! outputs and the error metrics the checks use.
 
 use rand::rngs::StdRng;
