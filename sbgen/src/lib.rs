@@ -21,6 +21,8 @@ pub mod json;
 pub mod lower;
 pub mod search_space;
 #[cfg(feature = "cli")]
+pub mod tensor_file;
+#[cfg(feature = "cli")]
 pub mod tune;
 
 /// The built-in tuning cache (`sbgen/default-cache.json`), used by `#[stick_breaking_attention]`
