@@ -144,13 +144,6 @@ pub enum CacheError {
         .path.display(), .path.display()
     )]
     Missing { path: PathBuf },
-    #[error("cannot {action} `{}`: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(
         "`{}` is not a valid sbgen tuning cache ({message}); re-run `sbgen tune --gpu <arch> --cache {}` \
          after deleting or moving the file away",
@@ -163,13 +156,10 @@ pub enum CacheError {
         .path.display(), env!("CARGO_PKG_VERSION"), .path.display()
     )]
     Version { path: PathBuf, found: u64, expected: u32 },
-    /// A folder, device or pipe where a cache file was expected.
-    #[error("`{}` is not a regular file (a folder, device or pipe): give the path of a tuning cache file", .path.display())]
-    NotAFile { path: PathBuf },
     /// What would be written breaks a rule [`TuningCache::parse`] enforces (a bug in the writer).
     #[error("refusing to write `{}`: the cache would not load back ({message})", .path.display())]
     Invalid { path: PathBuf, message: String },
-    /// Locking or replacing the file failed.
+    /// Reading, locking or replacing the file failed, or it is not a regular file.
     #[error(transparent)]
     File(#[from] FileError),
 }
@@ -206,7 +196,7 @@ impl TuningCache {
     /// match on it); anything unreadable is an error naming the file and the fix. A folder, device or
     /// pipe is refused before it is opened, and a file over [`MAX_CACHE_BYTES`] before it is read.
     pub fn load(path: &Path) -> Result<TuningCache, CacheError> {
-        let io = |source| CacheError::Io { action: "read", path: path.to_path_buf(), source };
+        let io = |source| CacheError::File(FileError::Io { action: "read", path: path.to_path_buf(), source });
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -215,7 +205,7 @@ impl TuningCache {
             Err(e) => return Err(io(e)),
         };
         if !meta.is_file() {
-            return Err(CacheError::NotAFile { path: path.to_path_buf() });
+            return Err(FileError::NotRegular { path: path.to_path_buf() }.into());
         }
         let too_large = |len: u64| CacheError::Corrupt {
             path: path.to_path_buf(),
@@ -505,14 +495,8 @@ pub fn format_utc(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::tests::{leftovers, scratch};
     use crate::ir::{Dtype, Kernel, Pass};
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("sbgen-cache-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     fn entry(head_dim: u32, pass: Pass, bucket: u32, ms: f64) -> CacheEntry {
         let spec = Spec::new(head_dim, Dtype::Bf16, pass);
@@ -541,14 +525,6 @@ mod tests {
             ],
             ..base
         }
-    }
-
-    fn leftovers(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp-"))
-            .collect()
     }
 
     #[test]
@@ -702,9 +678,11 @@ mod tests {
     #[test]
     fn a_folder_a_device_or_a_huge_file_is_refused_before_reading() {
         let dir = scratch("not-a-file");
-        assert!(matches!(TuningCache::load(&dir), Err(CacheError::NotAFile { .. })));
+        let not_regular =
+            |p: &Path| matches!(TuningCache::load(p), Err(CacheError::File(FileError::NotRegular { .. })));
+        assert!(not_regular(&dir));
         if Path::new("/dev/zero").exists() {
-            assert!(matches!(TuningCache::load(Path::new("/dev/zero")), Err(CacheError::NotAFile { .. })));
+            assert!(not_regular(Path::new("/dev/zero")));
         }
         // Sparse: no disk space is used.
         let huge = dir.join("huge.json");

@@ -24,7 +24,7 @@ pub enum FileError {
     NoFolder { path: PathBuf, folder: PathBuf },
     #[error("`{}` is a folder: give a file name", .path.display())]
     IsFolder { path: PathBuf },
-    #[error("`{}` exists and is not a regular file (a device, pipe or socket): give a file name", .path.display())]
+    #[error("`{}` is not a regular file (a folder, device, pipe or socket)", .path.display())]
     NotRegular { path: PathBuf },
     #[error("cannot write in the folder `{}` of `{}`: {source}", .folder.display(), .path.display())]
     Unwritable {
@@ -197,17 +197,19 @@ pub fn lock(path: &Path) -> Result<FileLock, FileError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("sbgen-files-{name}-{}", std::process::id()));
+    /// A fresh, empty folder under the temp dir, unique per test name and process.
+    pub(crate) fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sbgen-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
 
-    fn leftovers(dir: &Path) -> Vec<String> {
+    /// The temp files [`write_atomic`] left in `dir`.
+    pub(crate) fn leftovers(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -266,7 +268,7 @@ mod tests {
     #[test]
     fn writing_through_a_symlink_replaces_the_target_and_keeps_its_mode() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = scratch("symlink");
+        let dir = scratch("write-through-symlink");
         std::fs::create_dir_all(dir.join("real")).unwrap();
         let target = dir.join("real").join("cache.json");
         std::fs::write(&target, b"old").unwrap();

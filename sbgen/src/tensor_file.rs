@@ -7,6 +7,7 @@
 //! `{"<name>": {"dtype": "BF16", "shape": [..], "data_offsets": [start, end]}, "__metadata__": {..}}`,
 //! then the data; offsets are relative to the data and the tensors must tile it exactly.
 
+use crate::files::FileError;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,15 +113,9 @@ pub enum TensorFileError {
     Tensor { name: String, message: String },
     #[error("{0}")]
     Layout(String),
-    #[error("cannot {action} `{}`: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{}` is not a regular file (a folder, device or pipe)", .path.display())]
-    NotAFile { path: PathBuf },
+    /// Unreadable, or not a regular file.
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("`{}` is {file_len} bytes, but its header describes {expected}", .path.display())]
     Length { path: PathBuf, file_len: u64, expected: u64 },
 }
@@ -230,10 +225,12 @@ impl TensorFile {
     /// header says, and maps the file.
     pub fn open(path: &Path) -> Result<TensorFile, TensorFileError> {
         use std::io::Read;
-        let io = |action: &'static str| move |source| TensorFileError::Io { action, path: path.to_path_buf(), source };
+        let io = |action: &'static str| {
+            move |source| TensorFileError::File(FileError::Io { action, path: path.to_path_buf(), source })
+        };
         let meta = std::fs::metadata(path).map_err(io("read"))?;
         if !meta.is_file() {
-            return Err(TensorFileError::NotAFile { path: path.to_path_buf() });
+            return Err(FileError::NotRegular { path: path.to_path_buf() }.into());
         }
         let mut file = std::fs::File::open(path).map_err(io("open"))?;
         let mut head = [0u8; 8];
@@ -367,9 +364,11 @@ mod tests {
     fn open_refuses_non_regular_files_and_a_wrong_length_and_maps_the_data() {
         let dir = std::env::temp_dir().join(format!("sbgen-tensor-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(matches!(TensorFile::open(&dir), Err(TensorFileError::NotAFile { .. })));
+        let not_regular =
+            |p: &Path| matches!(TensorFile::open(p), Err(TensorFileError::File(FileError::NotRegular { .. })));
+        assert!(not_regular(&dir));
         if Path::new("/dev/zero").exists() {
-            assert!(matches!(TensorFile::open(Path::new("/dev/zero")), Err(TensorFileError::NotAFile { .. })));
+            assert!(not_regular(Path::new("/dev/zero")));
         }
         let json = r#"{"q": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}"#;
         let path = dir.join("t.safetensors");

@@ -228,6 +228,14 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
     assert!(err.contains("not a valid sbgen tuning cache") && err.contains(path.to_str().unwrap()), "{err}");
 }
 
+/// Runs `sbgen` expecting a usage error (exit 2); returns its stderr.
+fn usage_error(args: &[&str]) -> String {
+    let out = sbgen(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
 /// A safetensors file of zeros: (name, dtype, shape) per tensor.
 fn tensor_file(path: &std::path::Path, tensors: &[(&str, &str, &[usize])]) {
     let mut header = serde_json::Map::new();
@@ -278,9 +286,7 @@ fn run_refuses_an_output_it_cannot_or_must_not_write_before_the_gpu() {
         cases.push((PathBuf::from("/proc/sbgen-out.safetensors"), "cannot write in the folder `/proc`"));
     }
     for (output, expected) in cases {
-        let out = sbgen(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{output:?}: {err}");
+        let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
         assert!(err.contains("`--output`") && err.contains(expected), "{output:?}: {err}");
         assert!(!err.contains("CUDA"), "refused before looking for a GPU: {err}");
     }
@@ -299,9 +305,7 @@ fn run_refuses_a_device_or_folder_as_input_without_reading_it() {
         if !std::path::Path::new(input).exists() {
             continue;
         }
-        let out = sbgen(&["run", "-i", input, "-o", output.to_str().unwrap()]);
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{input}: {err}");
+        let err = usage_error(&["run", "-i", input, "-o", output.to_str().unwrap()]);
         assert!(err.contains("not a regular file"), "{err}");
     }
 }
@@ -338,40 +342,16 @@ fn run_pass_fwd_validates_only_the_forward() {
         .expect("a schedule that fits the forward only");
     let (block_m, block_n, stages) =
         (schedule.block_m.to_string(), schedule.block_n.to_string(), schedule.stages.to_string());
-    let (block_m, block_n, stages) = (block_m.as_str(), block_n.as_str(), stages.as_str());
-    let out = sbgen(&[
-        "run",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        output.to_str().unwrap(),
-        "--pass",
-        "fwd",
-        "--block-m",
-        block_m,
-        "--block-n",
-        block_n,
-        "--stages",
-        stages,
-    ]);
+    let run = |pass: &str| {
+        let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+        let schedule = ["--block-m", &block_m, "--block-n", &block_n, "--stages", &stages];
+        sbgen(&[&["run", "-i", input, "-o", output, "--pass", pass][..], &schedule].concat())
+    };
+    let out = run("fwd");
     let err = text(&out.stderr);
     assert_ne!(out.status.code(), Some(2), "a valid forward is not refused for its backward: {err}");
     // The same schedule with the backward is refused, before the GPU.
-    let out = sbgen(&[
-        "run",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        output.to_str().unwrap(),
-        "--pass",
-        "both",
-        "--block-m",
-        block_m,
-        "--block-n",
-        block_n,
-        "--stages",
-        stages,
-    ]);
+    let out = run("both");
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("shared memory"), "{err}");
@@ -408,9 +388,7 @@ fn ptx_dir_errors_name_where_the_folder_came_from() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("`SBGEN_PTX_DIR` `/nonexistent/sbgen-ptx` is not a folder"), "{err}");
         assert!(!err.contains("--ptx-dir"), "{err}");
-        let out = sbgen(&[args, &["--ptx-dir", "/nonexistent/sbgen-ptx"]].concat());
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let err = usage_error(&[args, &["--ptx-dir", "/nonexistent/sbgen-ptx"]].concat());
         assert!(err.contains("`--ptx-dir` `/nonexistent/sbgen-ptx` is not a folder"), "{err}");
     }
 }
@@ -420,9 +398,7 @@ fn tune_checks_the_cache_path_and_refuses_flags_compile_only_ignores() {
     let dir = scratch("tune-cache-path");
     let missing = dir.join("nowhere").join("cache.json");
     let base = ["tune", "--gpu", "sm_90", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"];
-    let out = sbgen(&[&base[..], &["--cache", missing.to_str().unwrap()]].concat());
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = usage_error(&[&base[..], &["--cache", missing.to_str().unwrap()]].concat());
     assert!(err.contains("`--cache`") && err.contains("does not exist"), "{err}");
     for extra in [
         &["--cache", "c.json"][..],
@@ -430,16 +406,12 @@ fn tune_checks_the_cache_path_and_refuses_flags_compile_only_ignores() {
         &["--budget-s", "nan"][..],
         &["--budget-s", "-1"][..],
     ] {
-        let out = sbgen(&[&base[..], &["--compile-only"], extra].concat());
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        let err = usage_error(&[&base[..], &["--compile-only"], extra].concat());
         assert!(err.contains("cannot be used with") && err.contains("--compile-only"), "{err}");
     }
     for (budget, shown) in [("nan", "NaN"), ("-1", "-1")] {
         let cache = dir.with_extension("json");
-        let out = sbgen(&[&base[..], &["--budget-s", budget, "--cache", cache.to_str().unwrap()]].concat());
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{budget}: {err}");
+        let err = usage_error(&[&base[..], &["--budget-s", budget, "--cache", cache.to_str().unwrap()]].concat());
         assert!(err.contains(&format!("`--budget-s` = {shown} is not allowed")), "{err}");
     }
 }

@@ -112,9 +112,7 @@ pub struct Loaded {
 pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
     let input = req.input.display();
     let file = TensorFile::open(&req.input).map_err(|e| match e {
-        TensorFileError::Io { .. } | TensorFileError::NotAFile { .. } | TensorFileError::Length { .. } => {
-            RunError::Input(e.to_string())
-        }
+        TensorFileError::File(_) | TensorFileError::Length { .. } => RunError::Input(e.to_string()),
         other => RunError::Input(format!("`{input}` is not a valid safetensors file: {other}")),
     })?;
     let names = file.names().join(", ");
