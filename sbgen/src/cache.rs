@@ -300,7 +300,7 @@ impl TuningCache {
             if !positive(e.time_ms) {
                 return Err(format!("entry `{name}`: time_ms {} is not a positive number", e.time_ms));
             }
-            if !non_negative(e.tflops) || !e.speedup_over_default.map_or(true, positive) {
+            if !non_negative(e.tflops) || e.speedup_over_default.is_some_and(|s| !positive(s)) {
                 return Err(format!(
                     "entry `{name}`: tflops ({}) or speedup_over_default ({:?}) is negative or not finite",
                     e.tflops, e.speedup_over_default
@@ -694,7 +694,8 @@ mod tests {
     #[test]
     fn entries_with_unchecked_fields_are_corrupt() {
         let good = serde_json::to_value(entry(128, Pass::Forward, 2048, 1.5)).unwrap();
-        let cases: [(fn(&mut serde_json::Value), &str); 5] = [
+        type Spoil = fn(&mut serde_json::Value);
+        let cases: [(Spoil, &str); 5] = [
             (|e| e["spec"]["head_dim"] = 100.into(), "head_dim"),
             (|e| e["tflops"] = (-5.0).into(), "negative"),
             (|e| e["speedup_over_default"] = (-1.0).into(), "negative"),

@@ -2,7 +2,9 @@
 //! place where outcomes and errors become exit codes.
 //!
 //! Exit codes: 0 success; 1 failure (a kernel that does not compile or spills, no GPU, a failed
-//! check); 2 bad usage (clap's own errors, and spec or schedule values the IR rejects).
+//! check, an unreadable or corrupt tuning cache); 2 bad usage (clap's own errors, spec or schedule
+//! values the IR rejects, input files and output paths the user must fix), found before a GPU is
+//! opened.
 //!
 //! Adding a subcommand (e.g. `check`, `run`, `bench`):
 //! 1. create `cli/check.rs` with `#[derive(clap::Args)] pub struct CheckArgs { .. }` (doc comments
