@@ -7,23 +7,24 @@
 //! not run) and the winner's launch manifest and PTX, inline.
 //!
 //! Loading never panics and never drops a file silently: a missing file is [`CacheError::Missing`];
-//! a corrupt file or one of another [`CACHE_VERSION`] is an error that names the file and says what to
-//! do. Saving is atomic (a temp file in the same folder, fsync, rename) and merges with what is on
-//! disk at that moment (re-read just before writing), so two tuners writing the same file one after
-//! the other lose no entries of different keys (there is no file lock: two saves racing between
-//! the re-read and the rename can still lose one side's entries). An entry with the same key is
-//! replaced unless the new one timed fewer candidates (a run cut short by its budget).
+//! a corrupt file (not UTF-8, a key twice, an entry breaking [`TuningCache::validate`]) or one of
+//! another [`CACHE_VERSION`] is an error that names the file and says what to do. Saving holds an
+//! advisory lock on `<cache>.lock` while it re-reads the file, merges and replaces it atomically
+//! ([`crate::files`]), so concurrent tuners writing one file lose no entries. An entry with the same
+//! key is replaced unless it is a fuller tuning of the same kernels (see [`TuningCache::insert`]);
+//! [`SaveReport`] says which entries were kept and why.
 //!
 //! Fields added after version 1 must carry `#[serde(default)]`, so older files keep loading.
 //!
 //! This module depends on serde and std only (no CUDA, no CLI), so the proc-macro can read caches.
 
+use crate::files::{self, FileError};
 use crate::ir::{Arch, Kernel, Schedule, Spec};
 use sbgen_runtime::hash::{fnv1a64, Fnv64};
 use sbgen_runtime::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::io::Write;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The format version this sbgen reads and writes.
@@ -32,6 +33,9 @@ pub const CACHE_VERSION: u32 = 1;
 /// The cache file `sbgen tune` writes and `sbgen cache show` reads when no `--cache` is given
 /// (relative to the current directory).
 pub const DEFAULT_CACHE_FILE: &str = "sbgen-tune.json";
+
+/// The largest cache file read (a real one is a few MiB: PTX of a few dozen kernels).
+pub const MAX_CACHE_BYTES: u64 = 256 << 20;
 
 /// The whole file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -140,13 +144,6 @@ pub enum CacheError {
         .path.display(), .path.display()
     )]
     Missing { path: PathBuf },
-    #[error("cannot {action} `{}`: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(
         "`{}` is not a valid sbgen tuning cache ({message}); re-run `sbgen tune --gpu <arch> --cache {}` \
          after deleting or moving the file away",
@@ -162,6 +159,32 @@ pub enum CacheError {
     /// What would be written breaks a rule [`TuningCache::parse`] enforces (a bug in the writer).
     #[error("refusing to write `{}`: the cache would not load back ({message})", .path.display())]
     Invalid { path: PathBuf, message: String },
+    /// Reading, locking or replacing the file failed, or it is not a regular file.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// What [`TuningCache::insert`] did with an entry.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Merge {
+    Added,
+    Replaced,
+    /// The entry already there stays, for `reason`.
+    Kept {
+        reason: String,
+    },
+}
+
+/// What [`TuningCache::save`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaveReport {
+    /// Entries of ours written (added or replacing an older one).
+    pub written: usize,
+    /// Entries of ours not written because the file's entry of the same key stays: (arch, spec slug
+    /// and bucket, reason).
+    pub kept: Vec<(String, String)>,
+    /// The whole cache as written.
+    pub cache: TuningCache,
 }
 
 impl TuningCache {
@@ -170,16 +193,34 @@ impl TuningCache {
     }
 
     /// Reads `path`. A missing file is [`CacheError::Missing`] (callers that start a fresh cache
-    /// match on it); anything unreadable is an error naming the file and the fix.
+    /// match on it); anything unreadable is an error naming the file and the fix. A folder, device or
+    /// pipe is refused before it is opened, and a file over [`MAX_CACHE_BYTES`] before it is read.
     pub fn load(path: &Path) -> Result<TuningCache, CacheError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        let io = |source| CacheError::File(FileError::Io { action: "read", path: path.to_path_buf(), source });
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CacheError::Missing { path: path.to_path_buf() })
             }
-            Err(source) => return Err(CacheError::Io { action: "read", path: path.to_path_buf(), source }),
+            Err(e) => return Err(io(e)),
         };
-        TuningCache::parse(&text, path)
+        if !meta.is_file() {
+            return Err(FileError::NotRegular { path: path.to_path_buf() }.into());
+        }
+        let too_large = |len: u64| CacheError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("{len} bytes or more: a tuning cache is at most {MAX_CACHE_BYTES} bytes"),
+        };
+        if meta.len() > MAX_CACHE_BYTES {
+            return Err(too_large(meta.len()));
+        }
+        let mut bytes = Vec::new();
+        // The file may have grown since `metadata`: read one byte past the limit at most.
+        std::fs::File::open(path).and_then(|f| f.take(MAX_CACHE_BYTES + 1).read_to_end(&mut bytes)).map_err(io)?;
+        if bytes.len() as u64 > MAX_CACHE_BYTES {
+            return Err(too_large(bytes.len() as u64));
+        }
+        TuningCache::parse_bytes(&bytes, path)
     }
 
     /// Reads `path`, or an empty cache when there is no file.
@@ -190,9 +231,26 @@ impl TuningCache {
         }
     }
 
+    /// Parses a cache file's bytes: UTF-8 text without a byte-order mark, then [`TuningCache::parse`].
+    pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<TuningCache, CacheError> {
+        let corrupt = |message: String| CacheError::Corrupt { path: path.to_path_buf(), message };
+        if bytes.starts_with(b"\xEF\xBB\xBF") {
+            return Err(corrupt(
+                "it starts with a UTF-8 byte-order mark (BOM), which JSON does not allow; an editor \
+                                saving \"UTF-8 with BOM\" adds it"
+                    .into(),
+            ));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| corrupt(format!("not UTF-8 text: invalid bytes at offset {}", e.valid_up_to())))?;
+        TuningCache::parse(text, path)
+    }
+
     /// Parses a cache's text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<TuningCache, CacheError> {
         let corrupt = |message: String| CacheError::Corrupt { path: path.to_path_buf(), message };
+        // serde_json keeps the last of two equal keys: refuse such a file rather than half read it.
+        crate::json::check_no_duplicate_keys(text.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
         // The version first, so that a newer file is reported as such rather than as corrupt.
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
         let version = match value.get("version") {
@@ -208,11 +266,12 @@ impl TuningCache {
     }
 
     /// The rules a loaded cache must meet beyond its JSON shape: one entry per key, power-of-two
-    /// buckets, PTX present, finite positive times.
+    /// buckets, a valid kernel (spec, schedule, arch) whose name and manifest are the ones it lowers
+    /// to, PTX present, finite positive times and non-negative figures.
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
         for e in &self.entries {
-            let name = &e.kernel_name;
+            let name = e.kernel_name.escape_debug();
             if !seen.insert(e.key()) {
                 return Err(format!(
                     "two entries for {} {} bucket {} (the second is `{name}`)",
@@ -224,47 +283,94 @@ impl TuningCache {
             if !e.seq_bucket.is_power_of_two() {
                 return Err(format!("entry `{name}`: seq_bucket {} is not a power of two", e.seq_bucket));
             }
+            let kernel = Kernel::new(e.spec, e.schedule, e.arch);
+            kernel.validate().map_err(|err| format!("entry `{name}`: {err}"))?;
+            // `Kernel::name` is the name `lower` gives the kernel.
+            let expected = kernel.name();
+            if e.kernel_name != expected || e.manifest.name != expected {
+                return Err(format!(
+                    "entry `{name}`: its spec and schedule lower to `{expected}`, but kernel_name is `{name}` and the \
+                     manifest names `{}`",
+                    e.manifest.name.escape_debug()
+                ));
+            }
             if e.ptx.trim().is_empty() {
                 return Err(format!("entry `{name}` has no PTX"));
             }
-            if !(e.time_ms.is_finite() && e.time_ms > 0.0) {
+            if !positive(e.time_ms) {
                 return Err(format!("entry `{name}`: time_ms {} is not a positive number", e.time_ms));
             }
-            let numbers = [Some(e.tflops), e.speedup_over_default];
-            if numbers.iter().flatten().any(|x| !x.is_finite()) {
-                return Err(format!("entry `{name}`: tflops or speedup_over_default is not finite"));
+            if !non_negative(e.tflops) || e.speedup_over_default.is_some_and(|s| !positive(s)) {
+                return Err(format!(
+                    "entry `{name}`: tflops ({}) or speedup_over_default ({:?}) is negative or not finite",
+                    e.tflops, e.speedup_over_default
+                ));
+            }
+            if let Some(shape) = e.shape {
+                if shape.contains(&0) || shape[3] != e.spec.head_dim as usize {
+                    return Err(format!(
+                        "entry `{name}`: shape {shape:?} is not [B, H, N, D] with D = {} and no zero",
+                        e.spec.head_dim
+                    ));
+                }
             }
             for c in &e.candidates {
-                let finite = match c.outcome {
-                    Outcome::Timed { ms, tflops } => ms.is_finite() && tflops.is_finite(),
-                    Outcome::WrongResult { max_error } => max_error.is_finite(),
+                let valid = match c.outcome {
+                    Outcome::Timed { ms, tflops } => positive(ms) && non_negative(tflops),
+                    Outcome::WrongResult { max_error } => non_negative(max_error),
                     _ => true,
                 };
-                if !finite {
-                    return Err(format!("entry `{name}`: candidate {} has a non-finite figure", c.schedule));
+                if !valid {
+                    return Err(format!(
+                        "entry `{name}`: candidate {} has a negative or non-finite figure",
+                        c.schedule
+                    ));
                 }
             }
         }
         Ok(())
     }
 
-    /// Adds `entry`, replacing an entry of the same (arch, spec, seq_bucket).
-    pub fn insert(&mut self, entry: CacheEntry) {
-        match self.entries.iter_mut().find(|e| e.key() == entry.key()) {
-            // A run whose budget ran out before timing as many candidates (say, only the default)
-            // does not overwrite a fuller tuning of the same key.
-            Some(old) if entry.timed_candidates() < old.timed_candidates() => {}
-            Some(old) => *old = entry,
-            None => self.entries.push(entry),
+    /// Adds `entry`, replacing an entry of the same (arch, spec, seq_bucket) unless that one is a
+    /// fuller tuning of the same kernels: built from the same CUDA source, chosen from the same
+    /// candidate list by the same sbgen, with more candidates timed (the new run's budget ran out
+    /// sooner). A stale entry (any of the three differs) is always replaced.
+    pub fn insert(&mut self, entry: CacheEntry) -> Merge {
+        let Some(old) = self.entries.iter_mut().find(|e| e.key() == entry.key()) else {
+            self.entries.push(entry);
+            return Merge::Added;
+        };
+        let same_build = old.cuda_source_hash == entry.cuda_source_hash
+            && old.candidates_checksum == entry.candidates_checksum
+            && old.sbgen_version == entry.sbgen_version;
+        let (before, now) = (old.timed_candidates(), entry.timed_candidates());
+        if same_build && now < before {
+            return Merge::Kept {
+                reason: format!(
+                    "the entry there timed {before} candidates of the same list, this run {now}; a run that times as \
+                     many replaces it"
+                ),
+            };
         }
+        *old = entry;
+        Merge::Replaced
     }
 
     /// Writes the cache to `path` atomically, merged into what the file holds right now (its entries
-    /// of other keys are kept; ours replace those of the same key). Returns what was written.
-    pub fn save(&self, path: &Path) -> Result<TuningCache, CacheError> {
+    /// of other keys are kept; ours replace those of the same key as [`TuningCache::insert`] says),
+    /// under an advisory lock on `<path>.lock` so that concurrent saves lose nothing. Returns what
+    /// was written and which of our entries were not, with the reason.
+    pub fn save(&self, path: &Path) -> Result<SaveReport, CacheError> {
+        let _lock = files::lock(path)?;
         let mut merged = TuningCache::load_or_new(path)?;
+        let mut written = 0;
+        let mut kept = Vec::new();
         for entry in &self.entries {
-            merged.insert(entry.clone());
+            let what = format!("{} {} bucket {}", entry.arch, entry.spec.slug(), entry.seq_bucket);
+            match merged.insert(entry.clone()) {
+                Merge::Added | Merge::Replaced => written += 1,
+                Merge::Kept { reason } => kept.push((what, reason)),
+            }
         }
         merged.version = CACHE_VERSION;
         merged.sort();
@@ -273,8 +379,8 @@ impl TuningCache {
         let mut text = serde_json::to_string_pretty(&merged)
             .map_err(|e| CacheError::Corrupt { path: path.to_path_buf(), message: format!("cannot serialize: {e}") })?;
         text.push('\n');
-        write_atomic(path, text.as_bytes())?;
-        Ok(merged)
+        files::write_atomic(path, text.as_bytes())?;
+        Ok(SaveReport { written, kept, cache: merged })
     }
 
     /// The entry for `spec` on `arch` whose bucket is the nearest at or above `seq_len`'s, else the
@@ -356,38 +462,12 @@ pub fn source_hash(source: &str) -> String {
     format!("{:016x}", fnv1a64(source.as_bytes()))
 }
 
-/// Writes `bytes` to `path` through a temp file in the same folder: write, fsync, rename, fsync the
-/// folder. Readers see the old file or the new one, never a part; the temp file is removed on error.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cache".into());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CacheError::Io { action, path: p, source }
-    };
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io("replace", path))?;
-        // Make the rename durable; not every filesystem lets a folder be opened, so failures are ignored.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
 }
 
 /// The current time, UTC, as RFC 3339 to the second (`2026-11-29T02:10:00Z`).
@@ -415,14 +495,8 @@ pub fn format_utc(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::tests::{leftovers, scratch};
     use crate::ir::{Dtype, Kernel, Pass};
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("sbgen-cache-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     fn entry(head_dim: u32, pass: Pass, bucket: u32, ms: f64) -> CacheEntry {
         let spec = Spec::new(head_dim, Dtype::Bf16, pass);
@@ -453,14 +527,6 @@ mod tests {
         }
     }
 
-    fn leftovers(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp-"))
-            .collect()
-    }
-
     #[test]
     fn a_budget_cut_run_does_not_overwrite_a_fuller_tuning() {
         let mut cache = TuningCache::new();
@@ -469,18 +535,181 @@ mod tests {
             schedule: Schedule { stages: 3, ..full.schedule },
             outcome: Outcome::Timed { ms: 1.7, tflops: 90.0 },
         });
-        cache.insert(full);
+        assert_eq!(cache.insert(full), Merge::Added);
         let mut cut = entry(128, Pass::Forward, 2048, 1.9);
         cut.candidates[1].outcome = Outcome::NotRun { reason: "budget spent".into() };
-        cache.insert(cut.clone());
+        let merge = cache.insert(cut.clone());
+        assert!(matches!(&merge, Merge::Kept { reason } if reason.contains("timed 2 candidates")), "{merge:?}");
         assert_eq!(cache.entries[0].time_ms, 1.5, "the fuller entry stays");
         // As fully measured as what is there: the new run wins.
-        cut.candidates.push(CandidateResult {
+        let mut as_full = cut.clone();
+        as_full.candidates.push(CandidateResult {
             schedule: Schedule { stages: 4, ..cut.schedule },
             outcome: Outcome::Timed { ms: 2.0, tflops: 80.0 },
         });
-        cache.insert(cut);
+        assert_eq!(cache.insert(as_full), Merge::Replaced);
         assert_eq!(cache.entries[0].time_ms, 1.9);
+    }
+
+    #[test]
+    fn a_stale_entry_is_replaced_even_by_a_run_that_timed_fewer() {
+        let mut full = entry(128, Pass::Forward, 2048, 1.5);
+        full.candidates.push(CandidateResult {
+            schedule: Schedule { stages: 3, ..full.schedule },
+            outcome: Outcome::Timed { ms: 1.7, tflops: 90.0 },
+        });
+        let stale: [fn(&mut CacheEntry); 3] = [
+            |e| e.cuda_source_hash = "0123456789abcdef".into(),
+            |e| e.candidates_checksum = "fnv1a64:0000000000000000".into(),
+            |e| e.sbgen_version = "0.0.1".into(),
+        ];
+        for make_stale in stale {
+            let mut old = full.clone();
+            make_stale(&mut old);
+            let mut cache = TuningCache { version: CACHE_VERSION, entries: vec![old] };
+            assert_eq!(cache.insert(entry(128, Pass::Forward, 2048, 1.9)), Merge::Replaced);
+            assert_eq!(cache.entries[0].time_ms, 1.9);
+        }
+    }
+
+    #[test]
+    fn save_reports_the_entries_it_kept_and_counts_only_what_it_wrote() {
+        let dir = scratch("kept");
+        let path = dir.join("sbgen-tune.json");
+        let mut full = entry(128, Pass::Forward, 2048, 1.5);
+        full.candidates.push(CandidateResult {
+            schedule: Schedule { stages: 3, ..full.schedule },
+            outcome: Outcome::Timed { ms: 1.7, tflops: 90.0 },
+        });
+        TuningCache { version: CACHE_VERSION, entries: vec![full] }.save(&path).unwrap();
+        let mut ours = TuningCache::new();
+        ours.insert(entry(128, Pass::Forward, 2048, 1.9));
+        ours.insert(entry(64, Pass::Forward, 2048, 0.8));
+        let report = ours.save(&path).unwrap();
+        assert_eq!(report.written, 1);
+        assert_eq!(report.kept.len(), 1, "{report:?}");
+        assert!(report.kept[0].0.contains("fwd_d128") && report.kept[0].1.contains("timed 2"), "{report:?}");
+        assert_eq!(report.cache.entries.len(), 2);
+    }
+
+    #[test]
+    fn concurrent_saves_of_different_keys_lose_nothing() {
+        let dir = scratch("concurrent");
+        let path = dir.join("sbgen-tune.json");
+        let rounds = 12u32;
+        let savers: Vec<_> = [64, 128]
+            .into_iter()
+            .map(|head_dim| {
+                let path = path.clone();
+                let base = entry(head_dim, Pass::Forward, 1, 1.0);
+                std::thread::spawn(move || {
+                    for i in 0..rounds {
+                        let mut cache = TuningCache::new();
+                        cache.insert(CacheEntry { seq_bucket: 1 << i, ..base.clone() });
+                        cache.save(&path).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in savers {
+            s.join().unwrap();
+        }
+        assert_eq!(TuningCache::load(&path).unwrap().entries.len(), 2 * rounds as usize);
+        assert!(leftovers(&dir).is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn saving_through_a_symlink_updates_the_target_and_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("symlink");
+        let target = dir.join("real.json");
+        let mut cache = TuningCache::new();
+        cache.insert(entry(128, Pass::Forward, 2048, 1.5));
+        cache.save(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("sbgen-tune.json");
+        std::os::unix::fs::symlink("real.json", &link).unwrap();
+        let mut more = TuningCache::new();
+        more.insert(entry(64, Pass::Forward, 2048, 0.9));
+        more.save(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(TuningCache::load(&target).unwrap().entries.len(), 2);
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn duplicate_keys_anywhere_are_corrupt() {
+        let good = serde_json::to_string(&TuningCache {
+            version: CACHE_VERSION,
+            entries: vec![entry(128, Pass::Forward, 2048, 1.5)],
+        })
+        .unwrap();
+        let cases = [
+            good.replacen("{\"version\":1,", "{\"version\":1,\"version\":1,", 1),
+            good.replacen("\"entries\":", "\"entries\":[],\"entries\":", 1),
+            good.replacen("\"time_ms\":", "\"time_ms\":9.0,\"time_ms\":", 1),
+        ];
+        for text in cases {
+            assert_ne!(text, good);
+            let err = TuningCache::parse(&text, Path::new("c.json")).unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{err:?}");
+            assert!(err.to_string().contains("appears twice") && err.to_string().contains("sbgen tune"), "{err}");
+        }
+        TuningCache::parse(&good, Path::new("c.json")).unwrap();
+    }
+
+    #[test]
+    fn a_bom_or_binary_junk_is_corrupt_with_the_hint_to_re_tune() {
+        let dir = scratch("bom");
+        let path = dir.join("sbgen-tune.json");
+        for (bytes, expected) in [
+            (b"\xEF\xBB\xBF{\"version\": 1, \"entries\": []}".to_vec(), "byte-order mark"),
+            (vec![0x7f, b'E', b'L', b'F', 0xff, 0xfe, 0], "not UTF-8"),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let err = TuningCache::load(&path).unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(message.contains(expected) && message.contains("re-run `sbgen tune"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_folder_a_device_or_a_huge_file_is_refused_before_reading() {
+        let dir = scratch("not-a-file");
+        let not_regular =
+            |p: &Path| matches!(TuningCache::load(p), Err(CacheError::File(FileError::NotRegular { .. })));
+        assert!(not_regular(&dir));
+        if Path::new("/dev/zero").exists() {
+            assert!(not_regular(Path::new("/dev/zero")));
+        }
+        // Sparse: no disk space is used.
+        let huge = dir.join("huge.json");
+        std::fs::File::create(&huge).unwrap().set_len(MAX_CACHE_BYTES + 1).unwrap();
+        let err = TuningCache::load(&huge).unwrap_err();
+        assert!(matches!(err, CacheError::Corrupt { .. }) && err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn entries_with_unchecked_fields_are_corrupt() {
+        let good = serde_json::to_value(entry(128, Pass::Forward, 2048, 1.5)).unwrap();
+        type Spoil = fn(&mut serde_json::Value);
+        let cases: [(Spoil, &str); 5] = [
+            (|e| e["spec"]["head_dim"] = 100.into(), "head_dim"),
+            (|e| e["tflops"] = (-5.0).into(), "negative"),
+            (|e| e["speedup_over_default"] = (-1.0).into(), "negative"),
+            (|e| e["kernel_name"] = "sb_fwd_other".into(), "lower to"),
+            (|e| e["manifest"]["name"] = "sb_fwd_other".into(), "manifest names `sb_fwd_other`"),
+        ];
+        for (spoil, expected) in cases {
+            let mut e = good.clone();
+            spoil(&mut e);
+            let text = serde_json::json!({ "version": 1, "entries": [e] }).to_string();
+            let err = TuningCache::parse(&text, Path::new("c.json")).unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{expected}: {err:?}");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
     }
 
     #[test]
@@ -514,7 +743,7 @@ mod tests {
         second.insert(entry(128, Pass::Backward, 2048, 5.0));
         let written = second.save(&path).unwrap();
         let back = TuningCache::load(&path).unwrap();
-        assert_eq!(back, written);
+        assert_eq!(back, written.cache);
         assert_eq!(back.entries.len(), 3);
         let fwd = Spec::new(128, Dtype::Bf16, Pass::Forward);
         assert_eq!(back.lookup(Arch::Sm90, &fwd, 2048).unwrap().time_ms, 1.2);
@@ -530,12 +759,6 @@ mod tests {
         for _ in 0..3 {
             cache.save(&path).unwrap();
         }
-        assert_eq!(leftovers(&dir), Vec::<String>::new());
-        // A failed write (the target is a folder) leaves none either, and says which file.
-        let blocked = dir.join("blocked.json");
-        std::fs::create_dir_all(&blocked).unwrap();
-        let err = write_atomic(&blocked, b"{}").unwrap_err().to_string();
-        assert!(err.contains("blocked.json"), "{err}");
         assert_eq!(leftovers(&dir), Vec::<String>::new());
     }
 

@@ -12,12 +12,16 @@ pub mod cache;
 pub mod cli;
 #[cfg(feature = "cli")]
 pub mod compile;
+pub mod files;
 #[cfg(feature = "cli")]
 pub mod gpu;
 pub mod interp;
 pub mod ir;
+pub mod json;
 pub mod lower;
 pub mod search_space;
+#[cfg(feature = "cli")]
+pub mod tensor_file;
 #[cfg(feature = "cli")]
 pub mod tune;
 

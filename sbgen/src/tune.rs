@@ -347,7 +347,7 @@ fn compile_one(kernel: &Kernel, compiler: &Compiler, dir: &Path) -> Result<(), S
 /// Writes one PTX file through a temp file in the same folder.
 pub fn write_ptx(dir: &Path, file: &str, ptx: &str) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
-    cache::write_atomic(&dir.join(file), ptx.as_bytes()).map_err(|e| e.to_string())
+    crate::files::write_atomic(&dir.join(file), ptx.as_bytes()).map_err(|e| e.to_string())
 }
 
 /// Every candidate of `spec` in timing order: the default schedule first, then the search space's

@@ -227,3 +227,234 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("not a valid sbgen tuning cache") && err.contains(path.to_str().unwrap()), "{err}");
 }
+
+/// Runs `sbgen` expecting a usage error (exit 2); returns its stderr.
+fn usage_error(args: &[&str]) -> String {
+    let out = sbgen(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
+/// A safetensors file of zeros: (name, dtype, shape) per tensor.
+fn tensor_file(path: &std::path::Path, tensors: &[(&str, &str, &[usize])]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape) in tensors {
+        let size = match *dtype {
+            "F32" => 4,
+            "F64" => 8,
+            _ => 2,
+        };
+        let len = shape.iter().product::<usize>() * size;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len] }),
+        );
+        offset += len;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.resize(bytes.len() + offset, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A valid forward input, D = 64, in a fresh folder.
+fn run_input(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.safetensors");
+    let s: &[usize] = &[1, 2, 16, 64];
+    tensor_file(&input, &[("q", "BF16", s), ("k", "BF16", s), ("v", "BF16", s), ("do", "BF16", s)]);
+    (dir, input)
+}
+
+#[test]
+fn run_refuses_an_output_it_cannot_or_must_not_write_before_the_gpu() {
+    let (dir, input) = run_input("run-output");
+    let before = std::fs::read(&input).unwrap();
+    let dotted = dir.join(".").join("in.safetensors");
+    let missing = dir.join("nowhere").join("out.safetensors");
+    let mut cases = vec![
+        (input.clone(), "is the input"),
+        (dotted, "is the input"),
+        (missing, "does not exist"),
+        (dir.clone(), "is a folder"),
+    ];
+    if std::path::Path::new("/proc/self").is_dir() {
+        cases.push((PathBuf::from("/proc/sbgen-out.safetensors"), "cannot write in the folder `/proc`"));
+    }
+    for (output, expected) in cases {
+        let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+        assert!(err.contains("`--output`") && err.contains(expected), "{output:?}: {err}");
+        assert!(!err.contains("CUDA"), "refused before looking for a GPU: {err}");
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), before, "the input is untouched");
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["in.safetensors".to_string()], "no probe or temp file is left");
+}
+
+#[test]
+fn run_refuses_a_device_or_folder_as_input_without_reading_it() {
+    let dir = scratch("run-dev-zero");
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = dir.join("out.safetensors");
+    for input in ["/dev/zero", dir.to_str().unwrap()] {
+        if !std::path::Path::new(input).exists() {
+            continue;
+        }
+        let err = usage_error(&["run", "-i", input, "-o", output.to_str().unwrap()]);
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+}
+
+#[test]
+fn run_takes_a_negative_scale_after_a_space() {
+    let (dir, input) = run_input("run-scale");
+    let output = dir.join("out.safetensors");
+    let out = sbgen(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--scale", "-0.5"]);
+    let err = text(&out.stderr);
+    assert!(!err.contains("unexpected argument"), "{err}");
+    // Parsed, checked, and stopped only by the missing GPU (or run on one).
+    assert_ne!(out.status.code(), Some(2), "{err}");
+}
+
+#[test]
+fn run_pass_fwd_validates_only_the_forward() {
+    let (dir, input) = run_input("run-fwd-only");
+    let output = dir.join("out.safetensors");
+    // A schedule whose forward fits some arch's shared memory and whose backward fits none.
+    use sbgen::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
+    let fits = |pass, s: Schedule| {
+        Arch::ALL.iter().any(|&arch| Kernel::new(Spec::new(64, Dtype::Bf16, pass), s, arch).validate().is_ok())
+    };
+    // Warps as `--block-m` alone sets them: 16 rows each when that gives 4 or 8, else 32.
+    let schedule = [64u32, 128, 256]
+        .into_iter()
+        .flat_map(|m| [32u32, 64, 128].into_iter().flat_map(move |n| [2u32, 3, 4].map(|st| (m, n, st))))
+        .map(|(m, n, stages)| {
+            let warps = if matches!(m / 16, 4 | 8) { m / 16 } else { m / 32 };
+            Schedule { block_m: m, warps, block_n: n, stages, ..Schedule::DEFAULT }
+        })
+        .find(|&s| fits(Pass::Forward, s) && !fits(Pass::Backward, s))
+        .expect("a schedule that fits the forward only");
+    let (block_m, block_n, stages) =
+        (schedule.block_m.to_string(), schedule.block_n.to_string(), schedule.stages.to_string());
+    let run = |pass: &str| {
+        let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+        let schedule = ["--block-m", &block_m, "--block-n", &block_n, "--stages", &stages];
+        sbgen(&[&["run", "-i", input, "-o", output, "--pass", pass][..], &schedule].concat())
+    };
+    let out = run("fwd");
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(2), "a valid forward is not refused for its backward: {err}");
+    // The same schedule with the backward is refused, before the GPU.
+    let out = run("both");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("shared memory"), "{err}");
+}
+
+#[test]
+fn ptx_dir_errors_name_where_the_folder_came_from() {
+    let (dir, input) = run_input("ptx-dir-origin");
+    let output = dir.join("out.safetensors");
+    let cache = dir.join("cache.json");
+    let runs: [&[&str]; 2] = [
+        &["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()],
+        &[
+            "tune",
+            "--gpu",
+            "sm_90",
+            "--head-dim",
+            "64",
+            "--dtype",
+            "bf16",
+            "--pass",
+            "fwd",
+            "--cache",
+            cache.to_str().unwrap(),
+        ],
+    ];
+    for args in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_sbgen"))
+            .args(args)
+            .env("SBGEN_PTX_DIR", "/nonexistent/sbgen-ptx")
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("`SBGEN_PTX_DIR` `/nonexistent/sbgen-ptx` is not a folder"), "{err}");
+        assert!(!err.contains("--ptx-dir"), "{err}");
+        let err = usage_error(&[args, &["--ptx-dir", "/nonexistent/sbgen-ptx"]].concat());
+        assert!(err.contains("`--ptx-dir` `/nonexistent/sbgen-ptx` is not a folder"), "{err}");
+    }
+}
+
+#[test]
+fn tune_checks_the_cache_path_and_refuses_flags_compile_only_ignores() {
+    let dir = scratch("tune-cache-path");
+    let missing = dir.join("nowhere").join("cache.json");
+    let base = ["tune", "--gpu", "sm_90", "--head-dim", "64", "--dtype", "bf16", "--pass", "fwd"];
+    let err = usage_error(&[&base[..], &["--cache", missing.to_str().unwrap()]].concat());
+    assert!(err.contains("`--cache`") && err.contains("does not exist"), "{err}");
+    for extra in [
+        &["--cache", "c.json"][..],
+        &["--ptx-dir", "/nonexistent"][..],
+        &["--budget-s", "nan"][..],
+        &["--budget-s", "-1"][..],
+    ] {
+        let err = usage_error(&[&base[..], &["--compile-only"], extra].concat());
+        assert!(err.contains("cannot be used with") && err.contains("--compile-only"), "{err}");
+    }
+    for (budget, shown) in [("nan", "NaN"), ("-1", "-1")] {
+        let cache = dir.with_extension("json");
+        let err = usage_error(&[&base[..], &["--budget-s", budget, "--cache", cache.to_str().unwrap()]].concat());
+        assert!(err.contains(&format!("`--budget-s` = {shown} is not allowed")), "{err}");
+    }
+}
+
+#[test]
+fn an_io_error_prints_its_cause_once() {
+    let dir = scratch("io-cause");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plain");
+    std::fs::write(&file, b"").unwrap();
+    // A path through a regular file: ENOTDIR, neither missing nor unreadable for root.
+    let path = file.join("cache.json");
+    let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr), format!("error: cannot read `{}`: Not a directory (os error 20)\n", path.display()));
+}
+
+#[test]
+fn cache_show_escapes_what_it_prints_and_refuses_unchecked_entries() {
+    use sbgen::cache::{CacheEntry, TuningCache};
+    use sbgen::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
+    let dir = scratch("cache-escape");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.json");
+    let spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+    let mut cache = TuningCache::new();
+    cache.insert(CacheEntry {
+        gpu_name: "H200\u{1b}]0;owned\u{7}\u{1b}[2J".into(),
+        tuned_at: "2026\r\n".into(),
+        ..CacheEntry::untimed(Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90), 2048, "// ptx".into())
+            .unwrap()
+    });
+    cache.save(&path).unwrap();
+    let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("H200\\u{1b}]0;owned\\u{7}\\u{1b}[2J") && stdout.contains("2026\\r\\n"), "{stdout}");
+    assert!(!stdout.contains('\u{1b}') && !stdout.contains('\r'), "{stdout:?}");
+    // head_dim 100 is not something `cache show` prints as if it were tuned.
+    let text_file = std::fs::read_to_string(&path).unwrap().replace("\"head_dim\": 64", "\"head_dim\": 100");
+    std::fs::write(&path, text_file).unwrap();
+    let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a valid sbgen tuning cache") && err.contains("head_dim"), "{err}");
+}

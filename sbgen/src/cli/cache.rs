@@ -34,7 +34,8 @@ pub struct ShowArgs {
 pub fn run(args: &CacheArgs, out: &mut dyn Write) -> Result<Outcome> {
     match &args.action {
         CacheAction::Show(show) => {
-            // A missing, corrupt or other-version file is an error naming the file and the fix (exit 1).
+            // A missing, corrupt or other-version file is an error naming the file and the fix (exit 1);
+            // loading validates every entry, so what is printed below was checked.
             let cache = TuningCache::load(&show.cache)?;
             writeln!(out, "{}: version {}, {} entries", show.cache.display(), cache.version, cache.entries.len())?;
             if cache.entries.is_empty() {
@@ -45,7 +46,7 @@ pub fn run(args: &CacheArgs, out: &mut dyn Write) -> Result<Outcome> {
                 writeln!(out, "{}", format_entry(entry))?;
                 if show.candidates {
                     for c in &entry.candidates {
-                        writeln!(out, "    {:<26} {}", c.schedule.to_string(), c.outcome)?;
+                        writeln!(out, "    {:<26} {}", c.schedule.to_string(), printable(&c.outcome.to_string()))?;
                     }
                 }
             }
@@ -61,8 +62,20 @@ fn header() -> String {
     )
 }
 
+/// `s` with control characters and other invisible ones escaped (`\u{1b}`), so that text from a cache
+/// file (a GPU name, a date, a failure reason) cannot move the cursor or recolour the terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            // Shown as they are: `escape_debug` would add a backslash.
+            '"' | '\'' | '\\' => c.to_string(),
+            c => c.escape_debug().to_string(),
+        })
+        .collect()
+}
+
 fn format_entry(e: &CacheEntry) -> String {
-    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { printable(s) };
     format!(
         "{:<6} {:<36} {:>7} {:<26} {:>9.3} {:>8.1} {:>8}  {:<20} {}",
         e.arch.to_string(),
@@ -109,5 +122,9 @@ mod tests {
             assert!(line.contains(part), "{part} in {line}");
         }
         assert_eq!(header().split_whitespace().count(), 10);
+        let hostile = CacheEntry { gpu_name: "H200\u{1b}[2J\u{202e}".into(), tuned_at: "\r\n2026".into(), ..entry };
+        let line = format_entry(&hostile);
+        assert!(line.contains("H200\\u{1b}[2J\\u{202e}") && line.contains("\\r\\n2026"), "{line}");
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
     }
 }

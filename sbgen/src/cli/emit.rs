@@ -169,16 +169,12 @@ fn report(out: &mut dyn Write, path: &Path, written: bool) -> Result<()> {
 }
 
 /// Writes `bytes` to `path` unless it already holds exactly them (so build tools and editors see no
-/// change); the write goes to a temporary file renamed over the target. Returns whether it wrote.
+/// change), atomically ([`crate::files::write_atomic`]). Returns whether it wrote.
 fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(false);
     }
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write `{}`", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename `{}` to `{}`", tmp.display(), path.display()))?;
+    crate::files::write_atomic(path, bytes)?;
     Ok(true)
 }
 

@@ -2,7 +2,9 @@
 //! place where outcomes and errors become exit codes.
 //!
 //! Exit codes: 0 success; 1 failure (a kernel that does not compile or spills, no GPU, a failed
-//! check); 2 bad usage (clap's own errors, and spec or schedule values the IR rejects).
+//! check, an unreadable or corrupt tuning cache); 2 bad usage (clap's own errors, spec or schedule
+//! values the IR rejects, input files and output paths the user must fix), found before a GPU is
+//! opened.
 //!
 //! Adding a subcommand (e.g. `check`, `run`, `bench`):
 //! 1. create `cli/check.rs` with `#[derive(clap::Args)] pub struct CheckArgs { .. }` (doc comments
@@ -22,6 +24,7 @@ mod tune;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// sbgen: a compiler for stick-breaking attention CUDA kernels.
@@ -45,7 +48,7 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Run one kernel on tensors from a safetensors file and write its outputs to another.
     Run(run::RunArgs),
-    /// Time the forward and forward+backward kernels on the DESIGN §7 shapes.
+    /// Time the forward and forward+backward kernels on the benchmark shapes (docs/performance.md#counting).
     Bench(bench::BenchArgs),
 }
 
@@ -106,8 +109,13 @@ fn exit_code(result: Result<Outcome>) -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS, // `sbgen tune | head`: the reader left
         Err(e) => {
             let mut message = format!("error: {e}");
+            // Many errors spell their cause in their own message (`cannot read `x`: {source}`): a
+            // cause already shown is not repeated.
             for cause in e.chain().skip(1) {
-                message.push_str(&format!("\n  caused by: {cause}"));
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(&format!("\n  caused by: {cause}"));
+                }
             }
             eprintln!("{message}");
             if e.downcast_ref::<UsageError>().is_some() {
@@ -117,6 +125,22 @@ fn exit_code(result: Result<Outcome>) -> ExitCode {
             }
         }
     }
+}
+
+/// The folder of prebuilt PTX: `--ptx-dir`, else `SBGEN_PTX_DIR` when set. It must be a folder;
+/// the error names where the path came from (the flag or the variable).
+pub(crate) fn ptx_dir(flag: Option<&Path>) -> Result<Option<PathBuf>, UsageError> {
+    let (dir, origin) = match flag {
+        Some(d) => (d.to_path_buf(), "`--ptx-dir`"),
+        None => match std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()) {
+            Some(d) => (PathBuf::from(d), "`SBGEN_PTX_DIR`"),
+            None => return Ok(None),
+        },
+    };
+    if !dir.is_dir() {
+        return Err(UsageError::new(format!("{origin} `{}` is not a folder", dir.display())));
+    }
+    Ok(Some(dir))
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -2,9 +2,10 @@
 
 use super::emit::{PassChoice, ScheduleArgs, SpecArgs};
 use super::{Outcome, UsageError};
+use crate::files;
 use crate::gpu::run::{self, RunError, RunPass, RunRequest};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Pass, Spec};
+use crate::ir::{Arch, Kernel, Schedule};
 use anyhow::Result;
 use clap::Args;
 use std::io::Write;
@@ -30,7 +31,8 @@ pub struct RunArgs {
     /// Input safetensors file with q, k, v (and do, drem for the backward).
     #[arg(long, short)]
     pub input: PathBuf,
-    /// Output safetensors file (o, rem, log2_rem; dq, dk, dv for the backward).
+    /// Output safetensors file (o, rem, log2_rem; dq, dk, dv for the backward). Checked before the
+    /// GPU is opened: not the input, in an existing writable folder; written atomically.
     #[arg(long, short)]
     pub output: PathBuf,
     /// Which passes to run.
@@ -38,25 +40,30 @@ pub struct RunArgs {
     pub pass: PassChoice,
     #[command(flatten)]
     pub spec: SpecArgs,
-    /// Score scale (default 1/sqrt(D)).
-    #[arg(long)]
+    /// Score scale (default 1/sqrt(D)); may be negative (`--scale -0.5`).
+    #[arg(long, allow_negative_numbers = true)]
     pub scale: Option<f32>,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Folder of prebuilt PTX (from `sbgen check --emit-ptx`); default `$SBGEN_PTX_DIR`.
+    /// Folder of prebuilt PTX (from `sbgen check --emit-ptx`); default `$SBGEN_PTX_DIR`. It must exist.
     #[arg(long, value_name = "DIR")]
     pub ptx_dir: Option<PathBuf>,
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
+    // Everything the user must fix is reported before a GPU is opened: flags, the output path (so
+    // a run is not spent on a path that cannot be written, or on replacing the input), the input
+    // file and the kernels.
     if let Some(s) = args.scale {
         if !s.is_finite() || s == 0.0 {
             return Err(UsageError::new(format!("`scale` = {s} is not allowed: it must be finite and non-zero")).into());
         }
     }
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
+    files::check_output(&args.output, &[&args.input]).map_err(|e| UsageError::new(format!("`--output`: {e}")))?;
     let req = RunRequest {
         input: args.input.clone(),
         output: args.output.clone(),
@@ -72,26 +79,33 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
         schedule: super::check::schedule_override(&args.schedule),
         scale: args.scale,
     };
-    // Everything the user must fix is reported before looking for a GPU.
-    let (shape, dtype) = run::check_inputs(&req).map_err(usage)?;
-    for pass in [Pass::Forward, Pass::Backward] {
-        let spec = Spec {
-            head_dim: shape.head_dim as u32,
-            dtype,
-            mask: req.mask,
-            layout: req.layout,
-            remainder: req.remainder,
-            pass,
-            early_exit_bits: req.early_exit_bits,
-        };
-        KernelBuilder::new(crate::ir::Arch::Sm90, None)
-            .kernel(spec, req.schedule)
-            .validate()
-            .map_err(UsageError::new)?;
+    let loaded = run::load(&req).map_err(usage)?;
+    let shape = loaded.shape;
+    let kernel = |pass, arch| {
+        let spec = loaded.spec(&req, pass);
+        Kernel::new(spec, req.schedule.unwrap_or_else(|| Schedule::default_for(&spec)), arch)
+    };
+    // The device's arch is known only once it is open; before that, a kernel that no supported arch
+    // can run is refused (checking one arch's limits alone would refuse schedules another runs, or
+    // let through ones the device cannot), and after it, the device's own limits decide, still
+    // before any kernel runs.
+    for &pass in req.passes() {
+        let refused: Vec<_> = Arch::ALL.iter().filter_map(|&arch| kernel(pass, arch).validate().err()).collect();
+        if refused.len() == Arch::ALL.len() {
+            // The last arch has the largest limits, so its reason is the one that matters.
+            if let Some(e) = refused.last() {
+                return Err(UsageError::new(e).into());
+            }
+        }
     }
     let dev = Device::open(args.device)?;
-    let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());
-    let report = run::run(&dev, &builder, &req).map_err(usage)?;
+    for &pass in req.passes() {
+        kernel(pass, dev.arch)
+            .validate()
+            .map_err(|e| UsageError::new(format!("{e} (on {}, which runs {} kernels)", dev.describe(), dev.arch)))?;
+    }
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
+    let report = run::run(&dev, &builder, &req, loaded).map_err(usage)?;
     writeln!(
         out,
         "ran {} on {} ({} [B={}, H={}, N={}, D={}])",

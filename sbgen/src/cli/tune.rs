@@ -10,6 +10,7 @@ use super::emit::SpecArgs;
 use super::{Outcome, UsageError};
 use crate::cache::{seq_bucket, TuningCache, DEFAULT_CACHE_FILE};
 use crate::compile::{CompileError, Compiled, Compiler};
+use crate::files;
 use crate::gpu::kernels::ptx_file_name;
 use crate::gpu::{Device, GpuError};
 use crate::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
@@ -48,8 +49,8 @@ pub struct TuneArgs {
     /// Mask, layout, remainder and early exit of every spec tuned (the cache keys on them).
     #[command(flatten)]
     pub spec: SpecArgs,
-    /// Parallel compilations (default: the number of cores).
-    #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Parallel compilations, 1 to 256 (default: the number of cores).
+    #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS as i64))]
     pub jobs: Option<u32>,
     /// List every pruned candidate (default: one line per distinct reason).
     #[arg(long)]
@@ -60,29 +61,33 @@ pub struct TuneArgs {
     pub emit_ptx: Option<PathBuf>,
     /// Sequence lengths to time, comma-separated (1 to 131072); each is a cache bucket (the next power
     /// of two). Every problem has about 2^18 tokens (B * H * N; H = 16, fewer above N = 16384).
-    #[arg(long, value_delimiter = ',', default_values_t = tuner::DEFAULT_SEQS.to_vec(),
+    #[arg(long, value_delimiter = ',', default_values_t = tuner::DEFAULT_SEQS.to_vec(), conflicts_with = "compile_only",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=tuner::MAX_SEQ as u64))]
     pub seq: Vec<usize>,
     /// Wall-time budget in seconds for all specs together, counted from the start (compiling and
     /// loading count against it, but are not cut short): once spent, the remaining candidates are
     /// not checked or timed (each spec's default still is) and the report says so. 0 = no limit.
-    #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S)]
+    #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S, allow_negative_numbers = true, conflicts_with = "compile_only")]
     pub budget_s: f64,
-    /// The tuning cache to write (merged with what it holds).
-    #[arg(long, default_value = DEFAULT_CACHE_FILE)]
+    /// The tuning cache to write (merged with what it holds). Its folder must exist and be writable
+    /// (checked before tuning).
+    #[arg(long, default_value = DEFAULT_CACHE_FILE, conflicts_with = "compile_only")]
     pub cache: PathBuf,
     /// Folder of prebuilt PTX (from `--compile-only --emit-ptx`); default `SBGEN_PTX_DIR`, else the
     /// variants are compiled here with the CUDA toolchain.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "compile_only")]
     pub ptx_dir: Option<PathBuf>,
     /// Timed repetitions per candidate and sequence length (the median is kept).
-    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(3..=1000))]
+    #[arg(long, default_value_t = 20, conflicts_with = "compile_only",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(3..=1000))]
     pub reps: usize,
 }
 
 pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
     let specs = specs(args)?;
     if !args.compile_only {
+        // The cache's path is checked before any tuning, not found unwritable at the end.
+        files::check_output(&args.cache, &[]).map_err(|e| UsageError::new(format!("`--cache`: {e}")))?;
         return gpu_tune(args, specs, out);
     }
     let compiler = Compiler::discover()?;
@@ -121,6 +126,9 @@ fn jobs(args: &TuneArgs) -> usize {
     }
 }
 
+/// The most parallel compilations `-j` accepts (more threads than this only wait on each other).
+const MAX_JOBS: u32 = 256;
+
 /// The largest `--budget-s` accepted: a week.
 const MAX_BUDGET_S: f64 = 7.0 * 24.0 * 3600.0;
 
@@ -149,13 +157,7 @@ fn tune_plan(args: &TuneArgs, specs: Vec<Spec>) -> Result<TunePlan, UsageError> 
     plan.seqs = seqs;
     plan.jobs = jobs(args);
     plan.reps = args.reps;
-    plan.ptx_dir =
-        args.ptx_dir.clone().or_else(|| std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(PathBuf::from));
-    if let Some(dir) = &plan.ptx_dir {
-        if !dir.is_dir() {
-            return Err(UsageError::new(format!("`--ptx-dir` `{}` is not a folder", dir.display())));
-        }
-    }
+    plan.ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     Ok(plan)
 }
 
@@ -220,13 +222,16 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
         for entry in &report.entries {
             cache.insert(entry.clone());
         }
-        let written = cache.save(&args.cache)?;
+        let saved = cache.save(&args.cache)?;
+        for (what, reason) in &saved.kept {
+            writeln!(out, "kept the cache's entry for {what}: {reason}")?;
+        }
         writeln!(
             out,
             "wrote {} entries to `{}` ({} in all); `sbgen cache show --cache {}` lists them",
-            report.entries.len(),
+            saved.written,
             args.cache.display(),
-            written.entries.len(),
+            saved.cache.entries.len(),
             args.cache.display()
         )?;
     }
@@ -533,10 +538,21 @@ mod tests {
             &["--gpu", "sm_90", "--seq", "131073"][..],
             &["--gpu", "sm_70"][..],
             &["--gpu", "sm_90", "--emit-ptx", "dir"][..],
+            &["--gpu", "sm_90", "-j", "100000"][..],
+            // Flags `--compile-only` would ignore.
+            &["--gpu", "sm_90", "--compile-only", "--cache", "c.json"][..],
+            &["--gpu", "sm_90", "--compile-only", "--ptx-dir", "/nonexistent"][..],
+            &["--gpu", "sm_90", "--compile-only", "--budget-s", "nan"][..],
+            &["--gpu", "sm_90", "--compile-only", "--budget-s", "-1"][..],
+            &["--gpu", "sm_90", "--compile-only", "--seq", "2048"][..],
+            &["--gpu", "sm_90", "--compile-only", "--reps", "5"][..],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         assert!(budget(-1.0).unwrap_err().to_string().contains("`--budget-s`"));
+        // A negative budget reaches the check that names it, not clap's "unexpected argument".
+        let args = parse(&["--gpu", "sm_90", "--budget-s", "-1"]).unwrap();
+        assert!(tune_plan(&args, specs(&args).unwrap()).unwrap_err().to_string().contains("`--budget-s` = -1"));
         assert!(budget(f64::NAN).is_err());
         assert_eq!(budget(1.5).unwrap(), Some(Duration::from_millis(1500)));
         assert!(budget(1e20).unwrap_err().to_string().contains("from 0 to"), "no panic on a huge budget");

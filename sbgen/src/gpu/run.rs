@@ -18,8 +18,10 @@
 use super::device::{Device, GpuError};
 use super::exec::{self, DeviceProblem};
 use super::kernels::{BuildError, KernelBuilder};
+use crate::files::{self, FileError};
 use crate::ir::{Dtype, Layout, Mask, Pass, Remainder, Schedule, Spec};
-use safetensors::{Dtype as StDtype, SafeTensors};
+use crate::tensor_file::{TensorDtype, TensorFile, TensorFileError};
+use safetensors::Dtype as StDtype;
 use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::Shape;
 use sbgen_runtime::spec::SUPPORTED_HEAD_DIMS;
@@ -50,11 +52,22 @@ pub struct RunRequest {
     pub scale: Option<f32>,
 }
 
+impl RunRequest {
+    /// The kernels the request runs: the backward needs the forward's outputs, so it runs both.
+    pub fn passes(&self) -> &'static [Pass] {
+        match self.pass {
+            RunPass::Forward => &[Pass::Forward],
+            RunPass::Backward | RunPass::Both => &[Pass::Forward, Pass::Backward],
+        }
+    }
+}
+
 /// Why a run failed. [`RunError::Input`] is the caller's to fix (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// A missing, misshapen or mistyped tensor, or an unreadable file: names the tensor.
+    /// A missing, misshapen or mistyped tensor, or an unreadable or invalid file: names the tensor
+    /// or the file.
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -63,6 +76,8 @@ pub enum RunError {
     Gpu(#[from] GpuError),
     #[error("cannot {action} `{}`: {message}", .path.display())]
     Io { action: &'static str, path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// What a run did.
@@ -77,41 +92,42 @@ pub struct RunReport {
     pub non_finite: Vec<(String, usize)>,
 }
 
-/// The tensors of the input file, checked.
-struct Loaded {
-    shape: Shape,
+/// The input file with its tensors checked against the request (names, dtypes, shapes), from the
+/// header alone: the data stays mapped, unread, until [`run`] uploads it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub shape: Shape,
+    pub dtype: Dtype,
+    /// `shape.head_dim`, checked to be a supported head dimension.
+    pub head_dim: u32,
+    /// q's dimensions as in the file (the layout's order).
     dims: Vec<usize>,
-    dtype: Dtype,
-    q: Vec<u16>,
-    k: Vec<u16>,
-    v: Vec<u16>,
-    d_o: Option<Vec<u16>>,
-    d_rem: Option<Vec<f32>>,
+    file: TensorFile,
+    /// Whether the file's `drem` is used (a backward pass and the tensor present).
+    d_rem: bool,
 }
 
-/// Reads and checks the input file for `req` (no GPU needed).
-fn load(req: &RunRequest) -> Result<Loaded, RunError> {
-    let bytes = std::fs::read(&req.input)
-        .map_err(|e| RunError::Input(format!("cannot read `{}`: {e}", req.input.display())))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .map_err(|e| RunError::Input(format!("`{}` is not a safetensors file: {e}", req.input.display())))?;
-    let names = {
-        let mut n: Vec<&str> = file.names();
-        n.sort();
-        n.join(", ")
-    };
+/// Opens and checks the input file for `req` (no GPU needed): what `run` would refuse, it refuses
+/// here. The file is read once: the header now, the data when [`run`] uploads it.
+pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
+    let input = req.input.display();
+    let file = TensorFile::open(&req.input).map_err(|e| match e {
+        TensorFileError::File(_) | TensorFileError::Length { .. } => RunError::Input(e.to_string()),
+        other => RunError::Input(format!("`{input}` is not a valid safetensors file: {other}")),
+    })?;
+    let names = file.names().join(", ");
     let get = |name: &str| {
-        file.tensor(name).map_err(|_| {
-            RunError::Input(format!("tensor `{name}` is missing from `{}` (it has: {names})", req.input.display()))
+        file.tensor(name).ok_or_else(|| {
+            RunError::Input(format!("tensor `{name}` is missing from `{input}` (it has: {})", names.escape_debug()))
         })
     };
     let q = get("q")?;
-    let dtype = match q.dtype() {
-        StDtype::BF16 => Dtype::Bf16,
-        StDtype::F16 => Dtype::F16,
-        other => return Err(RunError::Input(format!("tensor `q` has dtype {other:?}: allowed BF16, F16"))),
+    let dtype = match q.dtype {
+        TensorDtype::BF16 => Dtype::Bf16,
+        TensorDtype::F16 => Dtype::F16,
+        other => return Err(RunError::Input(format!("tensor `q` has dtype {other}: allowed BF16, F16"))),
     };
-    let dims = q.shape().to_vec();
+    let dims = q.shape.to_vec();
     let layout_dims = match req.layout {
         Layout::Bhnd => "[B, H, N, D] (--layout bhnd)",
         Layout::Bnhd => "[B, N, H, D] (--layout bnhd)",
@@ -119,6 +135,16 @@ fn load(req: &RunRequest) -> Result<Loaded, RunError> {
     if dims.len() != 4 {
         return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: expected 4 dimensions {layout_dims}")));
     }
+    // Before anything else reads D: a cast would turn 2^32 + 64 into 64.
+    let head_dim = match u32::try_from(dims[3]) {
+        Ok(d) if SUPPORTED_HEAD_DIMS.contains(&d) => d,
+        _ => {
+            return Err(RunError::Input(format!(
+                "tensor `q` has head dimension D = {}: supported head dimensions are {SUPPORTED_HEAD_DIMS:?}",
+                dims[3]
+            )))
+        }
+    };
     let shape = match req.layout {
         Layout::Bhnd => Shape::new(dims[0], dims[1], dims[2], dims[3]),
         Layout::Bnhd => Shape::new(dims[0], dims[2], dims[1], dims[3]),
@@ -126,76 +152,89 @@ fn load(req: &RunRequest) -> Result<Loaded, RunError> {
     if shape.is_empty() {
         return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: every dimension must be at least 1")));
     }
-    if !SUPPORTED_HEAD_DIMS.contains(&(shape.head_dim as u32)) {
-        return Err(RunError::Input(format!(
-            "tensor `q` has head dimension D = {}: supported head dimensions are {SUPPORTED_HEAD_DIMS:?}",
-            shape.head_dim
-        )));
-    }
-    let like_q = |name: &str| -> Result<Vec<u16>, RunError> {
+    let like_q = |name: &str| -> Result<(), RunError> {
         let t = get(name)?;
-        if t.dtype() != q.dtype() {
+        if t.dtype != q.dtype {
             return Err(RunError::Input(format!(
-                "tensor `{name}` has dtype {:?}: it must match `q` ({:?})",
-                t.dtype(),
-                q.dtype()
+                "tensor `{name}` has dtype {}: it must match `q` ({})",
+                t.dtype, q.dtype
             )));
         }
-        if t.shape() != dims.as_slice() {
+        if t.shape != dims.as_slice() {
             return Err(RunError::Input(format!(
                 "tensor `{name}` has shape {:?}: it must match `q` {dims:?}",
-                t.shape()
+                t.shape
             )));
         }
-        Ok(t.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect())
+        Ok(())
     };
+    like_q("k")?;
+    like_q("v")?;
     let backward = req.pass != RunPass::Forward;
-    let d_rem = if backward && file.names().contains(&"drem") {
+    if backward {
+        like_q("do")?;
+    }
+    let d_rem = backward && file.tensor("drem").is_some();
+    if d_rem {
         let t = get("drem")?;
         let want = [shape.batch, shape.heads, shape.seq];
-        if t.shape() != want {
+        if t.shape != want {
             return Err(RunError::Input(format!(
                 "tensor `drem` has shape {:?}: expected [B, H, N] = {want:?}",
-                t.shape()
+                t.shape
             )));
         }
-        let data = t.data();
-        let values: Vec<f32> = match t.dtype() {
-            StDtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StDtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            StDtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => {
-                return Err(RunError::Input(format!(
-                    "tensor `drem` has dtype {other:?}: allowed F32 (or BF16, F16, F64)"
-                )))
+        if !matches!(t.dtype, TensorDtype::F32 | TensorDtype::F64 | TensorDtype::BF16 | TensorDtype::F16) {
+            return Err(RunError::Input(format!(
+                "tensor `drem` has dtype {}: allowed F32 (or BF16, F16, F64)",
+                t.dtype
+            )));
+        }
+    }
+    Ok(Loaded { shape, dtype, head_dim, dims, file, d_rem })
+}
+
+impl Loaded {
+    /// The spec of `pass` for this input and `req`.
+    pub fn spec(&self, req: &RunRequest, pass: Pass) -> Spec {
+        Spec {
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            mask: req.mask,
+            layout: req.layout,
+            remainder: req.remainder,
+            pass,
+            early_exit_bits: req.early_exit_bits,
+        }
+    }
+
+    /// The 16-bit elements of `name` (checked by [`load`] to be q's dtype and shape).
+    fn bits(&self, name: &str) -> Vec<u16> {
+        let data = self.file.tensor(name).map_or(&[][..], |t| t.data);
+        data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+    }
+
+    /// `drem` as f32, when used.
+    fn d_rem(&self) -> Option<Vec<f32>> {
+        let t = self.file.tensor("drem").filter(|_| self.d_rem)?;
+        let data = t.data;
+        Some(match t.dtype {
+            TensorDtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .collect(),
+            TensorDtype::BF16 => {
+                data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
             }
-        };
-        Some(values)
-    } else {
-        None
-    };
-    Ok(Loaded {
-        shape,
-        dtype,
-        q: like_q("q")?,
-        k: like_q("k")?,
-        v: like_q("v")?,
-        d_o: if backward { Some(like_q("do")?) } else { None },
-        d_rem,
-        dims,
-    })
+            TensorDtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            // F32, the only other dtype `load` lets through.
+            _ => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        })
+    }
 }
 
-/// Checks the input file without a GPU: what `run` would refuse, it refuses here.
-pub fn check_inputs(req: &RunRequest) -> Result<(Shape, Dtype), RunError> {
-    let l = load(req)?;
-    Ok((l.shape, l.dtype))
-}
-
-/// Runs the request on `dev`.
-pub fn run(dev: &Device, builder: &KernelBuilder, req: &RunRequest) -> Result<RunReport, RunError> {
-    let loaded = load(req)?;
+/// Runs the request on `dev` with the input `load` checked, and writes the output file.
+pub fn run(dev: &Device, builder: &KernelBuilder, req: &RunRequest, loaded: Loaded) -> Result<RunReport, RunError> {
     match loaded.dtype {
         Dtype::Bf16 => run_typed::<half::bf16>(dev, builder, req, loaded),
         Dtype::F16 => run_typed::<half::f16>(dev, builder, req, loaded),
@@ -209,28 +248,27 @@ fn run_typed<T: SbElement>(
     l: Loaded,
 ) -> Result<RunReport, RunError> {
     let timeout = Duration::from_secs(300);
-    let spec = |pass| Spec {
-        head_dim: l.shape.head_dim as u32,
-        dtype: l.dtype,
-        mask: req.mask,
-        layout: req.layout,
-        remainder: req.remainder,
-        pass,
-        early_exit_bits: req.early_exit_bits,
-    };
+    let spec = |pass| l.spec(req, pass);
     let fwd = builder.build(&builder.kernel(spec(Pass::Forward), req.schedule))?;
-    let to_t = |x: &[u16]| -> Vec<T> { x.iter().map(|&b| T::from_bits(b)).collect() };
-    let upload = |x: &[u16]| dev.stream.clone_htod(&to_t(x)).map_err(GpuError::from);
-    let zeros = vec![0u16; l.q.len()];
+    let upload = |name: &str| {
+        let x: Vec<T> = l.bits(name).into_iter().map(T::from_bits).collect();
+        dev.stream.clone_htod(&x).map_err(GpuError::from)
+    };
+    let backward = req.pass != RunPass::Forward;
     let problem = DeviceProblem::<T> {
         shape: l.shape,
         layout: req.layout,
-        q: upload(&l.q)?,
-        k: upload(&l.k)?,
-        v: upload(&l.v)?,
-        d_o: upload(l.d_o.as_deref().unwrap_or(&zeros))?,
-        d_rem: match &l.d_rem {
-            Some(d) => Some(exec::upload_f32(dev, d)?),
+        q: upload("q")?,
+        k: upload("k")?,
+        v: upload("v")?,
+        d_o: if backward {
+            upload("do")?
+        } else {
+            let zeros = vec![T::from_bits(0); l.shape.batch * l.shape.heads * l.shape.seq * l.shape.head_dim];
+            dev.stream.clone_htod(&zeros).map_err(GpuError::from)?
+        },
+        d_rem: match l.d_rem() {
+            Some(d) => Some(exec::upload_f32(dev, &d)?),
             None => None,
         },
     };
@@ -305,22 +343,25 @@ impl OutFile {
     }
 }
 
-/// Writes `(name, dtype, shape, bytes)` tensors to `path` (temp file + rename).
+/// Writes `(name, dtype, shape, bytes)` tensors to `path` atomically ([`files::write_atomic`]: a
+/// failed write leaves the old file and no temp file).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, StDtype, Vec<usize>, Vec<u8>)],
     meta: HashMap<String, String>,
 ) -> Result<(), RunError> {
-    let io = |action, message: String| RunError::Io { action, path: path.to_path_buf(), message };
+    let serialise = |e: safetensors::SafeTensorError| RunError::Io {
+        action: "serialise",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let views = tensors
         .iter()
         .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| io("serialise", e.to_string()))?;
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io("serialise", e.to_string()))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| io("write", e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename into", e.to_string()))
+        .map_err(serialise)?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(serialise)?;
+    Ok(files::write_atomic(path, &bytes)?)
 }
 
 #[cfg(test)]
@@ -360,7 +401,7 @@ mod tests {
     }
 
     fn input_error(req: &RunRequest) -> String {
-        match check_inputs(req) {
+        match load(req) {
             Err(RunError::Input(m)) => m,
             other => panic!("expected an input error, got {other:?}"),
         }
@@ -373,9 +414,9 @@ mod tests {
             "bnhd.safetensors",
             &[tensor("q", StDtype::F16, &s), tensor("k", StDtype::F16, &s), tensor("v", StDtype::F16, &s)],
         );
-        let (shape, dtype) = check_inputs(&request(&path, Layout::Bnhd, RunPass::Forward)).unwrap();
-        assert_eq!(shape, Shape::new(2, 3, 7, 64));
-        assert_eq!(dtype, Dtype::F16);
+        let loaded = load(&request(&path, Layout::Bnhd, RunPass::Forward)).unwrap();
+        assert_eq!(loaded.shape, Shape::new(2, 3, 7, 64));
+        assert_eq!(loaded.dtype, Dtype::F16);
     }
 
     #[test]
@@ -434,6 +475,34 @@ mod tests {
     fn refuses_a_file_that_is_not_safetensors() {
         let path = std::env::temp_dir().join(format!("sbgen-run-garbage-{}.safetensors", std::process::id()));
         std::fs::write(&path, b"not a tensor file").unwrap();
-        assert!(input_error(&request(&path, Layout::Bhnd, RunPass::Forward)).contains("not a safetensors file"));
+        assert!(input_error(&request(&path, Layout::Bhnd, RunPass::Forward)).contains("not a valid safetensors file"));
+    }
+
+    #[test]
+    fn a_head_dim_past_u32_is_refused_not_truncated() {
+        // 2^32 + 64 would become 64 through `as u32`; a zero batch keeps the file empty.
+        let d = (1usize << 32) + 64;
+        let path = file("d-huge.safetensors", &[tensor("q", StDtype::BF16, &[0, 1, 1, d])]);
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("D = 4294967360") && m.contains("[64, 128]"), "{m}");
+    }
+
+    #[test]
+    fn refuses_a_device_a_folder_and_duplicate_tensor_names() {
+        let dir = std::env::temp_dir();
+        assert!(input_error(&request(&dir, Layout::Bhnd, RunPass::Forward)).contains("not a regular file"));
+        if Path::new("/dev/zero").exists() {
+            let m = input_error(&request(Path::new("/dev/zero"), Layout::Bhnd, RunPass::Forward));
+            assert!(m.contains("not a regular file"), "{m}");
+        }
+        let json = r#"{"q": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
+                       "q": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        let path = dir.join(format!("sbgen-run-dup-{}.safetensors", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("`q` appears twice"), "{m}");
     }
 }
