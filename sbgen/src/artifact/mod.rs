@@ -42,6 +42,18 @@ impl Verdict {
     }
 }
 
+/// The full text (a compile error keeps its whole log; callers shorten it where they need to).
+#[cfg(feature = "cli")]
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Ok => write!(f, "compiles without spilling"),
+            Verdict::Spill { bytes } => write!(f, "spills {bytes} bytes"),
+            Verdict::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// One lowered kernel and what compiling it gave.
 #[cfg(feature = "cli")]
 #[derive(Debug)]
@@ -91,7 +103,7 @@ mod tests {
     use crate::compile::parse_ptxas_report;
 
     /// A `Compiled` whose resources come from a ptxas report.
-    pub(crate) fn compiled_from_report(report: &str) -> Compiled {
+    fn compiled_from_report(report: &str) -> Compiled {
         Compiled {
             name: "k".into(),
             target: "sm_90a",
@@ -115,7 +127,9 @@ mod tests {
     fn any_spilled_byte_is_a_spill_verdict() {
         assert!(Verdict::of(&compiled_from_report(&report(0, 0))).is_ok());
         assert!(matches!(Verdict::of(&compiled_from_report(&report(12, 0))), Verdict::Spill { bytes: 12 }));
-        assert!(matches!(Verdict::of(&compiled_from_report(&report(8, 16))), Verdict::Spill { bytes: 24 }));
+        let spill = Verdict::of(&compiled_from_report(&report(8, 16)));
+        assert!(matches!(spill, Verdict::Spill { bytes: 24 }));
+        assert_eq!(spill.to_string(), "spills 24 bytes");
     }
 
     #[test]

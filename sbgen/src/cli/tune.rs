@@ -363,10 +363,10 @@ fn execute(
 fn artifact_line(artifact: &Artifact, emit: Option<&PtxDir>, tally: &mut Tally) -> Result<String> {
     let (lowered, verdict) = (&artifact.lowered, &artifact.verdict);
     tally.compiled += 1;
-    let (Some(compiled), false) = (&artifact.compiled, matches!(verdict, Verdict::Error(_))) else {
+    // No compiler output: the verdict is the error.
+    let Some(compiled) = &artifact.compiled else {
         tally.failed += 1;
-        let message = if let Verdict::Error(e) = verdict { e.to_string() } else { String::new() };
-        return Ok(failure_line(&lowered.name, &lowered.kernel.schedule, &message));
+        return Ok(failure_line(&lowered.name, &lowered.kernel.schedule, &verdict.to_string()));
     };
     let mut line = variant_line(lowered, compiled, verdict);
     match (verdict, emit) {

@@ -28,9 +28,9 @@ pub fn compile_to_dir(
             l?;
             let a = artifacts.next().ok_or("not compiled")?;
             match (&a.verdict, &a.compiled) {
-                (Verdict::Error(e), _) => Err(short(e)),
+                (Verdict::Ok, _) => dir.write(&a).map(|_| ()).map_err(|e| e.to_string()),
                 (Verdict::Spill { bytes }, Some(c)) => Err(format!("spills {bytes} bytes (ptxas: {})", c.main())),
-                _ => dir.write(&a).map(|_| ()).map_err(|e| e.to_string()),
+                (verdict, _) => Err(short(verdict)),
             }
         })
         .collect()
