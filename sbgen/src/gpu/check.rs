@@ -41,7 +41,7 @@ use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::{Grads, Options, Shape};
 use std::time::Duration;
 
-/// Forward tolerance (relative L2 against float64), (docs/checking.md#tolerances).
+/// Forward tolerance: relative L2 against float64 (docs/checking.md#tolerances).
 pub const FWD_TOL: f64 = 5e-3;
 /// Gradient tolerance.
 pub const GRAD_TOL: f64 = 1e-2;
