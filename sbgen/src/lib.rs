@@ -7,6 +7,7 @@
 //! safetensors. With `default-features = false` (as `sbgen-macros` builds it) the library is the IR,
 //! lowering, search space, interpreter and tuning cache only.
 
+pub mod artifact;
 pub mod cache;
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod interp;
 pub mod ir;
 pub mod json;
 pub mod lower;
+pub mod pool;
 pub mod search_space;
 #[cfg(feature = "cli")]
 pub mod tensor_file;

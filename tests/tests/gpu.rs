@@ -158,7 +158,7 @@ fn check_plan_on_a_small_matrix_passes() {
     plan.seqs = vec![1, 65];
     let builder = KernelBuilder::from_env(dev.arch, None);
     let rows = check::run(&dev, &builder, &plan, &mut |_| {}).unwrap();
-    let failed: Vec<String> = rows.iter().filter(|r| !r.passed()).map(check::format_row).collect();
+    let failed: Vec<String> = rows.iter().filter(|r| !r.passed()).map(sbgen::gpu::failure::format_row).collect();
     assert!(failed.is_empty(), "{} failing rows:\n{}", failed.len(), failed.join("\n"));
     assert_eq!(rows.len(), plan.specs().len() * plan.regimes.len() * plan.seqs.len());
 }

@@ -8,22 +8,19 @@
 
 use super::emit::SpecArgs;
 use super::{Outcome, UsageError};
+use crate::artifact::{self, store::PtxDir, Artifact, Verdict};
 use crate::cache::{seq_bucket, TuningCache, DEFAULT_CACHE_FILE};
-use crate::compile::{CompileError, Compiled, Compiler};
+use crate::compile::{Compiled, Compiler};
 use crate::files;
-use crate::gpu::kernels::ptx_file_name;
 use crate::gpu::{Device, GpuError};
 use crate::ir::{Arch, Dtype, Kernel, Pass, Schedule, Spec};
 use crate::lower::{lower, Lowered};
 use crate::search_space::{variants, Pruned};
-use crate::tune::{self as tuner, format_summary_row, summary_header, TunePlan};
+use crate::tune::{self as tuner, enumerate::pruned_groups, format_summary_row, summary_header, TunePlan};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use std::io::Write;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Lines of a compiler log printed under a failed variant.
@@ -105,7 +102,8 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let jobs = jobs(args);
     let start = Instant::now();
-    execute(&items, &compiler, jobs, args.emit_ptx.as_deref(), out, &mut tally)?;
+    let emit = args.emit_ptx.as_ref().map(PtxDir::new);
+    execute(&items, &compiler, jobs, emit.as_ref(), out, &mut tally)?;
     writeln!(
         out,
         "pruned {} candidates; {:.1} s with {jobs} parallel jobs",
@@ -122,7 +120,7 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
 fn jobs(args: &TuneArgs) -> usize {
     match args.jobs {
         Some(j) => j as usize,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => crate::pool::default_threads(),
     }
 }
 
@@ -296,26 +294,21 @@ fn plan_spec(spec: Spec, args: &TuneArgs, items: &mut Vec<Item>, tally: &mut Tal
     let mut text =
         format!("== {} on {}: {kept} of {} candidates to compile\n", spec.slug(), args.gpu.compile_target(), all.len());
     // Pruned candidates: one line each, or one line per distinct reason.
-    let mut groups: Vec<(String, Vec<Schedule>)> = Vec::new();
-    for (kernel, verdict) in &all {
-        let Err(reason) = verdict else { continue };
-        tally.pruned += 1;
-        let reason = reason.to_string();
-        if args.show_pruned {
+    let pruned: Vec<(&Kernel, String)> =
+        all.iter().filter_map(|(kernel, verdict)| verdict.as_ref().err().map(|r| (kernel, r.to_string()))).collect();
+    tally.pruned += pruned.len();
+    if args.show_pruned {
+        for (kernel, reason) in &pruned {
             text.push_str(&format!("pruned {:<48} {:<26} {reason}\n", kernel.name(), kernel.schedule.to_string()));
-        } else {
-            match groups.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, list)) => list.push(kernel.schedule),
-                None => groups.push((reason, vec![kernel.schedule])),
+        }
+    } else {
+        for (reason, schedules) in pruned_groups(pruned.iter().map(|(k, r)| (k.schedule, r.as_str()))) {
+            let mut shown: Vec<String> = schedules.iter().take(3).map(|s| s.to_string()).collect();
+            if schedules.len() > 3 {
+                shown.push("...".into());
             }
+            text.push_str(&format!("pruned x{:<3} {reason} [{}]\n", schedules.len(), shown.join(", ")));
         }
-    }
-    for (reason, schedules) in groups {
-        let mut shown: Vec<String> = schedules.iter().take(3).map(|s| s.to_string()).collect();
-        if schedules.len() > 3 {
-            shown.push("...".into());
-        }
-        text.push_str(&format!("pruned x{:<3} {reason} [{}]\n", schedules.len(), shown.join(", ")));
     }
     items.push(Item::Text(text.trim_end().to_string()));
     for (kernel, verdict) in all {
@@ -333,107 +326,71 @@ fn plan_spec(spec: Spec, args: &TuneArgs, items: &mut Vec<Item>, tally: &mut Tal
     }
 }
 
-/// Compiles the variants on `jobs` threads and prints every item in order as soon as it and all
-/// before it are done.
+/// An item once its work is done.
+enum Done<'a> {
+    Text(&'a str),
+    Built(Box<Artifact>),
+}
+
+/// Compiles the variants on `jobs` threads ([`artifact::build`] on [`crate::pool::stream`]) and
+/// prints every item in order as soon as it and all before it are done; with `emit`, stores the
+/// PTX of every variant judged [`Verdict::Ok`].
 fn execute(
     items: &[Item],
     compiler: &Compiler,
     jobs: usize,
-    emit_ptx: Option<&Path>,
+    emit: Option<&PtxDir>,
     out: &mut dyn Write,
     tally: &mut Tally,
 ) -> Result<()> {
-    let work: Vec<usize> = (0..items.len()).filter(|&i| matches!(items[i], Item::Compile(_))).collect();
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<(usize, Result<Compiled, String>)>();
-    std::thread::scope(|scope| {
-        for _ in 0..jobs.min(work.len()) {
-            let tx = tx.clone();
-            let (next, stop, work) = (&next, &stop, &work);
-            scope.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= work.len() || stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Item::Compile(lowered) = &items[work[k]] else {
-                    continue;
-                };
-                let result = catch_unwind(AssertUnwindSafe(|| compiler.compile(lowered)))
-                    .unwrap_or_else(|panic| Err(panicked(&lowered.name, panic)))
-                    .map_err(|e: CompileError| e.to_string());
-                if tx.send((work[k], result)).is_err() {
-                    break;
-                }
-            });
+    fn work<'a>(item: &'a Item, compiler: &Compiler) -> Done<'a> {
+        match item {
+            Item::Text(text) => Done::Text(text),
+            Item::Compile(lowered) => Done::Built(Box::new(artifact::build(lowered, compiler))),
         }
-        drop(tx);
-
-        let mut lines: Vec<Option<String>> =
-            items.iter().map(|item| if let Item::Text(t) = item { Some(t.clone()) } else { None }).collect();
-        let mut printed = 0;
-        let mut print_ready = |lines: &mut Vec<Option<String>>, out: &mut dyn Write| -> std::io::Result<()> {
-            while printed < lines.len() {
-                let Some(line) = lines[printed].take() else {
-                    break;
-                };
-                writeln!(out, "{line}")?;
-                printed += 1;
+    }
+    crate::pool::stream(
+        items,
+        jobs,
+        |item| work(item, compiler),
+        |_, done| -> Result<()> {
+            match done {
+                Done::Text(text) => writeln!(out, "{text}")?,
+                Done::Built(artifact) => writeln!(out, "{}", artifact_line(&artifact, emit, tally)?)?,
             }
-            out.flush()
-        };
-        let result = (|| -> Result<()> {
-            print_ready(&mut lines, out)?;
-            for (i, result) in rx.iter() {
-                let Item::Compile(lowered) = &items[i] else {
-                    continue;
-                };
-                tally.compiled += 1;
-                lines[i] = Some(match result {
-                    Ok(compiled) => {
-                        if compiled.spills() {
-                            tally.spilling += 1;
-                        }
-                        let mut line = variant_line(lowered, &compiled);
-                        if let (Some(dir), false) = (emit_ptx, compiled.spills()) {
-                            match tuner::write_ptx(dir, &ptx_file_name(lowered), &compiled.ptx) {
-                                Ok(()) => tally.emitted += 1,
-                                Err(e) => return Err(anyhow!("--emit-ptx: {e}")),
-                            }
-                        } else if emit_ptx.is_some() {
-                            line.push_str("  (no PTX written: spills)");
-                        }
-                        line
-                    }
-                    Err(message) => {
-                        tally.failed += 1;
-                        failure_line(&lowered.name, &lowered.kernel.schedule, &message)
-                    }
-                });
-                print_ready(&mut lines, out)?;
-            }
+            out.flush()?;
             Ok(())
-        })();
-        if result.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        result
-    })
+        },
+    )
 }
 
-/// A panic inside a compilation, as a failed variant instead of a crash.
-fn panicked(kernel: &str, payload: Box<dyn std::any::Any + Send>) -> CompileError {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    CompileError::Panicked { kernel: kernel.to_string(), message }
+/// The line of one compiled variant, counted in `tally`; its PTX stored in `emit` when it is ok.
+fn artifact_line(artifact: &Artifact, emit: Option<&PtxDir>, tally: &mut Tally) -> Result<String> {
+    let (lowered, verdict) = (&artifact.lowered, &artifact.verdict);
+    tally.compiled += 1;
+    // No compiler output: the verdict is the error.
+    let Some(compiled) = &artifact.compiled else {
+        tally.failed += 1;
+        return Ok(failure_line(&lowered.name, &lowered.kernel.schedule, &verdict.to_string()));
+    };
+    let mut line = variant_line(lowered, compiled, verdict);
+    match (verdict, emit) {
+        (Verdict::Ok, Some(dir)) => {
+            dir.write(artifact).map_err(|e| anyhow!("--emit-ptx: {e}"))?;
+            tally.emitted += 1;
+        }
+        (Verdict::Spill { .. }, Some(_)) => line.push_str("  (no PTX written: spills)"),
+        _ => {}
+    }
+    if let Verdict::Spill { .. } = verdict {
+        tally.spilling += 1;
+    }
+    Ok(line)
 }
 
 /// `ok     <name> <schedule> regs 168/32 smem  49152 B  spill 0 B  stack 0 B`
-fn variant_line(lowered: &Lowered, c: &Compiled) -> String {
-    let status = if c.spills() { "SPILL" } else { "ok" };
+fn variant_line(lowered: &Lowered, c: &Compiled, verdict: &Verdict) -> String {
+    let status = if verdict.is_ok() { "ok" } else { "SPILL" };
     let regs = c.functions.iter().map(|f| f.registers.to_string()).collect::<Vec<_>>().join("/");
     let smem = lowered.manifest.steps[0].dynamic_smem_bytes + c.main().static_smem_bytes;
     let stack = c.functions.iter().map(|f| f.stack_frame_bytes).max().unwrap_or(0);

@@ -177,7 +177,7 @@ fn verify(
             .iter()
             .filter(|r| r.spec.pass == pass && !r.passed())
             .map(|r| {
-                let why: Vec<String> = r.failures.iter().map(|f| check::short(f)).collect();
+                let why: Vec<String> = r.failures.iter().map(check::short).collect();
                 format!("{} on {} data: {}", r.spec.slug(), r.regime, why.join("; "))
             })
             .collect();

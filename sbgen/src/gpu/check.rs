@@ -27,9 +27,12 @@
 //! Shapes: B = 3, H = 5 up to N = 1024; B = 1, H = 3 above (the reference is O(B H N^2 D)).
 
 use super::data::from_layout;
-use super::data::{make_inputs, non_finite, rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
+use super::data::{make_inputs, rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
 use super::device::{Device, GpuError};
 use super::exec::{self, guarded, guarded_f32, DeviceProblem, Guarded};
+use super::failure::{Failure, Row};
+// `short` is also the tuner's and `sbgen bench`'s way to shorten an error.
+pub use super::failure::short;
 use super::kernels::KernelBuilder;
 use super::oracle::{self, Expected};
 use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Spec};
@@ -38,7 +41,7 @@ use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::{Grads, Options, Shape};
 use std::time::Duration;
 
-/// Forward tolerance (relative L2 against float64), DESIGN §6.
+/// Forward tolerance: relative L2 against float64 (docs/checking.md#tolerances).
 pub const FWD_TOL: f64 = 5e-3;
 /// Gradient tolerance.
 pub const GRAD_TOL: f64 = 1e-2;
@@ -89,7 +92,7 @@ impl CheckPlan {
             schedule: None,
             forward_schedule: None,
             seed,
-            threads: oracle::default_threads(),
+            threads: crate::pool::default_threads(),
             timeout: Duration::from_secs(60),
         }
     }
@@ -143,61 +146,6 @@ pub fn shape_for(seq: usize, head_dim: u32) -> Shape {
     }
 }
 
-/// One line of the report.
-#[derive(Clone, Debug)]
-pub struct Row {
-    pub spec: Spec,
-    pub regime: Regime,
-    pub shape: Shape,
-    pub err_o: Option<f64>,
-    pub err_rem: Option<f64>,
-    pub err_dq: Option<f64>,
-    pub err_dk: Option<f64>,
-    pub err_dv: Option<f64>,
-    /// Empty when the row passed.
-    pub failures: Vec<String>,
-}
-
-impl Row {
-    fn new(spec: Spec, regime: Regime, shape: Shape) -> Self {
-        Row {
-            spec,
-            regime,
-            shape,
-            err_o: None,
-            err_rem: None,
-            err_dq: None,
-            err_dk: None,
-            err_dv: None,
-            failures: Vec::new(),
-        }
-    }
-
-    pub fn passed(&self) -> bool {
-        self.failures.is_empty()
-    }
-
-    fn error(&mut self, what: &str, err: f64, tol: f64) {
-        // NaN fails too.
-        if err.is_nan() || err > tol {
-            self.failures.push(format!("{what} {err:.2e} > {tol:.0e}"));
-        }
-    }
-
-    fn outside(&mut self, outside: &[(&'static str, usize)]) {
-        for (name, n) in outside {
-            self.failures.push(format!("wrote {n} elements outside `{name}` (guard zones overwritten)"));
-        }
-    }
-
-    fn nan(&mut self, what: &str, x: &[f32]) {
-        let n = non_finite(x);
-        if n > 0 {
-            self.failures.push(format!("{n} of {} {what} elements NaN/inf (unwritten?)", x.len()));
-        }
-    }
-}
-
 /// Runs the plan, handing each row to `sink` as it is finished. Returns every row. Stops early
 /// (with an error) only when the CUDA context is lost or a kernel hangs.
 pub fn run(
@@ -229,17 +177,9 @@ pub fn run(
 /// Builds every kernel of the plan and loads the modules on all threads at once (the driver's
 /// JIT of PTX dominates otherwise). Failures are left for the rows to report.
 pub fn preload(dev: &Device, builder: &KernelBuilder, plan: &CheckPlan) {
-    let kernels = plan.kernels(builder);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..plan.threads.clamp(1, kernels.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(kernel) = kernels.get(i) else { break };
-                if let Ok(binary) = builder.build(kernel) {
-                    let _ = dev.launcher.load(&binary);
-                }
-            });
+    crate::pool::map(&plan.kernels(builder), plan.threads, |kernel| {
+        if let Ok(binary) = builder.build(kernel) {
+            let _ = dev.launcher.load(&binary);
         }
     });
 }
@@ -387,7 +327,7 @@ impl Group<'_> {
             Ok(r) => Ok(Some(r)),
             Err(e @ (GpuError::ContextLost { .. } | GpuError::Hung { .. })) => Err(e),
             Err(e) => {
-                row.failures.push(e.to_string());
+                row.failures.push(Failure::Launch(e));
                 Ok(None)
             }
         }
@@ -468,9 +408,7 @@ impl Group<'_> {
         let over_rem =
             got.rem.iter().zip(&full.rem).filter(|(a, b)| (*a - *b).abs() > bound * 1.01 + 1e-7 * b.abs()).count();
         if over_o + over_rem > 0 {
-            row.failures.push(format!(
-                "early exit exceeds its bound 2^-{bits} against the full run: {over_o} o and {over_rem} rem elements"
-            ));
+            row.failures.push(Failure::EarlyExitBound { bits, o: over_o, rem: over_rem });
         }
         if self.regime == Regime::LongReach {
             let pairs = [
@@ -488,10 +426,7 @@ impl Group<'_> {
                     .iter()
                     .flat_map(|(a, b)| a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()))
                     .fold(0f32, f32::max);
-                row.failures.push(format!(
-                    "early exit changed the forward on long-reach data ({differ} elements differ from the full run, \
-                     by up to {worst:.1e})"
-                ));
+                row.failures.push(Failure::EarlyExitChanged { elements: differ, worst });
             }
         }
     }
@@ -522,7 +457,7 @@ impl Group<'_> {
             // The backward reads its forward kernel's own saved outputs (o, o_saved, log2_rem), as in
             // training; they were checked against the reference in the forward's row.
             let Some((_, fwd)) = forward.iter().find(|(e, _)| *e == ee) else {
-                row.failures.push("not run: the forward it reads failed".to_string());
+                row.failures.push(Failure::ForwardFailed);
                 self.emit(row);
                 continue;
             };
@@ -564,9 +499,12 @@ impl Group<'_> {
                         for (name, a, b) in [("dq", &got.dq, &f.dq), ("dk", &got.dk, &f.dk), ("dv", &got.dv, &f.dv)] {
                             let d = rel_l2_f32(a, b);
                             if d.is_nan() || d > EE_BWD_TOL {
-                                row.failures.push(format!(
-                                    "early exit (2^-{bits}) moved {name} by {d:.2e} (relative) from the full run, over {EE_BWD_TOL:.0e}"
-                                ));
+                                row.failures.push(Failure::EarlyExitGradient {
+                                    bits,
+                                    what: name,
+                                    moved: d,
+                                    tol: EE_BWD_TOL,
+                                });
                             }
                         }
                     }
@@ -583,64 +521,16 @@ impl Group<'_> {
         match self.builder.build(&kernel) {
             Ok(b) => Some(b),
             Err(e) => {
-                row.failures.push(format!("build: {e}"));
+                row.failures.push(Failure::Build(e));
                 None
             }
         }
     }
 }
 
-/// The report's header line.
-pub fn header() -> String {
-    format!(
-        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-        "spec", "regime", "N", "err_o", "err_rem", "err_dq", "err_dk", "err_dv", "status"
-    )
-}
-
-/// One report line.
-pub fn format_row(row: &Row) -> String {
-    let f = |e: Option<f64>| e.map_or("-".to_string(), |v| format!("{v:.2e}"));
-    let status = if row.passed() {
-        "ok".to_string()
-    } else {
-        format!("FAIL: {}", row.failures.iter().map(|f| short(f)).collect::<Vec<_>>().join("; "))
-    };
-    format!(
-        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-        row.spec.slug(),
-        row.regime.to_string(),
-        row.shape.seq,
-        f(row.err_o),
-        f(row.err_rem),
-        f(row.err_dq),
-        f(row.err_dk),
-        f(row.err_dv),
-        status
-    )
-}
-
-/// The first line of a failure, at most 160 characters (compiler logs can be long; the CLI prints
-/// them in full once, after the table).
-pub fn short(failure: &str) -> String {
-    let line = failure.lines().next().unwrap_or("");
-    let mut out: String = line.chars().take(160).collect();
-    if out.len() < line.len() || failure.lines().nth(1).is_some() {
-        out.push_str(" ...");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn long_failures_are_shortened_in_the_table() {
-        assert_eq!(short("o 6.00e-3 > 5e-3"), "o 6.00e-3 > 5e-3");
-        assert_eq!(short("build: NVRTC failed\nline 2"), "build: NVRTC failed ...");
-        assert_eq!(short(&"x".repeat(200)).len(), 164);
-    }
 
     #[test]
     fn the_full_plan_covers_every_supported_spec() {
@@ -679,17 +569,5 @@ mod tests {
         assert_ne!(a, group_seed(1, 64, Dtype::Bf16, Regime::Random, 1000));
         assert_ne!(a, group_seed(1, 64, Dtype::F16, Regime::Random, 17));
         assert_ne!(a, group_seed(2, 64, Dtype::Bf16, Regime::Random, 17));
-    }
-
-    #[test]
-    fn rows_fail_on_nan_and_on_tolerance() {
-        let mut row = Row::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Regime::Random, Shape::new(1, 1, 2, 64));
-        row.error("o", 1e-3, FWD_TOL);
-        assert!(row.passed());
-        row.error("o", f64::NAN, FWD_TOL);
-        assert!(!row.passed());
-        let mut row = Row::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Regime::Random, Shape::new(1, 1, 2, 64));
-        row.nan("o", &[1.0, f32::NAN]);
-        assert!(format_row(&row).contains("FAIL: 1 of 2 o elements NaN"), "{}", format_row(&row));
     }
 }

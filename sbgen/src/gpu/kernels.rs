@@ -96,28 +96,6 @@ impl KernelBuilder {
         Ok(binary)
     }
 
-    /// Compiles `kernel` and writes its PTX into `dir` (no GPU needed). Returns the file's path.
-    pub fn emit_ptx(&self, kernel: &Kernel, dir: &Path) -> Result<PathBuf, BuildError> {
-        let lowered = lower(kernel)?;
-        let compiler = self.compiler().map_err(|toolchain| BuildError::NoPtx {
-            kernel: lowered.name.clone(),
-            dir: dir.display().to_string(),
-            file: ptx_file_name(&lowered),
-            toolchain: toolchain.clone(),
-        })?;
-        let ptx = compiler.to_ptx(&lowered)?;
-        std::fs::create_dir_all(dir).map_err(|source| BuildError::Io { action: "create", path: dir.into(), source })?;
-        let path = dir.join(ptx_file_name(&lowered));
-        let tmp = dir.join(format!(".{}.tmp-{}", ptx_file_name(&lowered), std::process::id()));
-        std::fs::write(&tmp, ptx).map_err(|source| BuildError::Io { action: "write", path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| BuildError::Io {
-            action: "rename",
-            path: path.clone(),
-            source,
-        })?;
-        Ok(path)
-    }
-
     fn compiler(&self) -> Result<&Compiler, &String> {
         self.compiler.get_or_init(|| Compiler::discover().map_err(|e| e.to_string())).as_ref()
     }

@@ -3,16 +3,18 @@
 //! - [`device`]: finding a CUDA device ("no CUDA device found" when there is none) and its launcher.
 //! - [`kernels`]: [`KernelBuilder`], lowering + PTX for the device's arch, from a folder of prebuilt PTX
 //!   (`SBGEN_PTX_DIR`, for machines without a CUDA toolchain) or compiled with NVRTC.
-//! - [`data`]: the data regimes of docs/checking.md#data-regimes, dtype rounding, layouts, poisoning and error metrics.
+//! - [`data`]: the data regimes (docs/checking.md#data-regimes), dtype rounding, layouts, poisoning
+//!   and error metrics.
 //! - [`oracle`]: the float64 reference run in parallel over heads.
-//! - [`check`]: every supported spec against the reference; [`run`]: one kernel on safetensors
-//!   tensors; [`bench`]: timings with CUDA events.
+//! - [`check`]: every supported spec against the reference; [`failure`]: why a row failed, typed;
+//!   [`run`]: one kernel on safetensors tensors; [`bench`]: timings with CUDA events.
 
 pub mod bench;
 pub mod check;
 pub mod data;
 pub mod device;
 pub mod exec;
+pub mod failure;
 pub mod kernels;
 pub mod oracle;
 pub mod run;

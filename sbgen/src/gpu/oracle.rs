@@ -1,11 +1,10 @@
 //! The float64 reference ([`sbgen_runtime::reference`]) run over many heads and many option sets at
 //! once. Heads of a BHND tensor are contiguous and independent, so each (options, head) pair is one
-//! job for a pool of threads (`std::thread::scope`); every row and every head is computed in full.
+//! job for [`crate::pool`]; every row and every head is computed in full.
 
 use super::data::{widen, Inputs};
+use crate::pool;
 use sbgen_runtime::reference::{self, Grads, Options, Shape};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 /// The reference's outputs for one option set, BHND.
 #[derive(Clone, Debug)]
@@ -17,65 +16,28 @@ pub struct Expected {
     pub grads: Option<Grads>,
 }
 
-/// One unit of work for [`run_jobs`].
-pub type Job<'a, T> = Box<dyn FnOnce() -> T + Send + 'a>;
-
-/// Runs `jobs` on up to `threads` threads; results in job order.
-pub fn run_jobs<T: Send>(jobs: Vec<Job<'_, T>>, threads: usize) -> Vec<T> {
-    let n = jobs.len();
-    let slots: Vec<Mutex<Option<Job<'_, T>>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-    let results: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, n.max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                let job = slots[i].lock().unwrap().take().expect("each job runs once");
-                let value = job();
-                *results[i].lock().unwrap() = Some(value);
-            });
-        }
-    });
-    results.into_iter().map(|r| r.into_inner().unwrap().expect("every job ran")).collect()
-}
-
-/// Threads to use: `SBGEN_THREADS` or the machine's parallelism.
-pub fn default_threads() -> usize {
-    std::env::var("SBGEN_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 /// The reference forward (and backward when `backward`) of `inputs` for each option set.
 pub fn expected(inputs: &Inputs, options: &[Options], backward: bool, threads: usize) -> Vec<Expected> {
     let shape = inputs.shape;
     let heads = shape.batch * shape.heads;
     let head_len = shape.seq * shape.head_dim;
     let one = Shape::new(1, 1, shape.seq, shape.head_dim);
-    let mut jobs: Vec<Job<'_, (reference::Forward, Option<Grads>)>> = Vec::new();
-    for opts in options {
-        for h in 0..heads {
-            let range = h * head_len..(h + 1) * head_len;
-            let rows = h * shape.seq..(h + 1) * shape.seq;
-            jobs.push(Box::new(move || {
-                let q = widen(&inputs.q[range.clone()]);
-                let k = widen(&inputs.k[range.clone()]);
-                let v = widen(&inputs.v[range.clone()]);
-                let fwd = reference::forward(one, opts, &q, &k, &v);
-                let grads = backward.then(|| {
-                    let d_o = widen(&inputs.d_o[range.clone()]);
-                    let d_rem = widen(&inputs.d_rem[rows.clone()]);
-                    reference::backward(one, opts, &q, &k, &v, &d_o, Some(&d_rem))
-                });
-                (fwd, grads)
-            }));
-        }
-    }
-    let mut results = run_jobs(jobs, threads).into_iter();
+    let jobs: Vec<(&Options, usize)> = options.iter().flat_map(|o| (0..heads).map(move |h| (o, h))).collect();
+    let results = pool::map(&jobs, threads, |&(opts, h)| {
+        let range = h * head_len..(h + 1) * head_len;
+        let rows = h * shape.seq..(h + 1) * shape.seq;
+        let q = widen(&inputs.q[range.clone()]);
+        let k = widen(&inputs.k[range.clone()]);
+        let v = widen(&inputs.v[range.clone()]);
+        let fwd = reference::forward(one, opts, &q, &k, &v);
+        let grads = backward.then(|| {
+            let d_o = widen(&inputs.d_o[range.clone()]);
+            let d_rem = widen(&inputs.d_rem[rows.clone()]);
+            reference::backward(one, opts, &q, &k, &v, &d_o, Some(&d_rem))
+        });
+        (fwd, grads)
+    });
+    let mut results = results.into_iter();
     options
         .iter()
         .map(|_| {
@@ -122,11 +84,5 @@ mod tests {
             let g = reference::backward(shape, o, &q, &k, &v, &widen(&inputs.d_o), Some(&widen(&inputs.d_rem)));
             assert_eq!(&g, e.grads.as_ref().unwrap());
         }
-    }
-
-    #[test]
-    fn jobs_return_in_order() {
-        let jobs: Vec<Job<'_, usize>> = (0..50usize).map(|i| Box::new(move || i * 2) as _).collect();
-        assert_eq!(run_jobs(jobs, 7), (0..50).map(|i| i * 2).collect::<Vec<_>>());
     }
 }

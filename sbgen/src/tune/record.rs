@@ -1,0 +1,212 @@
+//! What a run keeps: the winner of each (spec, sequence length) as a [`CacheEntry`] holding every
+//! candidate's result, the summary table, and the [`TuneReport`] the CLI prints.
+
+use super::plan::{Session, TuneError};
+use crate::cache::{self, seq_bucket, CacheEntry, CandidateResult, Outcome};
+use crate::ir::{Kernel, Schedule, Spec};
+use sbgen_runtime::reference::Shape;
+
+/// The index of the fastest timed candidate (the first of equals), if any was timed.
+pub fn choose_winner(candidates: &[CandidateResult]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.outcome.ms().map(|ms| (i, ms)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+/// The summary row of one (spec, sequence length) timed on `shape`, and the cache entry of its
+/// winner when one was timed. Fails only when the winner's kernel cannot be built again.
+pub fn record(
+    s: &Session<'_>,
+    spec: Spec,
+    seq: usize,
+    shape: Shape,
+    checksum: &str,
+    results: Vec<CandidateResult>,
+) -> Result<(SummaryRow, Option<CacheEntry>), TuneError> {
+    let row = SummaryRow::from_candidates(spec, seq, &Schedule::default_for(&spec), &results);
+    let Some(w) = choose_winner(&results) else {
+        return Ok((row, None));
+    };
+    let schedule = results[w].schedule;
+    let binary = s
+        .builder
+        .build(&Kernel::new(spec, schedule, s.plan.arch))
+        .map_err(|e| TuneError::Kernel { what: "the winner", message: e.to_string() })?;
+    let entry = CacheEntry {
+        arch: s.plan.arch,
+        spec,
+        seq_bucket: seq_bucket(seq),
+        schedule,
+        kernel_name: binary.name().to_string(),
+        time_ms: row.ms.unwrap_or(0.0),
+        tflops: row.tflops.unwrap_or(0.0),
+        speedup_over_default: row.speedup(),
+        shape: Some([shape.batch, shape.heads, shape.seq, shape.head_dim]),
+        gpu_name: s.dev.name.clone(),
+        driver_version: s.driver.clone(),
+        sbgen_version: env!("CARGO_PKG_VERSION").to_string(),
+        tuned_at: cache::now_utc(),
+        candidates_checksum: checksum.to_string(),
+        candidates: results,
+        manifest: binary.manifest().clone(),
+        ptx: binary.ptx().first().map(|(_, p)| p.clone()).unwrap_or_default(),
+        cuda_source_hash: binary.cuda_source().map(cache::source_hash).unwrap_or_default(),
+    };
+    Ok((row, Some(entry)))
+}
+
+/// One line of the summary: the winner of one (spec, sequence length).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    pub spec: Spec,
+    pub seq: usize,
+    pub winner: Option<Schedule>,
+    pub ms: Option<f64>,
+    pub tflops: Option<f64>,
+    pub default_ms: Option<f64>,
+    /// Candidates timed, wrong, failed, not run.
+    pub timed: usize,
+    pub wrong: usize,
+    pub failed: usize,
+    pub not_run: usize,
+}
+
+impl SummaryRow {
+    /// Builds the row from one (spec, seq)'s candidates, `default` being the spec's default schedule.
+    pub fn from_candidates(spec: Spec, seq: usize, default: &Schedule, candidates: &[CandidateResult]) -> Self {
+        let winner = choose_winner(candidates).map(|i| &candidates[i]);
+        let count = |f: fn(&Outcome) -> bool| candidates.iter().filter(|c| f(&c.outcome)).count();
+        SummaryRow {
+            spec,
+            seq,
+            winner: winner.map(|c| c.schedule),
+            ms: winner.and_then(|c| c.outcome.ms()),
+            tflops: winner.and_then(|c| match c.outcome {
+                Outcome::Timed { tflops, .. } => Some(tflops),
+                _ => None,
+            }),
+            default_ms: candidates.iter().find(|c| c.schedule == *default).and_then(|c| c.outcome.ms()),
+            timed: count(|o| matches!(o, Outcome::Timed { .. })),
+            wrong: count(|o| matches!(o, Outcome::WrongResult { .. })),
+            failed: count(|o| matches!(o, Outcome::Failed { .. })),
+            not_run: count(|o| matches!(o, Outcome::NotRun { .. })),
+        }
+    }
+
+    /// Default time over the winner's.
+    pub fn speedup(&self) -> Option<f64> {
+        match (self.default_ms, self.ms) {
+            (Some(d), Some(w)) if w > 0.0 => Some(d / w),
+            _ => None,
+        }
+    }
+}
+
+/// The summary table's header.
+pub fn summary_header() -> String {
+    format!(
+        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {}",
+        "spec", "N", "winner", "ms", "TFLOP/s", "default ms", "speedup", "timed/wrong/failed/not run"
+    )
+}
+
+/// One line of the summary table.
+pub fn format_summary_row(r: &SummaryRow) -> String {
+    let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    format!(
+        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {}/{}/{}/{}",
+        r.spec.slug(),
+        r.seq,
+        r.winner.map_or("(none)".to_string(), |s| s.to_string()),
+        f(r.ms, 3),
+        f(r.tflops, 1),
+        f(r.default_ms, 3),
+        r.speedup().map_or("-".to_string(), |s| format!("{s:.2}x")),
+        r.timed,
+        r.wrong,
+        r.failed,
+        r.not_run
+    )
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, Default)]
+pub struct TuneReport {
+    /// One entry per (spec, sequence length) with a winner.
+    pub entries: Vec<CacheEntry>,
+    pub summary: Vec<SummaryRow>,
+    /// The budget ran out before every candidate was timed.
+    pub budget_spent: bool,
+    /// Set when the run stopped early (lost CUDA context, hung kernel): what was measured before
+    /// is in `entries`.
+    pub aborted: Option<String>,
+    /// Backward winners that fail their check on the same bucket's forward winner ([`super::check::winner_pairs`]).
+    pub pair_failures: Vec<String>,
+    /// Specs that stopped on an error of their own (out of memory, a winner that would not build):
+    /// `("not tuned: <spec>" or "partly tuned: <spec> (...)", error)`. The other specs' entries,
+    /// and this spec's buckets measured before the error, are in `entries`.
+    pub spec_errors: Vec<(String, String)>,
+    /// The forward/backward pair check ([`super::check::winner_pairs`]) could not run; the entries are complete.
+    pub pair_check_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dtype, Pass};
+
+    fn timed(schedule: Schedule, ms: f64) -> CandidateResult {
+        CandidateResult { schedule, outcome: Outcome::Timed { ms, tflops: 1.0 / ms } }
+    }
+
+    fn s(block_n: u32, stages: u32) -> Schedule {
+        Schedule { block_n, stages, ..Schedule::DEFAULT }
+    }
+
+    #[test]
+    fn the_winner_is_the_fastest_timed_candidate_never_a_wrong_one() {
+        let list = vec![
+            timed(s(64, 2), 2.0),
+            CandidateResult { schedule: s(32, 2), outcome: Outcome::WrongResult { max_error: 0.3 } },
+            timed(s(32, 3), 1.5),
+            CandidateResult { schedule: s(128, 2), outcome: Outcome::Failed { reason: "spills".into() } },
+            CandidateResult { schedule: s(128, 3), outcome: Outcome::Pruned { reason: "smem".into() } },
+            CandidateResult { schedule: s(64, 3), outcome: Outcome::NotRun { reason: "budget".into() } },
+            timed(s(32, 4), 1.5),
+        ];
+        assert_eq!(choose_winner(&list), Some(2), "the first of equals");
+        assert_eq!(choose_winner(&list[..2]), Some(0));
+        assert_eq!(choose_winner(&list[1..2]), None);
+        // A zero or non-finite time is never a winner.
+        assert_eq!(choose_winner(&[timed(s(64, 2), 0.0), timed(s(32, 2), f64::NAN)]), None);
+    }
+
+    #[test]
+    fn the_summary_shows_the_winner_and_the_speedup_over_the_default() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let default = Schedule::default_for(&spec);
+        let other = Schedule { block_n: 32, ..default };
+        let list = vec![
+            timed(default, 2.0),
+            timed(other, 1.6),
+            CandidateResult { schedule: s(32, 2), outcome: Outcome::WrongResult { max_error: 0.3 } },
+            CandidateResult { schedule: s(64, 2), outcome: Outcome::NotRun { reason: "budget".into() } },
+        ];
+        let row = SummaryRow::from_candidates(spec, 2048, &default, &list);
+        assert_eq!(row.winner, Some(other));
+        assert_eq!(row.speedup(), Some(1.25));
+        let line = format_summary_row(&row);
+        assert!(line.starts_with("fwd_d128_bf16_strict_bhnd_ret_full"), "{line}");
+        for part in ["2048", &other.to_string(), "1.600", "2.000", "1.25x", "2/1/0/1"] {
+            assert!(line.contains(part), "{part} in {line}");
+        }
+        assert_eq!(summary_header().split_whitespace().next(), Some("spec"));
+        // Nothing timed: no winner, no speed-up, a readable line.
+        let none = SummaryRow::from_candidates(spec, 8192, &default, &list[2..]);
+        assert_eq!((none.winner, none.speedup()), (None, None));
+        assert!(format_summary_row(&none).contains("(none)"));
+    }
+}
