@@ -19,7 +19,7 @@
 //! This module depends on serde and std only (no CUDA, no CLI), so the proc-macro can read caches.
 
 use crate::ir::{Arch, Kernel, Schedule, Spec};
-use sbgen_runtime::hash::{fnv1a64, Fnv64};
+use sbgen_runtime::hash::Fnv64;
 use sbgen_runtime::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -343,10 +343,7 @@ pub fn candidates_checksum<'a>(candidates: impl IntoIterator<Item = (&'a Schedul
     format!("fnv1a64:{:016x}", h.finish())
 }
 
-/// FNV-1a 64 of a CUDA source, 16 hex digits (the hash in PTX file names, `gpu::kernels`).
-pub fn source_hash(source: &str) -> String {
-    format!("{:016x}", fnv1a64(source.as_bytes()))
-}
+pub use sbgen_runtime::hash::source_hash;
 
 /// Writes `bytes` to `path` through a temp file in the same folder: write, fsync, rename, fsync the
 /// folder. Readers see the old file or the new one, never a part; the temp file is removed on error.

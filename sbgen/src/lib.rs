@@ -7,6 +7,7 @@
 //! safetensors. With `default-features = false` (as `sbgen-macros` builds it) the library is the IR,
 //! lowering, search space, interpreter and tuning cache only.
 
+pub mod artifact;
 pub mod cache;
 #[cfg(feature = "cli")]
 pub mod cli;
