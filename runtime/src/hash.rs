@@ -34,6 +34,12 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// FNV-1a 64 of a kernel's CUDA source as 16 hex digits: the hash in PTX file names and in tuning
+/// cache entries, so PTX made from other templates is never taken for a kernel of the same name.
+pub fn source_hash(source: &str) -> String {
+    format!("{:016x}", fnv1a64(source.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +53,11 @@ mod tests {
         h.write(b"foo");
         h.write(b"bar");
         assert_eq!(h.finish(), fnv1a64(b"foobar"), "writes concatenate");
+    }
+
+    #[test]
+    fn source_hashes_are_16_hex_digits() {
+        assert_eq!(source_hash(""), "cbf29ce484222325");
+        assert_eq!(source_hash("a"), "af63dc4c8601ec8c");
     }
 }

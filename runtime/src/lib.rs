@@ -4,9 +4,11 @@
 //!   the macro and the launcher.
 //! - [`manifest`]: how a compiled kernel is launched (entry points, grids, shared memory).
 //! - [`hash`]: FNV-1a 64, the stable hash behind PTX file names and module fingerprints.
+//! - [`bucket`]: sequence-length buckets and the rule that picks a tuned kernel for a length.
 //! - [`reference`]: the float64 CPU reference (forward and backward), the ground truth for every test.
 //! - `launcher` (feature `cuda`): loads PTX through cudarc, checks inputs and launches.
 
+pub mod bucket;
 pub mod hash;
 #[cfg(feature = "cuda")]
 pub mod launcher;

@@ -4,6 +4,7 @@
 
 use crate::attr::{Errors, Options};
 use proc_macro2::Span;
+use sbgen::artifact::name::read_ptx;
 use sbgen::cache::{CacheError, TuningCache, DEFAULT_CACHE_FILE};
 use sbgen::ir::{Arch, Kernel, Schedule, Spec};
 use std::path::{Path, PathBuf};
@@ -57,9 +58,9 @@ pub fn find_cache(options: &Options, errors: &mut Errors) -> Option<Found> {
 /// The kernels of `spec` (one pass): the cache's entries (all buckets, or the one `lookup` picks for
 /// `seq`), plus, for each arch without an entry, the spec's default schedule: as PTX when `ptx_dir`
 /// (env `SBGEN_PTX_DIR` at expansion) holds it under the name `sbgen check --emit-ptx` and
-/// `sbgen tune --compile-only --emit-ptx` write (`<kernel>-<source hash>.<target>.ptx`), and always
-/// as CUDA source (NVRTC at first use) for devices no PTX fits. Returns the PTX files read too (build
-/// inputs).
+/// `sbgen tune --compile-only --emit-ptx` write ([`sbgen::artifact::name`]), and always as CUDA
+/// source (NVRTC at first use) for devices no PTX fits. Returns the PTX files read too (build inputs).
+/// A PTX file of that name that cannot be read is an error, not a silent fallback to source.
 pub fn pick(
     cache: &TuningCache,
     spec: &Spec,
@@ -80,19 +81,13 @@ pub fn pick(
                 let kernel = Kernel::new(*spec, Schedule::default_for(spec), arch);
                 let lowered =
                     sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;
-                let target = arch.compile_target();
-                let file = dir.join(format!(
-                    "{}-{}.{target}.ptx",
-                    lowered.name,
-                    sbgen::cache::source_hash(&lowered.cuda_source)
-                ));
-                if let Ok(ptx) = std::fs::read_to_string(&file) {
+                if let Some((file, ptx)) = read_ptx(dir, &lowered).map_err(|e| format!("`SBGEN_PTX_DIR`: {e}"))? {
                     out.push(Embed {
                         arch: Some(arch),
                         seq_bucket: None,
                         name: lowered.name,
                         manifest_json: serde_json::to_string(&lowered.manifest).map_err(|e| e.to_string())?,
-                        ptx: vec![(target.to_string(), ptx)],
+                        ptx: vec![(arch.compile_target().to_string(), ptx)],
                         cuda_source: None,
                     });
                     files.push(absolute(&file));
@@ -266,7 +261,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
         let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90)).unwrap();
-        let file = dir.join(format!("{}-{}.sm_90a.ptx", lowered.name, sbgen::cache::source_hash(&lowered.cuda_source)));
+        // Written under the name sbgen's `KernelBuilder::emit_ptx` and `tune --compile-only` give it.
+        let file = dir.join(sbgen::artifact::name::ptx_file_name(&lowered));
         std::fs::write(&file, "// ptx").unwrap();
         let (k, files) = pick(&TuningCache::new(), &spec, None, Some(&dir)).unwrap();
         let got: Vec<_> = k.iter().map(|k| (k.arch, k.ptx.len(), k.cuda_source.is_some())).collect();
@@ -274,6 +270,12 @@ mod tests {
         assert_eq!(k[0].ptx[0], ("sm_90a".to_string(), "// ptx".to_string()));
         assert_eq!(k[0].name, k[1].name);
         assert_eq!(files, vec![std::fs::canonicalize(&file).unwrap()]);
+
+        // A file of that name that cannot be read is reported, not skipped.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let err = pick(&TuningCache::new(), &spec, None, Some(&dir)).err().expect("an unreadable PTX file is an error");
+        assert!(err.contains("SBGEN_PTX_DIR") && err.contains(&file.display().to_string()), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -20,7 +20,7 @@
 
 use crate::files::{self, FileError};
 use crate::ir::{Arch, Kernel, Schedule, Spec};
-use sbgen_runtime::hash::{fnv1a64, Fnv64};
+use sbgen_runtime::hash::Fnv64;
 use sbgen_runtime::manifest::KernelManifest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -386,11 +386,8 @@ impl TuningCache {
     /// The entry for `spec` on `arch` whose bucket is the nearest at or above `seq_len`'s, else the
     /// one with the largest bucket.
     pub fn lookup(&self, arch: Arch, spec: &Spec, seq_len: usize) -> Option<&CacheEntry> {
-        let bucket = seq_bucket(seq_len);
-        let mut matching: Vec<&CacheEntry> =
-            self.entries.iter().filter(|e| e.arch == arch && e.spec == *spec).collect();
-        matching.sort_by_key(|e| e.seq_bucket);
-        matching.iter().find(|e| e.seq_bucket >= bucket).or(matching.last()).copied()
+        let matching = self.entries.iter().filter(|e| e.arch == arch && e.spec == *spec);
+        sbgen_runtime::bucket::pick(matching.map(|e| (e, u64::from(e.seq_bucket))), seq_len)
     }
 
     /// Entries in a stable order: arch, spec, bucket.
@@ -438,12 +435,7 @@ impl CacheEntry {
     }
 }
 
-/// The upper bound of the power-of-two bucket holding sequence length `n`: 1, 2, 4, ..., 2^31
-/// (`seq_bucket(1000) == 1024`, `seq_bucket(1024) == 1024`, `seq_bucket(1025) == 2048`).
-pub fn seq_bucket(n: usize) -> u32 {
-    let n = n.clamp(1, 1 << 31);
-    n.next_power_of_two() as u32
-}
+pub use sbgen_runtime::bucket::seq_bucket;
 
 /// A stable checksum of a candidate list: FNV-1a 64 over each schedule's display form and whether it
 /// was kept (`m64n64w4s2-shfl-mufu-mma:kept\n`), as `fnv1a64:<16 hex digits>`. A change of the search
@@ -457,10 +449,7 @@ pub fn candidates_checksum<'a>(candidates: impl IntoIterator<Item = (&'a Schedul
     format!("fnv1a64:{:016x}", h.finish())
 }
 
-/// FNV-1a 64 of a CUDA source, 16 hex digits (the hash in PTX file names, `gpu::kernels`).
-pub fn source_hash(source: &str) -> String {
-    format!("{:016x}", fnv1a64(source.as_bytes()))
-}
+pub use sbgen_runtime::hash::source_hash;
 
 fn positive(x: f64) -> bool {
     x.is_finite() && x > 0.0
@@ -853,16 +842,10 @@ mod tests {
         assert_eq!(at(100_000), Some(8192));
         assert_eq!(cache.lookup(Arch::Sm80, &spec, 2048), None);
         assert_eq!(cache.lookup(Arch::Sm90, &Spec::new(64, Dtype::Bf16, Pass::Forward), 2048), None);
-    }
-
-    #[test]
-    fn buckets_are_powers_of_two_upper_bounds() {
-        assert_eq!(seq_bucket(0), 1);
-        assert_eq!(seq_bucket(1), 1);
-        assert_eq!(seq_bucket(1000), 1024);
-        assert_eq!(seq_bucket(1024), 1024);
-        assert_eq!(seq_bucket(1025), 2048);
-        assert_eq!(seq_bucket(usize::MAX), 1 << 31);
+        // The rule is `bucket::pick`, the one the macro's embedded kernels are picked by too.
+        for n in [0, 2047, 2048, 2049, 1 << 31, usize::MAX] {
+            assert_eq!(at(n), sbgen_runtime::bucket::pick([(8192, 8192), (2048, 2048)], n), "seq {n}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Compilation: a [`Lowered`] kernel to PTX with NVRTC (through cudarc), then to a cubin with
+//! Compilation: a [`Lowered`] kernel to PTX with NVRTC (the runtime's [`nvrtc::compile_ptx`], the
+//! one option list the launcher's fallback compiles with too), then to a cubin with
 //! `ptxas -v`, whose report gives each entry point's registers, shared memory, stack frame and spills.
 //!
 //! Why ptxas and not NVRTC straight to a cubin: the PTX is what sbgen embeds and ships (the driver
@@ -12,6 +13,7 @@
 //! variables.
 
 use crate::lower::Lowered;
+use sbgen_runtime::launcher::nvrtc::{self, NvrtcError, NvrtcOptions};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,8 +48,8 @@ pub enum CompileError {
          (`source scripts/env.sh` in the sbgen repository sets it)"
     )]
     NvrtcUnavailable { lib_dir: String },
-    #[error("`{kernel}`: NVRTC failed for {target}:\n{log}")]
-    Nvrtc { kernel: String, target: &'static str, log: String },
+    #[error(transparent)]
+    Nvrtc(#[from] NvrtcError),
     #[error("`{kernel}`: ptxas failed for {target} ({status}):\n{log}")]
     Ptxas { kernel: String, target: &'static str, status: String, log: String },
     #[error("`{kernel}`: the ptxas report has no entry `{function}` (entries: {found}):\n{log}")]
@@ -67,7 +69,12 @@ pub enum CompileError {
 impl CompileError {
     /// True when the error is about the machine (no toolchain), not about the kernel.
     pub fn is_toolchain(&self) -> bool {
-        matches!(self, CompileError::ToolchainNotFound { .. } | CompileError::NvrtcUnavailable { .. })
+        matches!(
+            self,
+            CompileError::ToolchainNotFound { .. }
+                | CompileError::NvrtcUnavailable { .. }
+                | CompileError::Nvrtc(NvrtcError::Unavailable { .. })
+        )
     }
 }
 
@@ -134,24 +141,10 @@ impl Toolchain {
         Err(CompileError::NvrtcUnavailable { lib_dir: self.lib_dir.display().to_string() })
     }
 
-    /// The NVRTC options for `target` (`sm_80`, `sm_90a`): PTX for the matching virtual
-    /// architecture (`compute_80`, `compute_90a`), C++17, functions `__device__` by default.
-    pub fn nvrtc_options(&self, target: &str) -> Vec<String> {
-        vec![
-            format!("--gpu-architecture={}", virtual_arch(target)),
-            "-std=c++17".to_string(),
-            "-default-device".to_string(),
-            format!("--include-path={}", self.include_dir.display()),
-        ]
-    }
-}
-
-/// `sm_90a` -> `compute_90a`: NVRTC emits PTX for a virtual architecture; ptxas then compiles it
-/// for the real one.
-fn virtual_arch(target: &str) -> String {
-    match target.strip_prefix("sm_") {
-        Some(rest) => format!("compute_{rest}"),
-        None => target.to_string(),
+    /// What NVRTC needs from this toolchain: its headers. The rest of the option list is
+    /// [`nvrtc::options`], the same for the launcher's fallback.
+    pub fn nvrtc_options(&self) -> NvrtcOptions {
+        NvrtcOptions { include_paths: vec![self.include_dir.display().to_string()], extra: Vec::new() }
     }
 }
 
@@ -354,23 +347,7 @@ impl Compiler {
     /// CUDA C++ to PTX with NVRTC.
     pub fn to_ptx(&self, lowered: &Lowered) -> Result<String, CompileError> {
         let target = lowered.kernel.arch.compile_target();
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: self.toolchain.nvrtc_options(target),
-            name: Some(format!("{}.cu", lowered.name)),
-            ..Default::default()
-        };
-        match cudarc::nvrtc::compile_ptx_with_opts(&lowered.cuda_source, opts) {
-            Ok(ptx) => Ok(ptx.to_src()),
-            Err(e) => {
-                let log = match &e {
-                    cudarc::nvrtc::CompileError::CompileError { log, options, .. } => {
-                        format!("{}\n(options: {})", log.to_string_lossy().trim_end(), options.join(" "))
-                    }
-                    other => format!("{other:?}"),
-                };
-                Err(CompileError::Nvrtc { kernel: lowered.name.clone(), target, log })
-            }
-        }
+        Ok(nvrtc::compile_ptx(&lowered.name, &lowered.cuda_source, target, &self.toolchain.nvrtc_options())?)
     }
 
     /// PTX to a cubin with `ptxas -v`, reporting the resources of every launch step's function.
@@ -571,10 +548,47 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
         assert!(parse_ptxas_report("ptxas fatal   : Ptx assembly aborted due to errors\n").is_empty());
     }
 
+    /// The launcher's fallback compiles a kernel of `arch` on a device of that compute capability
+    /// for the same target, with the same option list, as sbgen does.
     #[test]
-    fn nvrtc_targets_the_virtual_arch() {
-        assert_eq!(virtual_arch("sm_90a"), "compute_90a");
-        assert_eq!(virtual_arch("sm_80"), "compute_80");
+    fn the_launchers_fallback_compiles_with_sbgens_options() {
+        let tc = Toolchain {
+            include_dir: PathBuf::from("/cuda/include"),
+            ptxas: PathBuf::from("/cuda/bin/ptxas"),
+            lib_dir: PathBuf::from("/cuda/lib"),
+            found_by: "test".into(),
+        };
+        let fallback = NvrtcOptions { include_paths: vec!["/cuda/include".into()], ..NvrtcOptions::from_env() };
+        assert_eq!(tc.nvrtc_options(), fallback);
+        for arch in crate::ir::Arch::ALL {
+            let device_target = sbgen_runtime::launcher::Target::for_device(arch.compute_capability());
+            assert_eq!(device_target, arch.compile_target());
+        }
+        assert_eq!(
+            nvrtc::options(crate::ir::Arch::Sm90.compile_target(), &tc.nvrtc_options()),
+            ["--gpu-architecture=compute_90a", "-std=c++17", "-default-device", "--include-path=/cuda/include"]
+        );
+    }
+
+    /// Where the toolchain is (`source scripts/env.sh`): a real lowered kernel through the
+    /// fallback's NVRTC call and options gives byte for byte the PTX sbgen ships.
+    #[test]
+    fn the_fallback_gives_the_ptx_sbgen_compiles() {
+        let compiler = match (std::env::var_os("SBGEN_CUDA_HOME"), Compiler::discover()) {
+            (Some(_), Ok(c)) => c,
+            (_, Err(e)) => return eprintln!("skipped: {e}"),
+            (None, _) => return eprintln!("skipped: SBGEN_CUDA_HOME is not set (source scripts/env.sh)"),
+        };
+        for arch in crate::ir::Arch::ALL {
+            let spec = crate::ir::Spec::new(64, crate::ir::Dtype::Bf16, crate::ir::Pass::Forward);
+            let kernel = crate::ir::Kernel::new(spec, crate::ir::Schedule::default_for(&spec), arch);
+            let lowered = crate::lower::lower(&kernel).unwrap();
+            let sbgen = compiler.to_ptx(&lowered).unwrap_or_else(|e| panic!("{e}"));
+            let target = sbgen_runtime::launcher::Target::for_device(arch.compute_capability());
+            let fallback = nvrtc::compile_ptx(&lowered.name, &lowered.cuda_source, &target, &NvrtcOptions::from_env())
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(fallback == sbgen, "{arch}: the fallback's PTX differs from sbgen's");
+        }
     }
 
     /// A handwritten kernel through the real NVRTC and ptxas (skipped without the toolchain), so
@@ -620,7 +634,7 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
         lowered.cuda_source = "extern \"C\" __global__ void sbgen_selftest() { undeclared(); }".into();
         let err = compiler.compile(&lowered).unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, CompileError::Nvrtc { .. }), "{text}");
+        assert!(matches!(err, CompileError::Nvrtc(NvrtcError::Compile { .. })), "{text}");
         assert!(text.contains("`sbgen_selftest`") && text.contains("undeclared"), "{text}");
 
         lowered.cuda_source = "extern \"C\" __global__ void other() {}".into();

@@ -110,8 +110,9 @@ impl Target {
         }
     }
 
-    /// The NVRTC target for a device of compute capability `cc`: `sm_90a` on 9.0 (so wgmma code
-    /// compiles), `sm_XY` elsewhere.
+    /// The target for a device of compute capability `cc` when no PTX fits and its source is
+    /// compiled there: `sm_90a` on 9.0 (so wgmma code compiles), `sm_XY` elsewhere. NVRTC gets its
+    /// virtual arch ([`super::nvrtc::virtual_arch`]), as for sbgen's own compilations.
     pub fn for_device(cc: (u32, u32)) -> String {
         if cc == (9, 0) {
             "sm_90a".to_string()

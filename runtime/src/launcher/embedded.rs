@@ -8,6 +8,7 @@
 
 use super::binary::{pick_ptx, KernelBinary, Target};
 use super::error::LaunchError;
+use crate::bucket;
 use crate::manifest::KernelManifest;
 use std::sync::OnceLock;
 
@@ -98,8 +99,8 @@ impl EmbeddedSet {
 /// 2. the default-schedule fallback (CUDA source, compiled by NVRTC for the device); else
 /// 3. tuned kernels with PTX that runs on the device (older generic targets).
 ///
-/// Among the kernels of the first non-empty group: the smallest bucket that holds `seq`, else the
-/// largest bucket (a kernel without a bucket holds every length).
+/// Among the kernels of the first non-empty group, the tuning cache's rule ([`bucket::pick`]): the
+/// nearest bucket at or above `seq`'s, else the largest (a kernel without a bucket holds every length).
 pub fn pick_embedded(kernels: &[EmbeddedKernel], cc: (u32, u32), seq: usize) -> Option<usize> {
     let exact = |k: &EmbeddedKernel| {
         k.ptx.iter().any(|(t, _)| Target::parse(t).is_some_and(|t| t.runs_on(cc) && (t.major, t.minor) == cc))
@@ -115,10 +116,7 @@ pub fn pick_embedded(kernels: &[EmbeddedKernel], cc: (u32, u32), seq: usize) -> 
         if members.is_empty() {
             continue;
         }
-        let bucket = |i: usize| kernels[i].seq_bucket.unwrap_or(u64::MAX);
-        let seq = seq as u64;
-        let holding = members.iter().copied().filter(|&i| bucket(i) >= seq).min_by_key(|&i| bucket(i));
-        return holding.or_else(|| members.iter().copied().max_by_key(|&i| bucket(i)));
+        return bucket::pick(members.into_iter().map(|i| (i, kernels[i].seq_bucket.unwrap_or(u64::MAX))), seq);
     }
     None
 }
@@ -157,6 +155,17 @@ mod tests {
         // Longer than every bucket: the largest.
         assert_eq!(pick_embedded(&ks, (9, 0), 100_000), Some(1));
         assert_eq!(pick_embedded(&ks, (8, 0), 100_000), Some(2));
+    }
+
+    /// The bucket rule is the tuning cache's: `bucket::pick`, which `TuningCache::lookup` calls too.
+    #[test]
+    fn within_a_group_the_bucket_is_the_one_bucket_pick_takes() {
+        let ks = [tuned("sm_90a", 8192), tuned("sm_90a", 2048), tuned("sm_90a", 1 << 31), tuned("sm_80", 64)];
+        for seq in [0, 1, 2047, 2048, 2049, 8193, 1 << 31, usize::MAX] {
+            let sm90 = ks.iter().enumerate().filter(|(_, k)| k.arch == Some("sm_90a"));
+            let want = bucket::pick(sm90.map(|(i, k)| (i, k.seq_bucket.unwrap())), seq);
+            assert_eq!(pick_embedded(&ks, (9, 0), seq), want, "seq {seq}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Why a launch was refused or failed. Every refusal happens before anything is launched and names
 //! the argument at fault and what was allowed.
 
+use super::nvrtc::NvrtcError;
 use crate::spec::{Dtype, Pass};
 use cudarc::driver::DriverError;
 
@@ -60,9 +61,9 @@ pub enum LaunchError {
     )]
     NoKernelForArch { kernel: String, device_arch: String, available: String },
 
-    /// NVRTC failed to compile the fallback CUDA source.
-    #[error("kernel `{kernel}`: NVRTC failed to compile for `{arch}`: {log}")]
-    Nvrtc { kernel: String, arch: String, log: String },
+    /// NVRTC failed to compile the fallback CUDA source (or could not be loaded).
+    #[error(transparent)]
+    Nvrtc(#[from] NvrtcError),
 
     /// A launch step asks for more dynamic shared memory or threads than the device allows.
     #[error("kernel `{kernel}` step `{function}` needs {needed} {what}, over the device limit of {limit}")]

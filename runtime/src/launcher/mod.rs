@@ -8,6 +8,8 @@
 //!   picks the PTX for a device.
 //! - [`embedded`]: kernels embedded by `#[stick_breaking_attention]` and how one is picked per
 //!   device and sequence length.
+//! - [`nvrtc`]: [`nvrtc::compile_ptx`], CUDA source to PTX with the one NVRTC option list (sbgen's
+//!   compilations and the module store's fallback both use it).
 //! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
 //! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
 //!
@@ -20,6 +22,7 @@ pub mod embedded;
 pub mod error;
 pub mod launch;
 pub mod modules;
+pub mod nvrtc;
 pub mod plan;
 
 pub use crate::reference::Shape;
@@ -28,5 +31,6 @@ pub use element::SbElement;
 pub use embedded::{pick_embedded, EmbeddedKernel, EmbeddedSet};
 pub use error::LaunchError;
 pub use launch::{BackwardArgs, ForwardArgs, Launcher};
-pub use modules::{CodeOrigin, LoadedKernel, ModuleStore, NvrtcOptions};
+pub use modules::{CodeOrigin, LoadedKernel, ModuleStore};
+pub use nvrtc::{NvrtcError, NvrtcOptions};
 pub use plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan, PlannedStep};

@@ -5,9 +5,10 @@
 
 use super::binary::{pick_ptx, KernelBinary, Target};
 use super::error::{KernelContext, LaunchError};
+use super::nvrtc::{self, NvrtcOptions};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -30,35 +31,6 @@ pub struct LoadedKernel {
     pub origin: CodeOrigin,
     pub functions: Vec<CudaFunction>,
     _module: Arc<CudaModule>,
-}
-
-/// Options for compiling CUDA source with NVRTC when no PTX fits the device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NvrtcOptions {
-    /// Folders with the CUDA headers (`cuda_bf16.h`, ...), passed as `--include-path`.
-    pub include_paths: Vec<String>,
-    /// More options, passed as they are (e.g. `-std=c++17`).
-    pub extra: Vec<String>,
-}
-
-impl NvrtcOptions {
-    /// Include paths from `SBGEN_CUDA_INCLUDE` (`:`-separated), `$CUDA_HOME/include`,
-    /// `$CUDA_PATH/include` and `/usr/local/cuda/include`, those that exist.
-    pub fn from_env() -> Self {
-        let mut include_paths = Vec::new();
-        if let Ok(list) = std::env::var("SBGEN_CUDA_INCLUDE") {
-            include_paths.extend(list.split(':').filter(|s| !s.is_empty()).map(str::to_string));
-        }
-        for var in ["CUDA_HOME", "CUDA_PATH"] {
-            if let Ok(root) = std::env::var(var) {
-                include_paths.push(format!("{root}/include"));
-            }
-        }
-        include_paths.push("/usr/local/cuda/include".to_string());
-        include_paths.retain(|p| std::path::Path::new(p).is_dir());
-        include_paths.dedup();
-        NvrtcOptions { include_paths, extra: vec!["-std=c++17".to_string()] }
-    }
 }
 
 /// Loaded kernels by fingerprint, each with its name.
@@ -116,7 +88,8 @@ impl ModuleStore {
         self.compute_capability
     }
 
-    /// The device's arch as a target name, e.g. `sm_90a` (what NVRTC compiles for here).
+    /// The device's arch as a target name, e.g. `sm_90a` (the fallback's NVRTC compiles for its virtual
+    /// arch, `compute_90a`).
     pub fn device_target(&self) -> String {
         Target::for_device(self.compute_capability)
     }
@@ -219,36 +192,11 @@ impl ModuleStore {
         Ok(LoadedKernel { name: name.to_string(), origin, functions, _module: module })
     }
 
+    /// The fallback: the kernel's CUDA source through NVRTC for this device, with the options sbgen
+    /// compiles its PTX with ([`nvrtc::compile_ptx`]).
     fn compile(&self, name: &str, source: &str, target: &str) -> Result<Ptx, LaunchError> {
-        let nvrtc = lock(&self.nvrtc).clone();
-        // NVRTC wants a `'static` arch; pass it as a plain option instead.
-        let mut options = vec![format!("--gpu-architecture={target}")];
-        options.extend(nvrtc.extra);
-        let opts = CompileOptions {
-            include_paths: nvrtc.include_paths,
-            options,
-            name: Some(format!("{name}.cu")),
-            ..Default::default()
-        };
-        // With cudarc's dynamic loading, a machine without libnvrtc panics inside cudarc on the first
-        // NVRTC call; the user gets a typed error instead (the kernel had no PTX for this arch).
-        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            cudarc::nvrtc::compile_ptx_with_opts(source, opts)
-        }));
-        let nvrtc_error = |log: String| LaunchError::Nvrtc { kernel: name.to_string(), arch: target.to_string(), log };
-        match compiled {
-            Ok(result) => result.map_err(|e| {
-                nvrtc_error(match e {
-                    CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                    other => other.to_string(),
-                })
-            }),
-            Err(_) => Err(nvrtc_error(
-                "NVRTC could not be loaded on this machine: there is no PTX for this arch, so the kernel's \
-                 CUDA source must be compiled here; install NVRTC (CUDA 13) or embed PTX for this arch"
-                    .to_string(),
-            )),
-        }
+        let options = lock(&self.nvrtc).clone();
+        Ok(Ptx::from_src(nvrtc::compile_ptx(name, source, target, &options)?))
     }
 }
 

@@ -1,11 +1,14 @@
 //! The artifact pipeline, lower -> compile -> [`Verdict`] -> named PTX, shared by `sbgen tune`,
 //! `tune --compile-only` and `check --emit-ptx` (docs/architecture.md#artifact-pipeline).
+//! [`name`] is the one rule for PTX file names, used by the store, `KernelBuilder` and the macro.
 //!
 //! [`build`] compiles one lowered kernel (NVRTC, then `ptxas -v`) and judges it; it writes nothing.
 //! [`Verdict`] is the one place that decides that a spilling kernel is not shipped, and
 //! [`store::PtxDir`] writes only kernels judged [`Verdict::Ok`], so every path that produces PTX
 //! agrees. This module depends on the compiler and the IR only, never on `gpu/` or `tune/`.
 
+// Naming builds without CUDA: sbgen-macros finds PTX files through it.
+pub mod name;
 #[cfg(feature = "cli")]
 pub mod store;
 

@@ -4,7 +4,7 @@
 
 use super::{Artifact, Verdict};
 use crate::files::{self, FileError};
-use crate::gpu::kernels::ptx_file_name;
+use super::name::ptx_file_name;
 use std::path::{Path, PathBuf};
 
 /// Why an artifact was not stored.

@@ -172,6 +172,7 @@ pub fn short(failure: &(impl fmt::Display + ?Sized)) -> String {
 mod tests {
     use super::*;
     use crate::compile::CompileError;
+    use sbgen_runtime::launcher::nvrtc::NvrtcError;
     use crate::gpu::check::EE_BWD_TOL;
     use crate::ir::{Dtype, Pass};
 
@@ -179,7 +180,14 @@ mod tests {
     /// `format!` calls of the old `gpu/check.rs`), so `sbgen check` output is unchanged.
     #[test]
     fn each_failure_prints_the_text_of_the_string_it_replaced() {
-        let nvrtc = || CompileError::Nvrtc { kernel: "k".into(), target: "sm_90a", log: "error: x\nline 2".into() };
+        let nvrtc = || {
+            CompileError::Nvrtc(NvrtcError::Compile {
+                kernel: "k".into(),
+                target: "sm_90a".into(),
+                log: "error: x\nline 2".into(),
+                options: vec!["-std=c++17".into()],
+            })
+        };
         let build_text = format!("build: {}", BuildError::Compile(nvrtc()));
         let launch = GpuError::NoDevice("no driver".into());
         let launch_text = launch.to_string();

@@ -2,16 +2,19 @@
 //! (the GPU machine has no CUDA toolchain: PTX is compiled where the toolchain is and carried over),
 //! otherwise compiled with NVRTC through [`crate::compile`].
 //!
-//! PTX files are named `<kernel name>-<16 hex digits of the CUDA source's FNV-1a hash>.<target>.ptx`,
-//! so a file made from other templates is never picked up for a kernel of the same name.
+//! PTX files are named and found by [`crate::artifact::name`] only.
 
+use crate::artifact::name::read_ptx;
 use crate::compile::{CompileError, Compiler};
 use crate::ir::{Arch, Kernel, Schedule, Spec};
-use crate::lower::{lower, LowerError, Lowered};
+use crate::lower::{lower, LowerError};
 use sbgen_runtime::launcher::KernelBinary;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+
+// Where the tuner and `--compile-only` import it from.
+use crate::artifact::name::ptx_file_name;
 
 /// Why a kernel could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -72,19 +75,23 @@ impl KernelBuilder {
         }
         let lowered = lower(kernel)?;
         let target = kernel.arch.compile_target();
-        let file = ptx_file_name(&lowered);
-        let from_dir = self.ptx_dir.as_ref().map(|d| d.join(&file)).filter(|p| p.is_file());
+        let from_dir = match &self.ptx_dir {
+            Some(dir) => read_ptx(dir, &lowered).map_err(|e| BuildError::Io {
+                action: "read",
+                path: e.path,
+                source: e.source,
+            })?,
+            None => None,
+        };
         let ptx = match from_dir {
-            Some(path) => {
-                std::fs::read_to_string(&path).map_err(|source| BuildError::Io { action: "read", path, source })?
-            }
+            Some((_, ptx)) => ptx,
             None => match self.compiler() {
                 Ok(c) => c.to_ptx(&lowered)?,
                 Err(toolchain) => {
                     return Err(BuildError::NoPtx {
                         kernel: lowered.name.clone(),
                         dir: self.ptx_dir.as_ref().map_or("(no PTX folder given)".into(), |d| d.display().to_string()),
-                        file,
+                        file: ptx_file_name(&lowered),
                         toolchain: toolchain.clone(),
                     })
                 }
@@ -101,32 +108,10 @@ impl KernelBuilder {
     }
 }
 
-/// `<name>-<source hash>.<target>.ptx`.
-pub fn ptx_file_name(lowered: &Lowered) -> String {
-    format!(
-        "{}-{:016x}.{}.ptx",
-        lowered.name,
-        sbgen_runtime::hash::fnv1a64(lowered.cuda_source.as_bytes()),
-        lowered.kernel.arch.compile_target()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ir::{Dtype, Pass};
-
-    #[test]
-    fn ptx_file_names_carry_the_source_hash_and_target() {
-        let kernel = Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule::DEFAULT, Arch::Sm90);
-        let lowered = lower(&kernel).unwrap();
-        let name = ptx_file_name(&lowered);
-        assert!(name.starts_with(&format!("{}-", lowered.name)), "{name}");
-        assert!(name.ends_with(".sm_90a.ptx"), "{name}");
-        let mut other = lowered.clone();
-        other.cuda_source.push(' ');
-        assert_ne!(ptx_file_name(&other), name);
-    }
 
     #[test]
     fn a_missing_ptx_without_toolchain_names_the_file() {

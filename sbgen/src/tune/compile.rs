@@ -92,7 +92,8 @@ pub fn prepare(
 mod tests {
     use super::*;
     use crate::artifact::store::ScratchDir;
-    use crate::gpu::kernels::{ptx_file_name, KernelBuilder};
+    use crate::artifact::name::ptx_file_name;
+    use crate::gpu::kernels::KernelBuilder;
     use crate::ir::{Arch, Dtype, Pass, Schedule, Spec};
 
     /// The compile-here path with the real NVRTC and ptxas (skipped without the toolchain): the PTX
