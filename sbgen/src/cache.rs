@@ -164,6 +164,19 @@ pub enum CacheError {
     File(#[from] FileError),
 }
 
+impl CacheError {
+    /// Whether the user must fix the file or the path (a missing, corrupt, other-version or
+    /// non-regular file): the CLI reports these as usage errors (exit 2). An I/O failure of the
+    /// system, or a cache this sbgen was about to write wrongly, is not.
+    pub fn is_users_to_fix(&self) -> bool {
+        match self {
+            CacheError::Missing { .. } | CacheError::Corrupt { .. } | CacheError::Version { .. } => true,
+            CacheError::File(e) => e.is_users_to_fix(),
+            CacheError::Invalid { .. } => false,
+        }
+    }
+}
+
 /// What [`TuningCache::insert`] did with an entry.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Merge {

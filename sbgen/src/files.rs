@@ -35,6 +35,14 @@ pub enum FileError {
     },
 }
 
+impl FileError {
+    /// Whether the user can fix this by choosing or repairing the path (everything but an I/O
+    /// failure of the system itself): the CLI reports these as usage errors (exit 2).
+    pub fn is_users_to_fix(&self) -> bool {
+        !matches!(self, FileError::Io { .. })
+    }
+}
+
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FileError {
     let path = path.to_path_buf();
     move |source| FileError::Io { action, path, source }

@@ -186,7 +186,7 @@ fn cache_show_without_a_cache_names_the_file_and_the_command_to_create_it() {
     let path = dir.join("sbgen-tune.json");
     let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(path.to_str().unwrap()) && err.contains("sbgen tune --gpu"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -224,7 +224,7 @@ fn cache_show_lists_the_entries_and_reports_a_corrupt_file() {
     std::fs::write(&path, "{ not json").unwrap();
     let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a valid sbgen tuning cache") && err.contains(path.to_str().unwrap()), "{err}");
 }
 
@@ -362,8 +362,10 @@ fn ptx_dir_errors_name_where_the_folder_came_from() {
     let (dir, input) = run_input("ptx-dir-origin");
     let output = dir.join("out.safetensors");
     let cache = dir.join("cache.json");
-    let runs: [&[&str]; 2] = [
+    let runs: [&[&str]; 4] = [
         &["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()],
+        &["check", "--quick"],
+        &["bench"],
         &[
             "tune",
             "--gpu",
@@ -455,6 +457,6 @@ fn cache_show_escapes_what_it_prints_and_refuses_unchecked_entries() {
     std::fs::write(&path, text_file).unwrap();
     let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a valid sbgen tuning cache") && err.contains("head_dim"), "{err}");
 }

@@ -121,8 +121,10 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
 
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     let plan = plan(args)?;
+    // A PTX folder that is not there is the user's to fix, before the GPU is opened.
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     let dev = Device::open(args.device)?;
-    let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
     writeln!(out, "device: {}", dev.describe())?;
     writeln!(
         out,

@@ -157,8 +157,10 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
     if let Some(dir) = &args.emit_ptx {
         return emit_ptx(&plan, args, dir, out);
     }
+    // A PTX folder that is not there is the user's to fix, before the GPU is opened.
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     let dev = Device::open(args.device)?;
-    let builder = KernelBuilder::from_env(dev.arch, args.ptx_dir.clone());
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
     writeln!(out, "device: {}", dev.describe())?;
     writeln!(
         out,

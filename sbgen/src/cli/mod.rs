@@ -2,9 +2,9 @@
 //! place where outcomes and errors become exit codes.
 //!
 //! Exit codes: 0 success; 1 failure (a kernel that does not compile or spills, no GPU, a failed
-//! check, an unreadable or corrupt tuning cache); 2 bad usage (clap's own errors, spec or schedule
-//! values the IR rejects, input files and output paths the user must fix), found before a GPU is
-//! opened.
+//! check, an I/O failure of the system); 2 bad usage (clap's own errors, spec or schedule values
+//! the IR rejects, input files, caches and output paths the user must fix: missing, corrupt, of
+//! another version, a folder or device where a file belongs), found before a GPU is opened.
 //!
 //! Adding a subcommand (e.g. `check`, `run`, `bench`):
 //! 1. create `cli/check.rs` with `#[derive(clap::Args)] pub struct CheckArgs { .. }` (doc comments
@@ -118,13 +118,23 @@ fn exit_code(result: Result<Outcome>) -> ExitCode {
                 }
             }
             eprintln!("{message}");
-            if e.downcast_ref::<UsageError>().is_some() {
+            if is_users_to_fix(&e) {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
             }
         }
     }
+}
+
+/// Exit 2: a usage error, or a file the user must fix (missing, corrupt or another version of a
+/// cache; a path that is a folder, a device or the input).
+fn is_users_to_fix(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<UsageError>().is_some()
+            || c.downcast_ref::<crate::cache::CacheError>().is_some_and(|e| e.is_users_to_fix())
+            || c.downcast_ref::<crate::files::FileError>().is_some_and(|e| e.is_users_to_fix())
+    })
 }
 
 /// The folder of prebuilt PTX: `--ptx-dir`, else `SBGEN_PTX_DIR` when set. It must be a folder;
