@@ -4,8 +4,8 @@
 //!
 //! There is no coverage feedback (that needs compiler instrumentation, i.e. nightly or AFL). As a
 //! cheap stand-in, an input joins the working pool when it is accepted and new, or refused with an
-//! error message not seen before (digits blanked), so mutations start from inputs that reach
-//! further into the parser.
+//! error message of a shape not seen before (numbers and quoted text blanked), so mutations start
+//! from inputs that reach further into the parser; half of them start from a committed entry.
 
 use crate::mutate::Mutator;
 use crate::targets::{Target, Verdict};
@@ -132,13 +132,13 @@ pub fn run(target: &Target, corpus: &[Vec<u8>], config: &Config, mut progress: i
             }
             Ok(Verdict::Refused(message)) => {
                 refused.insert(hash);
-                if messages.insert(blank_digits(&message)) {
+                if messages.insert(message_shape(&message)) {
                     keep(&mut pool, &input, mutator.rng());
                 }
             }
             Err(message) => {
                 report.crashed += 1;
-                if crash_messages.insert(blank_digits(&message)) {
+                if crash_messages.insert(message_shape(&message)) {
                     let saved = config.artifacts.as_ref().and_then(|dir| save(dir, target.name, hash, &input));
                     report.crashes.push(Crash { input, message, saved });
                 }
@@ -181,7 +181,7 @@ fn keep(pool: &mut Vec<Vec<u8>>, input: &[u8], rng: &mut StdRng) {
 
 /// A message's shape: numbers and quoted text blanked, so "`x` at line 3" and "`y` at line 4"
 /// count once (errors quote the input, and every distinct quote would flood the pool).
-fn blank_digits(message: &str) -> String {
+fn message_shape(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(200));
     let mut quote = None;
     for c in message.chars() {
@@ -322,10 +322,10 @@ mod tests {
     }
 
     #[test]
-    fn blanks_numbers_and_quotes_in_messages() {
-        assert_eq!(blank_digits("at line 12 column 7"), "at line # column #");
+    fn message_shapes_blank_numbers_and_quotes() {
+        assert_eq!(message_shape("at line 12 column 7"), "at line # column #");
         assert_eq!(
-            blank_digits("unknown key `speed`: valid keys are `a`, \"b\""),
+            message_shape("unknown key `speed`: valid keys are `a`, \"b\""),
             "unknown key __: valid keys are __, __"
         );
     }
