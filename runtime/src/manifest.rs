@@ -43,9 +43,21 @@ pub enum GridRule {
 }
 
 impl GridRule {
+    /// The field the rule divides by and its value (a manifest with 0 there is malformed).
+    pub fn divisor(&self) -> (&'static str, u32) {
+        match *self {
+            GridRule::QueryBlocks { block_m } => ("block_m", block_m),
+            GridRule::Elements { per_cta } => ("per_cta", per_cta),
+        }
+    }
+
     /// The grid for a problem of `batch` x `heads` x `seq` with head dimension `head_dim`, or `None`
-    /// when a dimension would exceed what CUDA allows (x < 2^31, y and z < 65536).
+    /// when a dimension would exceed what CUDA allows (x < 2^31, y and z < 65536) or the rule's
+    /// [`divisor`](GridRule::divisor) is 0.
     pub fn grid(&self, batch: usize, heads: usize, seq: usize, head_dim: usize) -> Option<(u32, u32, u32)> {
+        if self.divisor().1 == 0 {
+            return None;
+        }
         let (x, y, z) = match *self {
             GridRule::QueryBlocks { block_m } => (seq.div_ceil(block_m as usize), heads, batch),
             GridRule::Elements { per_cta } => {
@@ -163,5 +175,8 @@ mod tests {
         let e = GridRule::Elements { per_cta: 1024 };
         assert_eq!(e.grid(1, 2, 17, 64), Some((3, 1, 1)));
         assert_eq!(e.grid(usize::MAX, 2, 17, 64), None);
+        // A zero divisor (a malformed manifest) is no grid, not a panic.
+        assert_eq!(GridRule::QueryBlocks { block_m: 0 }.grid(1, 1, 1, 64), None);
+        assert_eq!(GridRule::Elements { per_cta: 0 }.grid(1, 1, 1, 64), None);
     }
 }

@@ -177,6 +177,16 @@ fn plan_common(
             reason: format!("step `{}` has {} threads: allowed 1..={MAX_THREADS}", step.function, step.threads),
         });
     }
+    if let Some(step) = manifest.steps.iter().find(|s| s.grid.divisor().1 == 0) {
+        return Err(LaunchError::Manifest {
+            kernel: kernel.clone(),
+            reason: format!(
+                "step `{}` has a grid rule with `{}` = 0: allowed 1 or more",
+                step.function,
+                step.grid.divisor().0
+            ),
+        });
+    }
     if dtype != spec.dtype {
         return Err(LaunchError::Dtype { kernel: kernel.clone(), expected: spec.dtype, got: dtype });
     }
@@ -469,6 +479,22 @@ mod tests {
         m.steps[0].threads = 2048;
         let err = plan_forward(&m, Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
         assert!(err.to_string().contains("2048 threads"), "{err}");
+    }
+
+    /// Found by the fuzzer (fuzz/corpus/manifest/regress-grid-divisor-zero.json): a grid rule dividing by
+    /// zero panicked in `GridRule::grid` instead of being refused as a malformed manifest.
+    #[test]
+    fn refuses_a_grid_rule_that_divides_by_zero() {
+        let s = shape(1, 1, 8, 64);
+        let mut m = manifest(Pass::Forward);
+        m.steps[0].grid = GridRule::QueryBlocks { block_m: 0 };
+        let err = plan_forward(&m, Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::Manifest { .. }), "{err}");
+        assert!(err.to_string().contains("`block_m` = 0"), "{err}");
+        let mut m = manifest(Pass::Backward);
+        m.steps[1].grid = GridRule::Elements { per_cta: 0 };
+        let err = plan_backward(&m, Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        assert!(err.to_string().contains("`per_cta` = 0"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,108 @@
+//! The launch manifest the macro embeds as JSON: parsed as `EmbeddedKernel::to_binary` parses it
+//! (`serde_json` into a [`KernelManifest`], then a [`KernelBinary`]), then put through the
+//! launcher's checks (`plan_forward` / `plan_backward`) for a few problem shapes, small to the
+//! largest the launcher allows. The checks must refuse or plan, never panic, and a plan they
+//! accept must be launchable.
+
+use super::{Target, Verdict, SPEC_WORDS};
+use crate::mutate::InputKind;
+use sbgen_runtime::launcher::plan::MAX_THREADS;
+use sbgen_runtime::launcher::{
+    plan_backward, plan_forward, BackwardLens, ForwardLens, KernelBinary, LaunchPlan, Shape,
+};
+use sbgen_runtime::manifest::KernelManifest;
+use sbgen_runtime::spec::Pass;
+
+pub const TARGET: Target = Target {
+    name: "manifest",
+    about: "the KernelManifest JSON embedded kernels carry, and the launcher's checks of it",
+    run,
+    input: InputKind::Json,
+    dictionary: &[
+        SPEC_WORDS,
+        &[
+            "name",
+            "spec",
+            "block_m",
+            "block_n",
+            "steps",
+            "function",
+            "grid",
+            "kind",
+            "query_blocks",
+            "elements",
+            "per_cta",
+            "threads",
+            "dynamic_smem_bytes",
+        ],
+    ],
+};
+
+/// (batch, heads, seq): one row, an odd size, the longest sequence, the most heads and batches.
+const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 17), (1, 1, i32::MAX as usize), (65_535, 65_535, 1)];
+
+pub fn run(data: &[u8]) -> Verdict {
+    let text = String::from_utf8_lossy(data);
+    let manifest: KernelManifest = match serde_json::from_str(&text) {
+        Ok(m) => m,
+        Err(e) => return Verdict::Refused(e.to_string()),
+    };
+    let written = serde_json::to_string(&manifest).expect("a manifest serializes");
+    let back: KernelManifest = serde_json::from_str(&written)
+        .unwrap_or_else(|e| panic!("a manifest that parsed does not parse back after writing ({e}): {written}"));
+    assert_eq!(back, manifest, "a manifest changes when written and read back");
+    let binary = KernelBinary::new(manifest.clone(), vec![("sm_90a".into(), String::new())], None);
+    assert_eq!(binary.fingerprint(), KernelBinary::new(back, binary.ptx().to_vec(), None).fingerprint());
+
+    let mut verdict = None;
+    for &(batch, heads, seq) in SHAPES {
+        let shape = Shape { batch, heads, seq, head_dim: manifest.spec.head_dim as usize };
+        let (e, r) = (elements(shape), batch.saturating_mul(heads).saturating_mul(seq));
+        let planned = match manifest.spec.pass {
+            Pass::Forward => {
+                let lens = ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r, o_saved: Some(e) };
+                plan_forward(&manifest, manifest.spec.dtype, shape, &lens, None)
+            }
+            Pass::Backward => {
+                let lens = BackwardLens {
+                    q: e,
+                    k: e,
+                    v: e,
+                    o: e,
+                    o_saved: e,
+                    d_o: e,
+                    d_rem: Some(r),
+                    log2_rem: r,
+                    dq: e,
+                    dk: e,
+                    dv: e,
+                };
+                plan_backward(&manifest, manifest.spec.dtype, shape, &lens, None)
+            }
+        };
+        match planned {
+            Ok(plan) => check_plan(&manifest, &plan),
+            // The verdict is the smallest shape's; the largest are refused by most kernels.
+            Err(err) if verdict.is_none() => verdict = Some(Verdict::Refused(err.to_string())),
+            Err(_) => {}
+        }
+        verdict.get_or_insert(Verdict::Accepted);
+    }
+    verdict.unwrap_or(Verdict::Accepted)
+}
+
+fn elements(s: Shape) -> usize {
+    s.batch.saturating_mul(s.heads).saturating_mul(s.seq).saturating_mul(s.head_dim)
+}
+
+/// A plan the launcher accepted is one CUDA can launch: one planned step per manifest step, every
+/// grid dimension 1..2^31 (x) or 1..65536 (y, z), 1..=1024 threads.
+fn check_plan(manifest: &KernelManifest, plan: &LaunchPlan) {
+    assert_eq!(plan.steps.len(), manifest.steps.len());
+    for step in &plan.steps {
+        let (x, y, z) = step.grid;
+        assert!((1..1 << 31).contains(&x) && (1..65_536).contains(&y) && (1..65_536).contains(&z), "{step:?}");
+        assert!((1..=MAX_THREADS).contains(&step.threads), "{step:?}");
+    }
+    assert!(plan.scale_log2.is_finite() && plan.scale_log2 != 0.0, "{plan:?}");
+}
