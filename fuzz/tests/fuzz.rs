@@ -60,7 +60,6 @@ fn attr() {
     fuzz("attr");
 }
 
-#[cfg(feature = "tensor-header")]
 #[test]
 fn tensor_header() {
     fuzz("tensor_header");

@@ -5,7 +5,6 @@
 pub mod attr;
 pub mod cache;
 pub mod manifest;
-#[cfg(feature = "tensor-header")]
 pub mod tensor_header;
 
 use crate::mutate::InputKind;
@@ -35,8 +34,7 @@ pub const ALL: &[Target] = &[
     cache::TARGET,
     manifest::TARGET,
     attr::TARGET,
-    #[cfg(feature = "tensor-header")]
-    tensor_header::TARGET,
+        tensor_header::TARGET,
 ];
 
 /// The target called `name`.
