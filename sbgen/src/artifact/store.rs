@@ -14,15 +14,9 @@ pub enum StoreError {
     /// Only a kernel that compiled without spilling is written ([`Verdict::Ok`]).
     #[error("`{kernel}` is not written: {why}")]
     Refused { kernel: String, why: &'static str },
-    #[error("cannot {action} `{}`: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Creating a folder or writing a file failed.
     #[error(transparent)]
-    Write(#[from] FileError),
+    File(#[from] FileError),
 }
 
 /// A folder of PTX files, created on the first write.
@@ -49,7 +43,7 @@ impl PtxDir {
             (Verdict::Spill { .. }, _) => return Err(StoreError::Refused { kernel: kernel(), why: "it spills" }),
             _ => return Err(StoreError::Refused { kernel: kernel(), why: "it did not compile" }),
         };
-        std::fs::create_dir_all(&self.path).map_err(|source| StoreError::Io {
+        std::fs::create_dir_all(&self.path).map_err(|source| FileError::Io {
             action: "create",
             path: self.path.clone(),
             source,
@@ -82,7 +76,9 @@ impl ScratchDir {
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(ScratchDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 15 => attempt += 1,
-                Err(source) => return Err(StoreError::Io { action: "create the scratch folder", path, source }),
+                Err(source) => {
+                    return Err(FileError::Io { action: "create the scratch folder", path, source }.into())
+                }
             }
         }
     }
