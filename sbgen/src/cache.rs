@@ -264,16 +264,22 @@ impl TuningCache {
         let corrupt = |message: String| CacheError::Corrupt { path: path.to_path_buf(), message };
         // serde_json keeps the last of two equal keys: refuse such a file rather than half read it.
         crate::json::check_no_duplicate_keys(text.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
-        // The version first, so that a newer file is reported as such rather than as corrupt.
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
-        let version = match value.get("version") {
-            Some(v) => v.as_u64().ok_or_else(|| corrupt(format!("`version` is {v}, not a number")))?,
+        // The version first, so that a newer file is reported as such rather than as corrupt. Only
+        // `version` is kept (serde skips the rest without building it): a whole `Value` of a
+        // crafted 256 MiB file would take gigabytes.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: Option<serde_json::Value>,
+        }
+        let probe: VersionOnly = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        let version = match probe.version {
+            Some(v) => v.as_u64().ok_or_else(|| corrupt(format!("`version` is {v}, not a whole number")))?,
             None => return Err(corrupt("no `version` field".into())),
         };
         if version != CACHE_VERSION as u64 {
             return Err(CacheError::Version { path: path.to_path_buf(), found: version, expected: CACHE_VERSION });
         }
-        let cache: TuningCache = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        let cache: TuningCache = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
         cache.validate().map_err(corrupt)?;
         Ok(cache)
     }

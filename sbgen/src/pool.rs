@@ -6,7 +6,11 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
-/// Threads when no `-j` is given: `SBGEN_THREADS` when it is a positive number, else the core count.
+/// The most threads a pool starts, whatever `-j` or `SBGEN_THREADS` say.
+pub const MAX_THREADS: usize = 256;
+
+/// Threads when no `-j` is given: `SBGEN_THREADS` when it is a positive number (at most
+/// [`MAX_THREADS`]), else the core count.
 pub fn default_threads() -> usize {
     threads_from(std::env::var("SBGEN_THREADS").ok().as_deref())
 }
@@ -15,6 +19,12 @@ fn threads_from(var: Option<&str>) -> usize {
     var.and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(MAX_THREADS)
+}
+
+/// How many threads a pool of `threads` runs for `items` items (what `map` and `stream` start).
+pub fn threads_for(threads: usize, items: usize) -> usize {
+    threads.clamp(1, items.max(1))
 }
 
 /// `f` over every item on up to `threads` threads; the results in input order.
@@ -22,7 +32,7 @@ pub fn map<'a, T: Sync, R: Send>(items: &'a [T], threads: usize, f: impl Fn(&'a 
     let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, items.len().max(1)) {
+        for _ in 0..threads_for(threads, items.len()) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(item) = items.get(i) else { break };
@@ -48,7 +58,7 @@ pub fn stream<'a, T: Sync, R: Send, E>(
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<(usize, R)>();
     std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, items.len().max(1)) {
+        for _ in 0..threads_for(threads, items.len()) {
             let tx = tx.clone();
             let (next, stop, f) = (&next, &stop, &f);
             scope.spawn(move || loop {
@@ -149,6 +159,8 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(threads_from(Some("3")), 3);
         assert_eq!(threads_from(Some(" 12 ")), 12);
+        assert_eq!(threads_from(Some("100000")), MAX_THREADS);
+        assert_eq!((threads_for(256, 12), threads_for(4, 12), threads_for(8, 0)), (12, 4, 1));
         for bad in [None, Some(""), Some("0"), Some("-2"), Some("many")] {
             assert_eq!(threads_from(bad), cores, "{bad:?}");
         }

@@ -12,8 +12,10 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The largest header accepted, as in the `safetensors` crate.
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// The largest header accepted: 16 MiB, room for about 100,000 tensor entries (`run` reads at most
+/// five). Lower than the `safetensors` crate's 100 MB because the header is parsed into JSON values,
+/// about 16 times its size in memory for a crafted header.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
 
 /// An element type of a safetensors file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -234,11 +236,17 @@ impl TensorFile {
         }
         let mut file = std::fs::File::open(path).map_err(io("open"))?;
         let mut head = [0u8; 8];
-        let n = (&mut file).take(8).read(&mut head).map_err(io("read"))?;
-        let len = u64::from_le_bytes(head);
-        if n < 8 {
-            return Err(TensorFileError::TooShort { len: n });
+        // `read` may return fewer bytes than asked; only the file's end makes it too short.
+        let mut n = 0;
+        while n < 8 {
+            match (&mut file).read(&mut head[n..]) {
+                Ok(0) => return Err(TensorFileError::TooShort { len: n }),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("read")(e)),
+            }
         }
+        let len = u64::from_le_bytes(head);
         if len > MAX_HEADER_BYTES {
             return Err(TensorFileError::HeaderTooLarge { len });
         }

@@ -50,8 +50,8 @@ pub const TARGET: Target = Target {
 const PATH: &str = "fuzz/sbgen-tune.json";
 
 pub fn run(data: &[u8]) -> Verdict {
-    let text = String::from_utf8_lossy(data);
-    let cache = match TuningCache::parse(&text, Path::new(PATH)) {
+    // The bytes as a file holds them: a BOM or invalid UTF-8 goes through the same refusals.
+    let cache = match TuningCache::parse_bytes(data, Path::new(PATH)) {
         Ok(cache) => cache,
         Err(e) => {
             let message = e.to_string();

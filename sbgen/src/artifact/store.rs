@@ -30,6 +30,15 @@ impl PtxDir {
         PtxDir { path: path.into() }
     }
 
+    /// The folder at `path`, created now (with its parents) and probed for a new file, so that a
+    /// path that cannot hold PTX is reported before anything is compiled.
+    pub fn create(path: impl Into<PathBuf>) -> Result<Self, FileError> {
+        let path = path.into();
+        std::fs::create_dir_all(&path).map_err(|source| FileError::Io { action: "create", path: path.clone(), source })?;
+        files::check_output(&path.join("probe.ptx"), &[])?;
+        Ok(PtxDir { path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -34,7 +34,7 @@ pub struct ShowArgs {
 pub fn run(args: &CacheArgs, out: &mut dyn Write) -> Result<Outcome> {
     match &args.action {
         CacheAction::Show(show) => {
-            // A missing, corrupt or other-version file is an error naming the file and the fix (exit 1);
+            // A missing, corrupt or other-version file is an error naming the file and the fix (exit 2);
             // loading validates every entry, so what is printed below was checked.
             let cache = TuningCache::load(&show.cache)?;
             writeln!(out, "{}: version {}, {} entries", show.cache.display(), cache.version, cache.entries.len())?;

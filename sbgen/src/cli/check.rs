@@ -231,6 +231,8 @@ fn details(rows: &[failure::Row], out: &mut dyn Write) -> Result<()> {
 /// stores the PTX of each one that compiles without spilling into `dir`; a spilling kernel is
 /// reported as SPILL and not written, as `sbgen tune` refuses it.
 fn emit_ptx(plan: &CheckPlan, args: &CheckArgs, dir: &std::path::Path, out: &mut dyn Write) -> Result<Outcome> {
+    // A folder that cannot hold the PTX is the user's to fix, before minutes of compiling.
+    let store = PtxDir::create(dir).map_err(|e| UsageError::new(format!("`--emit-ptx`: {e}")))?;
     let compiler = Compiler::discover()?;
     let kernels = plan.kernels(&KernelBuilder::new(args.arch, None));
     let start = Instant::now();
@@ -242,15 +244,14 @@ fn emit_ptx(plan: &CheckPlan, args: &CheckArgs, dir: &std::path::Path, out: &mut
             Err(e) => problems.push(format!("FAIL {}: {e}", kernel.name())),
         }
     }
-    let store = PtxDir::new(dir);
     let mut written = 0;
     for artifact in artifact::build_all(&lowered, &compiler, plan.threads) {
         let name = &artifact.lowered.name;
         match &artifact.verdict {
-            Verdict::Ok => {
-                store.write(&artifact)?;
-                written += 1;
-            }
+            Verdict::Ok => match store.write(&artifact) {
+                Ok(_) => written += 1,
+                Err(e) => problems.push(format!("FAIL {name}: {e}")),
+            },
             Verdict::Spill { bytes } => {
                 problems.push(format!("SPILL {name}: spills {bytes} bytes (ptxas), no PTX written"))
             }

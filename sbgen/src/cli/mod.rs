@@ -4,7 +4,9 @@
 //! Exit codes: 0 success; 1 failure (a kernel that does not compile or spills, no GPU, a failed
 //! check, an I/O failure of the system); 2 bad usage (clap's own errors, spec or schedule values
 //! the IR rejects, input files, caches and output paths the user must fix: missing, corrupt, of
-//! another version, a folder or device where a file belongs), found before a GPU is opened.
+//! another version, a folder or device where a file belongs). They are looked for before a GPU is
+//! opened; a cache that goes bad while `tune` runs is still exit 2 at the end, with the run's
+//! entries kept aside.
 //!
 //! Adding a subcommand (e.g. `check`, `run`, `bench`):
 //! 1. create `cli/check.rs` with `#[derive(clap::Args)] pub struct CheckArgs { .. }` (doc comments

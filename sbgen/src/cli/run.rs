@@ -23,7 +23,9 @@ Output tensors:
   log2_rem  F32 [B, H, N]
   dq, dk, dv  q's dtype and shape (with --pass bwd or both; the forward runs first to give o and log2_rem)
 The dtype comes from q, D from q's last dimension (64 or 128). Scale defaults to 1/sqrt(D).
-Exit status: 0 done, 1 no CUDA device or a kernel failure, 2 a missing or misshapen tensor or bad option.";
+Exit status: 0 done; 1 no CUDA device, a kernel failure or NaN/infinite outputs; 2 a missing, misshapen
+or repeated tensor, an input that is not a regular file, an output that is the input, a folder or in a
+missing or unwritable folder, or a bad option (all found before the GPU is opened).";
 
 #[derive(Debug, Args)]
 #[command(after_long_help = TENSORS_HELP)]

@@ -46,7 +46,7 @@ pub struct TuneArgs {
     /// Mask, layout, remainder and early exit of every spec tuned (the cache keys on them).
     #[command(flatten)]
     pub spec: SpecArgs,
-    /// Parallel compilations, 1 to 256 (default: the number of cores).
+    /// Parallel compilations, 1 to 256 (default: `SBGEN_THREADS`, else the number of cores).
     #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS as i64))]
     pub jobs: Option<u32>,
     /// List every pruned candidate (default: one line per distinct reason).
@@ -102,13 +102,17 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let jobs = jobs(args);
     let start = Instant::now();
-    let emit = args.emit_ptx.as_ref().map(PtxDir::new);
+    let emit = match &args.emit_ptx {
+        Some(dir) => Some(PtxDir::create(dir).map_err(|e| UsageError::new(format!("`--emit-ptx`: {e}")))?),
+        None => None,
+    };
     execute(&items, &compiler, jobs, emit.as_ref(), out, &mut tally)?;
     writeln!(
         out,
-        "pruned {} candidates; {:.1} s with {jobs} parallel jobs",
+        "pruned {} candidates; {:.1} s with {} parallel jobs",
         tally.pruned,
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        crate::pool::threads_for(jobs, items.iter().filter(|i| matches!(i, Item::Compile(_))).count())
     )?;
     writeln!(out, "compiled {} variants: {} failed, {} spilling", tally.compiled, tally.failed, tally.spilling)?;
     if let Some(dir) = &args.emit_ptx {
@@ -124,8 +128,29 @@ fn jobs(args: &TuneArgs) -> usize {
     }
 }
 
-/// The most parallel compilations `-j` accepts (more threads than this only wait on each other).
-const MAX_JOBS: u32 = 256;
+/// The run's entries when the cache cannot take them (it was corrupted or replaced by something
+/// else during the run, or the disk failed): written beside it as `<cache>.unsaved-<pid>.json`, a
+/// cache file of their own, so minutes of GPU time are not lost. The error names that file.
+fn keep_unsaved(cache: &TuningCache, path: &std::path::Path, error: crate::cache::CacheError) -> anyhow::Error {
+    let mut name = path.file_name().map_or_else(|| "sbgen-tune.json".into(), |n| n.to_os_string());
+    name.push(format!(".unsaved-{}.json", std::process::id()));
+    let aside = path.with_file_name(name);
+    let kept = serde_json::to_vec_pretty(cache)
+        .map_err(|e| e.to_string())
+        .and_then(|text| files::write_atomic(&aside, &text).map_err(|e| e.to_string()));
+    match kept {
+        Ok(()) => anyhow::Error::new(error).context(format!(
+            "the {} entries this run measured are in `{}` (a cache of their own: move it into place, or \
+             `sbgen cache show --cache` it)",
+            cache.entries.len(),
+            aside.display()
+        )),
+        Err(why) => anyhow::Error::new(error).context(format!("the entries this run measured are lost too: {why}")),
+    }
+}
+
+/// The most parallel compilations `-j` accepts (the pool's own limit).
+const MAX_JOBS: usize = crate::pool::MAX_THREADS;
 
 /// The largest `--budget-s` accepted: a week.
 const MAX_BUDGET_S: f64 = 7.0 * 24.0 * 3600.0;
@@ -220,7 +245,10 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
         for entry in &report.entries {
             cache.insert(entry.clone());
         }
-        let saved = cache.save(&args.cache)?;
+        let saved = match cache.save(&args.cache) {
+            Ok(saved) => saved,
+            Err(e) => return Err(keep_unsaved(&cache, &args.cache, e)),
+        };
         for (what, reason) in &saved.kept {
             writeln!(out, "kept the cache's entry for {what}: {reason}")?;
         }
@@ -423,6 +451,33 @@ mod tests {
     use crate::cli::{Cli, Command};
     use crate::ir::{Layout, Mask, Remainder};
     use clap::Parser;
+
+    /// A cache that cannot take the run's entries at the end (here: it became a corrupt file during
+    /// the run) leaves them in a file of their own, named in the error, which loads as a cache.
+    #[test]
+    fn entries_a_cache_refuses_at_the_end_are_kept_aside() {
+        let dir = std::env::temp_dir().join(format!("sbgen-tune-unsaved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sbgen-tune.json");
+        std::fs::write(&path, "{ corrupted while tuning").unwrap();
+        let spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+        let entry = crate::cache::CacheEntry::untimed(
+            Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90),
+            2048,
+            "// ptx".into(),
+        )
+        .unwrap();
+        let mut cache = TuningCache::new();
+        cache.insert(entry);
+        let error = cache.save(&path).unwrap_err();
+        let message = format!("{:#}", keep_unsaved(&cache, &path, error));
+        let aside = dir.join(format!("sbgen-tune.json.unsaved-{}.json", std::process::id()));
+        assert!(message.contains(&aside.display().to_string()) && message.contains("not a valid"), "{message}");
+        assert_eq!(TuningCache::load(&aside).unwrap().entries, cache.entries);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ corrupted while tuning");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn parse(args: &[&str]) -> Result<TuneArgs, clap::Error> {
         let mut all = vec!["sbgen", "tune"];

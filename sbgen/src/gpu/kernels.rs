@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-// Where the tuner and `--compile-only` import it from.
 use crate::artifact::name::ptx_file_name;
 
 /// Why a kernel could not be built.

@@ -66,13 +66,19 @@ impl Schedule {
     };
 
     /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
-    /// on the H200 (BENCHMARKS.md, 2026-11-29). The forward at head_dim 128 takes 3 stages (as fast
-    /// as 2, which spill 12-24 bytes on sm_90a); the forward at head_dim 64 takes 32-key blocks
-    /// (`sbgen tune`: 5-6% faster than 64 at N = 2048 and 8192); the backward at head_dim 128 takes
-    /// 32-key blocks (64 is 8% faster but spills).
+    /// on the H200 (BENCHMARKS.md, 2026-11-29 and 2026-11-30). The forward at head_dim 128 takes 3
+    /// stages (as fast as 2, which spill 12-24 bytes on sm_90a), and in the BNHD layout 32-key blocks
+    /// (64 x 64 spills 24 bytes there; 64 x 32 won the tuning, 2.497 ms at 2 x 16 x 8192); the
+    /// forward at head_dim 64 takes 32-key blocks (`sbgen tune`: 5-6% faster than 64 at N = 2048
+    /// and 8192); the backward at head_dim 128 takes 32-key blocks (64 is 8% faster but spills).
+    /// A default must never spill: `check --emit-ptx` refuses spilling kernels, and CI compiles
+    /// every default for each arch.
     pub fn default_for(spec: &sbgen_runtime::spec::Spec) -> Schedule {
-        use sbgen_runtime::spec::Pass;
+        use sbgen_runtime::spec::{Layout, Pass};
         match (spec.pass, spec.head_dim) {
+            (Pass::Forward, d) if d > 64 && spec.layout == Layout::Bnhd => {
+                Schedule { block_n: 32, stages: 3, ..Schedule::DEFAULT }
+            }
             (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, _) => Schedule { block_n: 32, ..Schedule::DEFAULT },
             (Pass::Backward, d) if d > 64 => Schedule { block_n: 32, ..Schedule::DEFAULT },

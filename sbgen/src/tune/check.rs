@@ -1,4 +1,4 @@
-//! Each candidate against the float64 reference before it may be timed ([`gpu::check`] restricted
+//! Each candidate against the float64 reference before it may be timed ([`crate::gpu::check`] restricted
 //! to the candidate: every data regime, N in [`CHECK_SEQS`]), and the forward/backward winners of
 //! a bucket checked as the pair they form in training. Typed check failures map to outcomes in
 //! one `match` ([`check_verdict`]).
@@ -31,8 +31,9 @@ fn candidate_plan(spec: Spec, schedule: Schedule, seed: u64) -> CheckPlan {
 }
 
 /// Checks every kept candidate (`kept` indexes `cands`) still to be measured, in order; a wrong
-/// one gets its outcome. Once the budget is spent only the first (the default) is checked, the
-/// rest become [`Outcome::NotRun`]. Returns whether the budget cut the checks short.
+/// one gets its outcome. Once the budget is spent, candidates are checked only until one passes
+/// (the default, unless it failed to build or is wrong), the rest become [`Outcome::NotRun`].
+/// Returns whether the budget cut the checks short.
 pub fn check_candidates(
     s: &mut Session<'_>,
     spec: Spec,
@@ -42,9 +43,10 @@ pub fn check_candidates(
     let checkable: Vec<usize> =
         kept.iter().copied().filter(|&i| matches!(cands[i].outcome, Outcome::NotRun { .. })).collect();
     let mut budget_spent = false;
-    for (n, &i) in checkable.iter().enumerate() {
+    let mut passed_one = false;
+    for &i in &checkable {
         let schedule = cands[i].schedule;
-        if n > 0 && s.budget.spent() {
+        if passed_one && s.budget.spent() {
             budget_spent = true;
             cands[i].outcome = Outcome::NotRun { reason: "time budget spent (--budget-s) before its check".into() };
             continue;
@@ -55,7 +57,10 @@ pub fn check_candidates(
                 s.say(&format!("WRONG  {:<26} {outcome}", schedule.to_string()));
                 cands[i].outcome = outcome;
             }
-            None => s.say(&format!("ok     {:<26} matches the float64 reference", schedule.to_string())),
+            None => {
+                passed_one = true;
+                s.say(&format!("ok     {:<26} matches the float64 reference", schedule.to_string()))
+            }
         }
     }
     Ok(budget_spent)

@@ -1,5 +1,5 @@
 //! Timing the checked candidates of one spec at one sequence length with CUDA events
-//! ([`gpu::bench::time`]: warm-up, rotating input sets, median) on a problem of about [`TOKENS`]
+//! ([`crate::gpu::bench::time`]: warm-up, rotating input sets, median) on a problem of about [`TOKENS`]
 //! tokens ([`problem_shape`]), the default first, within the budget.
 //!
 //! The forward is timed as for inference (o_saved not written), as `sbgen bench` does; the backward
@@ -35,7 +35,7 @@ pub fn problem_shape(seq: usize, head_dim: u32, tokens: usize) -> Shape {
     Shape::new(batch, heads, seq, head_dim as usize)
 }
 
-/// The work a pass does, as (docs/performance.md#counting) counts it.
+/// The work a pass does, counted as docs/performance.md#counting says.
 pub fn pass_flops(pass: Pass, shape: Shape) -> f64 {
     match pass {
         Pass::Forward => fwd_flops(shape),
@@ -44,27 +44,29 @@ pub fn pass_flops(pass: Pass, shape: Shape) -> f64 {
 }
 
 /// The outcomes of `order` (the default first), measuring each with `measure` until `spent()` says
-/// the budget is gone: the first candidate (the default) is always measured, later ones become
-/// [`Outcome::NotRun`]. Candidates that already have an outcome (pruned, failed, wrong) keep it.
+/// the budget is gone: candidates are measured until one is timed whatever the budget (the default,
+/// unless it failed or spilled), then later ones become [`Outcome::NotRun`] once it is spent, so a
+/// spec always gets a winner. Candidates that already have an outcome (pruned, failed, wrong) keep it.
 pub fn measure_within_budget(
     order: &[CandidateResult],
     spent: &mut dyn FnMut() -> bool,
     measure: &mut dyn FnMut(&Schedule) -> Outcome,
 ) -> (Vec<CandidateResult>, usize) {
     let mut not_run = 0;
+    let mut timed_one = false;
     let results = order
         .iter()
-        .enumerate()
-        .map(|(i, c)| {
+        .map(|c| {
             if !matches!(c.outcome, Outcome::NotRun { .. }) {
                 return c.clone();
             }
-            let outcome = if i > 0 && spent() {
+            let outcome = if timed_one && spent() {
                 not_run += 1;
                 Outcome::NotRun { reason: "time budget spent (--budget-s)".into() }
             } else {
                 measure(&c.schedule)
             };
+            timed_one |= matches!(outcome, Outcome::Timed { .. });
             CandidateResult { schedule: c.schedule, outcome }
         })
         .collect();
@@ -284,6 +286,21 @@ mod tests {
             Outcome::Timed { ms: 1.0, tflops: 1.0 }
         });
         assert_eq!((n, not_run), (1, 3));
+
+        // Already spent and the default fails (a launch error): the next one is measured, so the
+        // spec still gets a winner; then nothing else.
+        let mut measured = Vec::new();
+        let (results, not_run) = measure_within_budget(&order, &mut || true, &mut |sch| {
+            measured.push(*sch);
+            if *sch == s(64, 3) {
+                Outcome::Failed { reason: "launch failed".into() }
+            } else {
+                Outcome::Timed { ms: 1.0, tflops: 1.0 }
+            }
+        });
+        assert_eq!(measured, vec![s(64, 3), s(32, 2)]);
+        assert_eq!(not_run, 2);
+        assert!(matches!(results[2].outcome, Outcome::Timed { .. }));
     }
 
     #[test]
