@@ -71,6 +71,13 @@ fn emit_writes_sources_and_manifest_and_skips_unchanged_files() {
     for (kernel, pass) in kernels.iter().zip(["fwd", "bwd"]) {
         let name = kernel["name"].as_str().unwrap();
         assert!(name.starts_with(&format!("sb_{pass}_d128_bf16_cur_bhnd_ret_full_")), "{name}");
+        // Without schedule flags, the spec's default schedule (not one fixed schedule for all).
+        let spec = sbgen::ir::Spec {
+            mask: sbgen::ir::Mask::AttendCurrent,
+            ..sbgen::ir::Spec::new(128, sbgen::ir::Dtype::Bf16, if pass == "fwd" { sbgen::ir::Pass::Forward } else { sbgen::ir::Pass::Backward })
+        };
+        let default = sbgen::ir::Schedule::default_for(&spec);
+        assert!(name.ends_with(&default.short_hash()), "{name} is not at {default}");
         let source = std::fs::read_to_string(dir.join(format!("{name}.cu"))).unwrap();
         assert!(source.contains(name), "the source defines its entry point");
         assert!(stdout.contains(&format!("{name}.cu")), "{stdout}");

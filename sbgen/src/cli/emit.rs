@@ -137,7 +137,9 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
             pass,
             early_exit_bits: args.spec.early_exit_bits,
         };
-        let kernel = Kernel::new(spec, args.schedule.schedule(), args.arch);
+        // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
+        let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_for(&spec));
+        let kernel = Kernel::new(spec, schedule, args.arch);
         kernel.validate().map_err(UsageError::new)?;
         kernels.push(kernel);
     }
