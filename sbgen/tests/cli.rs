@@ -74,7 +74,11 @@ fn emit_writes_sources_and_manifest_and_skips_unchanged_files() {
         // Without schedule flags, the spec's default schedule (not one fixed schedule for all).
         let spec = sbgen::ir::Spec {
             mask: sbgen::ir::Mask::AttendCurrent,
-            ..sbgen::ir::Spec::new(128, sbgen::ir::Dtype::Bf16, if pass == "fwd" { sbgen::ir::Pass::Forward } else { sbgen::ir::Pass::Backward })
+            ..sbgen::ir::Spec::new(
+                128,
+                sbgen::ir::Dtype::Bf16,
+                if pass == "fwd" { sbgen::ir::Pass::Forward } else { sbgen::ir::Pass::Backward },
+            )
         };
         let default = sbgen::ir::Schedule::default_for(&spec);
         assert!(name.ends_with(&default.short_hash()), "{name} is not at {default}");

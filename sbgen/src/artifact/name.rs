@@ -4,6 +4,7 @@
 //! write PTX, `--ptx-dir` finds it and `#[stick_breaking_attention]` embeds it. No feature gate: the
 //! macro builds sbgen without `cli`.
 
+use crate::files::FileError;
 use crate::lower::Lowered;
 use sbgen_runtime::hash::source_hash;
 use std::path::{Path, PathBuf};
@@ -13,22 +14,14 @@ pub fn ptx_file_name(lowered: &Lowered) -> String {
     format!("{}-{}.{}.ptx", lowered.name, source_hash(&lowered.cuda_source), lowered.kernel.arch.compile_target())
 }
 
-/// A PTX file that exists but could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read `{}`: {source}", .path.display())]
-pub struct ReadPtxError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// The PTX of `lowered` in `dir` and the file it came from, or `None` when `dir` has no such file.
-pub fn read_ptx(dir: &Path, lowered: &Lowered) -> Result<Option<(PathBuf, String)>, ReadPtxError> {
+/// The PTX of `lowered` in `dir` and the file it came from, or `None` when `dir` has no such file;
+/// a file that exists but cannot be read is an error.
+pub fn read_ptx(dir: &Path, lowered: &Lowered) -> Result<Option<(PathBuf, String)>, FileError> {
     let path = dir.join(ptx_file_name(lowered));
     match std::fs::read_to_string(&path) {
         Ok(ptx) => Ok(Some((path, ptx))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ReadPtxError { path, source }),
+        Err(source) => Err(FileError::Io { action: "read", path, source }),
     }
 }
 

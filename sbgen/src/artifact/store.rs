@@ -2,9 +2,9 @@
 //! on the folder finds them (`--emit-ptx`, `--ptx-dir`), and [`ScratchDir`], the folder `sbgen tune`
 //! compiles into when it has a toolchain, removed when the run ends.
 
+use super::name::ptx_file_name;
 use super::{Artifact, Verdict};
 use crate::files::{self, FileError};
-use super::name::ptx_file_name;
 use std::path::{Path, PathBuf};
 
 /// Why an artifact was not stored.
@@ -34,7 +34,11 @@ impl PtxDir {
     /// path that cannot hold PTX is reported before anything is compiled.
     pub fn create(path: impl Into<PathBuf>) -> Result<Self, FileError> {
         let path = path.into();
-        std::fs::create_dir_all(&path).map_err(|source| FileError::Io { action: "create", path: path.clone(), source })?;
+        std::fs::create_dir_all(&path).map_err(|source| FileError::Io {
+            action: "create",
+            path: path.clone(),
+            source,
+        })?;
         files::check_output(&path.join("probe.ptx"), &[])?;
         Ok(PtxDir { path })
     }
@@ -85,9 +89,7 @@ impl ScratchDir {
             match std::fs::create_dir(&path) {
                 Ok(()) => return Ok(ScratchDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 15 => attempt += 1,
-                Err(source) => {
-                    return Err(FileError::Io { action: "create the scratch folder", path, source }.into())
-                }
+                Err(source) => return Err(FileError::Io { action: "create the scratch folder", path, source }.into()),
             }
         }
     }

@@ -172,9 +172,9 @@ pub fn short(failure: &(impl fmt::Display + ?Sized)) -> String {
 mod tests {
     use super::*;
     use crate::compile::CompileError;
-    use sbgen_runtime::launcher::nvrtc::NvrtcError;
     use crate::gpu::check::EE_BWD_TOL;
     use crate::ir::{Dtype, Pass};
+    use sbgen_runtime::launcher::nvrtc::NvrtcError;
 
     /// Each variant prints exactly the text the report printed when failures were strings (the
     /// `format!` calls of the old `gpu/check.rs`), so `sbgen check` output is unchanged.

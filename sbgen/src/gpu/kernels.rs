@@ -4,16 +4,15 @@
 //!
 //! PTX files are named and found by [`crate::artifact::name`] only.
 
-use crate::artifact::name::read_ptx;
+use crate::artifact::name::{ptx_file_name, read_ptx};
 use crate::compile::{CompileError, Compiler};
+use crate::files::FileError;
 use crate::ir::{Arch, Kernel, Schedule, Spec};
 use crate::lower::{lower, LowerError};
 use sbgen_runtime::launcher::KernelBinary;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-
-use crate::artifact::name::ptx_file_name;
 
 /// Why a kernel could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -25,13 +24,9 @@ pub enum BuildError {
     Compile(#[from] CompileError),
     #[error("no PTX for `{kernel}` in `{dir}` (expected `{file}`) and no CUDA toolchain to compile it: {toolchain}")]
     NoPtx { kernel: String, dir: String, file: String, toolchain: String },
-    #[error("cannot {action} `{}`: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A PTX file in the folder that exists but cannot be read.
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// Builds (and caches) kernels for one arch.
@@ -75,11 +70,7 @@ impl KernelBuilder {
         let lowered = lower(kernel)?;
         let target = kernel.arch.compile_target();
         let from_dir = match &self.ptx_dir {
-            Some(dir) => read_ptx(dir, &lowered).map_err(|e| BuildError::Io {
-                action: "read",
-                path: e.path,
-                source: e.source,
-            })?,
+            Some(dir) => read_ptx(dir, &lowered)?,
             None => None,
         };
         let ptx = match from_dir {
