@@ -396,7 +396,7 @@ impl TuningCache {
         // JSON has no NaN: a non-finite time would be written as null and never load again.
         merged.validate().map_err(|message| CacheError::Invalid { path: path.to_path_buf(), message })?;
         let mut text = serde_json::to_string_pretty(&merged)
-            .map_err(|e| CacheError::Corrupt { path: path.to_path_buf(), message: format!("cannot serialize: {e}") })?;
+            .map_err(|e| CacheError::Invalid { path: path.to_path_buf(), message: format!("cannot serialize: {e}") })?;
         text.push('\n');
         files::write_atomic(path, text.as_bytes())?;
         Ok(SaveReport { written, kept, cache: merged })
