@@ -17,6 +17,9 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool 
     int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+__device__ __forceinline__ void st_shared_v4(unsigned dst, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -68,6 +71,16 @@ __device__ __forceinline__ elem_t from_float(float x) {
     return (elem_t)(pack2(x, 0.0f) & 0xffffu);
 }
 
+// Acquire load and release increment of a turn counter (the deterministic backward's locks).
+__device__ __forceinline__ int ld_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void red_release_add(int* p, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -111,13 +124,17 @@ __device__ __forceinline__ float quad_suffix(float v, int t, float& total) {
     return incl;
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile whose rows hold `CHUNKS` chunks, with
-// the chunk XOR-swizzled by `phase` (0..7) so that the 8 rows one ldmatrix reads at one column land
-// in 8 different bank groups. Each tile kind picks the phase that is distinct across its 8 rows.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile whose rows hold `CHUNKS` chunks (a
+// multiple of 4), with the chunk XOR-swizzled by `phase` (0..7) so that the 8 rows one ldmatrix reads
+// at one column land in 8 different bank groups. Each tile kind picks the phase that is distinct
+// across its 8 rows. Chunks are swizzled within their aligned group of 8, or of 4 for the last group
+// of a row of 4 (mod 8) chunks (head_dim 96, 160, 224), so the offset stays inside the row.
 template <int CHUNKS>
 __device__ __forceinline__ unsigned swz_phase(int row, int chunk, int phase) {
+    static_assert(CHUNKS % 4 == 0, "tile rows are whole groups of 4 chunks");
     constexpr int SPAN = CHUNKS < 8 ? CHUNKS : 8;
-    return (unsigned)((row * CHUNKS + (chunk ^ (phase & (SPAN - 1)))) * 16);
+    const int mask = (CHUNKS % 8 == 0 || (chunk | 7) < CHUNKS) ? SPAN - 1 : 3;
+    return (unsigned)((row * CHUNKS + (chunk ^ (phase & mask))) * 16);
 }
 
 // Tiles read 8 consecutive rows at a time (Q, dO, the staged outputs, P and dZ).

@@ -1,6 +1,7 @@
 // ---- sb_walk.cuh: the tile algebra of the right-to-left stick-breaking walk (docs/math.md#forward-blocked) --
-// Expects the constants of the including template (D, BM, BN, WARPS, THREADS, MT, STAGES,
-// ATTEND_CURRENT, BNHD) and sb_common.cuh.
+// Expects the constants of the including template (D, DM, BM, BN, WARPS, THREADS, MT, STAGES,
+// ATTEND_CURRENT, LAYOUT), its SbParams, and sb_common.cuh. D is the tile width (head_dim rounded up
+// to a multiple of 32), DM the head_dim of the tensors in memory (docs/math.md#head-dims).
 //
 // Thread/data layout (mma.sync m16n8k16): warp w owns query rows [w*16*MT, (w+1)*16*MT) of the CTA;
 // in each 16-row m-tile, lane = 4*g + t holds rows g and g+8. Scores of a key block are MT x NT
@@ -8,6 +9,7 @@
 // per lane) so that lane t of a quad holds the contiguous run of keys [t*KPT, (t+1)*KPT) of its rows:
 // the in-block reverse cumsum is then a sequential scan in registers plus one 4-lane shuffle scan.
 
+constexpr int LAYOUT_BHND = 0, LAYOUT_BNHD = 1, LAYOUT_THD = 2;
 constexpr int DCH = D / 8;           // 16-byte chunks per row of a head_dim-wide tile
 constexpr int DT = D / 8;            // n8 tiles across head_dim
 constexpr int KS = D / 16;           // k16 steps across head_dim
@@ -17,7 +19,8 @@ constexpr int PK = BN / 16;          // k16 steps across a key block (for P V an
 constexpr int RPW = 16 * MT;         // query rows per warp
 constexpr unsigned KV_TILE_BYTES = BN * D * 2;
 
-static_assert(KS % 2 == 0 && DT % 2 == 0, "head_dim must be a multiple of 32");
+static_assert(KS % 2 == 0 && DT % 2 == 0, "the tile width must be a multiple of 32");
+static_assert(DM >= 1 && DM <= D && D - DM < 32, "DM is padded to the next multiple of 32");
 static_assert(BM == RPW * WARPS, "block_m must equal rows per warp times warps");
 
 // K and V tiles are read 8 *permuted* rows at a time: keys a*KPT + 2*nt + e for a in 0..3, e in 0..1.
@@ -32,24 +35,80 @@ __device__ __forceinline__ int key_of_position(int pos) {
     return (c >> 1) * KPT + 2 * nt + (c & 1);
 }
 
-// Element offset of token n of (b, h) in a q/k/v/o-shaped tensor.
-__device__ __forceinline__ long long token_offset(int b, int h, int n, int H, int N) {
-    return BNHD ? ((((long long)b * N + n) * H + h) * D) : ((((long long)b * H + h) * N + n) * D);
+// Where one query head of one sequence lives: element offsets of its token 0 in the q-shaped
+// (q, o, dO, dq, o_saved) and K/V-shaped (k, v, dk, dv and their accumulators) tensors, the elements
+// between consecutive tokens, the rem/log2_rem index of token 0, and the sequence length. The three
+// layouts differ only here (docs/architecture.md#sequence-views).
+struct SeqView {
+    long long q, kv;
+    long long q_step, kv_step;
+    long long row;
+    int len;
+};
+
+// Query head h of sequence b reads K/V head hk = h / (heads / kv_heads). A THD sequence whose bounds
+// fall outside 0..=total_tokens or that is longer than max_seqlen (`seq`) gets length 0: its CTAs
+// return at once, so a bad device cu_seqlens can never address memory out of bounds.
+__device__ __forceinline__ SeqView seq_view(const SbParams& p, int b, int h, int hk) {
+    SeqView v;
+    const long long H = p.heads, HK = p.kv_heads;
+    if (LAYOUT == LAYOUT_THD) {
+        int start = p.cu_seqlens[b], end = p.cu_seqlens[b + 1];
+        if (!(0 <= start && start <= end && end <= p.total_tokens && end - start <= p.seq)) start = end = 0;
+        v.q = ((long long)start * H + h) * DM;
+        v.kv = ((long long)start * HK + hk) * DM;
+        v.q_step = H * DM;
+        v.kv_step = HK * DM;
+        v.row = (long long)h * p.total_tokens + start;
+        v.len = end - start;
+    } else if (LAYOUT == LAYOUT_BNHD) {
+        v.q = ((long long)b * p.seq * H + h) * DM;
+        v.kv = ((long long)b * p.seq * HK + hk) * DM;
+        v.q_step = H * DM;
+        v.kv_step = HK * DM;
+        v.row = ((long long)b * H + h) * p.seq;
+        v.len = p.seq;
+    } else {
+        v.q = ((long long)b * H + h) * p.seq * DM;
+        v.kv = ((long long)b * HK + hk) * p.seq * DM;
+        v.q_step = DM;
+        v.kv_step = DM;
+        v.row = ((long long)b * H + h) * p.seq;
+        v.len = p.seq;
+    }
+    return v;
 }
 
-// Asynchronously copies ROWS tokens starting at row0 of (b, h) into a swizzled shared tile (KV: the
-// key-tile swizzle); tokens at or past N are zero-filled.
+// Copies ROWS tokens starting at row0 (of a sequence whose token 0 is at `src`, tokens `step` elements
+// apart) into a swizzled shared tile (KV: the key-tile swizzle). Tokens at or past `len` and columns at
+// or past DM (the padding up to the tile width D) are zero-filled, so they add nothing to the matmuls.
+// With DM a multiple of 8 the copy is asynchronous (cp.async, 16 bytes); otherwise token rows are not
+// 16-byte aligned and each element is loaded and stored synchronously.
 template <int ROWS, bool KV>
-__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, int b, int h, int row0, int H, int N, int tid) {
+__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long step, int row0, int len, int tid) {
     constexpr int CHUNKS = ROWS * DCH;
-    static_assert(CHUNKS % THREADS == 0, "tile chunks must split evenly among threads");
 #pragma unroll
-    for (int it = 0; it < CHUNKS / THREADS; ++it) {
+    for (int it = 0; it < (CHUNKS + THREADS - 1) / THREADS; ++it) {
         const int i = it * THREADS + tid;
+        if (CHUNKS % THREADS != 0 && i >= CHUNKS) break;
         const int r = i / DCH, c = i % DCH;
         const int n = row0 + r;
-        const bool valid = n < N;
-        cp_async_16(dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c)), src + token_offset(b, h, valid ? n : 0, H, N) + c * 8, valid);
+        const unsigned to = dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c));
+        if constexpr (DM % 8 == 0) {
+            const bool valid = n < len && c < DM / 8;
+            cp_async_16(to, src + (valid ? n * step + c * 8 : 0), valid);
+        } else {
+            unsigned w[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = c * 8 + 2 * e;
+                const elem_t* x = src + n * step + col;
+                const unsigned lo = (n < len && col < DM) ? x[0] : 0;
+                const unsigned hi = (n < len && col + 1 < DM) ? x[1] : 0;
+                w[e] = lo | (hi << 16);
+            }
+            st_shared_v4(to, make_uint4(w[0], w[1], w[2], w[3]));
+        }
     }
 }
 
@@ -60,9 +119,13 @@ __device__ __forceinline__ void load_a_frag(unsigned (&a)[4], unsigned tile, int
 
 // s[mt][nt] += A[mt] . B^T where B's rows are the block's keys (K or V tile), in permuted order.
 // `a_frag(mt, ks, a)` supplies the A fragments (registers or shared memory).
+// Tiles wider than 128 are walked one k-step pair at a time: unrolled, the compiler hoists every
+// A fragment load ahead of the MMAs and runs out of registers (the output accumulators take 128).
+constexpr int KS_UNROLL = D > 128 ? 1 : KS / 2;
+
 template <class AFrag>
 __device__ __forceinline__ void tile_dot_keys(float (&s)[MT][NT][4], AFrag a_frag, unsigned key_tile, int lane) {
-#pragma unroll
+#pragma unroll KS_UNROLL
     for (int ks = 0; ks < KS; ks += 2) {
         unsigned a0[MT][4], a1[MT][4];
 #pragma unroll
@@ -182,15 +245,38 @@ __device__ __forceinline__ void stage_rows(unsigned char* tile, const float (&o)
             }
 }
 
-// Copies a staged [BM x D] tile to tokens q0.. of (b, h) in global memory, 16 bytes per thread.
-__device__ __forceinline__ void store_tile(elem_t* dst, const unsigned char* tile, int b, int h, int q0, int H, int N, int tid) {
+// Copies a staged [BM x D] tile to tokens q0.. of a sequence (token 0 at `dst`, tokens `step` apart),
+// the first DM columns of each row: 16 bytes per thread, or element by element when DM is not a
+// multiple of 8.
+__device__ __forceinline__ void store_tile(elem_t* dst, long long step, const unsigned char* tile, int q0, int len, int tid) {
+    constexpr int CHUNKS = BM * DCH;
 #pragma unroll
-    for (int it = 0; it < BM * DCH / THREADS; ++it) {
+    for (int it = 0; it < (CHUNKS + THREADS - 1) / THREADS; ++it) {
         const int i = it * THREADS + tid;
+        if (CHUNKS % THREADS != 0 && i >= CHUNKS) break;
         const int r = i / DCH, c = i % DCH;
-        if (q0 + r < N)
-            *reinterpret_cast<uint4*>(dst + token_offset(b, h, q0 + r, H, N) + c * 8) =
-                *reinterpret_cast<const uint4*>(tile + swz<DCH>(r, c));
+        if (q0 + r >= len) continue;
+        const uint4 val = *reinterpret_cast<const uint4*>(tile + swz<DCH>(r, c));
+        elem_t* out = dst + (q0 + r) * step + c * 8;
+        if constexpr (DM % 8 == 0) {
+            if (c < DM / 8) *reinterpret_cast<uint4*>(out) = val;
+        } else {
+            const unsigned w[4] = {val.x, val.y, val.z, val.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (c * 8 + e < DM) out[e] = (elem_t)(w[e / 2] >> (16 * (e & 1)));
+        }
+    }
+}
+
+// Stores two consecutive f32 values of a row at columns col, col + 1 (< DM each): one 8-byte store
+// when DM is even (the pair is then aligned), else one element at a time.
+__device__ __forceinline__ void store_f32_pair(float* row, int col, float a, float b) {
+    if constexpr (DM % 2 == 0) {
+        if (col < DM) *reinterpret_cast<float2*>(row + col) = make_float2(a, b);
+    } else {
+        if (col < DM) row[col] = a;
+        if (col + 1 < DM) row[col + 1] = b;
     }
 }
 
@@ -228,10 +314,21 @@ __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
 #endif
 }
 
+// Adds a pair at columns col, col + 1 of a row of an f32 accumulator (columns past DM are padding).
+__device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float b) {
+    if constexpr (DM % 2 == 0) {
+        if (col < DM) red_add2(row + col, a, b);
+    } else {
+        if (col < DM) atomicAdd(row + col, a);
+        if (col + 1 < DM) atomicAdd(row + col + 1, b);
+    }
+}
+
 // dV += P^T dO and dK += dZ^T Q for one key block: the [BN x D] tiles are split among the warps in
-// 16x16 pieces; each piece runs over the CTA's BM query rows and is added to the f32 accumulators.
-__device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, unsigned p_tile, unsigned dz_tile, unsigned q_tile,
-                                          unsigned do_tile, int b, int h, int key0, int H, int N, int warp, int lane) {
+// 16x16 pieces; each piece runs over the CTA's BM query rows and is added to the f32 accumulators
+// (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step` apart; keys at or past `len` dropped).
+__device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
+                                          unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane) {
     constexpr int PN = D / 16;
     constexpr int PIECES = (BN / 16) * PN;
     static_assert(PIECES % WARPS == 0, "dK/dV pieces must split evenly among warps");
@@ -240,6 +337,7 @@ __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, unsigned
     for (int i = 0; i < PIECES / WARPS; ++i) {
         const int piece = warp * (PIECES / WARPS) + i;
         const int mbase = (piece / PN) * 16, nbase = (piece % PN) * 16;
+        if (nbase >= DM) continue;  // a piece wholly in the head_dim padding (warp-uniform)
         float dv[2][4] = {}, dk[2][4] = {};
 #pragma unroll
         for (int kb = 0; kb < BM; kb += 16) {
@@ -260,12 +358,13 @@ __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, unsigned
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int key = key0 + mbase + g + 8 * hh;
-            if (key < N) {
-                const long long off = token_offset(b, h, key, H, N) + nbase + 2 * t;
+            if (key < len) {
+                const long long off = key * step;
 #pragma unroll
                 for (int n2 = 0; n2 < 2; ++n2) {
-                    red_add2(dv_acc + off + 8 * n2, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
-                    red_add2(dk_acc + off + 8 * n2, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
+                    const int col = nbase + 8 * n2 + 2 * t;
+                    add_f32_pair(dv_acc + off, col, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
+                    add_f32_pair(dk_acc + off, col, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
                 }
             }
         }

@@ -36,9 +36,11 @@ pub struct LaunchStep {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum GridRule {
-    /// `(ceil(N / block_m), H, B)`: one CTA per query block per head.
+    /// `(ceil(N / block_m) * (H / H_kv), H_kv, B)`: one CTA per query block per query head, the query
+    /// heads that share a K/V head next to each other in launch order (they read the same K/V tiles
+    /// at about the same time, from L2). N is the longest sequence of a packed (THD) batch.
     QueryBlocks { block_m: u32 },
-    /// `(ceil(B*H*N*D / per_cta), 1, 1)`: an elementwise pass over one [B, H, N, D] tensor.
+    /// `(ceil(elements / per_cta), 1, 1)`: an elementwise pass over the K/V-shaped tensors.
     Elements { per_cta: u32 },
 }
 
@@ -51,25 +53,35 @@ impl GridRule {
         }
     }
 
-    /// The grid for a problem of `batch` x `heads` x `seq` with head dimension `head_dim`, or `None`
-    /// when a dimension would exceed what CUDA allows (x < 2^31, y and z < 65536) or the rule's
-    /// [`divisor`](GridRule::divisor) is 0.
-    pub fn grid(&self, batch: usize, heads: usize, seq: usize, head_dim: usize) -> Option<(u32, u32, u32)> {
-        if self.divisor().1 == 0 {
+    /// The grid for `dims`, or `None` when a dimension would exceed what CUDA allows (x < 2^31, y and
+    /// z < 65536), `kv_heads` does not divide `heads`, or the rule's [`divisor`](GridRule::divisor)
+    /// is 0.
+    pub fn grid(&self, dims: &GridDims) -> Option<(u32, u32, u32)> {
+        if self.divisor().1 == 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
             return None;
         }
         let (x, y, z) = match *self {
-            GridRule::QueryBlocks { block_m } => (seq.div_ceil(block_m as usize), heads, batch),
-            GridRule::Elements { per_cta } => {
-                let n = batch.checked_mul(heads)?.checked_mul(seq)?.checked_mul(head_dim)?;
-                (n.div_ceil(per_cta as usize), 1, 1)
+            GridRule::QueryBlocks { block_m } => {
+                (dims.seq.div_ceil(block_m as usize).checked_mul(dims.heads / dims.kv_heads)?, dims.kv_heads, dims.batch)
             }
+            GridRule::Elements { per_cta } => (dims.kv_elements.div_ceil(per_cta as usize), 1, 1),
         };
         if x == 0 || x >= (1 << 31) || y == 0 || y >= 65536 || z == 0 || z >= 65536 {
             return None;
         }
         Some((x as u32, y as u32, z as u32))
     }
+}
+
+/// What a grid rule reads from the problem: `seq` is the (longest) sequence length, `kv_elements`
+/// the elements of each K/V-shaped tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub kv_elements: usize,
 }
 
 /// The fields of the parameter block, in order, with their C types. `T` is the spec's element type.
@@ -95,9 +107,19 @@ pub const PARAM_FIELDS: &[(&str, &str)] = &[
     ("dv", "T*"),
     ("dk_accum", "float*"),
     ("dv_accum", "float*"),
+    // THD layout: batch + 1 token offsets (device memory, trusted: a sequence whose bounds fall
+    // outside 0..=total_tokens or that is longer than `seq` is skipped, never read out of bounds)
+    ("cu_seqlens", "const int*"),
+    // deterministic backward: one zeroed turn counter per (batch, kv head, key block)
+    ("locks", "int*"),
     ("batch", "int"),
+    // query heads; `kv_heads` divides it (grouped-query attention)
     ("heads", "int"),
+    ("kv_heads", "int"),
+    // the sequence length (THD: the longest sequence, max_seqlen)
     ("seq", "int"),
+    // THD: tokens in the packed batch (0 otherwise)
+    ("total_tokens", "int"),
     // softmax-style scale times log2(e): scores enter the kernel in base-2 log space
     ("scale_log2", "float"),
 ];
@@ -120,9 +142,13 @@ pub struct SbParams {
     pub dv: u64,
     pub dk_accum: u64,
     pub dv_accum: u64,
+    pub cu_seqlens: u64,
+    pub locks: u64,
     pub batch: i32,
     pub heads: i32,
+    pub kv_heads: i32,
     pub seq: i32,
+    pub total_tokens: i32,
     pub scale_log2: f32,
 }
 
@@ -157,9 +183,13 @@ mod tests {
             offset_of!(SbParams, dv),
             offset_of!(SbParams, dk_accum),
             offset_of!(SbParams, dv_accum),
+            offset_of!(SbParams, cu_seqlens),
+            offset_of!(SbParams, locks),
             offset_of!(SbParams, batch),
             offset_of!(SbParams, heads),
+            offset_of!(SbParams, kv_heads),
             offset_of!(SbParams, seq),
+            offset_of!(SbParams, total_tokens),
             offset_of!(SbParams, scale_log2),
         ];
         assert_eq!(c_offsets, rust_offsets);
@@ -168,15 +198,20 @@ mod tests {
 
     #[test]
     fn grid_rules() {
+        let dims = |batch, heads, kv_heads, seq, kv_elements| GridDims { batch, heads, kv_heads, seq, kv_elements };
         let q = GridRule::QueryBlocks { block_m: 64 };
-        assert_eq!(q.grid(2, 3, 65, 128), Some((2, 3, 2)));
-        assert_eq!(q.grid(1, 1, 0, 128), None);
-        assert_eq!(q.grid(70000, 1, 1, 128), None);
+        assert_eq!(q.grid(&dims(2, 3, 3, 65, 0)), Some((2, 3, 2)));
+        // Grouped-query attention: the 4 query heads of a K/V head share grid.y.
+        assert_eq!(q.grid(&dims(2, 8, 2, 65, 0)), Some((8, 2, 2)));
+        assert_eq!(q.grid(&dims(2, 8, 3, 65, 0)), None);
+        assert_eq!(q.grid(&dims(2, 8, 0, 65, 0)), None);
+        assert_eq!(q.grid(&dims(1, 1, 1, 0, 0)), None);
+        assert_eq!(q.grid(&dims(70000, 1, 1, 1, 0)), None);
         let e = GridRule::Elements { per_cta: 1024 };
-        assert_eq!(e.grid(1, 2, 17, 64), Some((3, 1, 1)));
-        assert_eq!(e.grid(usize::MAX, 2, 17, 64), None);
+        assert_eq!(e.grid(&dims(1, 2, 2, 17, 2 * 17 * 64)), Some((3, 1, 1)));
+        assert_eq!(e.grid(&dims(1, 2, 2, 17, usize::MAX)), None);
         // A zero divisor (a malformed manifest) is no grid, not a panic.
-        assert_eq!(GridRule::QueryBlocks { block_m: 0 }.grid(1, 1, 1, 64), None);
-        assert_eq!(GridRule::Elements { per_cta: 0 }.grid(1, 1, 1, 64), None);
+        assert_eq!(GridRule::QueryBlocks { block_m: 0 }.grid(&dims(1, 1, 1, 1, 64)), None);
+        assert_eq!(GridRule::Elements { per_cta: 0 }.grid(&dims(1, 1, 1, 1, 64)), None);
     }
 }

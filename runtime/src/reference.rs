@@ -23,29 +23,56 @@
 //! at most twice that).
 //! The backward differentiates the truncated function (the same per-row rule).
 //!
-//! All tensors are flat slices in BHND order: q, k, v, o and the gradients are [B, H, N, D]; rem
-//! and log2 rem are [B, H, N]. [`bnhd_to_bhnd`] and [`bhnd_to_bnhd`] convert from and to the
+//! All tensors are flat slices in BHND order: q, o, dq are [B, H, N, D], k, v, dk, dv are
+//! [B, H_kv, N, D] (grouped-query attention: query head h reads K/V head h / (H / H_kv), and dk, dv
+//! sum over the query heads of a group); rem and log2 rem are [B, H, N]. A packed variable-length
+//! batch is checked one sequence at a time (each is a batch of one). [`bnhd_to_bhnd`] and [`bhnd_to_bnhd`] convert from and to the
 //! flash-attn layout.
 
 use crate::spec::{Mask, Remainder, Spec};
 
-/// Sizes of a problem: q, k, v are logically [batch, heads, seq, head_dim].
+/// Sizes of a problem: q is logically [batch, heads, seq, head_dim], k and v
+/// [batch, kv_heads, seq, head_dim] with `kv_heads` dividing `heads` (equal: multi-head attention;
+/// 1: multi-query attention).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub batch: usize,
     pub heads: usize,
+    pub kv_heads: usize,
     pub seq: usize,
     pub head_dim: usize,
 }
 
 impl Shape {
+    /// A multi-head shape (`kv_heads = heads`).
     pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Self {
-        Shape { batch, heads, seq, head_dim }
+        Shape { batch, heads, kv_heads: heads, seq, head_dim }
     }
 
-    /// Elements of q, k, v, o and each gradient: B * H * N * D.
+    /// The same shape with `kv_heads` K/V heads.
+    pub fn with_kv_heads(self, kv_heads: usize) -> Self {
+        Shape { kv_heads, ..self }
+    }
+
+    /// Query heads per K/V head (`heads / kv_heads`; 0 when `kv_heads` is 0).
+    pub fn group(&self) -> usize {
+        self.heads.checked_div(self.kv_heads).unwrap_or(0)
+    }
+
+    /// The shape of k, v, dk and dv seen as a multi-head problem (`heads = kv_heads`), for layout
+    /// conversions.
+    pub fn kv(&self) -> Shape {
+        Shape { heads: self.kv_heads, ..*self }
+    }
+
+    /// Elements of q, o, dq and dO: B * H * N * D.
     pub fn len(&self) -> usize {
         self.batch * self.heads * self.seq * self.head_dim
+    }
+
+    /// Elements of k, v, dk and dv: B * H_kv * N * D.
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.kv_heads * self.seq * self.head_dim
     }
 
     /// True when any dimension is zero.
@@ -123,7 +150,7 @@ pub struct Forward {
     pub log2_rem: Vec<f64>,
 }
 
-/// Backward outputs, BHND [B, H, N, D] each.
+/// Backward outputs, BHND: dq [B, H, N, D], dk and dv [B, H_kv, N, D].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grads {
     pub dq: Vec<f64>,
@@ -188,13 +215,31 @@ fn check_len(name: &str, got: usize, want: usize) {
     assert_eq!(got, want, "reference: `{name}` has {got} elements, the shape needs {want}");
 }
 
+fn check_shape(shape: &Shape) {
+    assert!(
+        shape.kv_heads > 0 && shape.heads % shape.kv_heads == 0,
+        "reference: kv_heads = {} must divide heads = {}",
+        shape.kv_heads,
+        shape.heads
+    );
+}
+
+/// Elements of the K/V head that query head `bh` (= b * heads + h) reads.
+fn kv_head_range(shape: &Shape, bh: usize) -> std::ops::Range<usize> {
+    let (b, h) = (bh / shape.heads, bh % shape.heads);
+    let kv = b * shape.kv_heads + h / shape.group();
+    let size = shape.seq * shape.head_dim;
+    kv * size..(kv + 1) * size
+}
+
 /// The float64 forward: o, rem and log2 rem for q, k, v in BHND.
 ///
 /// # Panics
 /// When a slice's length does not match `shape`.
 pub fn forward(shape: Shape, opts: &Options, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
-    for (name, x) in [("q", q), ("k", k), ("v", v)] {
-        check_len(name, x.len(), shape.len());
+    check_shape(&shape);
+    for (name, x, want) in [("q", q, shape.len()), ("k", k, shape.kv_len()), ("v", v, shape.kv_len())] {
+        check_len(name, x.len(), want);
     }
     let (n, d) = (shape.seq, shape.head_dim);
     let scale_log2 = opts.scale_for(d) * std::f64::consts::LOG2_E;
@@ -203,7 +248,8 @@ pub fn forward(shape: Shape, opts: &Options, q: &[f64], k: &[f64], v: &[f64]) ->
     let mut log2_rem = vec![0.0; shape.rows()];
     for bh in 0..shape.batch * shape.heads {
         let head = bh * n * d..(bh + 1) * n * d;
-        let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
+        let kv_head = kv_head_range(&shape, bh);
+        let (qh, kh, vh) = (&q[head.clone()], &k[kv_head.clone()], &v[kv_head]);
         for i in 0..n {
             let row = walk_row(opts, &shape, scale_log2, i, &qh[i * d..(i + 1) * d], kh);
             let oi = &mut o[bh * n * d + i * d..bh * n * d + (i + 1) * d];
@@ -245,8 +291,11 @@ pub fn backward(
     d_o: &[f64],
     d_rem: Option<&[f64]>,
 ) -> Grads {
-    for (name, x) in [("q", q), ("k", k), ("v", v), ("d_o", d_o)] {
-        check_len(name, x.len(), shape.len());
+    check_shape(&shape);
+    for (name, x, want) in
+        [("q", q, shape.len()), ("k", k, shape.kv_len()), ("v", v, shape.kv_len()), ("d_o", d_o, shape.len())]
+    {
+        check_len(name, x.len(), want);
     }
     if let Some(dr) = d_rem {
         check_len("d_rem", dr.len(), shape.rows());
@@ -256,12 +305,15 @@ pub fn backward(
     let scale_log2 = scale * std::f64::consts::LOG2_E;
     let fuse = opts.remainder == Remainder::Fuse;
     let mut dq = vec![0.0; shape.len()];
-    let mut dk = vec![0.0; shape.len()];
-    let mut dv = vec![0.0; shape.len()];
+    let mut dk = vec![0.0; shape.kv_len()];
+    let mut dv = vec![0.0; shape.kv_len()];
     for bh in 0..shape.batch * shape.heads {
         let base = bh * n * d;
         let head = base..base + n * d;
-        let (qh, kh, vh, doh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()], &d_o[head.clone()]);
+        let kv_head = kv_head_range(&shape, bh);
+        let kv_base = kv_head.start;
+        let (qh, doh) = (&q[head.clone()], &d_o[head.clone()]);
+        let (kh, vh) = (&k[kv_head.clone()], &v[kv_head]);
         for i in 0..n {
             let qi = &qh[i * d..(i + 1) * d];
             let doi = &doh[i * d..(i + 1) * d];
@@ -270,7 +322,7 @@ pub fn backward(
             let mut d_rem_eff = d_rem.map_or(0.0, |dr| dr[bh * n + i]);
             if fuse {
                 d_rem_eff += dot(doi, &vh[i * d..(i + 1) * d]);
-                for (x, y) in dv[base + i * d..base + (i + 1) * d].iter_mut().zip(doi) {
+                for (x, y) in dv[kv_base + i * d..kv_base + (i + 1) * d].iter_mut().zip(doi) {
                     *x += rem * y;
                 }
             }
@@ -286,10 +338,10 @@ pub fn backward(
                 for (x, y) in dq[base + i * d..base + (i + 1) * d].iter_mut().zip(kj) {
                     *x += scale * dz * y;
                 }
-                for (x, y) in dk[base + j * d..base + (j + 1) * d].iter_mut().zip(qi) {
+                for (x, y) in dk[kv_base + j * d..kv_base + (j + 1) * d].iter_mut().zip(qi) {
                     *x += scale * dz * y;
                 }
-                for (x, y) in dv[base + j * d..base + (j + 1) * d].iter_mut().zip(doi) {
+                for (x, y) in dv[kv_base + j * d..kv_base + (j + 1) * d].iter_mut().zip(doi) {
                     *x += a * y;
                 }
             }
@@ -495,8 +547,8 @@ mod tests {
         let h = 1e-6;
         let mut out: [Vec<f64>; 3] = Default::default();
         for which in 0..3 {
-            let mut grads = vec![0.0; shape.len()];
             let mut args: [Vec<f64>; 3] = qkv.map(|x| x.to_vec());
+            let mut grads = vec![0.0; args[which].len()];
             for (e, g) in grads.iter_mut().enumerate() {
                 let x0 = args[which][e];
                 args[which][e] = x0 + h;
@@ -518,8 +570,12 @@ mod tests {
     }
 
     fn check_backward_against_finite_differences(opts: &Options, seed: u64, with_d_rem: bool) {
-        let shape = Shape::new(1, 2, 7, 4);
-        let (q, k, v) = inputs(seed, shape);
+        check_backward_against_finite_differences_at(Shape::new(1, 2, 7, 4), opts, seed, with_d_rem);
+    }
+
+    fn check_backward_against_finite_differences_at(shape: Shape, opts: &Options, seed: u64, with_d_rem: bool) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (q, k, v) = (normal(&mut rng, shape.len()), normal(&mut rng, shape.kv_len()), normal(&mut rng, shape.kv_len()));
         let mut rng = StdRng::seed_from_u64(seed + 1000);
         let d_o = normal(&mut rng, shape.len());
         let d_rem_vec = normal(&mut rng, shape.rows());
@@ -530,6 +586,65 @@ mod tests {
             let err = rel_l2(g, want);
             assert!(err < 1e-6, "{opts:?} d_rem {with_d_rem}: {name} relative error {err:e}");
         }
+    }
+
+    /// k or v [B, H_kv, N, D] with each K/V head repeated for the query heads of its group.
+    fn repeat_kv(shape: Shape, x: &[f64]) -> Vec<f64> {
+        let head = shape.seq * shape.head_dim;
+        (0..shape.batch * shape.heads)
+            .flat_map(|bh| {
+                let kv = (bh / shape.heads) * shape.kv_heads + (bh % shape.heads) / shape.group();
+                x[kv * head..(kv + 1) * head].to_vec()
+            })
+            .collect()
+    }
+
+    /// The sum over each group's query heads of a [B, H, N, D] gradient: [B, H_kv, N, D].
+    fn sum_groups(shape: Shape, x: &[f64]) -> Vec<f64> {
+        let head = shape.seq * shape.head_dim;
+        let mut out = vec![0.0; shape.kv_len()];
+        for bh in 0..shape.batch * shape.heads {
+            let kv = (bh / shape.heads) * shape.kv_heads + (bh % shape.heads) / shape.group();
+            for (o, y) in out[kv * head..(kv + 1) * head].iter_mut().zip(&x[bh * head..(bh + 1) * head]) {
+                *o += y;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_query_attention_is_multi_head_attention_on_repeated_kv() {
+        let mut seed = 900;
+        for (heads, kv_heads) in [(4, 2), (4, 1), (6, 3), (3, 3)] {
+            let shape = Shape::new(2, heads, 6, 5).with_kv_heads(kv_heads);
+            let mha = Shape::new(2, heads, 6, 5);
+            for mask in MASKS {
+                for remainder in REMAINDERS {
+                    seed += 1;
+                    let opts = opts(mask, remainder);
+                    let mut rng = StdRng::seed_from_u64(seed);
+                    let q = normal(&mut rng, shape.len());
+                    let (k, v) = (normal(&mut rng, shape.kv_len()), normal(&mut rng, shape.kv_len()));
+                    let (d_o, d_rem) = (normal(&mut rng, shape.len()), normal(&mut rng, shape.rows()));
+                    let (kr, vr) = (repeat_kv(shape, &k), repeat_kv(shape, &v));
+                    let got = forward(shape, &opts, &q, &k, &v);
+                    let want = forward(mha, &opts, &q, &kr, &vr);
+                    assert_eq!(got, want, "{heads}:{kv_heads} {opts:?}");
+                    let g = backward(shape, &opts, &q, &k, &v, &d_o, Some(&d_rem));
+                    let w = backward(mha, &opts, &q, &kr, &vr, &d_o, Some(&d_rem));
+                    assert_eq!(g.dq, w.dq);
+                    assert!(max_abs_diff(&g.dk, &sum_groups(shape, &w.dk)) < 1e-12, "{heads}:{kv_heads} dk");
+                    assert!(max_abs_diff(&g.dv, &sum_groups(shape, &w.dv)) < 1e-12, "{heads}:{kv_heads} dv");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_backward_matches_finite_differences() {
+        let shape = Shape::new(1, 4, 5, 3).with_kv_heads(2);
+        check_backward_against_finite_differences_at(shape, &opts(Mask::Strict, Remainder::Fuse), 77, true);
+        check_backward_against_finite_differences_at(shape.with_kv_heads(1), &Options::causal(), 78, false);
     }
 
     #[test]

@@ -6,8 +6,14 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Head dimensions the templates implement. Each must be a multiple of 16 (the MMA k-step).
-pub const SUPPORTED_HEAD_DIMS: &[u32] = &[64, 128];
+/// Head dimensions the kernels accept: any `head_dim` in this range. The kernels compute on tiles
+/// whose width is `head_dim` rounded up to a multiple of 32 ([`Spec::tile_head_dim`]); the columns
+/// past `head_dim` are zero-filled by the kernels' loads, never copied (docs/math.md#head-dims).
+pub const HEAD_DIM_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
+
+/// Head dimensions that are tiles of their own (no padding) and are tuned and shipped in the default
+/// cache. Any other `head_dim` in [`HEAD_DIM_RANGE`] runs on the tile of the next multiple of 32.
+pub const NATIVE_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 
 /// Early-exit thresholds (bits) that make sense: below 8 the error 2^-T is visible in bf16 outputs,
 /// above 60 the threshold can never trigger in fp32 arithmetic.
@@ -39,6 +45,10 @@ pub enum Layout {
     Bhnd,
     /// [batch, seq, heads, head_dim], as flash-attn, fla-core and candle.
     Bnhd,
+    /// Packed variable-length batch: [total_tokens, heads, head_dim], sequence b being tokens
+    /// `cu_seqlens[b] .. cu_seqlens[b + 1]` (flash-attn's and fla-core's varlen layout). rem and
+    /// log2 rem are [heads, total_tokens].
+    Thd,
 }
 
 /// What happens to the stick left over.
@@ -71,14 +81,24 @@ pub struct Spec {
     /// `Some(T)`: stop the walk once every row of a query block has less than 2^-T of its stick left.
     #[serde(default)]
     pub early_exit_bits: Option<u32>,
+    /// Backward only: dq, dk, dv bit-identical across runs (dK/dV partial sums are added in a fixed
+    /// order instead of as they arrive; docs/math.md#deterministic-backward).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deterministic: bool,
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 /// A spec field outside what the kernels support.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpecError {
-    #[error("`head_dim` = {got} is not supported: allowed values are {allowed:?}")]
-    HeadDim { got: u32, allowed: &'static [u32] },
+    #[error("`head_dim` = {got} is not supported: allowed {}..={}", .range.start(), .range.end())]
+    HeadDim { got: u32, range: std::ops::RangeInclusive<u32> },
+    #[error("`deterministic` = true is for the backward only: the forward is always deterministic")]
+    DeterministicForward,
     #[error("`early_exit_bits` = {got} is out of range: allowed {}..={}", .range.start(), .range.end())]
     EarlyExitBits { got: u32, range: std::ops::RangeInclusive<u32> },
     #[error("`{field}` = `{got}` is not a valid value: allowed {allowed}")]
@@ -96,12 +116,16 @@ impl Spec {
             remainder: Remainder::Return,
             pass,
             early_exit_bits: None,
+            deterministic: false,
         }
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
-        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
-            return Err(SpecError::HeadDim { got: self.head_dim, allowed: SUPPORTED_HEAD_DIMS });
+        if !HEAD_DIM_RANGE.contains(&self.head_dim) {
+            return Err(SpecError::HeadDim { got: self.head_dim, range: HEAD_DIM_RANGE });
+        }
+        if self.deterministic && self.pass == Pass::Forward {
+            return Err(SpecError::DeterministicForward);
         }
         if let Some(bits) = self.early_exit_bits {
             if !EARLY_EXIT_BITS_RANGE.contains(&bits) {
@@ -111,21 +135,29 @@ impl Spec {
         Ok(())
     }
 
-    /// The spec's part of a kernel name, e.g. `fwd_d128_bf16_strict_bhnd_ret_ee24`.
+    /// Width of the tiles the kernel computes on: `head_dim` rounded up to a multiple of 32 (the
+    /// MMA needs head_dim in steps of 16, the fragment loads in pairs of them).
+    pub fn tile_head_dim(&self) -> u32 {
+        self.head_dim.div_ceil(32) * 32
+    }
+
+    /// The spec's part of a kernel name, e.g. `fwd_d128_bf16_strict_bhnd_ret_ee24` (a deterministic
+    /// backward ends in `_det`).
     pub fn slug(&self) -> String {
         let ee = match self.early_exit_bits {
             Some(t) => format!("ee{t}"),
             None => "full".to_string(),
         };
         format!(
-            "{}_d{}_{}_{}_{}_{}_{}",
+            "{}_d{}_{}_{}_{}_{}_{}{}",
             self.pass.short(),
             self.head_dim,
             self.dtype,
             self.mask.short(),
             self.layout,
             self.remainder.short(),
-            ee
+            ee,
+            if self.deterministic { "_det" } else { "" }
         )
     }
 
@@ -208,7 +240,7 @@ macro_rules! text_enum {
 
 text_enum!(Dtype, "dtype", "bf16, f16", { Bf16 => ["bf16", "bfloat16"], F16 => ["f16", "fp16", "half"] });
 text_enum!(Mask, "mask", "strict, attend_current", { Strict => ["strict"], AttendCurrent => ["attend_current", "current"] });
-text_enum!(Layout, "layout", "bhnd, bnhd", { Bhnd => ["bhnd"], Bnhd => ["bnhd"] });
+text_enum!(Layout, "layout", "bhnd, bnhd, thd", { Bhnd => ["bhnd"], Bnhd => ["bnhd"], Thd => ["thd", "varlen"] });
 text_enum!(Remainder, "remainder", "return, fuse", { Return => ["return"], Fuse => ["fuse"] });
 text_enum!(Pass, "pass", "fwd, bwd", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"] });
 
@@ -218,10 +250,38 @@ mod tests {
 
     #[test]
     fn rejects_unsupported_head_dim_naming_the_field() {
-        let spec = Spec::new(100, Dtype::Bf16, Pass::Forward);
-        let err = spec.validate().unwrap_err();
-        assert!(err.to_string().contains("`head_dim` = 100"), "{err}");
-        assert!(err.to_string().contains("[64, 128]"), "{err}");
+        for d in [0, 257, 512] {
+            let err = Spec::new(d, Dtype::Bf16, Pass::Forward).validate().unwrap_err();
+            assert_eq!(err.to_string(), format!("`head_dim` = {d} is not supported: allowed 1..=256"));
+        }
+        for d in [1, 16, 50, 80, 100, 256] {
+            assert_eq!(Spec::new(d, Dtype::Bf16, Pass::Forward).validate(), Ok(()), "head_dim {d}");
+        }
+    }
+
+    #[test]
+    fn tile_head_dim_rounds_up_to_a_multiple_of_32() {
+        for (d, tile) in [(1, 32), (16, 32), (32, 32), (50, 64), (64, 64), (80, 96), (96, 96), (129, 160), (256, 256)] {
+            assert_eq!(Spec::new(d, Dtype::F16, Pass::Forward).tile_head_dim(), tile, "head_dim {d}");
+        }
+        for &d in NATIVE_HEAD_DIMS {
+            assert_eq!(Spec::new(d, Dtype::F16, Pass::Forward).tile_head_dim(), d);
+        }
+    }
+
+    #[test]
+    fn deterministic_is_a_backward_field() {
+        let mut spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+        spec.deterministic = true;
+        assert_eq!(spec.validate(), Err(SpecError::DeterministicForward));
+        spec.pass = Pass::Backward;
+        assert_eq!(spec.validate(), Ok(()));
+        assert!(spec.slug().ends_with("_full_det"), "{}", spec.slug());
+        // The field is left out of JSON when false, so specs written before it read the same.
+        let plain = Spec::new(64, Dtype::Bf16, Pass::Backward);
+        assert!(!serde_json::to_string(&plain).unwrap().contains("deterministic"));
+        let back: Spec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]

@@ -46,7 +46,10 @@ struct TemplateContext {
     name: String,
     kernel_debug: String,
     is_bf16: bool,
+    /// The tensors' head_dim (`DM` in the templates).
     head_dim: u32,
+    /// The tile width: head_dim rounded up to a multiple of 32 (`D`).
+    tile_head_dim: u32,
     block_m: u32,
     block_n: u32,
     warps: u32,
@@ -54,7 +57,10 @@ struct TemplateContext {
     m_tiles: u32,
     stages: u32,
     attend_current: bool,
-    bnhd: bool,
+    /// 0 BHND, 1 BNHD, 2 THD (the templates' LAYOUT_* constants).
+    layout_code: u32,
+    q_in_regs: bool,
+    deterministic: bool,
     fuse: bool,
     early_exit: bool,
     early_exit_bits: u32,
@@ -89,6 +95,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         kernel_debug: format!("spec {} | schedule {} | arch {}", spec.slug(), s, kernel.arch),
         is_bf16: spec.dtype == crate::ir::Dtype::Bf16,
         head_dim: spec.head_dim,
+        tile_head_dim: spec.tile_head_dim(),
         block_m: s.block_m,
         block_n: s.block_n,
         warps: s.warps,
@@ -96,7 +103,15 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         m_tiles: s.rows_per_warp() / 16,
         stages: s.stages,
         attend_current: spec.mask == Mask::AttendCurrent,
-        bnhd: spec.layout == Layout::Bnhd,
+        layout_code: match spec.layout {
+            Layout::Bhnd => 0,
+            Layout::Bnhd => 1,
+            Layout::Thd => 2,
+        },
+        // Up to 128 columns the Q fragments fit in registers next to the accumulators; a 256-wide
+        // tile's output accumulators alone take 128 registers per thread.
+        q_in_regs: spec.tile_head_dim() <= 128,
+        deterministic: spec.deterministic,
         fuse: spec.remainder == Remainder::Fuse,
         early_exit: spec.early_exit_bits.is_some(),
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),

@@ -26,6 +26,14 @@ pub enum LaunchError {
     #[error("`{dim}` = 0: every dimension must be at least 1")]
     EmptyDim { dim: &'static str },
 
+    /// `kv_heads` does not divide `heads`.
+    #[error("`kv_heads` = {kv_heads} does not divide `heads` = {heads}: each K/V head serves the same number of query heads")]
+    KvHeads { heads: usize, kv_heads: usize },
+
+    /// `cu_seqlens` given to a kernel of a dense layout, or missing for a THD kernel.
+    #[error("kernel `{kernel}`: {reason}")]
+    Varlen { kernel: String, reason: String },
+
     /// A dimension, an element count or a grid is larger than the kernels can index.
     #[error("`{what}` = {got} is too large: allowed at most {max}")]
     TooLarge { what: &'static str, got: u128, max: u128 },
@@ -101,6 +109,8 @@ impl LaunchError {
                 | LaunchError::Dtype { .. }
                 | LaunchError::HeadDim { .. }
                 | LaunchError::EmptyDim { .. }
+                | LaunchError::KvHeads { .. }
+                | LaunchError::Varlen { .. }
                 | LaunchError::TooLarge { .. }
                 | LaunchError::TooShort { .. }
                 | LaunchError::WrongContext { .. }

@@ -19,8 +19,20 @@ use std::sync::{Arc, Mutex};
 // struct rendered from `PARAM_FIELDS` (a test in `manifest` checks the offsets).
 unsafe impl DeviceRepr for SbParams {}
 
-/// The forward's tensors, in the kernel's layout (BHND or BNHD as the spec says), contiguous.
-/// `rem` and `log2_rem` are f32 `[batch, heads, seq]`. When a backward will follow, pass `o_saved`
+/// A packed variable-length batch (THD layout): `cu_seqlens` (i32, `batch + 1` offsets, device
+/// memory) and the token count of the packed tensors. The launcher does not read `cu_seqlens` back
+/// (that would synchronise the stream): check a host copy with [`crate::varlen::check_cu_seqlens`]
+/// before uploading it. The kernels skip a sequence whose bounds are out of range, so a bad device
+/// `cu_seqlens` cannot make them access memory out of bounds.
+#[derive(Clone, Copy)]
+pub struct Varlen<'a> {
+    pub cu_seqlens: &'a CudaView<'a, i32>,
+    pub total_tokens: usize,
+}
+
+/// The forward's tensors, in the kernel's layout (BHND, BNHD or THD as the spec says), contiguous.
+/// q and o have `shape.heads` heads, k and v `shape.kv_heads`. `rem` and `log2_rem` are f32
+/// `[batch, heads, seq]` (THD: `[heads, total_tokens]`). When a backward will follow, pass `o_saved`
 /// (f32, same shape and layout as `o`: o before the fused remainder) and keep it and `log2_rem` for
 /// the backward; inference passes `None` and saves the f32 write.
 pub struct ForwardArgs<'a, T> {
@@ -31,11 +43,14 @@ pub struct ForwardArgs<'a, T> {
     pub rem: CudaViewMut<'a, f32>,
     pub log2_rem: CudaViewMut<'a, f32>,
     pub o_saved: Option<CudaViewMut<'a, f32>>,
+    /// `Some` exactly for a THD kernel; then `shape.batch` is the number of sequences and
+    /// `shape.seq` the longest (max_seqlen).
+    pub varlen: Option<Varlen<'a>>,
 }
 
 /// The backward's tensors. `o` is the forward's output (fused when the spec fuses the remainder),
 /// `o_saved` and `log2_rem` the forward's saved f32 values, `d_rem` the gradient flowing into rem
-/// (`None`: none).
+/// (`None`: none). dk and dv have `shape.kv_heads` heads: each sums its group's query heads.
 pub struct BackwardArgs<'a, T> {
     pub q: CudaView<'a, T>,
     pub k: CudaView<'a, T>,
@@ -48,6 +63,8 @@ pub struct BackwardArgs<'a, T> {
     pub dq: CudaViewMut<'a, T>,
     pub dk: CudaViewMut<'a, T>,
     pub dv: CudaViewMut<'a, T>,
+    /// As in [`ForwardArgs::varlen`].
+    pub varlen: Option<Varlen<'a>>,
 }
 
 /// Launches sbgen kernels on one stream. Cheap to keep: it owns a reference to the module store and
@@ -109,8 +126,10 @@ impl Launcher {
             rem: args.rem.len(),
             log2_rem: args.log2_rem.len(),
             o_saved: args.o_saved.as_ref().map(|x| x.len()),
+            cu_seqlens: args.varlen.map(|v| v.cu_seqlens.len()),
         };
-        let plan = plan_forward(kernel.manifest(), T::DTYPE, shape, &lens, scale)?;
+        let total_tokens = args.varlen.map(|v| v.total_tokens);
+        let plan = plan_forward(kernel.manifest(), T::DTYPE, shape, total_tokens, &lens, scale)?;
         let ctx = self.stream.context();
         same_context(ctx, "q", args.q.stream())?;
         same_context(ctx, "k", args.k.stream())?;
@@ -120,6 +139,9 @@ impl Launcher {
         same_context(ctx, "log2_rem", args.log2_rem.stream())?;
         if let Some(o_saved) = &args.o_saved {
             same_context(ctx, "o_saved", o_saved.stream())?;
+        }
+        if let Some(v) = &args.varlen {
+            same_context(ctx, "cu_seqlens", v.cu_seqlens.stream())?;
         }
         let loaded = self.store.load(kernel)?;
 
@@ -132,9 +154,11 @@ impl Launcher {
         let (log2_rem, _log2_rem) = args.log2_rem.device_ptr_mut(s);
         let o_saved_ptr = args.o_saved.as_mut().map(|x| x.device_ptr_mut(s));
         let o_saved = o_saved_ptr.as_ref().map_or(0, |(p, _)| *p);
+        let cu_ptr = args.varlen.map(|x| x.cu_seqlens.device_ptr(s));
+        let cu_seqlens = cu_ptr.as_ref().map_or(0, |(p, _)| *p);
         let e = T::DTYPE.size_bytes() as u64;
         check_alignment(&[("q", q, e), ("k", k, e), ("v", v, e), ("o", o, e), ("o_saved", o_saved, 4)])?;
-        let (batch, heads, seq) = dims(shape);
+        let d = dims(shape, total_tokens);
         // Every field is named (no `..`), so a field added to the ABI fails to compile here.
         let params = SbParams {
             q,
@@ -151,9 +175,13 @@ impl Launcher {
             dv: 0,
             dk_accum: 0,
             dv_accum: 0,
-            batch,
-            heads,
-            seq,
+            cu_seqlens,
+            locks: 0,
+            batch: d.batch,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            seq: d.seq,
+            total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
         self.launch_steps(&loaded, &plan, &params)
@@ -181,8 +209,10 @@ impl Launcher {
             dq: args.dq.len(),
             dk: args.dk.len(),
             dv: args.dv.len(),
+            cu_seqlens: args.varlen.map(|v| v.cu_seqlens.len()),
         };
-        let plan = plan_backward(kernel.manifest(), T::DTYPE, shape, &lens, scale)?;
+        let total_tokens = args.varlen.map(|v| v.total_tokens);
+        let plan = plan_backward(kernel.manifest(), T::DTYPE, shape, total_tokens, &lens, scale)?;
         let ctx = self.stream.context();
         same_context(ctx, "q", args.q.stream())?;
         same_context(ctx, "k", args.k.stream())?;
@@ -197,6 +227,9 @@ impl Launcher {
         same_context(ctx, "dq", args.dq.stream())?;
         same_context(ctx, "dk", args.dk.stream())?;
         same_context(ctx, "dv", args.dv.stream())?;
+        if let Some(v) = &args.varlen {
+            same_context(ctx, "cu_seqlens", v.cu_seqlens.stream())?;
+        }
         let loaded = self.store.load(kernel)?;
 
         // Pointers first: a misaligned view is refused before the workspace is touched.
@@ -213,6 +246,8 @@ impl Launcher {
         let (dq, _dq) = args.dq.device_ptr_mut(s);
         let (dk, _dk) = args.dk.device_ptr_mut(s);
         let (dv, _dv) = args.dv.device_ptr_mut(s);
+        let cu_ptr = args.varlen.map(|x| x.cu_seqlens.device_ptr(s));
+        let cu_seqlens = cu_ptr.as_ref().map_or(0, |(p, _)| *p);
         let e = T::DTYPE.size_bytes() as u64;
         check_alignment(&[
             ("q", q, e),
@@ -228,7 +263,7 @@ impl Launcher {
 
         let name = &kernel.manifest().name;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let needed = 2 * plan.accum_elements;
+        let needed = 2 * plan.accum_elements + plan.lock_count;
         if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {
             *workspace = None; // free the smaller buffer first
                                // SAFETY: the buffer is zeroed below before any kernel reads it.
@@ -242,10 +277,14 @@ impl Launcher {
         let buffer = workspace.as_mut().expect("allocated above");
         let mut used = buffer.slice_mut(0..needed);
         self.stream.memset_zeros(&mut used).kernel_ctx(name, "zeroing the backward workspace")?;
-        let (dk_accum, dv_accum) = used.split_at_mut(plan.accum_elements);
+        let (dk_accum, mut rest) = used.split_at_mut(plan.accum_elements);
+        let (dv_accum, locks) = rest.split_at_mut(plan.accum_elements);
         let (dk_accum, _dk_accum) = dk_accum.view_ptr_mut(s);
         let (dv_accum, _dv_accum) = dv_accum.view_ptr_mut(s);
-        let (batch, heads, seq) = dims(shape);
+        // The counters are i32 in f32 slots: zeroed f32 bits are integer 0.
+        let (locks, _locks) = locks.view_ptr_mut(s);
+        let locks = if plan.lock_count > 0 { locks } else { 0 };
+        let d = dims(shape, total_tokens);
         let params = SbParams {
             q,
             k,
@@ -261,9 +300,13 @@ impl Launcher {
             dv,
             dk_accum,
             dv_accum,
-            batch,
-            heads,
-            seq,
+            cu_seqlens,
+            locks,
+            batch: d.batch,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            seq: d.seq,
+            total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
         self.launch_steps(&loaded, &plan, &params)
@@ -290,9 +333,25 @@ impl Launcher {
     }
 }
 
-fn dims(shape: Shape) -> (i32, i32, i32) {
-    // `plan_*` refused batch, heads > 65535 and seq > i32::MAX, so these casts are exact.
-    (shape.batch as i32, shape.heads as i32, shape.seq as i32)
+/// The integer fields of the parameter block.
+struct Dims {
+    batch: i32,
+    heads: i32,
+    kv_heads: i32,
+    seq: i32,
+    total_tokens: i32,
+}
+
+fn dims(shape: Shape, total_tokens: Option<usize>) -> Dims {
+    // `plan_*` refused batch, kv_heads > 65535 and heads, seq, total_tokens > i32::MAX, so these
+    // casts are exact.
+    Dims {
+        batch: shape.batch as i32,
+        heads: shape.heads as i32,
+        kv_heads: shape.kv_heads as i32,
+        seq: shape.seq as i32,
+        total_tokens: total_tokens.unwrap_or(0) as i32,
+    }
 }
 
 fn same_context(ctx: &Arc<CudaContext>, tensor: &'static str, stream: &Arc<CudaStream>) -> Result<(), LaunchError> {

@@ -30,7 +30,7 @@ pub use binary::{pick_ptx, KernelBinary, Target};
 pub use element::SbElement;
 pub use embedded::{pick_embedded, EmbeddedKernel, EmbeddedSet};
 pub use error::LaunchError;
-pub use launch::{BackwardArgs, ForwardArgs, Launcher};
+pub use launch::{BackwardArgs, ForwardArgs, Launcher, Varlen};
 pub use modules::{CodeOrigin, LoadedKernel, ModuleStore};
 pub use nvrtc::{NvrtcError, NvrtcOptions};
 pub use plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan, PlannedStep};

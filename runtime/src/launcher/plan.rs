@@ -3,8 +3,8 @@
 
 use super::error::LaunchError;
 use super::Shape;
-use crate::manifest::KernelManifest;
-use crate::spec::{Dtype, Pass};
+use crate::manifest::{GridDims, KernelManifest};
+use crate::spec::{Dtype, Layout, Pass};
 
 /// Largest sequence length: the kernels index rows with 32-bit `int`.
 pub const MAX_SEQ: usize = i32::MAX as usize;
@@ -24,6 +24,8 @@ pub struct ForwardLens {
     pub log2_rem: usize,
     /// `None` when the forward does not save o in f32 (no backward will follow).
     pub o_saved: Option<usize>,
+    /// THD layout: `cu_seqlens` (i32); `None` otherwise.
+    pub cu_seqlens: Option<usize>,
 }
 
 /// Lengths, in elements, of the backward's device slices. `d_rem` is `None` when no gradient flows
@@ -41,6 +43,8 @@ pub struct BackwardLens {
     pub dq: usize,
     pub dk: usize,
     pub dv: usize,
+    /// THD layout: `cu_seqlens` (i32); `None` otherwise.
+    pub cu_seqlens: Option<usize>,
 }
 
 /// One checked launch: grid, block and dynamic shared memory of a manifest step.
@@ -55,30 +59,39 @@ pub struct PlannedStep {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LaunchPlan {
     pub steps: Vec<PlannedStep>,
-    /// `batch * heads * seq * head_dim`: elements of q, k, v, o and the gradients.
+    /// Elements of q, o, dO and dq: `batch * heads * seq * head_dim` (THD: `total_tokens * heads *
+    /// head_dim`).
     pub elements: usize,
-    /// `batch * heads * seq`: elements of rem, log2_rem and d_rem.
+    /// Elements of k, v, dk and dv: as `elements` with `kv_heads` heads.
+    pub kv_elements: usize,
+    /// Elements of rem, log2_rem and d_rem: `batch * heads * seq` (THD: `heads * total_tokens`).
     pub rows: usize,
     /// f32 elements of each backward accumulator (dk_accum, dv_accum); 0 for the forward.
     pub accum_elements: usize,
+    /// i32 turn counters of the deterministic backward (zeroed with the accumulators); else 0.
+    pub lock_count: usize,
     /// `scale * log2(e)`, the value the kernel takes.
     pub scale_log2: f32,
 }
 
 /// Checks a forward launch of `manifest` on tensors of element type `dtype`.
+///
+/// `total_tokens` is `Some` exactly for a THD (packed variable-length) kernel: then `shape.batch` is the
+/// number of sequences, `shape.seq` the longest sequence (max_seqlen) and `lens.cu_seqlens` is needed.
 pub fn plan_forward(
     manifest: &KernelManifest,
     dtype: Dtype,
     shape: Shape,
+    total_tokens: Option<usize>,
     lens: &ForwardLens,
     scale: Option<f32>,
 ) -> Result<LaunchPlan, LaunchError> {
-    let mut plan = plan_common(manifest, Pass::Forward, dtype, shape, scale)?;
-    let (e, r) = (plan.elements, plan.rows);
+    let mut plan = plan_common(manifest, Pass::Forward, dtype, shape, total_tokens, lens.cu_seqlens, scale)?;
+    let (e, kv, r) = (plan.elements, plan.kv_elements, plan.rows);
     for (tensor, needed, got) in [
         ("q", e, lens.q),
-        ("k", e, lens.k),
-        ("v", e, lens.v),
+        ("k", kv, lens.k),
+        ("v", kv, lens.v),
         ("o", e, lens.o),
         ("rem", r, lens.rem),
         ("log2_rem", r, lens.log2_rem),
@@ -93,38 +106,45 @@ pub fn plan_forward(
 }
 
 /// Checks a backward launch of `manifest` on tensors of element type `dtype`.
+/// `total_tokens` as in [`plan_forward`].
 pub fn plan_backward(
     manifest: &KernelManifest,
     dtype: Dtype,
     shape: Shape,
+    total_tokens: Option<usize>,
     lens: &BackwardLens,
     scale: Option<f32>,
 ) -> Result<LaunchPlan, LaunchError> {
-    let mut plan = plan_common(manifest, Pass::Backward, dtype, shape, scale)?;
-    let (e, r) = (plan.elements, plan.rows);
+    let mut plan = plan_common(manifest, Pass::Backward, dtype, shape, total_tokens, lens.cu_seqlens, scale)?;
+    let (e, kv, r) = (plan.elements, plan.kv_elements, plan.rows);
     for (tensor, needed, got) in [
         ("q", e, lens.q),
-        ("k", e, lens.k),
-        ("v", e, lens.v),
+        ("k", kv, lens.k),
+        ("v", kv, lens.v),
         ("o", e, lens.o),
         ("o_saved", e, lens.o_saved),
         ("d_o", e, lens.d_o),
         ("log2_rem", r, lens.log2_rem),
         ("dq", e, lens.dq),
-        ("dk", e, lens.dk),
-        ("dv", e, lens.dv),
+        ("dk", kv, lens.dk),
+        ("dv", kv, lens.dv),
     ] {
         check_len(tensor, needed, got)?;
     }
     if let Some(got) = lens.d_rem {
         check_len("d_rem", r, got)?;
     }
-    // Two f32 accumulators of `elements` each, allocated as one buffer.
-    let bytes = (e as u128) * 2 * 4;
+    if manifest.spec.deterministic {
+        // One turn counter per (sequence, K/V head, key block).
+        let key_blocks = shape.seq.div_ceil(manifest.block_n.max(1) as usize);
+        plan.lock_count = shape.batch * shape.kv_heads * key_blocks;
+    }
+    // Two f32 accumulators of `kv_elements` each and the counters, allocated as one buffer.
+    let bytes = ((kv as u128) * 2 + plan.lock_count as u128) * 4;
     if bytes > isize::MAX as u128 {
         return Err(LaunchError::TooLarge { what: "backward workspace bytes", got: bytes, max: isize::MAX as u128 });
     }
-    plan.accum_elements = e;
+    plan.accum_elements = kv;
     Ok(plan)
 }
 
@@ -154,6 +174,8 @@ fn plan_common(
     pass: Pass,
     dtype: Dtype,
     shape: Shape,
+    total_tokens: Option<usize>,
+    cu_seqlens_len: Option<usize>,
     scale: Option<f32>,
 ) -> Result<LaunchPlan, LaunchError> {
     let kernel = &manifest.name;
@@ -197,19 +219,52 @@ fn plan_common(
             got: shape.head_dim,
         });
     }
-    for (dim, value) in [("batch", shape.batch), ("heads", shape.heads), ("seq", shape.seq)] {
+    for (dim, value) in
+        [("batch", shape.batch), ("heads", shape.heads), ("kv_heads", shape.kv_heads), ("seq", shape.seq)]
+    {
         if value == 0 {
             return Err(LaunchError::EmptyDim { dim });
         }
     }
-    for (what, got, max) in
-        [("seq", shape.seq, MAX_SEQ), ("heads", shape.heads, MAX_GRID_YZ), ("batch", shape.batch, MAX_GRID_YZ)]
+    if shape.heads % shape.kv_heads != 0 {
+        return Err(LaunchError::KvHeads { heads: shape.heads, kv_heads: shape.kv_heads });
+    }
+    let packed = spec.layout == Layout::Thd;
+    match (packed, total_tokens, cu_seqlens_len) {
+        (true, Some(_), Some(len)) => check_len("cu_seqlens", shape.batch + 1, len)?,
+        (true, _, _) => {
+            return Err(LaunchError::Varlen {
+                kernel: kernel.clone(),
+                reason: "it takes a packed THD batch: pass `cu_seqlens` and the total token count".into(),
+            })
+        }
+        (false, None, None) => {}
+        (false, _, _) => {
+            return Err(LaunchError::Varlen {
+                kernel: kernel.clone(),
+                reason: format!("its layout is {}, not thd: it takes no `cu_seqlens`", spec.layout),
+            })
+        }
+    }
+    let tokens_limit = total_tokens.map(|t| ("total_tokens", t, MAX_SEQ));
+    for (what, got, max) in [
+        ("seq", shape.seq, MAX_SEQ),
+        ("kv_heads", shape.kv_heads, MAX_GRID_YZ),
+        ("batch", shape.batch, MAX_GRID_YZ),
+        // Each query head has its own query blocks in grid x; `heads` is bounded by the element
+        // count and the grid check below, and by i32 here.
+        ("heads", shape.heads, MAX_SEQ),
+    ]
+    .into_iter()
+    .chain(tokens_limit)
     {
         if got > max {
             return Err(LaunchError::TooLarge { what, got: got as u128, max: max as u128 });
         }
     }
-    let elements_wide = shape.batch as u128 * shape.heads as u128 * shape.seq as u128 * shape.head_dim as u128;
+    // Tokens of q: batch * seq, or the packed batch's total.
+    let tokens = total_tokens.map_or(shape.batch as u128 * shape.seq as u128, |t| t as u128);
+    let elements_wide = tokens * shape.heads as u128 * shape.head_dim as u128;
     // Each tensor's byte size must fit in isize (what Rust and the driver can address).
     let max_elements = (isize::MAX as u128) / 4;
     if elements_wide > max_elements {
@@ -220,22 +275,37 @@ fn plan_common(
         });
     }
     let elements = elements_wide as usize;
-    let rows = shape.batch * shape.heads * shape.seq;
+    let kv_elements = (tokens * shape.kv_heads as u128 * shape.head_dim as u128) as usize;
+    let rows = (tokens * shape.heads as u128) as usize;
+    let dims = GridDims {
+        batch: shape.batch,
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        seq: shape.seq,
+        kv_elements,
+    };
     let mut steps = Vec::with_capacity(manifest.steps.len());
     for step in &manifest.steps {
-        let grid =
-            step.grid.grid(shape.batch, shape.heads, shape.seq, shape.head_dim).ok_or(LaunchError::TooLarge {
-                what: "grid x (blocks for batch * heads * seq * head_dim)",
-                got: elements_wide,
-                max: (1u128 << 31) - 1,
-            })?;
+        let grid = step.grid.grid(&dims).ok_or(LaunchError::TooLarge {
+            what: "grid x (blocks for batch * heads * seq * head_dim)",
+            got: elements_wide,
+            max: (1u128 << 31) - 1,
+        })?;
         steps.push(PlannedStep { grid, threads: step.threads, dynamic_smem_bytes: step.dynamic_smem_bytes });
     }
     let scale = scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
     if !scale.is_finite() || scale == 0.0 {
         return Err(LaunchError::Scale { got: scale });
     }
-    Ok(LaunchPlan { steps, elements, rows, accum_elements: 0, scale_log2: scale * std::f32::consts::LOG2_E })
+    Ok(LaunchPlan {
+        steps,
+        elements,
+        kv_elements,
+        rows,
+        accum_elements: 0,
+        lock_count: 0,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    })
 }
 
 #[cfg(test)]

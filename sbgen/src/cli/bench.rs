@@ -108,6 +108,7 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
                     remainder: Remainder::Return,
                     pass,
                     early_exit_bits: ee,
+                    deterministic: false,
                 };
                 KernelBuilder::new(crate::ir::Arch::Sm90, None)
                     .kernel(spec, plan.schedule)

@@ -136,6 +136,7 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
             remainder: args.spec.remainder,
             pass,
             early_exit_bits: args.spec.early_exit_bits,
+            deterministic: false,
         };
         // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
         let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_for(&spec));

@@ -78,6 +78,7 @@ impl BenchPlan {
             remainder: Remainder::Return,
             pass,
             early_exit_bits,
+            deterministic: false,
         }
     }
 }

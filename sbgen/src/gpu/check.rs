@@ -112,7 +112,16 @@ impl CheckPlan {
                         for &layout in &self.layouts {
                             for &pass in &self.passes {
                                 for &early_exit_bits in &self.early_exits {
-                                    out.push(Spec { head_dim, dtype, mask, layout, remainder, pass, early_exit_bits });
+                                    out.push(Spec {
+                                        head_dim,
+                                        dtype,
+                                        mask,
+                                        layout,
+                                        remainder,
+                                        pass,
+                                        early_exit_bits,
+                                        deterministic: false,
+                                    });
                                 }
                             }
                         }
@@ -298,6 +307,7 @@ impl Group<'_> {
                     remainder,
                     pass: Pass::Forward,
                     early_exit_bits: None,
+                    deterministic: false,
                 };
                 // The backward reads what the forward saved (o_saved must be the kernels' own: the
                 // backward's g sums to dO . o_saved only with A rounded as the forward rounded it),

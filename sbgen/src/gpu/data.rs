@@ -118,7 +118,8 @@ pub fn make_inputs(shape: Shape, dtype: Dtype, regime: Regime, seed: u64) -> Inp
 pub fn to_layout<T: Copy>(shape: Shape, layout: Layout, bhnd: &[T]) -> Vec<T> {
     match layout {
         Layout::Bhnd => bhnd.to_vec(),
-        Layout::Bnhd => bhnd_to_bnhd(shape, bhnd),
+        // A packed batch of equal-length sequences is BNHD.
+        Layout::Bnhd | Layout::Thd => bhnd_to_bnhd(shape, bhnd),
     }
 }
 
@@ -126,7 +127,7 @@ pub fn to_layout<T: Copy>(shape: Shape, layout: Layout, bhnd: &[T]) -> Vec<T> {
 pub fn from_layout<T: Copy>(shape: Shape, layout: Layout, x: &[T]) -> Vec<T> {
     match layout {
         Layout::Bhnd => x.to_vec(),
-        Layout::Bnhd => bnhd_to_bhnd(shape, x),
+        Layout::Bnhd | Layout::Thd => bnhd_to_bhnd(shape, x),
     }
 }
 

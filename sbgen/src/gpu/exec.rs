@@ -212,6 +212,7 @@ pub fn forward_to<T: SbElement>(
         rem: out.rem,
         log2_rem: out.log2_rem,
         o_saved: out.o_saved,
+        varlen: None,
     };
     dev.launcher.forward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }
@@ -290,6 +291,7 @@ pub fn backward_to<T: SbElement>(
         dq: out.dq,
         dk: out.dk,
         dv: out.dv,
+        varlen: None,
     };
     dev.launcher.backward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }

@@ -24,7 +24,7 @@ use crate::tensor_file::{TensorDtype, TensorFile, TensorFileError};
 use safetensors::Dtype as StDtype;
 use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::Shape;
-use sbgen_runtime::spec::SUPPORTED_HEAD_DIMS;
+use sbgen_runtime::spec::HEAD_DIM_RANGE;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -131,23 +131,27 @@ pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
     let layout_dims = match req.layout {
         Layout::Bhnd => "[B, H, N, D] (--layout bhnd)",
         Layout::Bnhd => "[B, N, H, D] (--layout bnhd)",
+        Layout::Thd => "[T, H, D] (--layout thd)",
     };
     if dims.len() != 4 {
         return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: expected 4 dimensions {layout_dims}")));
     }
     // Before anything else reads D: a cast would turn 2^32 + 64 into 64.
     let head_dim = match u32::try_from(dims[3]) {
-        Ok(d) if SUPPORTED_HEAD_DIMS.contains(&d) => d,
+        Ok(d) if HEAD_DIM_RANGE.contains(&d) => d,
         _ => {
             return Err(RunError::Input(format!(
-                "tensor `q` has head dimension D = {}: supported head dimensions are {SUPPORTED_HEAD_DIMS:?}",
-                dims[3]
+                "tensor `q` has head dimension D = {}: supported head dimensions are {}..={}",
+                dims[3],
+                HEAD_DIM_RANGE.start(),
+                HEAD_DIM_RANGE.end()
             )))
         }
     };
     let shape = match req.layout {
         Layout::Bhnd => Shape::new(dims[0], dims[1], dims[2], dims[3]),
         Layout::Bnhd => Shape::new(dims[0], dims[2], dims[1], dims[3]),
+        Layout::Thd => return Err(RunError::Input("THD is not wired into `run` yet".into())),
     };
     if shape.is_empty() {
         return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: every dimension must be at least 1")));
@@ -205,6 +209,7 @@ impl Loaded {
             remainder: req.remainder,
             pass,
             early_exit_bits: req.early_exit_bits,
+            deterministic: false,
         }
     }
 

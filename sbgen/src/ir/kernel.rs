@@ -96,7 +96,7 @@ impl Kernel {
         }
         if self.spec.pass == Pass::Backward {
             // dK/dV tiles (block_n x head_dim) are split among the warps in 16 x 16 pieces.
-            let pieces = (s.block_n / 16) * (self.spec.head_dim / 16);
+            let pieces = (s.block_n / 16) * (self.spec.tile_head_dim() / 16);
             if pieces % s.warps != 0 {
                 return Err(IrError::Field {
                     field: "block_n",
@@ -116,7 +116,7 @@ impl Kernel {
     pub fn smem_layout(&self) -> SmemLayout {
         let s = &self.schedule;
         let elem = self.spec.dtype.size_bytes() as u32;
-        let d = self.spec.head_dim;
+        let d = self.spec.tile_head_dim();
         let q_tile = s.block_m * d * elem;
         let kv_tile = s.block_n * d * elem;
         let backward = self.spec.pass == Pass::Backward;

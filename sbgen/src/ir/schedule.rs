@@ -71,14 +71,17 @@ impl Schedule {
     /// (64 x 64 spills 24 bytes there; 64 x 32 won the tuning, 2.497 ms at 2 x 16 x 8192); the
     /// forward at head_dim 64 takes 32-key blocks (`sbgen tune`: 5-6% faster than 64 at N = 2048
     /// and 8192); the backward at head_dim 128 takes 32-key blocks (64 is 8% faster but spills).
-    /// A default must never spill: `check --emit-ptx` refuses spilling kernels, and CI compiles
-    /// every default for each arch.
+    /// The 128-wide forward with a fused remainder or a token-major layout (BNHD, THD) takes 32-key
+    /// blocks too (64 x 64 spills 20-28 bytes there under ptxas 13.0). A default must never spill:
+    /// `check --emit-ptx` refuses spilling kernels, and CI compiles every default for each arch.
     pub fn default_for(spec: &sbgen_runtime::spec::Spec) -> Schedule {
-        use sbgen_runtime::spec::{Layout, Pass};
-        match (spec.pass, spec.head_dim) {
-            (Pass::Forward, d) if d > 64 && spec.layout == Layout::Bnhd => {
-                Schedule { block_n: 32, stages: 3, ..Schedule::DEFAULT }
-            }
+        use sbgen_runtime::spec::{Layout, Pass, Remainder};
+        let plain_bhnd = spec.layout == Layout::Bhnd && spec.remainder == Remainder::Return;
+        match (spec.pass, spec.tile_head_dim()) {
+            // 256-wide tiles: 16 rows per warp and 32-key blocks are what fits in 255 registers
+            // (64 x 64 spills 44 bytes).
+            (Pass::Forward, d) if d > 128 => Schedule { block_n: 32, ..Schedule::DEFAULT },
+            (Pass::Forward, 128) if !plain_bhnd => Schedule { block_n: 32, stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, _) => Schedule { block_n: 32, ..Schedule::DEFAULT },
             (Pass::Backward, d) if d > 64 => Schedule { block_n: 32, ..Schedule::DEFAULT },
