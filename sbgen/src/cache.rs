@@ -704,7 +704,7 @@ mod tests {
         let good = serde_json::to_value(entry(128, Pass::Forward, 2048, 1.5)).unwrap();
         type Spoil = fn(&mut serde_json::Value);
         let cases: [(Spoil, &str); 5] = [
-            (|e| e["spec"]["head_dim"] = 100.into(), "head_dim"),
+            (|e| e["spec"]["head_dim"] = 300.into(), "head_dim"),
             (|e| e["tflops"] = (-5.0).into(), "negative"),
             (|e| e["speedup_over_default"] = (-1.0).into(), "negative"),
             (|e| e["kernel_name"] = "sb_fwd_other".into(), "lower to"),

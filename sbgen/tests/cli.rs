@@ -21,13 +21,13 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn unsupported_head_dim_is_a_usage_error_naming_the_field() {
     for args in [
-        &["emit", "--head-dim", "100", "--dtype", "bf16"][..],
-        &["tune", "--gpu", "sm_90", "--compile-only", "--head-dim", "64,100"][..],
+        &["emit", "--head-dim", "300", "--dtype", "bf16"][..],
+        &["tune", "--gpu", "sm_90", "--compile-only", "--head-dim", "64,300"][..],
     ] {
         let out = sbgen(args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains("`head_dim` = 100") && err.contains("[64, 128]"), "{err}");
+        assert!(err.contains("`head_dim` = 300") && err.contains("1..=256"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
 }
@@ -368,6 +368,84 @@ fn run_pass_fwd_validates_only_the_forward() {
     assert!(err.contains("shared memory"), "{err}");
 }
 
+/// A THD input in a fresh folder: zero BF16 q, do `[T, heads, d]`, k, v `[T, kv_heads, d]` (T =
+/// `cu`'s last entry) and an I32 `cu_seqlens` holding `cu`.
+fn run_packed_input(name: &str, heads: usize, kv_heads: usize, d: usize, cu: &[i32]) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.safetensors");
+    let tokens = cu.last().map_or(0, |&t| t.max(0) as usize);
+    let cu_bytes: Vec<u8> = cu.iter().flat_map(|o| o.to_le_bytes()).collect();
+    let (q, kv) = (vec![tokens, heads, d], vec![tokens, kv_heads, d]);
+    let zeros = |shape: &[usize]| vec![0u8; shape.iter().product::<usize>() * 2];
+    let tensors = [
+        ("q", "BF16", q.clone(), zeros(&q)),
+        ("k", "BF16", kv.clone(), zeros(&kv)),
+        ("v", "BF16", kv.clone(), zeros(&kv)),
+        ("do", "BF16", q.clone(), zeros(&q)),
+        ("cu_seqlens", "I32", vec![cu.len()], cu_bytes),
+    ];
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in &tensors {
+        let range = [data.len(), data.len() + bytes.len()];
+        header.insert(name.to_string(), serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": range }));
+        data.extend_from_slice(bytes);
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&json);
+    file.extend_from_slice(&data);
+    std::fs::write(&input, file).unwrap();
+    (dir, input)
+}
+
+#[test]
+fn run_refuses_a_bad_cu_seqlens_naming_the_index_before_the_gpu() {
+    let (dir, input) = run_packed_input("run-bad-cu", 4, 2, 64, &[0, 5, 3, 10]);
+    let output = dir.join("out.safetensors");
+    // Offsets that decrease are refused; T = 10 = the last offset, so the index named is the bad one.
+    let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--varlen"]);
+    assert!(err.contains("`cu_seqlens[2]` = 3 is less than `cu_seqlens[1]` = 5"), "{err}");
+    assert!(!err.contains("CUDA"), "refused before looking for a GPU: {err}");
+    // The same file without --varlen: told to use the THD layout, not that q has 3 dimensions.
+    let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    assert!(err.contains("tensor `cu_seqlens`") && err.contains("use --layout thd"), "{err}");
+    assert!(!output.exists());
+}
+
+#[test]
+fn run_takes_a_packed_gqa_input_with_any_head_dim() {
+    // Sequences of 3, 0 and 7 tokens, 4 query heads over 2 K/V heads, D = 50: parsed and checked,
+    // stopped only by the missing GPU (or run on one).
+    let (dir, input) = run_packed_input("run-packed", 4, 2, 50, &[0, 3, 3, 10]);
+    let output = dir.join("out.safetensors");
+    let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+    for extra in [&["--varlen"][..], &["--layout", "thd", "--pass", "both", "--deterministic"][..]] {
+        let out = sbgen(&[&["run", "-i", input, "-o", output][..], extra].concat());
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(2), "{extra:?}: {err}");
+    }
+    // `--varlen` is `--layout thd`: both at once is a usage error.
+    let err = usage_error(&["run", "-i", input, "-o", output, "--varlen", "--layout", "bhnd"]);
+    assert!(err.contains("--varlen") && err.contains("--layout"), "{err}");
+}
+
+#[test]
+fn run_refuses_k_heads_that_do_not_divide_q_heads_and_cu_seqlens_in_a_dense_layout() {
+    let (dir, input) = run_packed_input("run-gqa-3-of-4", 4, 3, 64, &[0, 4]);
+    let output = dir.join("out.safetensors");
+    let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--varlen"]);
+    assert!(err.contains("`k` has H_kv = 3 heads") && err.contains("`q`'s H = 4"), "{err}");
+    let dir = scratch("run-dense-cu");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.safetensors");
+    let s: &[usize] = &[1, 2, 16, 64];
+    tensor_file(&input, &[("q", "BF16", s), ("k", "BF16", s), ("v", "BF16", s), ("cu_seqlens", "BF16", &[2])]);
+    let err = usage_error(&["run", "-i", input.to_str().unwrap(), "-o", dir.join("o").to_str().unwrap()]);
+    assert!(err.contains("tensor `cu_seqlens`") && err.contains("use --layout thd"), "{err}");
+}
+
 #[test]
 fn ptx_dir_errors_name_where_the_folder_came_from() {
     let (dir, input) = run_input("ptx-dir-origin");
@@ -463,8 +541,8 @@ fn cache_show_escapes_what_it_prints_and_refuses_unchecked_entries() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(stdout.contains("H200\\u{1b}]0;owned\\u{7}\\u{1b}[2J") && stdout.contains("2026\\r\\n"), "{stdout}");
     assert!(!stdout.contains('\u{1b}') && !stdout.contains('\r'), "{stdout:?}");
-    // head_dim 100 is not something `cache show` prints as if it were tuned.
-    let text_file = std::fs::read_to_string(&path).unwrap().replace("\"head_dim\": 64", "\"head_dim\": 100");
+    // head_dim 300 is not something `cache show` prints as if it were tuned.
+    let text_file = std::fs::read_to_string(&path).unwrap().replace("\"head_dim\": 64", "\"head_dim\": 300");
     std::fs::write(&path, text_file).unwrap();
     let out = sbgen(&["cache", "show", "--cache", path.to_str().unwrap()]);
     let err = text(&out.stderr);

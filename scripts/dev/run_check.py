@@ -5,6 +5,11 @@ forward and backward, and compares o, rem, dq, dk, dv with a float64 reference w
 the definition (`reference` below, after docs/math.md#definitions) and differentiated by torch autograd: nothing of sbgen's own
 reference is used. Needs a CUDA device, torch and safetensors (the GPU machine has both).
 
+Cases cover grouped-query attention (k, v with fewer heads: the reference repeats each K/V head for
+its query heads and autograd sums the group's gradients), packed variable-length batches (THD
+layout with `cu_seqlens`: the reference runs each sequence alone), head dims 16 to 256 (padded ones
+too) and the deterministic backward (run twice: dq, dk, dv must be bit-identical).
+
     python3 scripts/dev/run_check.py SBGEN_BINARY [--workdir DIR]
 
 Exit status 0 when every case is within tolerance (o, rem <= 5e-3; gradients <= 1e-2, relative L2).
@@ -54,43 +59,116 @@ def grads(x, drem, attend_current, fuse):
     return o.detach(), rem.detach(), q.grad, k.grad, v.grad
 
 
-def case(binary, workdir, shape, dtype, layout, mask, remainder):
-    b, h, n, d = shape
-    # A seed from the case itself (crc32, not Python's salted hash), so a failure repeats.
-    seed = zlib.crc32(repr((shape, str(dtype), layout, mask, remainder)).encode())
-    torch.manual_seed(seed)
-    x = {name: torch.randn(b, h, n, d, device="cuda").to(dtype) for name in ["q", "k", "v", "do"]}
-    drem = torch.randn(b, h, n, device="cuda", dtype=torch.float32)
-    to_layout = (lambda t: t.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda t: t.contiguous())
-    tensors = {name: to_layout(t).cpu() for name, t in x.items()}
-    tensors["drem"] = drem.cpu()
+def run_sbgen(binary, tensors, workdir, flags):
     inp, out = os.path.join(workdir, "in.safetensors"), os.path.join(workdir, "out.safetensors")
     save_file(tensors, inp)
-    cmd = [binary, "run", "--input", inp, "--output", out, "--pass", "both", "--layout", layout,
-           "--mask", mask, "--remainder", remainder]
+    cmd = [binary, "run", "--input", inp, "--output", out, "--pass", "both"] + flags
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"FAIL {shape} {layout} {mask} {remainder}: exit {proc.returncode}\n{proc.stderr}")
-        return False
-    got = load_file(out)
-    back = (lambda t: t.transpose(1, 2)) if layout == "bnhd" else (lambda t: t)
+        return None, f"exit {proc.returncode}\n{proc.stderr}"
+    return load_file(out), None
 
-    o, rem, dq, dk, dv = grads(x, drem, mask == "attend_current", remainder == "fuse")
-    floor_q = floor_k = None
-    if remainder == "fuse":
-        _, _, floor_q, floor_k, _ = grads(x, drem, mask == "attend_current", False)
+
+def case(binary, workdir, shape, dtype, layout, mask, remainder, kv_heads=None, lens=None, deterministic=False):
+    """One run. shape = (B, H, N, D); kv_heads: K/V heads (default H); lens: a packed THD batch of these
+    sequence lengths (B and N are then ignored)."""
+    b, h, n, d = shape
+    hk = kv_heads or h
+    name = f"{','.join(map(str, shape))} H_kv {hk} {str(dtype)[6:]} {layout} {mask} {remainder}" + (
+        f" lens {lens}" if lens else "") + (" det" if deterministic else "")
+    # A seed from the case itself (crc32, not Python's salted hash), so a failure repeats.
+    seed = zlib.crc32(name.encode())
+    torch.manual_seed(seed)
+    seqs = lens if lens else [n] * b
+    # Per sequence: q, do [H, L, D], k, v [H_kv, L, D], drem [H, L] (BHND with B = 1).
+    xs = []
+    for L in seqs:
+        xs.append({
+            "q": torch.randn(h, L, d, device="cuda").to(dtype),
+            "k": torch.randn(hk, L, d, device="cuda").to(dtype),
+            "v": torch.randn(hk, L, d, device="cuda").to(dtype),
+            "do": torch.randn(h, L, d, device="cuda").to(dtype),
+            "drem": torch.randn(h, L, device="cuda", dtype=torch.float32),
+        })
+    flags = ["--layout", layout, "--mask", mask, "--remainder", remainder] + (["--deterministic"] if deterministic else [])
+    if layout == "thd":
+        tensors = {k: torch.cat([x[k].transpose(0, 1) for x in xs]).contiguous().cpu() for k in ["q", "k", "v", "do"]}
+        tensors["drem"] = torch.cat([x["drem"] for x in xs], dim=1).contiguous().cpu()  # [H, T]
+        cu = [0]
+        for L in seqs:
+            cu.append(cu[-1] + L)
+        tensors["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+    else:
+        stack = lambda k: torch.stack([x[k] for x in xs])  # [B, H, N, D]
+        to_layout = (lambda t: t.transpose(1, 2).contiguous()) if layout == "bnhd" else (lambda t: t.contiguous())
+        tensors = {k: to_layout(stack(k)).cpu() for k in ["q", "k", "v", "do"]}
+        tensors["drem"] = stack("drem").contiguous().cpu()
+    got, err = run_sbgen(binary, tensors, workdir, flags)
+    if got is None:
+        print(f"FAIL {name}: {err}")
+        return False
+    if deterministic:
+        again, err = run_sbgen(binary, tensors, workdir, flags)
+        if again is None:
+            print(f"FAIL {name} (second run): {err}")
+            return False
+        same = all(torch.equal(got[k], again[k]) for k in ["dq", "dk", "dv"])
+        if not same:
+            print(f"FAIL {name}: dq/dk/dv differ between two runs of the deterministic backward")
+            return False
+
+    # The reference per sequence, its results laid out as sbgen writes them.
+    want = {k: [] for k in ["o", "rem", "dq", "dk", "dv", "fq", "fk"]}
+    for x in xs:
+        if x["q"].shape[1] == 0:
+            for k in want:
+                want[k].append(None)
+            continue
+        rep = lambda t: t.repeat_interleave(h // hk, dim=0)
+        xx = {"q": x["q"][None], "do": x["do"][None]}
+        kv = {k: x[k][None].double().requires_grad_(True) for k in ["k", "v"]}
+        q = xx["q"].double().requires_grad_(True)
+        o, rem = reference(q, rep(kv["k"][0])[None], rep(kv["v"][0])[None], mask == "attend_current", remainder == "fuse")
+        (o * xx["do"].double()).sum().add((rem * x["drem"][None].double()).sum()).backward()
+        for k, t in [("o", o.detach()[0]), ("rem", rem.detach()[0]), ("dq", q.grad[0]), ("dk", kv["k"].grad[0]), ("dv", kv["v"].grad[0])]:
+            want[k].append(t)
+        if remainder == "fuse":  # the floor of the fused dq, dk (see `rel`)
+            q2 = xx["q"].double().requires_grad_(True)
+            kv2 = {k: x[k][None].double().requires_grad_(True) for k in ["k", "v"]}
+            o2, rem2 = reference(q2, rep(kv2["k"][0])[None], rep(kv2["v"][0])[None], mask == "attend_current", False)
+            (o2 * xx["do"].double()).sum().add((rem2 * x["drem"][None].double()).sum()).backward()
+            want["fq"].append(q2.grad[0])
+            want["fk"].append(kv2["k"].grad[0])
+        else:
+            want["fq"].append(None)
+            want["fk"].append(None)
+    keep = [i for i, x in enumerate(xs) if x["q"].shape[1] > 0]
+    cat = lambda k, dim: torch.cat([want[k][i] for i in keep], dim=dim)
+    if layout == "thd":
+        # sbgen's THD outputs: o, dq [T, H, D]; dk, dv [T, H_kv, D]; rem [H, T]. Empty sequences hold no token.
+        back = lambda t: t.cuda().transpose(0, 1)  # -> [H, T, D]
+        g = {"o": back(got["o"]), "dq": back(got["dq"]), "dk": back(got["dk"]), "dv": back(got["dv"]), "rem": got["rem"].cuda()}
+        w = {"o": cat("o", 1), "dq": cat("dq", 1), "dk": cat("dk", 1), "dv": cat("dv", 1), "rem": cat("rem", 1)}
+        floor_q = cat("fq", 1) if remainder == "fuse" else None
+        floor_k = cat("fk", 1) if remainder == "fuse" else None
+    else:
+        back = (lambda t: t.cuda().transpose(1, 2)) if layout == "bnhd" else (lambda t: t.cuda())
+        g = {"o": back(got["o"]), "dq": back(got["dq"]), "dk": back(got["dk"]), "dv": back(got["dv"]), "rem": got["rem"].cuda()}
+        st = lambda k: torch.stack(want[k])
+        w = {"o": st("o"), "dq": st("dq"), "dk": st("dk"), "dv": st("dv"), "rem": st("rem")}
+        floor_q = st("fq") if remainder == "fuse" else None
+        floor_k = st("fk") if remainder == "fuse" else None
     errs = {
-        "o": rel(back(got["o"].cuda()), o),
-        "rem": rel(got["rem"].cuda(), rem),
-        "dq": rel(back(got["dq"].cuda()), dq, floor_q),
-        "dk": rel(back(got["dk"].cuda()), dk, floor_k),
-        "dv": rel(back(got["dv"].cuda()), dv),
+        "o": rel(g["o"], w["o"]),
+        "rem": rel(g["rem"], w["rem"]),
+        "dq": rel(g["dq"], w["dq"], floor_q),
+        "dk": rel(g["dk"], w["dk"], floor_k),
+        "dv": rel(g["dv"], w["dv"]),
     }
-    ok = all(e <= (FWD_TOL if name in ("o", "rem") else GRAD_TOL) for name, e in errs.items())
+    ok = all(e <= (FWD_TOL if k in ("o", "rem") else GRAD_TOL) for k, e in errs.items())
     ok = ok and all(math.isfinite(e) for e in errs.values())
-    line = " ".join(f"{name} {e:.2e}" for name, e in errs.items())
-    print(f"{'ok  ' if ok else 'FAIL'} {','.join(map(str, shape))} {str(dtype)[6:]} {layout} {mask} {remainder} "
-          f"(seed {seed}): {line}")
+    line = " ".join(f"{k} {e:.2e}" for k, e in errs.items())
+    print(f"{'ok  ' if ok else 'FAIL'} {name} (seed {seed}): {line}", flush=True)
     return ok
 
 
@@ -109,7 +187,34 @@ def main(argv):
         # One row whose only key is itself: the dO . v parts of dq, dk cancel (see sbgen check).
         ((3, 5, 1, 64), torch.bfloat16, "bhnd", "attend_current", "fuse"),
     ]
-    ok = all([case(binary, workdir, *c) for c in cases])
+    bf, f16 = torch.bfloat16, torch.float16
+    cases += [
+        # Grouped-query and multi-query attention.
+        ((2, 8, 300, 128), bf, "bnhd", "strict", "fuse", 2),
+        ((1, 6, 700, 64), f16, "bhnd", "attend_current", "return", 3),
+        ((2, 4, 257, 128), bf, "bhnd", "strict", "return", 1),
+        # Head dims: native 32, 96, 256 and padded 16, 50, 80, 33 (odd), 200.
+        ((2, 3, 300, 32), bf, "bhnd", "strict", "return"),
+        ((2, 3, 300, 96), f16, "bnhd", "attend_current", "fuse"),
+        ((1, 3, 500, 256), bf, "bhnd", "strict", "return"),
+        ((1, 2, 300, 256), f16, "bnhd", "strict", "fuse", 1),
+        ((2, 3, 200, 16), bf, "bhnd", "strict", "return"),
+        ((2, 3, 300, 50), bf, "bnhd", "strict", "fuse"),
+        ((2, 4, 300, 80), f16, "bhnd", "attend_current", "return", 2),
+        ((1, 3, 100, 33), bf, "bhnd", "strict", "fuse"),
+        ((1, 2, 200, 200), bf, "bnhd", "strict", "return"),
+    ]
+    varlen = [
+        # Packed batches (THD): empty and one-token sequences next to long ones, with GQA.
+        ((0, 4, 0, 128), bf, "thd", "strict", "return", None, [0, 1, 17, 1000, 300]),
+        ((0, 8, 0, 64), f16, "thd", "attend_current", "fuse", 2, [5, 0, 700, 1]),
+        ((0, 4, 0, 80), bf, "thd", "strict", "fuse", 1, [33, 400, 2]),
+    ]
+    deterministic = [
+        ((2, 4, 700, 128), bf, "bhnd", "strict", "return", 2, None, True),
+        ((0, 4, 0, 64), bf, "thd", "attend_current", "fuse", 2, [100, 0, 900], True),
+    ]
+    ok = all([case(binary, workdir, *c) for c in cases + varlen + deterministic])
     print("run_check:", "all passed" if ok else "FAILED")
     return 0 if ok else 1
 

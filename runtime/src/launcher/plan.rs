@@ -338,25 +338,38 @@ mod tests {
     }
 
     fn shape(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Shape {
-        Shape { batch, heads, seq, head_dim }
+        Shape::new(batch, heads, seq, head_dim)
     }
 
     fn fwd_lens(s: Shape) -> ForwardLens {
         let e = s.batch * s.heads * s.seq * s.head_dim;
         let r = s.batch * s.heads * s.seq;
-        ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r, o_saved: Some(e) }
+        ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens: None }
     }
 
     fn bwd_lens(s: Shape) -> BackwardLens {
         let e = s.batch * s.heads * s.seq * s.head_dim;
         let r = s.batch * s.heads * s.seq;
-        BackwardLens { q: e, k: e, v: e, o: e, o_saved: e, d_o: e, d_rem: Some(r), log2_rem: r, dq: e, dk: e, dv: e }
+        BackwardLens {
+            q: e,
+            k: e,
+            v: e,
+            o: e,
+            o_saved: e,
+            d_o: e,
+            d_rem: Some(r),
+            log2_rem: r,
+            dq: e,
+            dk: e,
+            dv: e,
+            cu_seqlens: None,
+        }
     }
 
     #[test]
     fn plans_a_valid_forward() {
         let s = shape(3, 5, 17, 64);
-        let plan = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap();
+        let plan = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap();
         assert_eq!(plan.steps, vec![PlannedStep { grid: (1, 5, 3), threads: 128, dynamic_smem_bytes: 40960 }]);
         assert_eq!(plan.elements, 3 * 5 * 17 * 64);
         assert_eq!(plan.rows, 3 * 5 * 17);
@@ -368,21 +381,21 @@ mod tests {
     fn plans_a_valid_backward_with_and_without_d_rem() {
         let s = shape(1, 3, 4097, 64);
         let mut lens = bwd_lens(s);
-        let plan = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, Some(0.5)).unwrap();
+        let plan = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, Some(0.5)).unwrap();
         assert_eq!(plan.steps.len(), 2);
         assert_eq!(plan.steps[0].grid, (65, 3, 1));
         assert_eq!(plan.steps[1].grid, ((3 * 4097 * 64usize).div_ceil(2048) as u32, 1, 1));
         assert_eq!(plan.accum_elements, 3 * 4097 * 64);
         lens.d_rem = None;
-        assert!(plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, Some(0.5)).is_ok());
+        assert!(plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, Some(0.5)).is_ok());
     }
 
     #[test]
     fn refuses_a_backward_kernel_in_forward_and_the_reverse() {
         let s = shape(1, 1, 8, 64);
-        let err = plan_forward(&manifest(Pass::Backward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::WrongPass { expected: Pass::Forward, got: Pass::Backward, .. }), "{err}");
-        let err = plan_backward(&manifest(Pass::Forward), Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        let err = plan_backward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &bwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::WrongPass { expected: Pass::Backward, got: Pass::Forward, .. }), "{err}");
         assert!(err.to_string().contains("needs a Backward kernel"), "{err}");
     }
@@ -390,7 +403,7 @@ mod tests {
     #[test]
     fn refuses_the_wrong_dtype() {
         let s = shape(1, 1, 8, 64);
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::F16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::F16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::Dtype { expected: Dtype::Bf16, got: Dtype::F16, .. }), "{err}");
         assert!(err.to_string().contains("built for dtype `bf16`"), "{err}");
     }
@@ -398,7 +411,7 @@ mod tests {
     #[test]
     fn refuses_the_wrong_head_dim() {
         let s = shape(1, 1, 8, 128);
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::HeadDim { expected: 64, got: 128, .. }), "{err}");
         assert!(err.to_string().contains("`head_dim` = 128"), "{err}");
     }
@@ -406,9 +419,9 @@ mod tests {
     #[test]
     fn refuses_empty_dimensions_naming_them() {
         for (s, dim) in [(shape(0, 1, 8, 64), "batch"), (shape(1, 0, 8, 64), "heads"), (shape(1, 1, 0, 64), "seq")] {
-            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
             assert!(matches!(err, LaunchError::EmptyDim { dim: d } if d == dim), "{err}");
-            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &bwd_lens(s), None).unwrap_err();
             assert!(matches!(err, LaunchError::EmptyDim { dim: d } if d == dim), "{err}");
         }
     }
@@ -424,23 +437,24 @@ mod tests {
             rem: usize::MAX,
             log2_rem: usize::MAX,
             o_saved: None,
+            cu_seqlens: None,
         };
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "seq", .. }), "{err}");
         // One less is fine as far as the dimension goes (the slices are what they are).
         let s = shape(1, 1, (1 << 31) - 1, 64);
         let err =
-            plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(shape(1, 1, 1, 64)), None).unwrap_err();
+            plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(shape(1, 1, 1, 64)), None).unwrap_err();
         assert!(matches!(err, LaunchError::TooShort { tensor: "q", .. }), "{err}");
     }
 
     #[test]
     fn refuses_grid_dimensions_over_cuda_limits() {
         let s = shape(1, 65536, 4, 64);
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
-        assert!(matches!(err, LaunchError::TooLarge { what: "heads", got: 65536, max: 65535 }), "{err}");
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooLarge { what: "kv_heads", got: 65536, max: 65535 }), "{err}");
         let s = shape(65536, 1, 4, 64);
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "batch", .. }), "{err}");
     }
 
@@ -449,8 +463,9 @@ mod tests {
         // 65535 * 65535 * (2^31 - 1) * 64 overflows isize (and u64 byte counts).
         let s = shape(65535, 65535, (1 << 31) - 1, 64);
         let big = usize::MAX;
-        let lens = ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big, o_saved: Some(big) };
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        let lens =
+            ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big, o_saved: Some(big), cu_seqlens: None };
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "batch * heads * seq * head_dim", .. }), "{err}");
     }
 
@@ -471,8 +486,9 @@ mod tests {
             dq: big,
             dk: big,
             dv: big,
+            cu_seqlens: None,
         };
-        let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, None).unwrap_err();
+        let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what, .. } if what.starts_with("grid x")), "{err}");
     }
 
@@ -492,7 +508,7 @@ mod tests {
             ("o_saved", ForwardLens { o_saved: Some(e - 1), ..full }, e),
         ];
         for (name, lens, needed) in cases {
-            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &lens, None).unwrap_err();
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
             match &err {
                 LaunchError::TooShort { tensor, needed: n, .. } => {
                     assert_eq!((*tensor, *n), (name, needed));
@@ -503,7 +519,7 @@ mod tests {
         }
         // Longer slices are fine (a pooled buffer), and o_saved is optional in the forward.
         let long = ForwardLens { q: e + 100, o_saved: None, ..full };
-        assert!(plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &long, None).is_ok());
+        assert!(plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &long, None).is_ok());
     }
 
     #[test]
@@ -524,7 +540,7 @@ mod tests {
             ("dv", BackwardLens { dv: 1, ..full }),
         ];
         for (name, lens) in cases {
-            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, &lens, None).unwrap_err();
+            let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
             assert!(matches!(err, LaunchError::TooShort { tensor, .. } if tensor == name), "{name}: {err}");
         }
     }
@@ -533,7 +549,7 @@ mod tests {
     fn refuses_bad_scales() {
         let s = shape(1, 1, 8, 64);
         for bad in [f32::NAN, f32::INFINITY, 0.0] {
-            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), Some(bad)).unwrap_err();
+            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), Some(bad)).unwrap_err();
             assert!(matches!(err, LaunchError::Scale { .. }), "{err}");
         }
     }
@@ -543,11 +559,11 @@ mod tests {
         let s = shape(1, 1, 8, 64);
         let mut m = manifest(Pass::Backward);
         m.steps.pop();
-        let err = plan_backward(&m, Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        let err = plan_backward(&m, Dtype::Bf16, s, None, &bwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::Manifest { .. }), "{err}");
         let mut m = manifest(Pass::Forward);
         m.steps[0].threads = 2048;
-        let err = plan_forward(&m, Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&m, Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(err.to_string().contains("2048 threads"), "{err}");
     }
 
@@ -558,19 +574,77 @@ mod tests {
         let s = shape(1, 1, 8, 64);
         let mut m = manifest(Pass::Forward);
         m.steps[0].grid = GridRule::QueryBlocks { block_m: 0 };
-        let err = plan_forward(&m, Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&m, Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(matches!(err, LaunchError::Manifest { .. }), "{err}");
         assert!(err.to_string().contains("`block_m` = 0"), "{err}");
         let mut m = manifest(Pass::Backward);
         m.steps[1].grid = GridRule::Elements { per_cta: 0 };
-        let err = plan_backward(&m, Dtype::Bf16, s, &bwd_lens(s), None).unwrap_err();
+        let err = plan_backward(&m, Dtype::Bf16, s, None, &bwd_lens(s), None).unwrap_err();
         assert!(err.to_string().contains("`per_cta` = 0"), "{err}");
+    }
+
+    #[test]
+    fn grouped_query_attention_sizes_k_v_dk_dv_by_kv_heads() {
+        let s = shape(2, 8, 100, 64).with_kv_heads(2);
+        let (e, kv, r) = (2 * 8 * 100 * 64, 2 * 2 * 100 * 64, 2 * 8 * 100);
+        let lens = BackwardLens { k: kv, v: kv, dk: kv, dv: kv, ..bwd_lens(s) };
+        let plan = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, None).unwrap();
+        assert_eq!((plan.elements, plan.kv_elements, plan.rows, plan.accum_elements), (e, kv, r, kv));
+        // The 4 query heads of a K/V head share grid.y; the finish step covers the K/V elements.
+        assert_eq!(plan.steps[0].grid, (2 * 4, 2, 2));
+        assert_eq!(plan.steps[1].grid, (kv.div_ceil(2048) as u32, 1, 1));
+        let short = BackwardLens { dk: kv - 1, ..lens };
+        let err = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &short, None).unwrap_err();
+        assert!(matches!(err, LaunchError::TooShort { tensor: "dk", needed, .. } if needed == kv), "{err}");
+        let bad = shape(1, 8, 10, 64).with_kv_heads(3);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, bad, None, &fwd_lens(bad), None).unwrap_err();
+        assert!(matches!(err, LaunchError::KvHeads { heads: 8, kv_heads: 3 }), "{err}");
+        assert!(err.to_string().contains("`kv_heads` = 3 does not divide `heads` = 8"), "{err}");
+        let zero = shape(1, 8, 10, 64).with_kv_heads(0);
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, zero, None, &fwd_lens(zero), None).unwrap_err();
+        assert!(matches!(err, LaunchError::EmptyDim { dim: "kv_heads" }), "{err}");
+    }
+
+    #[test]
+    fn packed_batches_need_cu_seqlens_and_size_by_total_tokens() {
+        let mut m = manifest(Pass::Forward);
+        m.spec.layout = Layout::Thd;
+        // 3 sequences, the longest 1000, 1500 tokens in all, 4 heads on 2 K/V heads.
+        let s = shape(3, 4, 1000, 64).with_kv_heads(2);
+        let (e, kv, r) = (1500 * 4 * 64, 1500 * 2 * 64, 4 * 1500);
+        let lens =
+            ForwardLens { q: e, k: kv, v: kv, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens: Some(4) };
+        let plan = plan_forward(&m, Dtype::Bf16, s, Some(1500), &lens, None).unwrap();
+        assert_eq!((plan.elements, plan.kv_elements, plan.rows), (e, kv, r));
+        assert_eq!(plan.steps[0].grid, (16 * 2, 2, 3));
+        let err = plan_forward(&m, Dtype::Bf16, s, Some(1500), &ForwardLens { cu_seqlens: Some(3), ..lens }, None)
+            .unwrap_err();
+        assert!(matches!(err, LaunchError::TooShort { tensor: "cu_seqlens", needed: 4, got: 3 }), "{err}");
+        let err = plan_forward(&m, Dtype::Bf16, s, None, &ForwardLens { cu_seqlens: None, ..lens }, None).unwrap_err();
+        assert!(matches!(err, LaunchError::Varlen { .. }), "{err}");
+        // A dense kernel refuses cu_seqlens.
+        let dense = manifest(Pass::Forward);
+        let err = plan_forward(&dense, Dtype::Bf16, s, Some(1500), &lens, None).unwrap_err();
+        assert!(err.to_string().contains("not thd"), "{err}");
+    }
+
+    #[test]
+    fn the_deterministic_backward_gets_one_turn_counter_per_key_block() {
+        let mut m = manifest(Pass::Backward);
+        m.spec.deterministic = true;
+        let s = shape(2, 8, 1000, 64).with_kv_heads(2);
+        let kv = 2 * 2 * 1000 * 64;
+        let lens = BackwardLens { k: kv, v: kv, dk: kv, dv: kv, ..bwd_lens(s) };
+        let plan = plan_backward(&m, Dtype::Bf16, s, None, &lens, None).unwrap();
+        assert_eq!(plan.lock_count, 2 * 2 * 1000usize.div_ceil(64));
+        let plain = plan_backward(&manifest(Pass::Backward), Dtype::Bf16, s, None, &lens, None).unwrap();
+        assert_eq!(plain.lock_count, 0);
     }
 
     #[test]
     fn input_refusals_are_input_errors() {
         let s = shape(1, 1, 0, 64);
-        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, &fwd_lens(s), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), None).unwrap_err();
         assert!(err.is_input_error());
     }
 

@@ -26,7 +26,7 @@ pub struct CheckArgs {
     /// A subset: N in {17, 1000} instead of {1, 17, 64, 1000, 4097}.
     #[arg(long)]
     pub quick: bool,
-    /// Head dimensions, comma-separated (default: 64,128).
+    /// Head dimensions, comma-separated, any of 1..=256 (default: 64,128).
     #[arg(long, value_delimiter = ',')]
     pub head_dim: Vec<u32>,
     /// Element types, comma-separated (default: bf16,f16).
@@ -38,7 +38,8 @@ pub struct CheckArgs {
     /// Masks, comma-separated (default: strict,attend_current).
     #[arg(long, value_delimiter = ',')]
     pub mask: Vec<Mask>,
-    /// Layouts, comma-separated (default: bhnd,bnhd).
+    /// Layouts, comma-separated: bhnd, bnhd, thd (default: bhnd,bnhd). THD runs every dense group as
+    /// a packed batch of equal sequences, and the `--varlen` batch.
     #[arg(long, value_delimiter = ',')]
     pub layout: Vec<Layout>,
     /// Remainder handling, comma-separated (default: return,fuse).
@@ -53,6 +54,17 @@ pub struct CheckArgs {
     /// Sequence lengths, comma-separated (overrides --quick).
     #[arg(long, value_delimiter = ',')]
     pub seq: Vec<usize>,
+    /// Query heads per K/V head, comma-separated: group sizes and/or `mqa` (default: 1, multi-head).
+    #[arg(long, value_delimiter = ',')]
+    pub kv_groups: Vec<check::KvHeads>,
+    /// Lengths of a packed batch checked in the THD layout, comma-separated (e.g. 0,1,17,1000,4097;
+    /// adds thd to the layouts when they are not given).
+    #[arg(long, value_delimiter = ',')]
+    pub varlen: Vec<usize>,
+    /// Backward variants, comma-separated: off (the default backward), on (deterministic: also run
+    /// twice and compared bit for bit) (default: off).
+    #[arg(long, value_delimiter = ',', value_parser = parse_on_off)]
+    pub deterministic: Vec<bool>,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
     /// Seed of the random inputs (default: from the clock; printed so a run can be repeated).
@@ -91,6 +103,15 @@ pub fn parse_early_exit(s: &str) -> Result<EarlyExit, String> {
             .parse::<u32>()
             .map(Some)
             .map_err(|_| format!("`early_exit` = `{s}` is not valid: allowed off or T bits (e.g. 24)")),
+    }
+}
+
+/// `on`/`off` (or true/false, yes/no).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("`deterministic` = `{s}` is not valid: allowed on, off")),
     }
 }
 
@@ -136,6 +157,15 @@ pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
     take(&args.early_exit, &mut plan.early_exits);
     take(&args.regime, &mut plan.regimes);
     take(&args.seq, &mut plan.seqs);
+    take(&args.kv_groups, &mut plan.kv_heads);
+    take(&args.varlen, &mut plan.varlen);
+    take(&args.deterministic, &mut plan.deterministic);
+    if !args.varlen.is_empty() && args.layout.is_empty() {
+        plan.layouts.push(Layout::Thd);
+    }
+    if !plan.varlen.is_empty() && plan.varlen.iter().all(|&n| n == 0) {
+        return Err(UsageError::new("`varlen` lengths are all 0: at least one sequence must have a token").into());
+    }
     plan.passes = passes(args.pass);
     plan.schedule = schedule_override(&args.schedule);
     if let Some(t) = args.threads {
@@ -176,6 +206,17 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
              gradient (the plain relative error is undefined where they cancel: N = 1, attend_current)"
         )?;
     }
+    writeln!(
+        out,
+        "query heads per K/V head: {}; packed (THD) batch: {}; deterministic backward: {}",
+        plan.kv_heads.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(","),
+        if plan.varlen.is_empty() || !plan.layouts.contains(&Layout::Thd) {
+            "none".to_string()
+        } else {
+            format!("lengths {:?}", plan.varlen)
+        },
+        plan.deterministic.iter().map(|&d| if d { "on" } else { "off" }).collect::<Vec<_>>().join(",")
+    )?;
     writeln!(out, "{}", failure::header())?;
     out.flush()?;
     let start = Instant::now();
@@ -320,13 +361,21 @@ mod tests {
         let p = plan(&parse(&["--seq", "5,9", "--early-exit", "24"]), 1).unwrap();
         assert_eq!(p.seqs, vec![5, 9]);
         assert_eq!(p.early_exits, vec![Some(24)]);
+        let p = plan(&parse(&["--varlen", "0,1,17", "--kv-groups", "2,mqa", "--deterministic", "off,on"]), 1).unwrap();
+        assert_eq!(p.layouts, vec![Layout::Bhnd, Layout::Bnhd, Layout::Thd]);
+        assert_eq!(p.kv_heads, vec![check::KvHeads::Group(2), check::KvHeads::Mqa]);
+        assert_eq!(p.deterministic, vec![false, true]);
     }
 
     #[test]
     fn bad_values_are_usage_errors_naming_the_field() {
-        let e = plan(&parse(&["--head-dim", "96"]), 1).unwrap_err();
+        let e = plan(&parse(&["--head-dim", "300"]), 1).unwrap_err();
         assert!(e.downcast_ref::<UsageError>().is_some());
-        assert!(e.to_string().contains("`head_dim` = 96"), "{e}");
+        assert!(e.to_string().contains("`head_dim` = 300"), "{e}");
+        assert!(plan(&parse(&["--head-dim", "96,50,256"]), 1).is_ok());
+        let e = plan(&parse(&["--varlen", "0,0"]), 1).unwrap_err();
+        assert!(e.to_string().contains("`varlen` lengths are all 0"), "{e}");
+        assert!(parse_on_off("maybe").unwrap_err().contains("`deterministic`"));
         let e = plan(&parse(&["--early-exit", "2"]), 1).unwrap_err();
         assert!(e.to_string().contains("early_exit_bits"), "{e}");
         let e = plan(&parse(&["--seq", "0"]), 1).unwrap_err();

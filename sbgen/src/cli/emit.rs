@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct EmitArgs {
-    /// Head dimension (64 or 128).
+    /// Head dimension: any 1..=256 (tiles are head_dim rounded up to a multiple of 32; 32, 64, 96, 128, 256 need no padding).
     #[arg(long)]
     pub head_dim: u32,
     /// Element type: bf16 or f16.
@@ -39,15 +39,48 @@ pub struct SpecArgs {
     /// Causal mask: strict (key j < query i) or attend_current (j <= i).
     #[arg(long, default_value_t = Mask::Strict)]
     pub mask: Mask,
-    /// Memory order of q, k, v, o (and do, the gradients): bhnd or bnhd.
+    /// Memory order of q, k, v, o (and do, the gradients): bhnd, bnhd, or thd (a packed batch of
+    /// sequences of any lengths, [T, H, D] with cu_seqlens; `--varlen` is the same).
     #[arg(long, default_value_t = Layout::Bhnd)]
     pub layout: Layout,
+    /// The THD layout (packed variable-length batch): the same as `--layout thd`.
+    #[arg(long, conflicts_with = "layout")]
+    pub varlen: bool,
     /// Return the leftover stick separately (return) or fuse rem * v_i into o (fuse).
     #[arg(long, default_value_t = Remainder::Return)]
     pub remainder: Remainder,
     /// Stop the walk once less than 2^-T of every row's stick is left (8..=60; off when absent).
     #[arg(long, value_name = "T")]
     pub early_exit_bits: Option<u32>,
+    /// Backward only: bit-identical dq, dk, dv across runs (dK/dV added in a fixed order; see
+    /// docs/math.md#deterministic-backward). The forward is always deterministic.
+    #[arg(long)]
+    pub deterministic: bool,
+}
+
+impl SpecArgs {
+    /// The layout asked for (`--varlen` is `--layout thd`).
+    pub fn layout(&self) -> Layout {
+        if self.varlen {
+            Layout::Thd
+        } else {
+            self.layout
+        }
+    }
+
+    /// The spec of `pass` with these fields (`deterministic` applies to the backward only).
+    pub fn spec(&self, head_dim: u32, dtype: Dtype, pass: Pass) -> Spec {
+        Spec {
+            head_dim,
+            dtype,
+            mask: self.mask,
+            layout: self.layout(),
+            remainder: self.remainder,
+            pass,
+            early_exit_bits: self.early_exit_bits,
+            deterministic: self.deterministic && pass == Pass::Backward,
+        }
+    }
 }
 
 /// Schedule overrides; absent fields keep the default schedule (64 x 64, 4 warps, 2 stages, mufu).
@@ -128,16 +161,7 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
     // Validate every kernel before writing anything.
     let mut kernels = Vec::new();
     for &pass in args.pass.passes() {
-        let spec = Spec {
-            head_dim: args.head_dim,
-            dtype: args.dtype,
-            mask: args.spec.mask,
-            layout: args.spec.layout,
-            remainder: args.spec.remainder,
-            pass,
-            early_exit_bits: args.spec.early_exit_bits,
-            deterministic: false,
-        };
+        let spec = args.spec.spec(args.head_dim, args.dtype, pass);
         // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
         let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_for(&spec));
         let kernel = Kernel::new(spec, schedule, args.arch);

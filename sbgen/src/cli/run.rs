@@ -12,25 +12,35 @@ use std::io::Write;
 use std::path::PathBuf;
 
 const TENSORS_HELP: &str = "\
-Input tensors (safetensors, names exact; B batch, H heads, N sequence, D head dimension):
-  q, k, v   BF16 or F16 (all the same), [B, H, N, D] with --layout bhnd, [B, N, H, D] with --layout bnhd
-  do        same dtype and shape as q; needed for --pass bwd and both
-  drem      F32 (BF16, F16, F64 converted) [B, H, N] whatever the layout; optional: absent means no
-            gradient flows into rem
+Input tensors (safetensors, names exact; B batch, H heads, H_kv K/V heads, N sequence, D head dimension,
+T tokens of a packed batch):
+              --layout bhnd      --layout bnhd      --layout thd (--varlen)
+  q           [B, H, N, D]       [B, N, H, D]       [T, H, D]          BF16 or F16
+  k, v        [B, H_kv, N, D]    [B, N, H_kv, D]    [T, H_kv, D]       q's dtype
+  do          as q               as q               as q               q's dtype; for --pass bwd and both
+  drem        [B, H, N]          [B, H, N]          [H, T]             F32 (BF16, F16, F64 converted);
+                                                                       optional: absent means no
+                                                                       gradient flows into rem
+  cu_seqlens  (refused)          (refused)          [B + 1]            I32: sequence b is tokens
+                                                                       cu_seqlens[b]..cu_seqlens[b+1]
+H_kv must divide H (grouped-query attention; H_kv = 1 is multi-query). cu_seqlens must start at 0, never
+decrease and end at T (an error names the first bad index); empty sequences are allowed, but a batch of
+only empty sequences is refused. N of a packed batch is its longest sequence.
 Output tensors:
-  o         q's dtype and shape (o + rem * v with --remainder fuse)
-  rem       F32 [B, H, N], the stick left over
-  log2_rem  F32 [B, H, N]
-  dq, dk, dv  q's dtype and shape (with --pass bwd or both; the forward runs first to give o and log2_rem)
-The dtype comes from q, D from q's last dimension (64 or 128). Scale defaults to 1/sqrt(D).
+  o           q's dtype and shape (o + rem * v with --remainder fuse)
+  rem         F32 [B, H, N] (thd: [H, T]), the stick left over
+  log2_rem    F32, rem's shape
+  dq          q's dtype and shape       } with --pass bwd or both (the forward runs first to give
+  dk, dv      k's dtype and shape       } o and log2_rem); --deterministic makes them bit-identical
+The dtype comes from q, D from q's last dimension (any of 1..=256). Scale defaults to 1/sqrt(D).
 Exit status: 0 done; 1 no CUDA device, a kernel failure or NaN/infinite outputs; 2 a missing, misshapen
-or repeated tensor, an input that is not a regular file, an output that is the input, a folder or in a
-missing or unwritable folder, or a bad option (all found before the GPU is opened).";
+or repeated tensor, a bad cu_seqlens, an input that is not a regular file, an output that is the input,
+a folder or in a missing or unwritable folder, or a bad option (all found before the GPU is opened).";
 
 #[derive(Debug, Args)]
 #[command(after_long_help = TENSORS_HELP)]
 pub struct RunArgs {
-    /// Input safetensors file with q, k, v (and do, drem for the backward).
+    /// Input safetensors file with q, k, v (and do, drem for the backward; cu_seqlens for thd).
     #[arg(long, short)]
     pub input: PathBuf,
     /// Output safetensors file (o, rem, log2_rem; dq, dk, dv for the backward). Checked before the
@@ -66,23 +76,9 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     files::check_output(&args.output, &[&args.input]).map_err(|e| UsageError::new(format!("`--output`: {e}")))?;
-    let req = RunRequest {
-        input: args.input.clone(),
-        output: args.output.clone(),
-        pass: match args.pass {
-            PassChoice::Fwd => RunPass::Forward,
-            PassChoice::Bwd => RunPass::Backward,
-            PassChoice::Both => RunPass::Both,
-        },
-        mask: args.spec.mask,
-        layout: args.spec.layout,
-        remainder: args.spec.remainder,
-        early_exit_bits: args.spec.early_exit_bits,
-        schedule: super::check::schedule_override(&args.schedule),
-        scale: args.scale,
-    };
+    let req = request(args);
     let loaded = run::load(&req).map_err(usage)?;
-    let shape = loaded.shape;
+    let sizes = loaded.sizes();
     let kernel = |pass, arch| {
         let spec = loaded.spec(&req, pass);
         Kernel::new(spec, req.schedule.unwrap_or_else(|| Schedule::default_for(&spec)), arch)
@@ -108,17 +104,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let builder = KernelBuilder::new(dev.arch, ptx_dir);
     let report = run::run(&dev, &builder, &req, loaded).map_err(usage)?;
-    writeln!(
-        out,
-        "ran {} on {} ({} [B={}, H={}, N={}, D={}])",
-        report.kernels.join(" + "),
-        dev.describe(),
-        report.dtype,
-        shape.batch,
-        shape.heads,
-        shape.seq,
-        shape.head_dim
-    )?;
+    writeln!(out, "ran {} on {} ({} [{sizes}])", report.kernels.join(" + "), dev.describe(), report.dtype)?;
     for (name, dims) in &report.written {
         writeln!(out, "  wrote {name} {dims:?}")?;
     }
@@ -132,10 +118,67 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// The request `args` describe; its specs follow `SpecArgs::spec` (checked by a test below).
+fn request(args: &RunArgs) -> RunRequest {
+    RunRequest {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        pass: match args.pass {
+            PassChoice::Fwd => RunPass::Forward,
+            PassChoice::Bwd => RunPass::Backward,
+            PassChoice::Both => RunPass::Both,
+        },
+        mask: args.spec.mask,
+        layout: args.spec.layout(),
+        remainder: args.spec.remainder,
+        early_exit_bits: args.spec.early_exit_bits,
+        deterministic: args.spec.deterministic,
+        schedule: super::check::schedule_override(&args.schedule),
+        scale: args.scale,
+    }
+}
+
 /// Input errors become usage errors (exit 2); the rest stay as they are (exit 1).
 fn usage(e: RunError) -> anyhow::Error {
     match e {
         RunError::Input(m) => UsageError::new(m).into(),
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dtype, Layout, Pass};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let base = ["sbgen-run", "-i", "in.safetensors", "-o", "out.safetensors"];
+        Cli::parse_from(base.iter().chain(extra)).run
+    }
+
+    #[test]
+    fn the_request_builds_the_specs_spec_args_would() {
+        for extra in [
+            &[][..],
+            &["--varlen", "--deterministic"][..],
+            &["--layout", "bnhd", "--deterministic", "--mask", "attend_current", "--early-exit-bits", "20"][..],
+        ] {
+            let a = args(extra);
+            let req = request(&a);
+            for pass in [Pass::Forward, Pass::Backward] {
+                assert_eq!(req.spec(96, Dtype::F16, pass), a.spec.spec(96, Dtype::F16, pass), "{extra:?}");
+            }
+        }
+        let req = request(&args(&["--varlen", "--deterministic"]));
+        assert_eq!(req.layout, Layout::Thd);
+        assert!(req.spec(64, Dtype::Bf16, Pass::Backward).deterministic);
+        assert!(!req.spec(64, Dtype::Bf16, Pass::Forward).deterministic);
     }
 }

@@ -24,10 +24,17 @@
 //! Every output lies between two poisoned guard zones ([`exec::GUARD`] elements each side); a write
 //! outside the tensor fails the row too.
 //!
-//! Shapes: B = 3, H = 5 up to N = 1024; B = 1, H = 3 above (the reference is O(B H N^2 D)).
+//! - deterministic backward (`--deterministic on`): the backward runs twice on the same inputs and
+//!   dq, dk, dv must be bit-identical (besides the tolerances above).
+//!
+//! Shapes ([`shape_for`]): B = 3, H = 5 up to N = 1024; B = 1, H = 3 above (the reference is
+//! O(B H N^2 D)); grouped-query attention ([`KvHeads`]) takes H = 2 x group on 2 K/V heads (B = 2),
+//! or above N = 1024 H = group on one; MQA H = 4 (3 above N = 1024) on one K/V head. A packed batch
+//! (`--varlen`, THD layout only) is the given lengths in one batch; every dense group also runs the
+//! THD layout as a packed batch of B equal sequences when THD is selected.
 
-use super::data::from_layout;
-use super::data::{make_inputs, rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
+use super::data::{from_layout_seqs, make_inputs, make_packed_inputs, rows_from_layout, rows_to_layout, to_layout_seqs};
+use super::data::{rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
 use super::device::{Device, GpuError};
 use super::exec::{self, guarded, guarded_f32, DeviceProblem, Guarded};
 use super::failure::{Failure, Row};
@@ -39,6 +46,8 @@ use crate::ir::{Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Spec};
 use cudarc::driver::DeviceRepr;
 use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::{Grads, Options, Shape};
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Forward tolerance: relative L2 against float64 (docs/checking.md#tolerances).
@@ -50,6 +59,39 @@ pub const EE_BWD_TOL: f64 = 1e-3;
 /// Sequence lengths of the full check and of `--quick`.
 pub const FULL_SEQS: &[usize] = &[1, 17, 64, 1000, 4097];
 pub const QUICK_SEQS: &[usize] = &[17, 1000];
+/// The packed batch of the full check: empty and one-token sequences next to long ones.
+pub const FULL_VARLEN: &[usize] = &[0, 1, 17, 1000, 4097];
+
+/// How many K/V heads a checked problem has, relative to its query heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KvHeads {
+    /// `group` query heads per K/V head (1: multi-head attention).
+    Group(usize),
+    /// One K/V head for every query head (multi-query attention).
+    Mqa,
+}
+
+impl fmt::Display for KvHeads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvHeads::Group(g) => write!(f, "{g}"),
+            KvHeads::Mqa => f.write_str("mqa"),
+        }
+    }
+}
+
+impl FromStr for KvHeads {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "mqa" => Ok(KvHeads::Mqa),
+            t => match t.parse::<usize>() {
+                Ok(g) if (1..=64).contains(&g) => Ok(KvHeads::Group(g)),
+                _ => Err(format!("`kv_groups` = `{s}` is not valid: allowed a group size 1..=64 or mqa")),
+            },
+        }
+    }
+}
 
 /// What to check.
 #[derive(Clone, Debug)]
@@ -64,6 +106,13 @@ pub struct CheckPlan {
     pub early_exits: Vec<Option<u32>>,
     pub regimes: Vec<Regime>,
     pub seqs: Vec<usize>,
+    /// Query heads per K/V head of the dense groups.
+    pub kv_heads: Vec<KvHeads>,
+    /// Lengths of the packed batch checked in the THD layout (empty: none besides the dense groups
+    /// packed as equal sequences).
+    pub varlen: Vec<usize>,
+    /// Backward variants: `false` the default, `true` the deterministic one.
+    pub deterministic: Vec<bool>,
     /// `None`: each spec's default schedule ([`Schedule::default_for`]).
     pub schedule: Option<Schedule>,
     /// The forward kernels' schedule when it is not `schedule`: a backward is then checked on the
@@ -89,6 +138,9 @@ impl CheckPlan {
             early_exits: vec![None, Some(24)],
             regimes: Regime::ALL.to_vec(),
             seqs: FULL_SEQS.to_vec(),
+            kv_heads: vec![KvHeads::Group(1)],
+            varlen: Vec::new(),
+            deterministic: vec![false],
             schedule: None,
             forward_schedule: None,
             seed,
@@ -111,17 +163,19 @@ impl CheckPlan {
                     for &remainder in &self.remainders {
                         for &layout in &self.layouts {
                             for &pass in &self.passes {
-                                for &early_exit_bits in &self.early_exits {
-                                    out.push(Spec {
-                                        head_dim,
-                                        dtype,
-                                        mask,
-                                        layout,
-                                        remainder,
-                                        pass,
-                                        early_exit_bits,
-                                        deterministic: false,
-                                    });
+                                for deterministic in self.deterministic_for(pass) {
+                                    for &early_exit_bits in &self.early_exits {
+                                        out.push(Spec {
+                                            head_dim,
+                                            dtype,
+                                            mask,
+                                            layout,
+                                            remainder,
+                                            pass,
+                                            early_exit_bits,
+                                            deterministic,
+                                        });
+                                    }
                                 }
                             }
                         }
@@ -130,6 +184,14 @@ impl CheckPlan {
             }
         }
         out
+    }
+
+    /// The deterministic settings a pass runs with (the forward has none).
+    pub fn deterministic_for(&self, pass: Pass) -> Vec<bool> {
+        match pass {
+            Pass::Forward => vec![false],
+            Pass::Backward => self.deterministic.clone(),
+        }
     }
 
     /// Every kernel the plan runs on `builder`'s arch.
@@ -146,12 +208,17 @@ impl CheckPlan {
     }
 }
 
-/// The problem shape for sequence length `seq`.
-pub fn shape_for(seq: usize, head_dim: u32) -> Shape {
-    if seq > 1024 {
-        Shape::new(1, 3, seq, head_dim as usize)
-    } else {
-        Shape::new(3, 5, seq, head_dim as usize)
+/// The problem shape for sequence length `seq` and K/V heads `kv` (see the module doc).
+pub fn shape_for(seq: usize, head_dim: u32, kv: KvHeads) -> Shape {
+    let d = head_dim as usize;
+    let long = seq > 1024;
+    match kv {
+        KvHeads::Group(1) if long => Shape::new(1, 3, seq, d),
+        KvHeads::Group(1) => Shape::new(3, 5, seq, d),
+        KvHeads::Group(g) if long => Shape::new(1, g, seq, d).with_kv_heads(1),
+        KvHeads::Group(g) => Shape::new(2, 2 * g, seq, d).with_kv_heads(2),
+        KvHeads::Mqa if long => Shape::new(1, 3, seq, d).with_kv_heads(1),
+        KvHeads::Mqa => Shape::new(2, 4, seq, d).with_kv_heads(1),
     }
 }
 
@@ -164,17 +231,31 @@ pub fn run(
     sink: &mut dyn FnMut(&Row),
 ) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
+    let packed = plan.layouts.contains(&Layout::Thd);
     for &head_dim in &plan.head_dims {
         for &dtype in &plan.dtypes {
             for &regime in &plan.regimes {
-                for &seq in &plan.seqs {
-                    let shape = shape_for(seq, head_dim);
-                    let seed = group_seed(plan.seed, head_dim, dtype, regime, seq);
-                    let inputs = make_inputs(shape, dtype, regime, seed);
-                    let mut group = Group { dev, builder, plan, regime, inputs: &inputs, rows: &mut rows, sink };
-                    match dtype {
-                        Dtype::Bf16 => group.run::<half::bf16>()?,
-                        Dtype::F16 => group.run::<half::f16>()?,
+                for &kv in &plan.kv_heads {
+                    // Dense groups, each also run as a packed batch of equal sequences under THD.
+                    for &seq in &plan.seqs {
+                        let shape = shape_for(seq, head_dim, kv);
+                        let seed = group_seed(plan.seed, head_dim, dtype, regime, seq) ^ kv_salt(kv);
+                        let inputs = make_inputs(shape, dtype, regime, seed);
+                        let layouts = plan.layouts.clone();
+                        let mut group =
+                            Group { dev, builder, plan, regime, inputs: &inputs, layouts, rows: &mut rows, sink };
+                        group.run_dtype()?;
+                    }
+                    // The packed batch of mixed lengths: THD only.
+                    if packed && !plan.varlen.is_empty() {
+                        let longest = plan.varlen.iter().copied().max().unwrap_or(0);
+                        let shape = shape_for(longest.min(1024), head_dim, kv);
+                        let seed = group_seed(plan.seed, head_dim, dtype, regime, usize::MAX) ^ kv_salt(kv);
+                        let inputs = make_packed_inputs(shape, &plan.varlen, dtype, regime, seed);
+                        let layouts = vec![Layout::Thd];
+                        let mut group =
+                            Group { dev, builder, plan, regime, inputs: &inputs, layouts, rows: &mut rows, sink };
+                        group.run_dtype()?;
                     }
                 }
             }
@@ -193,6 +274,15 @@ pub fn preload(dev: &Device, builder: &KernelBuilder, plan: &CheckPlan) {
     });
 }
 
+/// Mixed into a group's seed so that each K/V head count draws its own data.
+fn kv_salt(kv: KvHeads) -> u64 {
+    match kv {
+        KvHeads::Group(1) => 0,
+        KvHeads::Group(g) => (g as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        KvHeads::Mqa => 0x51af_d7ed_558c_cd29,
+    }
+}
+
 /// The seed of one (head_dim, dtype, regime, N) group: a mix of the run's seed and the group.
 pub fn group_seed(seed: u64, head_dim: u32, dtype: Dtype, regime: Regime, seq: usize) -> u64 {
     let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
@@ -209,6 +299,8 @@ struct Group<'a> {
     plan: &'a CheckPlan,
     regime: Regime,
     inputs: &'a Inputs,
+    /// The layouts this group runs (a packed batch of mixed lengths runs THD only).
+    layouts: Vec<Layout>,
     rows: &'a mut Vec<Row>,
     sink: &'a mut dyn FnMut(&Row),
 }
@@ -223,13 +315,21 @@ struct FwdResult {
     outside: Vec<(&'static str, usize)>,
 }
 
-/// A guarded [B, H, N, D] output in the problem's layout, as f32 in BHND order; overwritten guard
-/// elements are added to `outside`.
+/// Which tensor family an output belongs to: q-shaped (H heads), K/V-shaped (H_kv heads) or rows.
+#[derive(Clone, Copy)]
+enum Family {
+    Query,
+    KeyValue,
+}
+
+/// A guarded output in the problem's layout, as f32 in canonical order; overwritten guard elements
+/// are added to `outside`.
 fn read_tensor<T: SbElement, E: DeviceRepr + Copy>(
     dev: &Device,
     g: &Guarded<E>,
     to_f32: fn(E) -> f32,
     p: &DeviceProblem<T>,
+    family: Family,
     name: &'static str,
     outside: &mut Vec<(&'static str, usize)>,
 ) -> Result<Vec<f32>, GpuError> {
@@ -238,13 +338,18 @@ fn read_tensor<T: SbElement, E: DeviceRepr + Copy>(
         outside.push((name, bad));
     }
     let f: Vec<f32> = x.into_iter().map(to_f32).collect();
-    Ok(from_layout(p.shape, p.layout, &f))
+    let heads = match family {
+        Family::Query => p.shape.heads,
+        Family::KeyValue => p.shape.kv_heads,
+    };
+    Ok(from_layout_seqs(&p.seq_lens, heads, p.shape.head_dim, p.layout, &f))
 }
 
-/// A guarded f32 [B, H, N] output.
-fn read_rows(
+/// A guarded f32 rows output (rem, log2 rem) in canonical order.
+fn read_rows<T>(
     dev: &Device,
     g: &Guarded<f32>,
+    p: &DeviceProblem<T>,
     name: &'static str,
     outside: &mut Vec<(&'static str, usize)>,
 ) -> Result<Vec<f32>, GpuError> {
@@ -252,18 +357,25 @@ fn read_rows(
     if bad > 0 {
         outside.push((name, bad));
     }
-    Ok(x)
+    Ok(rows_from_layout(&p.seq_lens, p.shape.heads, p.layout, &x))
 }
 
-/// The reference's o before the fused remainder (what o_saved holds): o - rem_i v_i when fused.
+/// The reference's o before the fused remainder (what o_saved holds): o - rem_i v_i when fused
+/// (v_i of the query head's K/V head).
 fn unfused_o(exp: &Expected, inputs: &Inputs, remainder: Remainder) -> Vec<f64> {
-    match remainder {
-        Remainder::Return => exp.o.clone(),
-        Remainder::Fuse => {
-            let d = inputs.shape.head_dim;
-            exp.o.iter().zip(&inputs.v).enumerate().map(|(i, (&o, &v))| o - exp.rem[i / d] * v as f64).collect()
+    let mut o = exp.o.clone();
+    if remainder == Remainder::Fuse {
+        let d = inputs.shape.head_dim;
+        for r in inputs.heads() {
+            for i in 0..r.len {
+                let rem = exp.rem[r.rows + i];
+                for t in 0..d {
+                    o[r.q + i * d + t] -= rem * inputs.v[r.kv + i * d + t] as f64;
+                }
+            }
         }
     }
+    o
 }
 
 struct BwdResult {
@@ -274,6 +386,13 @@ struct BwdResult {
 }
 
 impl Group<'_> {
+    fn run_dtype(&mut self) -> Result<(), GpuError> {
+        match self.inputs.dtype {
+            Dtype::Bf16 => self.run::<half::bf16>(),
+            Dtype::F16 => self.run::<half::f16>(),
+        }
+    }
+
     fn run<T: SbElement>(&mut self) -> Result<(), GpuError> {
         let plan = self.plan;
         let shape = self.inputs.shape;
@@ -296,7 +415,7 @@ impl Group<'_> {
         let expected_for = |mask: Mask, remainder: Remainder| {
             all_configs.iter().position(|&c| c == (mask, remainder)).map(|i| &expected[i])
         };
-        for &layout in &plan.layouts {
+        for layout in self.layouts.clone() {
             let problem = DeviceProblem::<T>::upload(self.dev, self.inputs, layout, true)?;
             for (&(mask, remainder), exp) in configs.iter().zip(&expected) {
                 let base = Spec {
@@ -318,7 +437,10 @@ impl Group<'_> {
                         Remainder::Fuse => expected_for(mask, Remainder::Return).and_then(|e| e.grads.as_ref()),
                         Remainder::Return => None,
                     };
-                    self.backward_family(&problem, Spec { pass: Pass::Backward, ..base }, exp, floor, &forward)?;
+                    for deterministic in plan.deterministic_for(Pass::Backward) {
+                        let spec = Spec { pass: Pass::Backward, deterministic, ..base };
+                        self.backward_family(&problem, spec, exp, floor, &forward)?;
+                    }
                 }
             }
         }
@@ -356,11 +478,11 @@ impl Group<'_> {
             let mut row = Row::new(spec, self.regime, p.shape);
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
-                    let (dev, shape) = (self.dev, p.shape);
-                    let mut o = guarded::<T>(dev, shape.len())?;
-                    let mut rem = guarded_f32(dev, shape.rows())?;
-                    let mut log2_rem = guarded_f32(dev, shape.rows())?;
-                    let mut o_saved = guarded_f32(dev, shape.len())?;
+                    let dev = self.dev;
+                    let mut o = guarded::<T>(dev, p.q_len())?;
+                    let mut rem = guarded_f32(dev, p.rows())?;
+                    let mut log2_rem = guarded_f32(dev, p.rows())?;
+                    let mut o_saved = guarded_f32(dev, p.q_len())?;
                     let out = exec::FwdViews {
                         o: o.view_mut(),
                         rem: rem.view_mut(),
@@ -370,10 +492,10 @@ impl Group<'_> {
                     exec::forward_to(dev, &binary, p, out, None)?;
                     dev.sync(binary.name(), self.plan.timeout)?;
                     let mut outside = Vec::new();
-                    let o = read_tensor(dev, &o, T::to_f32, p, "o", &mut outside)?;
-                    let o_saved = read_tensor(dev, &o_saved, |x| x, p, "o_saved", &mut outside)?;
-                    let rem = read_rows(dev, &rem, "rem", &mut outside)?;
-                    let log2_rem = read_rows(dev, &log2_rem, "log2_rem", &mut outside)?;
+                    let o = read_tensor(dev, &o, T::to_f32, p, Family::Query, "o", &mut outside)?;
+                    let o_saved = read_tensor(dev, &o_saved, |x| x, p, Family::Query, "o_saved", &mut outside)?;
+                    let rem = read_rows(dev, &rem, p, "rem", &mut outside)?;
+                    let log2_rem = read_rows(dev, &log2_rem, p, "log2_rem", &mut outside)?;
                     Ok(FwdResult { o, rem, log2_rem, o_saved, outside })
                 })?,
                 None => None,
@@ -402,13 +524,13 @@ impl Group<'_> {
     }
 
     fn early_exit_forward(&self, row: &mut Row, bits: u32, got: &FwdResult, full: &FwdResult) {
-        let shape = self.inputs.shape;
+        let d = self.inputs.shape.head_dim;
         let bound = 2f32.powi(-(bits as i32));
         let fuse = if row.spec.remainder == Remainder::Fuse { 2.0 } else { 1.0 };
-        let head = shape.seq * shape.head_dim;
         let mut over_o = 0usize;
-        for (h, (oe, of)) in got.o.chunks(head).zip(full.o.chunks(head)).enumerate() {
-            let vmax = self.inputs.v[h * head..(h + 1) * head].iter().fold(0f32, |m, x| m.max(x.abs()));
+        for r in self.inputs.heads() {
+            let (oe, of) = (&got.o[r.q..r.q + r.len * d], &full.o[r.q..r.q + r.len * d]);
+            let vmax = self.inputs.v[r.kv..r.kv + r.len * d].iter().fold(0f32, |m, x| m.max(x.abs()));
             over_o += oe
                 .iter()
                 .zip(of)
@@ -471,28 +593,46 @@ impl Group<'_> {
                 self.emit(row);
                 continue;
             };
-            let o = exec::upload::<T>(self.dev, shape, p.layout, &fwd.o)?;
-            let o_saved = exec::upload_f32_in(self.dev, shape, p.layout, &fwd.o_saved)?;
-            let log2_rem = exec::upload_f32(self.dev, &fwd.log2_rem)?;
+            let (lens, d, layout) = (&p.seq_lens, shape.head_dim, p.layout);
+            let in_layout = |x: &[f32]| to_layout_seqs(lens, shape.heads, d, layout, x);
+            let o_host: Vec<T> = in_layout(&fwd.o).into_iter().map(T::from_f32).collect();
+            let o = self.dev.stream.clone_htod(&o_host)?;
+            let o_saved = exec::upload_f32(self.dev, &in_layout(&fwd.o_saved))?;
+            let log2_rem = exec::upload_f32(self.dev, &rows_to_layout(lens, shape.heads, layout, &fwd.log2_rem))?;
             let saved = exec::Saved { o: &o, o_saved: &o_saved, log2_rem: &log2_rem };
+            // A deterministic backward runs twice: the second run must repeat the first bit for bit.
+            let runs = if spec.deterministic { 2 } else { 1 };
             let got = match self.build(&mut row, spec) {
                 Some(binary) => self.attempt(&mut row, || {
                     let dev = self.dev;
-                    let mut dq = guarded::<T>(dev, shape.len())?;
-                    let mut dk = guarded::<T>(dev, shape.len())?;
-                    let mut dv = guarded::<T>(dev, shape.len())?;
-                    let out = exec::GradViews { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
-                    exec::backward_to(dev, &binary, p, saved, out, None)?;
-                    dev.sync(binary.name(), self.plan.timeout)?;
-                    let mut outside = Vec::new();
-                    let dq = read_tensor(dev, &dq, T::to_f32, p, "dq", &mut outside)?;
-                    let dk = read_tensor(dev, &dk, T::to_f32, p, "dk", &mut outside)?;
-                    let dv = read_tensor(dev, &dv, T::to_f32, p, "dv", &mut outside)?;
-                    Ok(BwdResult { dq, dk, dv, outside })
+                    let mut results: Vec<BwdResult> = Vec::with_capacity(runs);
+                    for _ in 0..runs {
+                        let mut dq = guarded::<T>(dev, p.q_len())?;
+                        let mut dk = guarded::<T>(dev, p.kv_len())?;
+                        let mut dv = guarded::<T>(dev, p.kv_len())?;
+                        let out = exec::GradViews { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+                        exec::backward_to(dev, &binary, p, saved, out, None)?;
+                        dev.sync(binary.name(), self.plan.timeout)?;
+                        let mut outside = Vec::new();
+                        let dq = read_tensor(dev, &dq, T::to_f32, p, Family::Query, "dq", &mut outside)?;
+                        let dk = read_tensor(dev, &dk, T::to_f32, p, Family::KeyValue, "dk", &mut outside)?;
+                        let dv = read_tensor(dev, &dv, T::to_f32, p, Family::KeyValue, "dv", &mut outside)?;
+                        results.push(BwdResult { dq, dk, dv, outside });
+                    }
+                    Ok(results)
                 })?,
                 None => None,
             };
-            if let Some(got) = got {
+            if let Some(mut results) = got {
+                let got = results.remove(0);
+                if let Some(again) = results.first() {
+                    let differ = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                    let elements =
+                        differ(&got.dq, &again.dq) + differ(&got.dk, &again.dk) + differ(&got.dv, &again.dv);
+                    if elements > 0 {
+                        row.failures.push(Failure::NotDeterministic { elements });
+                    }
+                }
                 row.outside(&got.outside);
                 row.err_dq = Some(grad_error(&got.dq, &grads.dq, |g| &g.dq));
                 row.err_dk = Some(grad_error(&got.dk, &grads.dk, |g| &g.dk));
@@ -569,8 +709,39 @@ mod tests {
 
     #[test]
     fn shapes_are_odd_and_small_for_long_sequences() {
-        assert_eq!(shape_for(17, 64), Shape::new(3, 5, 17, 64));
-        assert_eq!(shape_for(4097, 128), Shape::new(1, 3, 4097, 128));
+        let mha = KvHeads::Group(1);
+        assert_eq!(shape_for(17, 64, mha), Shape::new(3, 5, 17, 64));
+        assert_eq!(shape_for(4097, 128, mha), Shape::new(1, 3, 4097, 128));
+        assert_eq!(shape_for(17, 64, KvHeads::Group(8)), Shape::new(2, 16, 17, 64).with_kv_heads(2));
+        assert_eq!(shape_for(4097, 64, KvHeads::Group(2)), Shape::new(1, 2, 4097, 64).with_kv_heads(1));
+        assert_eq!(shape_for(17, 96, KvHeads::Mqa), Shape::new(2, 4, 17, 96).with_kv_heads(1));
+        for kv in [mha, KvHeads::Group(2), KvHeads::Group(8), KvHeads::Mqa] {
+            for seq in [1, 17, 4097] {
+                let s = shape_for(seq, 64, kv);
+                assert_eq!(s.heads % s.kv_heads, 0, "{kv} {seq}");
+            }
+        }
+    }
+
+    #[test]
+    fn kv_heads_parse_and_print() {
+        assert_eq!("mqa".parse::<KvHeads>(), Ok(KvHeads::Mqa));
+        assert_eq!("8".parse::<KvHeads>(), Ok(KvHeads::Group(8)));
+        assert!("0".parse::<KvHeads>().unwrap_err().contains("`kv_groups` = `0`"));
+        assert_eq!(KvHeads::Group(2).to_string(), "2");
+    }
+
+    #[test]
+    fn deterministic_applies_to_the_backward_only() {
+        let mut plan = CheckPlan::quick(1);
+        plan.head_dims = vec![64];
+        plan.dtypes = vec![Dtype::Bf16];
+        plan.deterministic = vec![false, true];
+        let specs = plan.specs();
+        assert!(specs.iter().all(|s| !s.deterministic || s.pass == Pass::Backward));
+        let det = specs.iter().filter(|s| s.deterministic).count();
+        assert_eq!(det, specs.iter().filter(|s| s.pass == Pass::Forward).count());
+        assert!(specs.iter().all(|s| s.validate().is_ok()));
     }
 
     #[test]

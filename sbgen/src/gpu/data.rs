@@ -55,17 +55,81 @@ impl FromStr for Regime {
     }
 }
 
-/// Inputs of one problem, logical BHND order, already rounded to the kernel's dtype (so the f64
-/// reference sees exactly what the kernel reads). `d_rem` is f32.
+/// Inputs of one problem, already rounded to the kernel's dtype (so the f64 reference sees exactly
+/// what the kernel reads). `d_rem` is f32.
+///
+/// The problem is `seq_lens.len()` sequences of `seq_lens[b]` tokens (a dense batch has `shape.seq`
+/// tokens in each of `shape.batch`; a packed THD batch any lengths, with `shape.batch` sequences and
+/// `shape.seq` the longest). Tensors are in *canonical order*: the sequences one after another, each
+/// in BHND order — q, o, dO and dq `[H, len, D]`, k, v, dk and dv `[H_kv, len, D]`, rem and dRem
+/// `[H, len]`. For a dense batch that is plain BHND.
 #[derive(Clone, Debug)]
 pub struct Inputs {
     pub shape: Shape,
+    pub seq_lens: Vec<usize>,
     pub dtype: Dtype,
     pub q: Vec<f32>,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     pub d_o: Vec<f32>,
     pub d_rem: Vec<f32>,
+}
+
+impl Inputs {
+    /// Tokens in all sequences.
+    pub fn tokens(&self) -> usize {
+        self.seq_lens.iter().sum()
+    }
+
+    /// Elements of q (and o, dO, dq).
+    pub fn q_len(&self) -> usize {
+        self.tokens() * self.shape.heads * self.shape.head_dim
+    }
+
+    /// Elements of k (and v, dk, dv).
+    pub fn kv_len(&self) -> usize {
+        self.tokens() * self.shape.kv_heads * self.shape.head_dim
+    }
+
+    /// Elements of rem (and log2 rem, dRem).
+    pub fn rows(&self) -> usize {
+        self.tokens() * self.shape.heads
+    }
+
+    /// Every (sequence, query head) of the problem, in canonical order.
+    pub fn heads(&self) -> Vec<HeadRef> {
+        let s = self.shape;
+        let (d, group) = (s.head_dim, s.group());
+        let mut out = Vec::new();
+        let mut first = 0;
+        for (seq, &len) in self.seq_lens.iter().enumerate() {
+            for h in 0..s.heads {
+                let kv_head = h / group;
+                out.push(HeadRef {
+                    seq,
+                    len,
+                    q: (first * s.heads + h * len) * d,
+                    kv: (first * s.kv_heads + kv_head * len) * d,
+                    rows: first * s.heads + h * len,
+                });
+            }
+            first += len;
+        }
+        out
+    }
+}
+
+/// Where one query head of one sequence lives in canonical order (element offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadRef {
+    pub seq: usize,
+    pub len: usize,
+    /// Offset of its q (o, dO, dq) block of `len * D` elements.
+    pub q: usize,
+    /// Offset of the K/V head it reads (`len * D` elements).
+    pub kv: usize,
+    /// Offset of its `len` rem rows.
+    pub rows: usize,
 }
 
 /// Standard normal samples (Box-Muller: `rand` without `rand_distr`).
@@ -79,56 +143,145 @@ pub fn normal(rng: &mut StdRng, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Draws the inputs of `regime`. For long reach and sharp data each head gets a random unit
-/// direction u; q_i = c u + 0.1 n_i and k_j = ±c u + 0.1 n_j with c = sqrt(|score| / scale), so every
-/// score s q_i.k_j is within about 0.1 of the target (scale = 1/sqrt(D)). v, dO, dRem ~ N(0, 1).
+/// Draws the inputs of `regime` for a dense batch of `shape`.
 pub fn make_inputs(shape: Shape, dtype: Dtype, regime: Regime, seed: u64) -> Inputs {
+    make_packed_inputs(shape, &vec![shape.seq; shape.batch], dtype, regime, seed)
+}
+
+/// Draws the inputs of `regime` for sequences of `seq_lens` tokens with `shape`'s heads, K/V heads
+/// and head_dim (`shape.batch` and `shape.seq` are set from `seq_lens`). For long reach and sharp
+/// data each (sequence, K/V head) gets a random unit direction u; q_i = c u + 0.1 n_i for the query
+/// heads of its group and k_j = ±c u + 0.1 n_j with c = sqrt(|score| / scale), so every score
+/// s q_i.k_j is within about 0.1 of the target (scale = 1/sqrt(D)). v, dO, dRem ~ N(0, 1).
+pub fn make_packed_inputs(shape: Shape, seq_lens: &[usize], dtype: Dtype, regime: Regime, seed: u64) -> Inputs {
+    let shape = Shape { batch: seq_lens.len(), seq: seq_lens.iter().copied().max().unwrap_or(0), ..shape };
+    let mut x = Inputs {
+        shape,
+        seq_lens: seq_lens.to_vec(),
+        dtype,
+        q: Vec::new(),
+        k: Vec::new(),
+        v: Vec::new(),
+        d_o: Vec::new(),
+        d_rem: Vec::new(),
+    };
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut q = normal(&mut rng, shape.len());
-    let mut k = normal(&mut rng, shape.len());
-    let mut v = normal(&mut rng, shape.len());
-    let mut d_o = normal(&mut rng, shape.len());
-    let d_rem = normal(&mut rng, shape.rows());
+    x.q = normal(&mut rng, x.q_len());
+    x.k = normal(&mut rng, x.kv_len());
+    x.v = normal(&mut rng, x.kv_len());
+    x.d_o = normal(&mut rng, x.q_len());
+    x.d_rem = normal(&mut rng, x.rows());
     if let Some(score) = regime.target_score() {
         let d = shape.head_dim;
         let scale = 1.0 / (d as f64).sqrt();
         let c = (score.abs() / scale).sqrt() as f32;
         let sign = score.signum() as f32;
-        let head = shape.seq * d;
-        for (qh, kh) in q.chunks_mut(head).zip(k.chunks_mut(head)) {
+        let heads = x.heads();
+        // One direction per (sequence, K/V head), drawn in canonical order of the K/V heads.
+        let group = shape.group();
+        for chunk in heads.chunks(group) {
+            let r0 = chunk[0];
             let mut u = normal(&mut rng, d);
             let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt();
             u.iter_mut().for_each(|x| *x /= norm);
-            for (qr, kr) in qh.chunks_mut(d).zip(kh.chunks_mut(d)) {
+            for kr in x.k[r0.kv..r0.kv + r0.len * d].chunks_mut(d) {
                 for t in 0..d {
-                    qr[t] = c * u[t] + 0.1 * qr[t];
                     kr[t] = sign * c * u[t] + 0.1 * kr[t];
+                }
+            }
+            for r in chunk {
+                for qr in x.q[r.q..r.q + r.len * d].chunks_mut(d) {
+                    for t in 0..d {
+                        qr[t] = c * u[t] + 0.1 * qr[t];
+                    }
                 }
             }
         }
     }
-    let round = |x: &mut Vec<f32>| x.iter_mut().for_each(|e| *e = dtype.round(*e));
-    for t in [&mut q, &mut k, &mut v, &mut d_o] {
+    let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|e| *e = dtype.round(*e));
+    for t in [&mut x.q, &mut x.k, &mut x.v, &mut x.d_o] {
         round(t);
     }
-    Inputs { shape, dtype, q, k, v, d_o, d_rem }
+    x
 }
 
-/// A BHND tensor in `layout` order.
+/// A dense BHND tensor of `shape` (q-shaped: use `shape.kv()` for k, v) in `layout` order.
 pub fn to_layout<T: Copy>(shape: Shape, layout: Layout, bhnd: &[T]) -> Vec<T> {
-    match layout {
-        Layout::Bhnd => bhnd.to_vec(),
-        // A packed batch of equal-length sequences is BNHD.
-        Layout::Bnhd | Layout::Thd => bhnd_to_bnhd(shape, bhnd),
-    }
+    to_layout_seqs(&vec![shape.seq; shape.batch], shape.heads, shape.head_dim, layout, bhnd)
 }
 
-/// A tensor in `layout` order back in BHND order.
+/// A dense tensor in `layout` order back in BHND order.
 pub fn from_layout<T: Copy>(shape: Shape, layout: Layout, x: &[T]) -> Vec<T> {
-    match layout {
-        Layout::Bhnd => x.to_vec(),
-        Layout::Bnhd | Layout::Thd => bnhd_to_bhnd(shape, x),
+    from_layout_seqs(&vec![shape.seq; shape.batch], shape.heads, shape.head_dim, layout, x)
+}
+
+/// A tensor of `heads` heads in canonical order (see [`Inputs`]) in `layout` order: BHND is
+/// canonical for a dense batch; BNHD and THD are each sequence's `[len, heads, D]`, one after another.
+pub fn to_layout_seqs<T: Copy>(lens: &[usize], heads: usize, d: usize, layout: Layout, canon: &[T]) -> Vec<T> {
+    per_sequence(lens, heads, d, layout, canon, bhnd_to_bnhd)
+}
+
+/// The inverse of [`to_layout_seqs`].
+pub fn from_layout_seqs<T: Copy>(lens: &[usize], heads: usize, d: usize, layout: Layout, x: &[T]) -> Vec<T> {
+    per_sequence(lens, heads, d, layout, x, bnhd_to_bhnd)
+}
+
+fn per_sequence<T: Copy>(
+    lens: &[usize],
+    heads: usize,
+    d: usize,
+    layout: Layout,
+    x: &[T],
+    convert: fn(Shape, &[T]) -> Vec<T>,
+) -> Vec<T> {
+    if layout == Layout::Bhnd {
+        return x.to_vec();
     }
+    let mut out = Vec::with_capacity(x.len());
+    let mut first = 0;
+    for &len in lens {
+        let n = len * heads * d;
+        out.extend(convert(Shape::new(1, heads, len, d), &x[first..first + n]));
+        first += n;
+    }
+    out
+}
+
+/// Rows (rem, log2 rem, dRem) of `heads` heads in canonical order, in `layout` order: THD keeps
+/// them `[heads, total_tokens]`, the dense layouts `[batch, heads, seq]` (canonical).
+pub fn rows_to_layout<T: Copy>(lens: &[usize], heads: usize, layout: Layout, canon: &[T]) -> Vec<T> {
+    if layout != Layout::Thd {
+        return canon.to_vec();
+    }
+    let total: usize = lens.iter().sum();
+    let mut out = canon.to_vec();
+    let mut first = 0;
+    for &len in lens {
+        for h in 0..heads {
+            out[h * total + first..h * total + first + len]
+                .copy_from_slice(&canon[first * heads + h * len..first * heads + (h + 1) * len]);
+        }
+        first += len;
+    }
+    out
+}
+
+/// The inverse of [`rows_to_layout`].
+pub fn rows_from_layout<T: Copy>(lens: &[usize], heads: usize, layout: Layout, x: &[T]) -> Vec<T> {
+    if layout != Layout::Thd {
+        return x.to_vec();
+    }
+    let total: usize = lens.iter().sum();
+    let mut out = x.to_vec();
+    let mut first = 0;
+    for &len in lens {
+        for h in 0..heads {
+            out[first * heads + h * len..first * heads + (h + 1) * len]
+                .copy_from_slice(&x[h * total + first..h * total + first + len]);
+        }
+        first += len;
+    }
+    out
 }
 
 /// Relative L2 error ||got - want|| / ||want|| (the absolute norm when want is all zeros).
@@ -249,6 +402,41 @@ mod tests {
         let shape = Shape::new(2, 3, 5, 4);
         let x: Vec<u32> = (0..shape.len() as u32).collect();
         assert_eq!(from_layout(shape, Layout::Bnhd, &to_layout(shape, Layout::Bnhd, &x)), x);
+        let lens = [0, 1, 5, 2];
+        let n = 8 * 3 * 4;
+        let x: Vec<u32> = (0..n as u32).collect();
+        for layout in [Layout::Bhnd, Layout::Bnhd, Layout::Thd] {
+            assert_eq!(from_layout_seqs(&lens, 3, 4, layout, &to_layout_seqs(&lens, 3, 4, layout, &x)), x);
+            let rows: Vec<u32> = (0..24).collect();
+            assert_eq!(rows_from_layout(&lens, 3, layout, &rows_to_layout(&lens, 3, layout, &rows)), rows);
+        }
+    }
+
+    #[test]
+    fn packed_layouts_put_each_token_where_the_kernels_read_it() {
+        // Sequences of 2 and 3 tokens, 2 heads, D = 1: canonical value 100 * seq + 10 * head + token.
+        let lens = [2, 3];
+        let canon: Vec<u32> = vec![0, 1, 10, 11, 100, 101, 102, 110, 111, 112];
+        // THD [T, H, D]: token-major, heads inside.
+        assert_eq!(to_layout_seqs(&lens, 2, 1, Layout::Thd, &canon), vec![0, 10, 1, 11, 100, 110, 101, 111, 102, 112]);
+        // rem [H, T]: head-major over all tokens.
+        assert_eq!(rows_to_layout(&lens, 2, Layout::Thd, &canon), vec![0, 1, 100, 101, 102, 10, 11, 110, 111, 112]);
+    }
+
+    #[test]
+    fn grouped_packed_inputs_share_directions_within_a_group() {
+        let shape = Shape::new(1, 4, 1, 32).with_kv_heads(2);
+        let x = make_packed_inputs(shape, &[3, 0, 5], Dtype::Bf16, Regime::Sharp, 9);
+        assert_eq!((x.shape.batch, x.shape.seq, x.q.len(), x.k.len()), (3, 5, 8 * 4 * 32, 8 * 2 * 32));
+        for r in x.heads() {
+            let k0 = &x.k[r.kv..r.kv + r.len * 32];
+            for (i, qi) in x.q[r.q..r.q + r.len * 32].chunks(32).enumerate() {
+                for kj in k0.chunks(32) {
+                    let z: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() / 32f32.sqrt();
+                    assert!((z - 8.0).abs() < 1.0, "seq {} token {i}: score {z}", r.seq);
+                }
+            }
+        }
     }
 
     #[test]

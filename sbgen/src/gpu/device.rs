@@ -17,6 +17,10 @@ pub enum GpuError {
     Launch(#[from] LaunchError),
     #[error("CUDA driver: {0}")]
     Driver(#[from] DriverError),
+    /// A problem the harness cannot put on the device (e.g. sequences of different lengths in a
+    /// dense layout).
+    #[error("{0}")]
+    Input(String),
     /// A kernel did not finish in time; the process should exit (the context is unusable).
     #[error("kernel `{kernel}` did not finish within {seconds} s (hung?)")]
     Hung { kernel: String, seconds: u64 },

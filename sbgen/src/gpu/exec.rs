@@ -1,10 +1,10 @@
 //! Tensors on the device and one kernel run on them: upload in the kernel's layout, launch with
-//! poisoned (NaN-filled) outputs, download back in BHND order as f32.
+//! poisoned (NaN-filled) outputs, download back in canonical order (see [`Inputs`]) as f32.
 
-use super::data::{from_layout, to_layout, Inputs};
+use super::data::{from_layout, rows_to_layout, to_layout, to_layout_seqs, Inputs};
 use super::device::{Device, GpuError};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
-use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, SbElement};
+use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, SbElement, Varlen};
 use sbgen_runtime::reference::Shape;
 use sbgen_runtime::spec::Layout;
 
@@ -56,15 +56,48 @@ impl<T: DeviceRepr + Copy> Guarded<T> {
     }
 }
 
-/// q, k, v, dO (in `layout`) and dRem on the device.
+/// q, k, v, dO (in `layout`) and dRem on the device, for sequences of `seq_lens` tokens
+/// (`shape.batch` of them, the longest `shape.seq`); k and v have `shape.kv_heads` heads.
 pub struct DeviceProblem<T> {
     pub shape: Shape,
     pub layout: Layout,
+    pub seq_lens: Vec<usize>,
     pub q: CudaSlice<T>,
     pub k: CudaSlice<T>,
     pub v: CudaSlice<T>,
     pub d_o: CudaSlice<T>,
     pub d_rem: Option<CudaSlice<f32>>,
+    /// THD: the sequences' offsets (`cu_seqlens`), on the device.
+    pub cu_seqlens: Option<CudaSlice<i32>>,
+}
+
+impl<T> DeviceProblem<T> {
+    /// Tokens in all sequences.
+    pub fn tokens(&self) -> usize {
+        self.seq_lens.iter().sum()
+    }
+    /// Elements of q, o, dO and dq.
+    pub fn q_len(&self) -> usize {
+        self.tokens() * self.shape.heads * self.shape.head_dim
+    }
+    /// Elements of k, v, dk and dv.
+    pub fn kv_len(&self) -> usize {
+        self.tokens() * self.shape.kv_heads * self.shape.head_dim
+    }
+    /// Elements of rem, log2 rem and dRem.
+    pub fn rows(&self) -> usize {
+        self.tokens() * self.shape.heads
+    }
+}
+
+/// `cu_seqlens` of `lens` on the device, for a THD problem (`None` for the dense layouts).
+pub fn upload_cu_seqlens(dev: &Device, layout: Layout, lens: &[usize]) -> Result<Option<CudaSlice<i32>>, GpuError> {
+    if layout != Layout::Thd {
+        return Ok(None);
+    }
+    let cu = sbgen_runtime::varlen::cu_seqlens_of(lens)
+        .ok_or_else(|| GpuError::Input("a packed batch of more than i32::MAX tokens".to_string()))?;
+    Ok(Some(dev.stream.clone_htod(&cu)?))
 }
 
 /// The forward's outputs on the device. `o_saved` (o before the fused remainder, f32, in the
@@ -136,17 +169,32 @@ pub fn download_f32(dev: &Device, x: &CudaSlice<f32>) -> Result<Vec<f32>, GpuErr
 }
 
 impl<T: SbElement> DeviceProblem<T> {
-    /// Uploads `inputs` in `layout`; dRem only when `with_d_rem`.
+    /// Uploads `inputs` in `layout`; dRem only when `with_d_rem`. Sequences of different lengths
+    /// need the THD layout.
     pub fn upload(dev: &Device, inputs: &Inputs, layout: Layout, with_d_rem: bool) -> Result<Self, GpuError> {
         let s = inputs.shape;
+        let lens = &inputs.seq_lens;
+        if layout != Layout::Thd && lens.iter().any(|&l| l != s.seq) {
+            return Err(GpuError::Input(format!("sequences of lengths {lens:?} need the THD layout, not {layout}")));
+        }
+        let up = |heads: usize, x: &[f32]| -> Result<CudaSlice<T>, GpuError> {
+            let host: Vec<T> = to_layout_seqs(lens, heads, s.head_dim, layout, x).into_iter().map(T::from_f32).collect();
+            Ok(dev.stream.clone_htod(&host)?)
+        };
         Ok(DeviceProblem {
             shape: s,
             layout,
-            q: upload(dev, s, layout, &inputs.q)?,
-            k: upload(dev, s, layout, &inputs.k)?,
-            v: upload(dev, s, layout, &inputs.v)?,
-            d_o: upload(dev, s, layout, &inputs.d_o)?,
-            d_rem: if with_d_rem { Some(upload_f32(dev, &inputs.d_rem)?) } else { None },
+            seq_lens: lens.clone(),
+            q: up(s.heads, &inputs.q)?,
+            k: up(s.kv_heads, &inputs.k)?,
+            v: up(s.kv_heads, &inputs.v)?,
+            d_o: up(s.heads, &inputs.d_o)?,
+            d_rem: if with_d_rem {
+                Some(upload_f32(dev, &rows_to_layout(lens, s.heads, layout, &inputs.d_rem))?)
+            } else {
+                None
+            },
+            cu_seqlens: upload_cu_seqlens(dev, layout, lens)?,
         })
     }
 }
@@ -161,10 +209,10 @@ pub fn forward<T: SbElement>(
     save: bool,
 ) -> Result<ForwardOutputs<T>, GpuError> {
     let mut out = ForwardOutputs {
-        o: poisoned::<T>(dev, p.shape.len())?,
-        rem: poisoned_f32(dev, p.shape.rows())?,
-        log2_rem: poisoned_f32(dev, p.shape.rows())?,
-        o_saved: if save { Some(poisoned_f32(dev, p.shape.len())?) } else { None },
+        o: poisoned::<T>(dev, p.q_len())?,
+        rem: poisoned_f32(dev, p.rows())?,
+        log2_rem: poisoned_f32(dev, p.rows())?,
+        o_saved: if save { Some(poisoned_f32(dev, p.q_len())?) } else { None },
     };
     forward_into(dev, kernel, p, &mut out, scale)?;
     Ok(out)
@@ -204,6 +252,7 @@ pub fn forward_to<T: SbElement>(
     out: FwdViews<'_, T>,
     scale: Option<f32>,
 ) -> Result<(), GpuError> {
+    let cu = p.cu_seqlens.as_ref().map(|c| c.as_view());
     let args = ForwardArgs {
         q: p.q.as_view(),
         k: p.k.as_view(),
@@ -212,7 +261,7 @@ pub fn forward_to<T: SbElement>(
         rem: out.rem,
         log2_rem: out.log2_rem,
         o_saved: out.o_saved,
-        varlen: None,
+        varlen: cu.as_ref().map(|cu_seqlens| Varlen { cu_seqlens, total_tokens: p.tokens() }),
     };
     dev.launcher.forward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }
@@ -244,8 +293,8 @@ pub fn backward<T: SbElement>(
     saved: Saved<'_, T>,
     scale: Option<f32>,
 ) -> Result<GradOutputs<T>, GpuError> {
-    let n = p.shape.len();
-    let mut g = GradOutputs { dq: poisoned::<T>(dev, n)?, dk: poisoned::<T>(dev, n)?, dv: poisoned::<T>(dev, n)? };
+    let (n, kv) = (p.q_len(), p.kv_len());
+    let mut g = GradOutputs { dq: poisoned::<T>(dev, n)?, dk: poisoned::<T>(dev, kv)?, dv: poisoned::<T>(dev, kv)? };
     backward_into(dev, kernel, p, saved, &mut g, scale)?;
     Ok(g)
 }
@@ -279,6 +328,7 @@ pub fn backward_to<T: SbElement>(
     out: GradViews<'_, T>,
     scale: Option<f32>,
 ) -> Result<(), GpuError> {
+    let cu = p.cu_seqlens.as_ref().map(|c| c.as_view());
     let args = BackwardArgs {
         q: p.q.as_view(),
         k: p.k.as_view(),
@@ -291,7 +341,7 @@ pub fn backward_to<T: SbElement>(
         dq: out.dq,
         dk: out.dk,
         dv: out.dv,
-        varlen: None,
+        varlen: cu.as_ref().map(|cu_seqlens| Varlen { cu_seqlens, total_tokens: p.tokens() }),
     };
     dev.launcher.backward(kernel, p.shape, args, scale).map_err(|e| lost_or(e, kernel))
 }

@@ -31,6 +31,8 @@ pub enum Failure {
     EarlyExitChanged { elements: usize, worst: f32 },
     /// Early exit moved a gradient further than `tol` (relative L2) from the full run.
     EarlyExitGradient { bits: u32, what: &'static str, moved: f64, tol: f64 },
+    /// A deterministic backward gave different bits on a second run of the same inputs.
+    NotDeterministic { elements: usize },
 }
 
 impl Failure {
@@ -66,6 +68,9 @@ impl fmt::Display for Failure {
                 f,
                 "early exit (2^-{bits}) moved {what} by {moved:.2e} (relative) from the full run, over {tol:.0e}"
             ),
+            Failure::NotDeterministic { elements } => {
+                write!(f, "not deterministic: {elements} dq/dk/dv elements differ between two runs on the same inputs")
+            }
         }
     }
 }
@@ -129,8 +134,8 @@ impl Row {
 /// The report's header line.
 pub fn header() -> String {
     format!(
-        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-        "spec", "regime", "N", "err_o", "err_rem", "err_dq", "err_dk", "err_dv", "status"
+        "{:<40} {:<10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        "spec", "regime", "H:H_kv", "N", "err_o", "err_rem", "err_dq", "err_dk", "err_dv", "status"
     )
 }
 
@@ -143,9 +148,10 @@ pub fn format_row(row: &Row) -> String {
         format!("FAIL: {}", row.failures.iter().map(short).collect::<Vec<_>>().join("; "))
     };
     format!(
-        "{:<36} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        "{:<40} {:<10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
         row.spec.slug(),
         row.regime.to_string(),
+        format!("{}:{}", row.shape.heads, row.shape.kv_heads),
         row.shape.seq,
         f(row.err_o),
         f(row.err_rem),

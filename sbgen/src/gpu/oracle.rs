@@ -1,8 +1,9 @@
 //! The float64 reference ([`sbgen_runtime::reference`]) run over many heads and many option sets at
-//! once. Heads of a BHND tensor are contiguous and independent, so each (options, head) pair is one
-//! job for [`crate::pool`]; every row and every head is computed in full.
+//! once. Each (sequence, query head) of the inputs' canonical order is contiguous and independent, so
+//! each (options, head) pair is one job for [`crate::pool`]; every row and every head is computed in
+//! full.
 
-use super::data::{widen, Inputs};
+use super::data::{widen, HeadRef, Inputs};
 use crate::pool;
 use sbgen_runtime::reference::{self, Grads, Options, Shape};
 
@@ -16,23 +17,24 @@ pub struct Expected {
     pub grads: Option<Grads>,
 }
 
-/// The reference forward (and backward when `backward`) of `inputs` for each option set.
+/// The reference forward (and backward when `backward`) of `inputs` for each option set, in the
+/// inputs' canonical order. Each (sequence, query head) is a job on its K/V head; dk and dv sum
+/// the jobs of a group.
 pub fn expected(inputs: &Inputs, options: &[Options], backward: bool, threads: usize) -> Vec<Expected> {
     let shape = inputs.shape;
-    let heads = shape.batch * shape.heads;
-    let head_len = shape.seq * shape.head_dim;
-    let one = Shape::new(1, 1, shape.seq, shape.head_dim);
-    let jobs: Vec<(&Options, usize)> = options.iter().flat_map(|o| (0..heads).map(move |h| (o, h))).collect();
-    let results = pool::map(&jobs, threads, |&(opts, h)| {
-        let range = h * head_len..(h + 1) * head_len;
-        let rows = h * shape.seq..(h + 1) * shape.seq;
-        let q = widen(&inputs.q[range.clone()]);
-        let k = widen(&inputs.k[range.clone()]);
-        let v = widen(&inputs.v[range.clone()]);
+    let d = shape.head_dim;
+    let heads = inputs.heads();
+    let jobs: Vec<(&Options, &HeadRef)> = options.iter().flat_map(|o| heads.iter().map(move |h| (o, h))).collect();
+    let results = pool::map(&jobs, threads, |&(opts, r)| {
+        let one = Shape::new(1, 1, r.len, d);
+        let (q_block, kv_block) = (r.q..r.q + r.len * d, r.kv..r.kv + r.len * d);
+        let q = widen(&inputs.q[q_block.clone()]);
+        let k = widen(&inputs.k[kv_block.clone()]);
+        let v = widen(&inputs.v[kv_block]);
         let fwd = reference::forward(one, opts, &q, &k, &v);
         let grads = backward.then(|| {
-            let d_o = widen(&inputs.d_o[range.clone()]);
-            let d_rem = widen(&inputs.d_rem[rows.clone()]);
+            let d_o = widen(&inputs.d_o[q_block]);
+            let d_rem = widen(&inputs.d_rem[r.rows..r.rows + r.len]);
             reference::backward(one, opts, &q, &k, &v, &d_o, Some(&d_rem))
         });
         (fwd, grads)
@@ -42,20 +44,29 @@ pub fn expected(inputs: &Inputs, options: &[Options], backward: bool, threads: u
         .iter()
         .map(|_| {
             let mut e = Expected {
-                o: Vec::with_capacity(shape.len()),
-                rem: Vec::with_capacity(shape.rows()),
-                log2_rem: Vec::with_capacity(shape.rows()),
-                grads: backward.then(|| Grads { dq: Vec::new(), dk: Vec::new(), dv: Vec::new() }),
+                o: Vec::with_capacity(inputs.q_len()),
+                rem: Vec::with_capacity(inputs.rows()),
+                log2_rem: Vec::with_capacity(inputs.rows()),
+                grads: backward.then(|| Grads {
+                    dq: Vec::with_capacity(inputs.q_len()),
+                    dk: vec![0.0; inputs.kv_len()],
+                    dv: vec![0.0; inputs.kv_len()],
+                }),
             };
-            for _ in 0..heads {
+            for r in &heads {
                 let (fwd, grads) = results.next().expect("one result per job");
                 e.o.extend(fwd.o);
                 e.rem.extend(fwd.rem);
                 e.log2_rem.extend(fwd.log2_rem);
                 if let (Some(all), Some(g)) = (e.grads.as_mut(), grads) {
                     all.dq.extend(g.dq);
-                    all.dk.extend(g.dk);
-                    all.dv.extend(g.dv);
+                    // The query heads of a group add into their K/V head, in head order.
+                    for (x, y) in all.dk[r.kv..r.kv + r.len * d].iter_mut().zip(&g.dk) {
+                        *x += y;
+                    }
+                    for (x, y) in all.dv[r.kv..r.kv + r.len * d].iter_mut().zip(&g.dv) {
+                        *x += y;
+                    }
                 }
             }
             e
@@ -83,6 +94,35 @@ mod tests {
             assert_eq!(whole.log2_rem, e.log2_rem);
             let g = reference::backward(shape, o, &q, &k, &v, &widen(&inputs.d_o), Some(&widen(&inputs.d_rem)));
             assert_eq!(&g, e.grads.as_ref().unwrap());
+        }
+    }
+
+    #[test]
+    fn grouped_packed_jobs_match_the_reference_per_sequence() {
+        use crate::gpu::data::make_packed_inputs;
+        let shape = Shape::new(1, 4, 1, 16).with_kv_heads(2);
+        let lens = [3, 0, 1, 6];
+        let inputs = make_packed_inputs(shape, &lens, Dtype::F16, Regime::Random, 5);
+        let opts = [Options::causal()];
+        let got = &expected(&inputs, &opts, true, 3)[0];
+        let g = got.grads.as_ref().unwrap();
+        let (mut q_at, mut kv_at, mut row_at) = (0, 0, 0);
+        for &len in &lens {
+            // Each sequence alone, as a batch of one with 4 query heads on 2 K/V heads.
+            let one = Shape::new(1, 4, len, 16).with_kv_heads(2);
+            let (nq, nkv) = (one.len(), one.kv_len());
+            let w = |x: &[f32], at: usize, n: usize| widen(&x[at..at + n]);
+            let (q, k, v) = (w(&inputs.q, q_at, nq), w(&inputs.k, kv_at, nkv), w(&inputs.v, kv_at, nkv));
+            let f = reference::forward(one, &opts[0], &q, &k, &v);
+            assert_eq!(f.o, got.o[q_at..q_at + nq]);
+            assert_eq!(f.rem, got.rem[row_at..row_at + one.rows()]);
+            let d_rem = w(&inputs.d_rem, row_at, one.rows());
+            let b = reference::backward(one, &opts[0], &q, &k, &v, &w(&inputs.d_o, q_at, nq), Some(&d_rem));
+            assert_eq!(b.dq, g.dq[q_at..q_at + nq]);
+            for (x, y) in b.dk.iter().zip(&g.dk[kv_at..kv_at + nkv]).chain(b.dv.iter().zip(&g.dv[kv_at..kv_at + nkv])) {
+                assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{x} vs {y}");
+            }
+            (q_at, kv_at, row_at) = (q_at + nq, kv_at + nkv, row_at + one.rows());
         }
     }
 }

@@ -1,30 +1,39 @@
 //! `sbgen run`: one kernel on tensors from a safetensors file, outputs to another.
 //!
-//! Input tensors (names exact, little-endian, contiguous, as `safetensors.torch.save_file` writes):
+//! Input tensors (names exact, little-endian, contiguous, as `safetensors.torch.save_file` writes).
+//! k and v may have fewer heads than q, `H_kv` dividing `H` (grouped-query attention; `H_kv = 1` is
+//! multi-query); everything else about them matches q.
 //!
-//! | name   | dtype                   | shape (`--layout bhnd`) | shape (`--layout bnhd`) | when |
-//! |--------|-------------------------|-------------------------|-------------------------|------|
-//! | `q`    | BF16 or F16             | [B, H, N, D]            | [B, N, H, D]            | always |
-//! | `k`    | same as q               | same as q               | same as q               | always |
-//! | `v`    | same as q               | same as q               | same as q               | always |
-//! | `do`   | same as q               | same as q               | same as q               | backward |
-//! | `drem` | F32 (BF16, F16, F64 are converted) | [B, H, N]    | [B, H, N]               | backward, optional |
+//! | name         | dtype                              | `--layout bhnd` | `--layout bnhd` | `--layout thd` | when |
+//! |--------------|------------------------------------|-----------------|-----------------|----------------|------|
+//! | `q`          | BF16 or F16                        | [B, H, N, D]    | [B, N, H, D]    | [T, H, D]      | always |
+//! | `k`, `v`     | same as q                          | [B, H_kv, N, D] | [B, N, H_kv, D] | [T, H_kv, D]   | always |
+//! | `do`         | same as q                          | same as q       | same as q       | same as q      | backward |
+//! | `drem`       | F32 (BF16, F16, F64 are converted) | [B, H, N]       | [B, H, N]       | [H, T]         | backward, optional |
+//! | `cu_seqlens` | I32                                | refused         | refused         | [B + 1]        | thd only |
+//!
+//! THD is a packed batch: sequence b is tokens `cu_seqlens[b] .. cu_seqlens[b + 1]`, checked on the
+//! host ([`check_cu_seqlens`]: 0 first, non-decreasing, T last); B and the longest sequence (the
+//! problem's N) come from it. Empty sequences are allowed, but not a batch of nothing but empty
+//! sequences: the kernels need N >= 1, and such a run is refused rather than writing empty outputs.
 //!
 //! Outputs: `o` (q's dtype and shape; o + rem * v with `--remainder fuse`), `rem` and `log2_rem`
-//! (F32, [B, H, N]) for the forward; `dq`, `dk`, `dv` (q's dtype and shape) for the backward. The
-//! backward runs the forward first (it needs o and log2_rem), so `--pass bwd` writes all of them.
-//! The dtype comes from q; D must be a supported head dimension (64, 128).
+//! (F32, [B, H, N]; THD [H, T]) for the forward; `dq` (q's dtype and shape), `dk`, `dv` (k's dtype
+//! and shape) for the backward. The backward runs the forward first (it needs o and log2_rem), so
+//! `--pass bwd` writes all of them. Tensors are uploaded as they are (they are already in the
+//! kernel's layout). The dtype comes from q, D from q's last dimension (any of [`HEAD_DIM_RANGE`]).
 
 use super::device::{Device, GpuError};
 use super::exec::{self, DeviceProblem};
 use super::kernels::{BuildError, KernelBuilder};
 use crate::files::{self, FileError};
 use crate::ir::{Dtype, Layout, Mask, Pass, Remainder, Schedule, Spec};
-use crate::tensor_file::{TensorDtype, TensorFile, TensorFileError};
+use crate::tensor_file::{TensorDtype, TensorFile, TensorFileError, TensorView};
 use safetensors::Dtype as StDtype;
 use sbgen_runtime::launcher::SbElement;
 use sbgen_runtime::reference::Shape;
 use sbgen_runtime::spec::HEAD_DIM_RANGE;
+use sbgen_runtime::varlen::check_cu_seqlens;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +56,8 @@ pub struct RunRequest {
     pub layout: Layout,
     pub remainder: Remainder,
     pub early_exit_bits: Option<u32>,
+    /// A deterministic backward (the forward always is).
+    pub deterministic: bool,
     /// `None`: each spec's default schedule ([`Schedule::default_for`]).
     pub schedule: Option<Schedule>,
     pub scale: Option<f32>,
@@ -60,14 +71,29 @@ impl RunRequest {
             RunPass::Backward | RunPass::Both => &[Pass::Forward, Pass::Backward],
         }
     }
+
+    /// The spec of `pass` for inputs of `head_dim` and `dtype`: the same rule as
+    /// `cli::emit::SpecArgs::spec` (`deterministic` applies to the backward only).
+    pub fn spec(&self, head_dim: u32, dtype: Dtype, pass: Pass) -> Spec {
+        Spec {
+            head_dim,
+            dtype,
+            mask: self.mask,
+            layout: self.layout,
+            remainder: self.remainder,
+            pass,
+            early_exit_bits: self.early_exit_bits,
+            deterministic: self.deterministic && pass == Pass::Backward,
+        }
+    }
 }
 
 /// Why a run failed. [`RunError::Input`] is the caller's to fix (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// A missing, misshapen or mistyped tensor, or an unreadable or invalid file: names the tensor
-    /// or the file.
+    /// A missing, misshapen or mistyped tensor, a bad `cu_seqlens`, or an unreadable or invalid
+    /// file: names the tensor (and index) or the file.
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -92,23 +118,42 @@ pub struct RunReport {
     pub non_finite: Vec<(String, usize)>,
 }
 
-/// The input file with its tensors checked against the request (names, dtypes, shapes), from the
-/// header alone: the data stays mapped, unread, until [`run`] uploads it.
+/// The input file with its tensors checked against the request (names, dtypes, shapes,
+/// `cu_seqlens`), from the header and `cu_seqlens` alone: the rest of the data stays mapped,
+/// unread, until [`run`] uploads it.
 #[derive(Debug)]
 pub struct Loaded {
+    /// B (THD: the number of sequences), H, H_kv, N (THD: the longest sequence), D.
     pub shape: Shape,
     pub dtype: Dtype,
-    /// `shape.head_dim`, checked to be a supported head dimension.
+    /// `shape.head_dim`, checked to be in [`HEAD_DIM_RANGE`].
     pub head_dim: u32,
-    /// q's dimensions as in the file (the layout's order).
+    /// Each sequence's length: `[N; B]`, or THD's from `cu_seqlens`.
+    pub seq_lens: Vec<usize>,
+    /// THD: the packed token count T; `None` for the dense layouts.
+    pub packed_tokens: Option<usize>,
+    /// q's dimensions as in the file (the layout's order): also o's, do's and dq's.
     dims: Vec<usize>,
+    /// k's (and v's, dk's, dv's) dimensions as in the file.
+    kv_dims: Vec<usize>,
+    /// rem's and log2_rem's dimensions: [B, H, N], or THD's [H, T].
+    row_dims: Vec<usize>,
     file: TensorFile,
     /// Whether the file's `drem` is used (a backward pass and the tensor present).
     d_rem: bool,
 }
 
+/// Where each layout keeps the heads axis, and how it spells its dimensions.
+fn layout_axes(layout: Layout) -> (usize, &'static str, &'static str) {
+    match layout {
+        Layout::Bhnd => (1, "[B, H, N, D] (--layout bhnd)", "[B, H_kv, N, D]"),
+        Layout::Bnhd => (2, "[B, N, H, D] (--layout bnhd)", "[B, N, H_kv, D]"),
+        Layout::Thd => (1, "[T, H, D] (--layout thd)", "[T, H_kv, D]"),
+    }
+}
+
 /// Opens and checks the input file for `req` (no GPU needed): what `run` would refuse, it refuses
-/// here. The file is read once: the header now, the data when [`run`] uploads it.
+/// here. The file is read once: the header and `cu_seqlens` now, the rest when [`run`] uploads it.
 pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
     let input = req.input.display();
     let file = TensorFile::open(&req.input).map_err(|e| match e {
@@ -116,11 +161,22 @@ pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
         other => RunError::Input(format!("`{input}` is not a valid safetensors file: {other}")),
     })?;
     let names = file.names().join(", ");
-    let get = |name: &str| {
-        file.tensor(name).ok_or_else(|| {
-            RunError::Input(format!("tensor `{name}` is missing from `{input}` (it has: {})", names.escape_debug()))
-        })
+    let missing = |name: &str, why: &str| {
+        RunError::Input(format!("tensor `{name}` is missing from `{input}`{why} (it has: {})", names.escape_debug()))
     };
+    let get = |name: &str| file.tensor(name).ok_or_else(|| missing(name, ""));
+    let thd = req.layout == Layout::Thd;
+    let (heads_axis, layout_dims, kv_layout_dims) = layout_axes(req.layout);
+    let rank = if thd { 3 } else { 4 };
+    // First: a packed file run without --layout thd would otherwise be refused for q's rank.
+    if !thd && file.tensor("cu_seqlens").is_some() {
+        return Err(RunError::Input(format!(
+            "tensor `cu_seqlens` describes a packed batch, but the layout is {}: use --layout thd (or --varlen) \
+             with q, k, v of shape [T, H, D]",
+            req.layout
+        )));
+    }
+
     let q = get("q")?;
     let dtype = match q.dtype {
         TensorDtype::BF16 => Dtype::Bf16,
@@ -128,63 +184,107 @@ pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
         other => return Err(RunError::Input(format!("tensor `q` has dtype {other}: allowed BF16, F16"))),
     };
     let dims = q.shape.to_vec();
-    let layout_dims = match req.layout {
-        Layout::Bhnd => "[B, H, N, D] (--layout bhnd)",
-        Layout::Bnhd => "[B, N, H, D] (--layout bnhd)",
-        Layout::Thd => "[T, H, D] (--layout thd)",
-    };
-    if dims.len() != 4 {
-        return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: expected 4 dimensions {layout_dims}")));
+    if dims.len() != rank {
+        return Err(RunError::Input(format!(
+            "tensor `q` has shape {dims:?}: expected {rank} dimensions {layout_dims}"
+        )));
     }
     // Before anything else reads D: a cast would turn 2^32 + 64 into 64.
-    let head_dim = match u32::try_from(dims[3]) {
+    let head_dim = match u32::try_from(dims[rank - 1]) {
         Ok(d) if HEAD_DIM_RANGE.contains(&d) => d,
         _ => {
             return Err(RunError::Input(format!(
                 "tensor `q` has head dimension D = {}: supported head dimensions are {}..={}",
-                dims[3],
+                dims[rank - 1],
                 HEAD_DIM_RANGE.start(),
                 HEAD_DIM_RANGE.end()
             )))
         }
     };
-    let shape = match req.layout {
-        Layout::Bhnd => Shape::new(dims[0], dims[1], dims[2], dims[3]),
-        Layout::Bnhd => Shape::new(dims[0], dims[2], dims[1], dims[3]),
-        Layout::Thd => return Err(RunError::Input("THD is not wired into `run` yet".into())),
-    };
-    if shape.is_empty() {
-        return Err(RunError::Input(format!("tensor `q` has shape {dims:?}: every dimension must be at least 1")));
+    // THD's T may be 0 here (every sequence empty): refused below, with `cu_seqlens` in hand.
+    let first_sized = usize::from(thd);
+    if dims[first_sized..].contains(&0) {
+        return Err(RunError::Input(format!(
+            "tensor `q` has shape {dims:?}: every dimension {}must be at least 1",
+            if thd { "but T " } else { "" }
+        )));
     }
-    let like_q = |name: &str| -> Result<(), RunError> {
-        let t = get(name)?;
+    let heads = dims[heads_axis];
+
+    // k: q's dimensions but for the heads, which must divide q's.
+    let k = get("k")?;
+    let same_dtype = |name: &str, t: &TensorView<'_>| -> Result<(), RunError> {
         if t.dtype != q.dtype {
             return Err(RunError::Input(format!(
                 "tensor `{name}` has dtype {}: it must match `q` ({})",
                 t.dtype, q.dtype
             )));
         }
-        if t.shape != dims.as_slice() {
-            return Err(RunError::Input(format!(
-                "tensor `{name}` has shape {:?}: it must match `q` {dims:?}",
-                t.shape
-            )));
-        }
         Ok(())
     };
-    like_q("k")?;
-    like_q("v")?;
+    same_dtype("k", &k)?;
+    // A k of the wrong rank gets H_kv = 0 here and fails the comparison below.
+    let kv_heads = if k.shape.len() == rank { k.shape[heads_axis] } else { 0 };
+    let mut kv_dims = dims.clone();
+    kv_dims[heads_axis] = kv_heads;
+    if k.shape != kv_dims.as_slice() {
+        return Err(RunError::Input(format!(
+            "tensor `k` has shape {:?}: expected {kv_layout_dims} with `q`'s other dimensions {dims:?}",
+            k.shape
+        )));
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(RunError::Input(format!(
+            "tensor `k` has H_kv = {kv_heads} heads, which does not divide `q`'s H = {heads} heads \
+             (grouped-query attention needs H a multiple of H_kv, H_kv >= 1)"
+        )));
+    }
+    let v = get("v")?;
+    same_dtype("v", &v)?;
+    if v.shape != k.shape {
+        return Err(RunError::Input(format!("tensor `v` has shape {:?}: it must match `k` {kv_dims:?}", v.shape)));
+    }
     let backward = req.pass != RunPass::Forward;
     if backward {
-        like_q("do")?;
+        let d_o = get("do")?;
+        same_dtype("do", &d_o)?;
+        if d_o.shape != dims.as_slice() {
+            return Err(RunError::Input(format!("tensor `do` has shape {:?}: it must match `q` {dims:?}", d_o.shape)));
+        }
     }
+
+    let (shape, seq_lens, packed_tokens, row_dims) = if thd {
+        let tokens = dims[0];
+        let cu = cu_seqlens(&file, tokens, || missing("cu_seqlens", " (--layout thd needs it)"))?;
+        let packed = check_cu_seqlens(&cu, tokens)
+            .map_err(|e| RunError::Input(format!("tensor `cu_seqlens` in `{input}`: {e}")))?;
+        if packed.max_seqlen == 0 {
+            return Err(RunError::Input(format!(
+                "tensor `cu_seqlens` = {cu:?} describes {} empty sequences: nothing to run (the kernels need \
+                 at least one token)",
+                packed.batch
+            )));
+        }
+        // check_cu_seqlens proved the offsets non-decreasing, so each difference is a length.
+        let lens = cu.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+        let shape = Shape::new(packed.batch, heads, packed.max_seqlen, dims[2]).with_kv_heads(kv_heads);
+        (shape, lens, Some(tokens), vec![heads, tokens])
+    } else {
+        let (batch, seq) = match req.layout {
+            Layout::Bnhd => (dims[0], dims[1]),
+            _ => (dims[0], dims[2]),
+        };
+        let shape = Shape::new(batch, heads, seq, dims[3]).with_kv_heads(kv_heads);
+        (shape, vec![seq; batch], None, vec![batch, heads, seq])
+    };
+
     let d_rem = backward && file.tensor("drem").is_some();
     if d_rem {
         let t = get("drem")?;
-        let want = [shape.batch, shape.heads, shape.seq];
-        if t.shape != want {
+        if t.shape != row_dims.as_slice() {
+            let named = if thd { "[H, T]" } else { "[B, H, N]" };
             return Err(RunError::Input(format!(
-                "tensor `drem` has shape {:?}: expected [B, H, N] = {want:?}",
+                "tensor `drem` has shape {:?}: expected {named} = {row_dims:?}",
                 t.shape
             )));
         }
@@ -195,25 +295,44 @@ pub fn load(req: &RunRequest) -> Result<Loaded, RunError> {
             )));
         }
     }
-    Ok(Loaded { shape, dtype, head_dim, dims, file, d_rem })
+    Ok(Loaded { shape, dtype, head_dim, seq_lens, packed_tokens, dims, kv_dims, row_dims, file, d_rem })
+}
+
+/// THD's `cu_seqlens` as i32 values: an I32 tensor of one dimension (its offsets are checked by the
+/// caller).
+fn cu_seqlens(file: &TensorFile, tokens: usize, missing: impl FnOnce() -> RunError) -> Result<Vec<i32>, RunError> {
+    let t = file.tensor("cu_seqlens").ok_or_else(missing)?;
+    if t.dtype != TensorDtype::I32 {
+        return Err(RunError::Input(format!("tensor `cu_seqlens` has dtype {}: allowed I32", t.dtype)));
+    }
+    if t.shape.len() != 1 {
+        return Err(RunError::Input(format!(
+            "tensor `cu_seqlens` has shape {:?}: expected [B + 1] (0, then each sequence's end, the last = T = \
+             {tokens})",
+            t.shape
+        )));
+    }
+    Ok(t.data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 impl Loaded {
     /// The spec of `pass` for this input and `req`.
     pub fn spec(&self, req: &RunRequest, pass: Pass) -> Spec {
-        Spec {
-            head_dim: self.head_dim,
-            dtype: self.dtype,
-            mask: req.mask,
-            layout: req.layout,
-            remainder: req.remainder,
-            pass,
-            early_exit_bits: req.early_exit_bits,
-            deterministic: false,
+        req.spec(self.head_dim, self.dtype, pass)
+    }
+
+    /// The sizes for a report line: `B=2, H=8, H_kv=2, N=128, D=64`, or for THD
+    /// `T=300 in B=3 sequences, H=8, H_kv=2, max N=128, D=64`.
+    pub fn sizes(&self) -> String {
+        let s = self.shape;
+        let heads = format!("H={}, H_kv={}", s.heads, s.kv_heads);
+        match self.packed_tokens {
+            Some(t) => format!("T={t} in B={} sequences, {heads}, max N={}, D={}", s.batch, s.seq, s.head_dim),
+            None => format!("B={}, {heads}, N={}, D={}", s.batch, s.seq, s.head_dim),
         }
     }
 
-    /// The 16-bit elements of `name` (checked by [`load`] to be q's dtype and shape).
+    /// The 16-bit elements of `name` (checked by [`load`] to be q's dtype).
     fn bits(&self, name: &str) -> Vec<u16> {
         let data = self.file.tensor(name).map_or(&[][..], |t| t.data);
         data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
@@ -260,23 +379,28 @@ fn run_typed<T: SbElement>(
         dev.stream.clone_htod(&x).map_err(GpuError::from)
     };
     let backward = req.pass != RunPass::Forward;
+    let q_len: usize = l.dims.iter().product();
     let problem = DeviceProblem::<T> {
         shape: l.shape,
         layout: req.layout,
+        // The file's `cu_seqlens`, rebuilt from the lengths `load` checked it into.
+        cu_seqlens: exec::upload_cu_seqlens(dev, req.layout, &l.seq_lens)?,
+        seq_lens: l.seq_lens.clone(),
         q: upload("q")?,
         k: upload("k")?,
         v: upload("v")?,
         d_o: if backward {
             upload("do")?
         } else {
-            let zeros = vec![T::from_bits(0); l.shape.batch * l.shape.heads * l.shape.seq * l.shape.head_dim];
-            dev.stream.clone_htod(&zeros).map_err(GpuError::from)?
+            // The forward takes no dO, but the problem holds one: zeros, q-sized.
+            dev.stream.clone_htod(&vec![T::from_bits(0); q_len]).map_err(GpuError::from)?
         },
         d_rem: match l.d_rem() {
             Some(d) => Some(exec::upload_f32(dev, &d)?),
             None => None,
         },
     };
+    debug_assert_eq!(problem.q_len(), q_len, "q's file shape and the problem agree");
     let mut kernels = vec![fwd.name().to_string()];
     let out = exec::forward(dev, &fwd, &problem, req.scale, req.pass != RunPass::Forward)?;
     dev.sync(fwd.name(), timeout)?;
@@ -284,7 +408,6 @@ fn run_typed<T: SbElement>(
         Dtype::Bf16 => StDtype::BF16,
         Dtype::F16 => StDtype::F16,
     };
-    let rows = vec![l.shape.batch, l.shape.heads, l.shape.seq];
     let mut out_file = OutFile::default();
     let o: Vec<T> = dev.stream.clone_dtoh(&out.o).map_err(GpuError::from)?;
     out_file.push(
@@ -296,19 +419,19 @@ fn run_typed<T: SbElement>(
     );
     for (name, x) in [("rem", &out.rem), ("log2_rem", &out.log2_rem)] {
         let x = exec::download_f32(dev, x)?;
-        out_file.push(name, StDtype::F32, &rows, x.iter().copied(), x.iter().flat_map(|v| v.to_le_bytes()));
+        out_file.push(name, StDtype::F32, &l.row_dims, x.iter().copied(), x.iter().flat_map(|v| v.to_le_bytes()));
     }
     if req.pass != RunPass::Forward {
         let bwd = builder.build(&builder.kernel(spec(Pass::Backward), req.schedule))?;
         kernels.push(bwd.name().to_string());
         let g = exec::backward(dev, &bwd, &problem, exec::Saved::of(&out), req.scale)?;
         dev.sync(bwd.name(), timeout)?;
-        for (name, x) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+        for (name, x, dims) in [("dq", &g.dq, &l.dims), ("dk", &g.dk, &l.kv_dims), ("dv", &g.dv, &l.kv_dims)] {
             let x: Vec<T> = dev.stream.clone_dtoh(x).map_err(GpuError::from)?;
             out_file.push(
                 name,
                 st_dtype,
-                &l.dims,
+                dims,
                 x.iter().map(|v| v.to_f32()),
                 x.iter().flat_map(|v| v.to_bits().to_le_bytes()),
             );
@@ -382,6 +505,7 @@ mod tests {
             layout,
             remainder: Remainder::Return,
             early_exit_bits: None,
+            deterministic: false,
             schedule: None,
             scale: None,
         }
@@ -390,8 +514,8 @@ mod tests {
     fn tensor(name: &str, dtype: StDtype, shape: &[usize]) -> (String, StDtype, Vec<usize>, Vec<u8>) {
         let n: usize = shape.iter().product();
         let size = match dtype {
-            StDtype::F32 => 4,
-            StDtype::F64 => 8,
+            StDtype::F32 | StDtype::I32 => 4,
+            StDtype::F64 | StDtype::I64 => 8,
             _ => 2,
         };
         (name.to_string(), dtype, shape.to_vec(), vec![0u8; n * size])
@@ -450,7 +574,7 @@ mod tests {
             ],
         );
         let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
-        assert!(m.contains("tensor `k` has shape [1, 2, 4, 64]"), "{m}");
+        assert!(m.contains("tensor `k` has shape [1, 2, 4, 64]") && m.contains("[1, 2, 5, 64]"), "{m}");
         let path = file(
             "dtype.safetensors",
             &[tensor("q", StDtype::BF16, &s), tensor("k", StDtype::BF16, &s), tensor("v", StDtype::F16, &s)],
@@ -460,8 +584,9 @@ mod tests {
         assert!(input_error(&request(&path, Layout::Bhnd, RunPass::Forward)).contains("allowed BF16, F16"));
         let path = file("rank.safetensors", &[tensor("q", StDtype::BF16, &[2, 5, 64])]);
         assert!(input_error(&request(&path, Layout::Bhnd, RunPass::Forward)).contains("4 dimensions"));
-        let path = file("d96.safetensors", &[tensor("q", StDtype::BF16, &[1, 1, 4, 96])]);
-        assert!(input_error(&request(&path, Layout::Bhnd, RunPass::Forward)).contains("D = 96"));
+        let path = file("d300.safetensors", &[tensor("q", StDtype::BF16, &[1, 1, 4, 300])]);
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("D = 300") && m.contains("1..=256"), "{m}");
         let path = file(
             "drem.safetensors",
             &[
@@ -489,7 +614,7 @@ mod tests {
         let d = (1usize << 32) + 64;
         let path = file("d-huge.safetensors", &[tensor("q", StDtype::BF16, &[0, 1, 1, d])]);
         let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
-        assert!(m.contains("D = 4294967360") && m.contains("[64, 128]"), "{m}");
+        assert!(m.contains("D = 4294967360") && m.contains("1..=256"), "{m}");
     }
 
     #[test]
@@ -509,5 +634,132 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
         assert!(m.contains("`q` appears twice"), "{m}");
+    }
+
+    /// An I32 `cu_seqlens` holding `offsets`.
+    fn cu(offsets: &[i32]) -> (String, StDtype, Vec<usize>, Vec<u8>) {
+        let bytes = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        ("cu_seqlens".to_string(), StDtype::I32, vec![offsets.len()], bytes)
+    }
+
+    /// q, k, v (and do) of `q` and `kv` shapes, BF16.
+    fn qkv(q: &[usize], kv: &[usize]) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
+        vec![
+            tensor("q", StDtype::BF16, q),
+            tensor("k", StDtype::BF16, kv),
+            tensor("v", StDtype::BF16, kv),
+            tensor("do", StDtype::BF16, q),
+        ]
+    }
+
+    #[test]
+    fn thd_shapes_come_from_cu_seqlens() {
+        // Three sequences of 3, 0 and 7 tokens; GQA with 2 K/V heads; D = 50.
+        let mut t = qkv(&[10, 4, 50], &[10, 2, 50]);
+        t.push(cu(&[0, 3, 3, 10]));
+        let path = file("thd.safetensors", &t);
+        let loaded = load(&request(&path, Layout::Thd, RunPass::Forward)).unwrap();
+        assert_eq!(loaded.shape, Shape::new(3, 4, 7, 50).with_kv_heads(2));
+        assert_eq!(loaded.seq_lens, vec![3, 0, 7]);
+        assert_eq!(loaded.packed_tokens, Some(10));
+        assert_eq!((loaded.kv_dims.clone(), loaded.row_dims.clone()), (vec![10, 2, 50], vec![4, 10]));
+        assert_eq!(loaded.sizes(), "T=10 in B=3 sequences, H=4, H_kv=2, max N=7, D=50");
+        // drem is [H, T] in THD.
+        t.push(tensor("drem", StDtype::F32, &[4, 10]));
+        let path = file("thd-drem.safetensors", &t);
+        assert!(load(&request(&path, Layout::Thd, RunPass::Both)).unwrap().d_rem);
+        t.pop();
+        t.push(tensor("drem", StDtype::F32, &[1, 4, 7]));
+        let path = file("thd-drem-bhn.safetensors", &t);
+        let m = input_error(&request(&path, Layout::Thd, RunPass::Both));
+        assert!(m.contains("tensor `drem` has shape [1, 4, 7]: expected [H, T] = [4, 10]"), "{m}");
+        // A 4-dimensional q is not THD.
+        let path = file("thd-rank.safetensors", &qkv(&[1, 10, 4, 64], &[1, 10, 4, 64]));
+        let m = input_error(&request(&path, Layout::Thd, RunPass::Forward));
+        assert!(m.contains("expected 3 dimensions [T, H, D]"), "{m}");
+    }
+
+    #[test]
+    fn gqa_takes_k_and_v_with_fewer_heads_that_divide_q_s() {
+        for (layout, q, kv, shape) in [
+            (Layout::Bhnd, [1, 8, 5, 64], [1, 2, 5, 64], Shape::new(1, 8, 5, 64).with_kv_heads(2)),
+            (Layout::Bhnd, [1, 8, 5, 64], [1, 1, 5, 64], Shape::new(1, 8, 5, 64).with_kv_heads(1)),
+            (Layout::Bnhd, [2, 5, 6, 32], [2, 5, 3, 32], Shape::new(2, 6, 5, 32).with_kv_heads(3)),
+        ] {
+            let path = file(&format!("gqa-{layout}-{}.safetensors", shape.kv_heads), &qkv(&q, &kv));
+            let loaded = load(&request(&path, layout, RunPass::Both)).unwrap();
+            assert_eq!(loaded.shape, shape, "{layout}");
+            assert_eq!(loaded.kv_dims, kv.to_vec());
+        }
+        let path = file("gqa-3-of-8.safetensors", &qkv(&[1, 8, 5, 64], &[1, 3, 5, 64]));
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("`k` has H_kv = 3 heads") && m.contains("`q`'s H = 8"), "{m}");
+        // v follows k, not q.
+        let mut t = qkv(&[1, 8, 5, 64], &[1, 2, 5, 64]);
+        t[2] = tensor("v", StDtype::BF16, &[1, 8, 5, 64]);
+        let path = file("gqa-v.safetensors", &t);
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("tensor `v` has shape [1, 8, 5, 64]: it must match `k` [1, 2, 5, 64]"), "{m}");
+    }
+
+    #[test]
+    fn bad_cu_seqlens_are_refused_naming_the_index() {
+        let with = |name: &str, offsets: &[i32], tokens: usize| {
+            let mut t = qkv(&[tokens, 2, 64], &[tokens, 2, 64]);
+            t.push(cu(offsets));
+            file(name, &t)
+        };
+        let req = |path: &Path| request(path, Layout::Thd, RunPass::Forward);
+        let m = input_error(&req(&with("cu-dec.safetensors", &[0, 5, 3, 10], 10)));
+        assert!(m.contains("`cu_seqlens[2]` = 3 is less than `cu_seqlens[1]` = 5"), "{m}");
+        let m = input_error(&req(&with("cu-total.safetensors", &[0, 4, 9], 10)));
+        assert!(m.contains("`cu_seqlens[2]` = 9") && m.contains("10"), "{m}");
+        let m = input_error(&req(&with("cu-first.safetensors", &[2, 10], 10)));
+        assert!(m.contains("`cu_seqlens[0]` = 2"), "{m}");
+        let m = input_error(&req(&with("cu-empty.safetensors", &[0, 0, 0], 0)));
+        assert!(m.contains("2 empty sequences: nothing to run"), "{m}");
+        let path = file("cu-missing.safetensors", &qkv(&[10, 2, 64], &[10, 2, 64]));
+        let m = input_error(&req(&path));
+        assert!(m.contains("tensor `cu_seqlens` is missing") && m.contains("--layout thd needs it"), "{m}");
+        let mut t = qkv(&[10, 2, 64], &[10, 2, 64]);
+        t.push(tensor("cu_seqlens", StDtype::I64, &[2]));
+        let m = input_error(&req(&file("cu-i64.safetensors", &t)));
+        assert!(m.contains("tensor `cu_seqlens` has dtype I64: allowed I32"), "{m}");
+        let mut t = qkv(&[10, 2, 64], &[10, 2, 64]);
+        t.push(tensor("cu_seqlens", StDtype::I32, &[2, 2]));
+        let m = input_error(&req(&file("cu-2d.safetensors", &t)));
+        assert!(m.contains("tensor `cu_seqlens` has shape [2, 2]: expected [B + 1]"), "{m}");
+    }
+
+    #[test]
+    fn cu_seqlens_in_a_dense_layout_is_refused() {
+        let mut t = qkv(&[1, 2, 5, 64], &[1, 2, 5, 64]);
+        t.push(cu(&[0, 5]));
+        let path = file("cu-dense.safetensors", &t);
+        for layout in [Layout::Bhnd, Layout::Bnhd] {
+            let m = input_error(&request(&path, layout, RunPass::Forward));
+            assert!(m.contains("tensor `cu_seqlens`") && m.contains("use --layout thd"), "{m}");
+        }
+    }
+
+    #[test]
+    fn any_head_dim_up_to_256_is_accepted() {
+        for d in [96, 50, 1, 256] {
+            let path = file(&format!("d{d}.safetensors"), &qkv(&[1, 2, 3, d], &[1, 2, 3, d]));
+            let loaded = load(&request(&path, Layout::Bhnd, RunPass::Both)).unwrap();
+            assert_eq!((loaded.head_dim, loaded.shape.head_dim), (d as u32, d));
+        }
+        let path = file("d0.safetensors", &[tensor("q", StDtype::BF16, &[1, 2, 3, 0])]);
+        let m = input_error(&request(&path, Layout::Bhnd, RunPass::Forward));
+        assert!(m.contains("D = 0") && m.contains("1..=256"), "{m}");
+    }
+
+    #[test]
+    fn deterministic_applies_to_the_backward_only() {
+        let mut req = request(Path::new("unused"), Layout::Thd, RunPass::Both);
+        req.deterministic = true;
+        assert!(!req.spec(64, Dtype::Bf16, Pass::Forward).deterministic);
+        let bwd = req.spec(64, Dtype::Bf16, Pass::Backward);
+        assert!(bwd.deterministic && bwd.layout == Layout::Thd);
     }
 }

@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn default_schedules_validate_for_every_pass_head_dim_and_arch() {
         for pass in [Pass::Forward, Pass::Backward] {
-            for head_dim in [64, 128] {
+            for head_dim in [1, 16, 32, 50, 64, 80, 96, 128, 160, 200, 256] {
                 for arch in Arch::ALL {
                     let spec = Spec::new(head_dim, Dtype::F16, pass);
                     let k = Kernel::new(spec, Schedule::default_for(&spec), arch);
@@ -182,8 +182,8 @@ mod tests {
         let wgmma80 =
             Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule { mma: MmaFamily::Wgmma, ..d }, Arch::Sm80);
         assert!(error(wgmma80).contains("wgmma needs sm_90a"));
-        let spec_error = Kernel::new(Spec::new(100, Dtype::Bf16, Pass::Forward), d, Arch::Sm90);
-        assert!(matches!(spec_error.validate(), Err(IrError::Spec(SpecError::HeadDim { got: 100, .. }))));
+        let spec_error = Kernel::new(Spec::new(300, Dtype::Bf16, Pass::Forward), d, Arch::Sm90);
+        assert!(matches!(spec_error.validate(), Err(IrError::Spec(SpecError::HeadDim { got: 300, .. }))));
     }
 
     #[test]
