@@ -57,6 +57,7 @@ impl Buffers {
             rem: self.rem.as_view_mut(),
             log2_rem: self.log2_rem.as_view_mut(),
             o_saved: Some(self.o_saved.as_view_mut()),
+            varlen: None,
         };
         SbAttn::forward(launcher, shape, args, None)
     }
@@ -74,6 +75,7 @@ impl Buffers {
             dq: self.dq.as_view_mut(),
             dk: self.dk.as_view_mut(),
             dv: self.dv.as_view_mut(),
+            varlen: None,
         };
         SbAttn::backward(launcher, shape, args, None)
     }

@@ -9,7 +9,8 @@ use syn::parse::Parser;
 use syn::{Expr, ExprLit, Lit};
 
 /// Every key the attribute takes, in the order the errors list them.
-pub const KEYS: &[&str] = &["head_dim", "dtype", "mask", "layout", "remainder", "early_exit_bits", "cache", "seq"];
+pub const KEYS: &[&str] =
+    &["head_dim", "dtype", "mask", "layout", "remainder", "early_exit_bits", "deterministic", "cache", "seq"];
 
 /// A value and the span of the literal it came from.
 #[derive(Clone, Debug)]
@@ -27,6 +28,7 @@ pub struct Options {
     pub layout: Option<Spanned<Layout>>,
     pub remainder: Option<Spanned<Remainder>>,
     pub early_exit_bits: Option<Spanned<u32>>,
+    pub deterministic: Option<Spanned<bool>>,
     pub cache: Option<Spanned<String>>,
     pub seq: Option<Spanned<u64>>,
     /// Valid keys that were written, parsed or not (so a bad `head_dim` is not also "missing").
@@ -95,6 +97,7 @@ fn parse_one(options: &mut Options, meta: &ParseNestedMeta<'_>, errors: &mut Err
         "head_dim" => set(&mut options.head_dim, &key, path_span, int(&key, lit, span), errors),
         "early_exit_bits" => set(&mut options.early_exit_bits, &key, path_span, int(&key, lit, span), errors),
         "seq" => set(&mut options.seq, &key, path_span, int(&key, lit, span), errors),
+        "deterministic" => set(&mut options.deterministic, &key, path_span, boolean(&key, lit, span), errors),
         "cache" => set(&mut options.cache, &key, path_span, string(&key, lit, span), errors),
         "dtype" => set(&mut options.dtype, &key, path_span, text_enum(&key, lit, span), errors),
         "mask" => set(&mut options.mask, &key, path_span, text_enum(&key, lit, span), errors),
@@ -139,6 +142,13 @@ where
     }
 }
 
+fn boolean(key: &str, lit: Option<&Lit>, span: Span) -> Result<Spanned<bool>, syn::Error> {
+    match lit {
+        Some(Lit::Bool(b)) => Ok(Spanned { value: b.value, span }),
+        _ => Err(syn::Error::new(span, format!("`{key}` takes `true` or `false`, e.g. `{}`", example(key)))),
+    }
+}
+
 fn string(key: &str, lit: Option<&Lit>, span: Span) -> Result<Spanned<String>, syn::Error> {
     match lit {
         Some(Lit::Str(s)) => Ok(Spanned { value: s.value(), span }),
@@ -167,6 +177,7 @@ fn example(key: &str) -> String {
         "layout" => "layout = \"bhnd\"".into(),
         "remainder" => "remainder = \"return\"".into(),
         "early_exit_bits" => "early_exit_bits = 24".into(),
+        "deterministic" => "deterministic = true".into(),
         "cache" => "cache = \"sbgen-tune.json\"".into(),
         "seq" => "seq = 4096".into(),
         other => format!("{other} = ..."),

@@ -7,7 +7,7 @@ use crate::attr::{self, Errors};
 use crate::kernels::{self, Embed};
 use crate::valid;
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, ToTokens};
 use sbgen_runtime::spec::{Dtype, Layout, Mask, Pass, Remainder, Spec};
 
 pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -37,12 +37,15 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
     let (Some(name), Some(checked), Some(found), true) = (&target, &checked, &found, errors.is_empty()) else {
         // The user's item is emitted as written, with typed stubs when it is a struct, so the IDE
         // keeps working and calls to `forward` / `backward` raise no follow-on errors.
-        let stubs = target.as_ref().map(|name| stubs(name, valid::dtype(&options))).unwrap_or_default();
+        let stubs = target
+            .as_ref()
+            .map(|name| stubs(name, valid::dtype(&options), valid::layout(&options)))
+            .unwrap_or_default();
         let errors = errors.to_compile_error();
         return quote! { #item #stubs #errors };
     };
 
-    let backward_spec = Spec { pass: Pass::Backward, ..checked.forward };
+    let backward_spec = checked.backward;
     let error_span = options.cache.as_ref().map_or(Span::call_site(), |c| c.span);
     let ptx_dir = std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let mut sets = Vec::new();
@@ -57,7 +60,7 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
         }
     }
     if !errors.is_empty() {
-        let stubs = stubs(name, checked.forward.dtype);
+        let stubs = stubs(name, checked.forward.dtype, checked.forward.layout);
         let errors = errors.to_compile_error();
         return quote! { #item #stubs #errors };
     }
@@ -78,6 +81,12 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
     let backward_spec_doc = format!("The spec of the backward kernels (`{}`).", backward_spec.slug());
     let rt = quote!(::sbgen_runtime);
     let l = quote!(::sbgen_runtime::launcher);
+    let layout = checked.forward.layout;
+    let forward_sig = signature(&format_ident!("forward"), &format_ident!("ForwardArgs"), &element, layout, true);
+    let backward_sig = signature(&format_ident!("backward"), &format_ident!("BackwardArgs"), &element, layout, true);
+    let forward_args = launch_args(&format_ident!("ForwardArgs"), layout);
+    let backward_args = launch_args(&format_ident!("BackwardArgs"), layout);
+    let varlen_doc = varlen_doc(layout);
 
     quote! {
         #item
@@ -114,30 +123,24 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
             }
 
             /// Stick-breaking attention forward: `o`, `rem`, `log2_rem` (and `o_saved` when given)
-            /// from `q`, `k`, `v`. Asynchronous on the launcher's stream; every input is checked first.
-            /// `scale`: `None` is 1/sqrt(head_dim).
+            /// from `q`, `k`, `v` (`shape.kv_heads` K/V heads: grouped-query attention when fewer
+            /// than `shape.heads`). Asynchronous on the launcher's stream; every input is checked
+            /// first. `scale`: `None` is 1/sqrt(head_dim).
+            #[doc = #varlen_doc]
             #[doc = #forward_doc]
-            pub fn forward(
-                launcher: &#l::Launcher,
-                shape: #l::Shape,
-                args: #l::ForwardArgs<'_, #element>,
-                scale: ::core::option::Option<f32>,
-            ) -> ::core::result::Result<(), #l::LaunchError> {
+            #forward_sig {
                 let kernel = Self::forward_kernel(launcher, shape.seq)?;
-                launcher.forward::<#element>(kernel, shape, args, scale)
+                launcher.forward::<#element>(kernel, shape, #forward_args, scale)
             }
 
             /// Stick-breaking attention backward: `dq`, `dk`, `dv` from the forward's inputs, its
-            /// outputs (`o`, `o_saved`, `log2_rem`) and `d_o`. Asynchronous on the launcher's stream.
+            /// outputs (`o`, `o_saved`, `log2_rem`) and `d_o`; dk and dv sum over each K/V head's
+            /// group of query heads. Asynchronous on the launcher's stream.
+            #[doc = #varlen_doc]
             #[doc = #backward_doc]
-            pub fn backward(
-                launcher: &#l::Launcher,
-                shape: #l::Shape,
-                args: #l::BackwardArgs<'_, #element>,
-                scale: ::core::option::Option<f32>,
-            ) -> ::core::result::Result<(), #l::LaunchError> {
+            #backward_sig {
                 let kernel = Self::backward_kernel(launcher, shape.seq)?;
-                launcher.backward::<#element>(kernel, shape, args, scale)
+                launcher.backward::<#element>(kernel, shape, #backward_args, scale)
             }
         }
     }
@@ -189,29 +192,84 @@ fn set_fn(fn_name: &Ident, owner: &str, kernels: &[Embed]) -> TokenStream {
 }
 
 /// `forward` / `backward` with the right types and no kernels, emitted next to the errors.
-fn stubs(name: &Ident, dtype: Dtype) -> TokenStream {
+fn stubs(name: &Ident, dtype: Dtype, layout: Layout) -> TokenStream {
     let element = element(dtype);
-    let l = quote!(::sbgen_runtime::launcher);
+    let forward = signature(&format_ident!("forward"), &format_ident!("ForwardArgs"), &element, layout, false);
+    let backward = signature(&format_ident!("backward"), &format_ident!("BackwardArgs"), &element, layout, false);
     quote! {
         #[automatically_derived]
         impl #name {
-            pub fn forward(
-                _: &#l::Launcher,
-                _: #l::Shape,
-                _: #l::ForwardArgs<'_, #element>,
-                _: ::core::option::Option<f32>,
-            ) -> ::core::result::Result<(), #l::LaunchError> {
+            #forward {
                 ::core::unreachable!("#[stick_breaking_attention] failed to expand")
             }
-            pub fn backward(
-                _: &#l::Launcher,
-                _: #l::Shape,
-                _: #l::BackwardArgs<'_, #element>,
-                _: ::core::option::Option<f32>,
-            ) -> ::core::result::Result<(), #l::LaunchError> {
+            #backward {
                 ::core::unreachable!("#[stick_breaking_attention] failed to expand")
             }
         }
+    }
+}
+
+/// `pub fn <name>(launcher, shape, args: <Args><'_, element>, scale) -> Result<(), LaunchError>`; a
+/// THD spec's functions take the packed batch's `cu_seqlens` and token count after `args`. `named`
+/// false: every parameter is `_` (the stubs).
+fn signature(name: &Ident, args_struct: &Ident, element: &TokenStream, layout: Layout, named: bool) -> TokenStream {
+    let l = quote!(::sbgen_runtime::launcher);
+    let param = |n: &str| if named { format_ident!("{n}").into_token_stream() } else { quote!(_) };
+    let (launcher, shape, args, scale) = (param("launcher"), param("shape"), param("args"), param("scale"));
+    let (generics, lifetime, varlen) = match layout {
+        Layout::Bhnd | Layout::Bnhd => (quote!(), quote!('_), quote!()),
+        Layout::Thd => {
+            let (cu_seqlens, total_tokens) = (param("cu_seqlens"), param("total_tokens"));
+            (
+                quote!(<'a>),
+                quote!('a),
+                quote! {
+                    #cu_seqlens: &'a ::sbgen_runtime::cudarc::driver::CudaView<'a, i32>,
+                    #total_tokens: usize,
+                },
+            )
+        }
+    };
+    quote! {
+        pub fn #name #generics(
+            #launcher: &#l::Launcher,
+            #shape: #l::Shape,
+            #args: #l::#args_struct<#lifetime, #element>,
+            #varlen
+            #scale: ::core::option::Option<f32>,
+        ) -> ::core::result::Result<(), #l::LaunchError>
+    }
+}
+
+/// The args an entry point launches with: the caller's (the launcher refuses a `varlen` for a dense
+/// layout), or for THD the caller's with `varlen` set from the `cu_seqlens` and `total_tokens`
+/// parameters.
+fn launch_args(args_struct: &Ident, layout: Layout) -> TokenStream {
+    let l = quote!(::sbgen_runtime::launcher);
+    match layout {
+        Layout::Bhnd | Layout::Bnhd => quote!(args),
+        Layout::Thd => quote! {
+            #l::#args_struct {
+                varlen: ::core::option::Option::Some(#l::Varlen { cu_seqlens, total_tokens }),
+                ..args
+            }
+        },
+    }
+}
+
+fn varlen_doc(layout: Layout) -> String {
+    match layout {
+        Layout::Bhnd | Layout::Bnhd => {
+            "\n\n`args.varlen` must be `None` (this layout is dense; the launcher refuses a `cu_seqlens`).".into()
+        }
+        Layout::Thd => "\n\nPacked variable-length batch (THD): tensors `[total_tokens, heads, head_dim]`, rem and \
+                        log2_rem `[heads, total_tokens]`; sequence b is tokens `cu_seqlens[b] .. cu_seqlens[b + 1]` \
+                        (i32, device memory, `shape.batch + 1` entries). `shape.batch` is the number of sequences, \
+                        `shape.seq` the longest (max_seqlen, which also picks the kernel). The `cu_seqlens` and \
+                        `total_tokens` parameters replace `args.varlen`. Check a host `cu_seqlens` with \
+                        `sbgen_runtime::varlen::check_cu_seqlens` before uploading it: the launcher does not read \
+                        it back, and the kernels skip (leave unwritten) a sequence whose bounds are out of range."
+            .into(),
     }
 }
 
@@ -248,6 +306,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
     let layout = match spec.layout {
         Layout::Bhnd => quote!(Bhnd),
         Layout::Bnhd => quote!(Bnhd),
+        Layout::Thd => quote!(Thd),
     };
     let remainder = match spec.remainder {
         Remainder::Return => quote!(Return),
@@ -261,6 +320,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
         Some(t) => quote!(::core::option::Option::Some(#t)),
         None => quote!(::core::option::Option::None),
     };
+    let deterministic = spec.deterministic;
     quote! {
         ::sbgen_runtime::Spec {
             head_dim: #head_dim,
@@ -270,6 +330,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
             remainder: ::sbgen_runtime::Remainder::#remainder,
             pass: ::sbgen_runtime::Pass::#pass,
             early_exit_bits: #early_exit_bits,
+            deterministic: #deterministic,
         }
     }
 }

@@ -217,11 +217,33 @@ mod tests {
     fn empty_cache_lowers_the_default_schedule() {
         let c = TuningCache::new();
         for pass in [Pass::Forward, Pass::Backward] {
-            for head_dim in [64, 128] {
+            // 80: a head_dim padded to the tile width 96.
+            for head_dim in [64, 128, 80] {
                 let spec = Spec::new(head_dim, Dtype::Bf16, pass);
                 let (k, _) = pick(&c, &spec, None, None).unwrap();
                 assert_eq!(k.len(), 1);
                 assert_eq!(k[0].name, Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90).name());
+            }
+        }
+    }
+
+    /// The new spec fields reach the embedded source and manifest: THD, and the deterministic
+    /// backward (its manifest's spec says so, which the launcher sizes the turn counters from).
+    #[test]
+    fn thd_and_deterministic_specs_lower() {
+        let c = TuningCache::new();
+        let thd = Spec { layout: Layout::Thd, ..Spec::new(128, Dtype::Bf16, Pass::Forward) };
+        let det = Spec { layout: Layout::Thd, deterministic: true, ..Spec::new(80, Dtype::F16, Pass::Backward) };
+        for spec in [thd, det] {
+            let (k, _) = pick(&c, &spec, None, None).unwrap();
+            let manifest: sbgen_runtime::KernelManifest = serde_json::from_str(&k[0].manifest_json).unwrap();
+            assert_eq!(manifest.spec, spec);
+            assert!(k[0].name.contains(&spec.slug()), "{} for {}", k[0].name, spec.slug());
+            let source = k[0].cuda_source.as_deref().unwrap();
+            assert!(source.contains("constexpr int LAYOUT = 2;"), "THD layout code");
+            if spec.deterministic {
+                assert!(source.contains("constexpr bool DETERMINISTIC = true;"));
+                assert!(source.contains("constexpr int DM = 80;") && source.contains("constexpr int D = 96;"));
             }
         }
     }

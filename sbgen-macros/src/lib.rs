@@ -13,14 +13,20 @@
 //!
 //! | key | type | default | |
 //! |---|---|---|---|
-//! | `head_dim` | integer | required | 64 or 128 |
+//! | `head_dim` | integer | required | 1..=256; the kernels compute on tiles of head_dim rounded up to a multiple of 32 (32, 64, 96, 128, 256 need no padding) |
 //! | `dtype` | string | `"bf16"` | `"bf16"`, `"f16"`: the element type is `half::bf16` / `half::f16` |
 //! | `mask` | string | `"strict"` | `"strict"` (j < i), `"attend_current"` (j <= i) |
-//! | `layout` | string | `"bhnd"` | `"bhnd"`, `"bnhd"` |
+//! | `layout` | string | `"bhnd"` | `"bhnd"`, `"bnhd"`, `"thd"` (alias `"varlen"`: a packed variable-length batch) |
 //! | `remainder` | string | `"return"` | `"return"`, `"fuse"` |
 //! | `early_exit_bits` | integer | none | 8..=60 |
+//! | `deterministic` | bool | `false` | `true`: the backward's dq, dk, dv are bit-identical across runs (the forward always is) |
 //! | `cache` | string | see below | tuning cache, relative to `CARGO_MANIFEST_DIR` |
 //! | `seq` | integer | none | embed only the bucket holding this sequence length |
+//!
+//! Grouped-query attention needs no key: `shape.kv_heads` (fewer K/V heads than query heads, dividing
+//! them) is a launch argument, and the same kernels run it. With `layout = "thd"`, `forward` and
+//! `backward` take the packed batch's `cu_seqlens: &CudaView<i32>` and `total_tokens: usize` after
+//! `args`; with a dense layout, `args.varlen` must be `None`.
 //!
 //! The tuning cache is, in order: the `cache` key; the file named by env `SBGEN_CACHE` (relative to
 //! `CARGO_MANIFEST_DIR` unless absolute); `<CARGO_MANIFEST_DIR>/sbgen-tune.json`; the built-in
@@ -34,7 +40,7 @@
 //! and NVRTC-compiled at first use.
 //!
 //! Layout: [`attr`] parses the arguments into [`attr::Options`] that remember their spans, [`valid`]
-//! checks them into a spec, [`kernels`] finds the cache and picks or lowers the kernels, [`expand`]
+//! checks them into the forward and backward specs, [`kernels`] finds the cache and picks or lowers the kernels, [`expand`]
 //! writes the code. Every error is reported at once, at its token, and the user's item is still
 //! emitted so the IDE keeps working.
 

@@ -1,26 +1,29 @@
-//! Checks the parsed [`Options`] against what the kernels support and builds the spec. Every problem
+//! Checks the parsed [`Options`] against what the kernels support and builds the specs. Every problem
 //! is an error at the literal that caused it; a missing `head_dim` points at the attribute.
 
 use crate::attr::{Errors, Options};
 use proc_macro2::Span;
 use sbgen_runtime::spec::{
-    Dtype, Layout, Mask, Pass, Remainder, Spec, SpecError, EARLY_EXIT_BITS_RANGE, SUPPORTED_HEAD_DIMS,
+    Dtype, Layout, Mask, Pass, Remainder, Spec, SpecError, EARLY_EXIT_BITS_RANGE, HEAD_DIM_RANGE,
 };
 
-/// What the checks leave: the forward spec (the backward's differs only in `pass`) and the
-/// sequence length to pick kernels for, if one was given. `None` when a check failed; the errors
-/// are in `errors` then, except that `dtype` is still returned so stubs can be typed.
+/// What the checks leave: the forward and backward specs and the sequence length to pick kernels for,
+/// if one was given. `None` when a check failed; the errors are in `errors` then (the stubs are typed
+/// from [`dtype`] and [`layout`]).
 pub struct Checked {
     pub forward: Spec,
+    /// The forward's spec with `pass` backward and the `deterministic` key (a forward is always
+    /// deterministic, so the key applies to the backward only).
+    pub backward: Spec,
     pub seq: Option<usize>,
 }
 
 pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
     let mut ok = errors.is_empty();
     let head_dim = match &options.head_dim {
-        Some(h) if SUPPORTED_HEAD_DIMS.contains(&h.value) => h.value,
+        Some(h) if HEAD_DIM_RANGE.contains(&h.value) => h.value,
         Some(h) => {
-            errors.at(h.span, SpecError::HeadDim { got: h.value, allowed: SUPPORTED_HEAD_DIMS });
+            errors.at(h.span, SpecError::HeadDim { got: h.value, range: HEAD_DIM_RANGE });
             ok = false;
             0
         }
@@ -29,7 +32,11 @@ pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
             if !options.given.contains(&"head_dim") {
                 errors.at(
                     Span::call_site(),
-                    format!("missing `head_dim`: add e.g. `head_dim = 128` (allowed values: {SUPPORTED_HEAD_DIMS:?})"),
+                    format!(
+                        "missing `head_dim`: add e.g. `head_dim = 128` (allowed {}..={})",
+                        HEAD_DIM_RANGE.start(),
+                        HEAD_DIM_RANGE.end()
+                    ),
                 );
             }
             ok = false;
@@ -59,15 +66,23 @@ pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
         head_dim,
         dtype: dtype(options),
         mask: options.mask.as_ref().map_or(Mask::Strict, |m| m.value),
-        layout: options.layout.as_ref().map_or(Layout::Bhnd, |l| l.value),
+        layout: layout(options),
         remainder: options.remainder.as_ref().map_or(Remainder::Return, |r| r.value),
         pass: Pass::Forward,
         early_exit_bits,
+        deterministic: false,
     };
-    Some(Checked { forward, seq })
+    let deterministic = options.deterministic.as_ref().is_some_and(|d| d.value);
+    let backward = Spec { pass: Pass::Backward, deterministic, ..forward };
+    Some(Checked { forward, backward, seq })
 }
 
 /// The element type, `bf16` unless given (also used to type the stubs emitted on error).
 pub fn dtype(options: &Options) -> Dtype {
     options.dtype.as_ref().map_or(Dtype::Bf16, |d| d.value)
+}
+
+/// The layout, `bhnd` unless given (a THD spec's entry points take `cu_seqlens`; the stubs too).
+pub fn layout(options: &Options) -> Layout {
+    options.layout.as_ref().map_or(Layout::Bhnd, |l| l.value)
 }

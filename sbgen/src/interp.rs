@@ -6,10 +6,17 @@
 //!
 //! Inputs q, k, v are f32 values already rounded to the spec's dtype, in BHND order (the
 //! interpreter ignores `spec.layout`: convert with [`sbgen_runtime::reference::bnhd_to_bhnd`]).
-//! `scale_log2 = scale * log2(e)` in f32, scale defaulting to 1 / sqrt(D).
+//! q, o, dq are [B, H, N, D]; k, v, dk, dv are [B, H_kv, N, D] with `H_kv = shape.kv_heads`
+//! dividing H (grouped-query attention): query head h reads K/V head h / (H / H_kv), and dk, dv sum
+//! over the query heads of a group, as in the reference. A packed variable-length batch (the THD
+//! layout) is a list of batch-1 problems, one per sequence: the kernels' CTAs of one sequence only
+//! see that sequence (docs/architecture.md#sequence-views), so it needs nothing here.
+//! D is the head_dim of the tensors: any value works (the kernels' zero-padded tile columns add
+//! nothing, docs/math.md#head-dims). `scale_log2 = scale * log2(e)` in f32, scale defaulting to
+//! 1 / sqrt(D).
 //! `softplus2(x) = x` when x > 15, else `log2(1 + 2^x)`, in f32.
 //!
-//! **Forward.** One CTA per (b, h, query block): rows `[q0, q0 + block_m) ∩ [0, N)`.
+//! **Forward.** One CTA per (b, query head h, query block): rows `[q0, q0 + block_m) ∩ [0, N)`.
 //!
 //! - It needs `kmax = min(N, q0 + block_m - 1 + (attend_current ? 1 : 0))` keys and walks the key
 //!   blocks `ceil(kmax / block_n) - 1` down to 0; block `b` holds keys `[b*block_n, (b+1)*block_n)`.
@@ -39,7 +46,7 @@
 //!   rem_i)` where allowed, else 0, with beta taken as 0 where `P_ij < 2^-24 beta_ij` (less than 2^-24
 //!   of the stick left right of j: C there is only f32 residue of `D_i - G_i`); `dq_i += dtype(dz_ij) k_j`, `dk_j += dtype(dz_ij) q_i`,
 //!   `dv_j += dtype(P_ij) dO_i` (P and dz go to the tensor cores in the dtype; dk and dv are f32
-//!   accumulators shared by all CTAs); `G_i += sum_j g_ij`; `acc_i += sum_j L_ij`; the same
+//!   accumulators of the K/V head, shared by all CTAs of its group's query heads); `G_i += sum_j g_ij`; `acc_i += sum_j L_ij`; the same
 //!   early-exit vote as the forward (acc is recomputed bit for bit, so both passes stop at the same
 //!   block).
 //! - At the end: `dq *= scale`, `dk *= scale` (f32), and dq, dk, dv are rounded to the dtype.
@@ -65,8 +72,7 @@ use sbgen_runtime::reference::Shape;
 const STICK_END: f32 = 5.960_464_5e-8;
 
 /// The parts of a kernel that decide what the blocked walk computes. Built from a [`Kernel`] with
-/// [`Walk::of`], or by hand (the interpreter does not need `head_dim` to be one the templates
-/// support, so tests can use small heads).
+/// [`Walk::of`], or by hand (the walk needs no tiles and no head_dim: tests use small heads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     /// Query rows per CTA.
@@ -79,7 +85,7 @@ pub struct Walk {
     pub early_exit_bits: Option<u32>,
 }
 
-/// Forward outputs, BHND.
+/// Forward outputs, BHND, with the query heads (`shape.heads`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForwardOut {
     /// [B, H, N, D] in the dtype (as f32), with rem_i v_i added when the remainder is fused.
@@ -92,7 +98,8 @@ pub struct ForwardOut {
     pub o_saved: Vec<f32>,
 }
 
-/// Backward outputs, BHND [B, H, N, D] each, in the dtype (as f32).
+/// Backward outputs, BHND, in the dtype (as f32): dq [B, H, N, D], dk and dv [B, H_kv, N, D] (each
+/// the sum over the K/V head's group of query heads).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grads {
     pub dq: Vec<f32>,
@@ -103,7 +110,7 @@ pub struct Grads {
 /// How much of the walk ran: what early exit saves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// CTAs launched (B * H * ceil(N / block_m)).
+    /// CTAs launched (B * H * ceil(N / block_m), H the query heads).
     pub ctas: u64,
     /// Key blocks the CTAs processed.
     pub key_blocks_processed: u64,
@@ -167,6 +174,25 @@ fn check_head_dim(kernel: &Kernel, shape: Shape) {
 
 fn check_len(name: &str, got: usize, want: usize) {
     assert_eq!(got, want, "interpreter: `{name}` has {got} elements, the shape needs {want}");
+}
+
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
+fn check_kv_heads(shape: Shape) {
+    assert!(
+        shape.kv_heads > 0 && shape.heads % shape.kv_heads == 0,
+        "interpreter: kv_heads = {} must divide heads = {}",
+        shape.kv_heads,
+        shape.heads
+    );
+}
+
+/// The element range of the K/V head that query head `bh` (= b * heads + h) reads: K/V head
+/// b * kv_heads + h / group.
+fn kv_head(shape: Shape, bh: usize) -> std::ops::Range<usize> {
+    let kv = (bh / shape.heads) * shape.kv_heads + (bh % shape.heads) / shape.group();
+    let size = shape.seq * shape.head_dim;
+    kv * size..(kv + 1) * size
 }
 
 /// log2(1 + 2^x) in f32, x itself when x > 15.
@@ -300,8 +326,9 @@ impl Walk {
         scale: Option<f32>,
         faults: Faults,
     ) -> (ForwardOut, Stats) {
-        for (name, x) in [("q", q), ("k", k), ("v", v)] {
-            check_len(name, x.len(), shape.len());
+        check_kv_heads(shape);
+        for (name, x, want) in [("q", q, shape.len()), ("k", k, shape.kv_len()), ("v", v, shape.kv_len())] {
+            check_len(name, x.len(), want);
         }
         let (n, d, bm, bn) = (shape.seq, shape.head_dim, self.block_m, self.block_n);
         let scale_log2 = scale.unwrap_or(1.0 / (d as f32).sqrt()) * std::f32::consts::LOG2_E;
@@ -312,7 +339,8 @@ impl Walk {
         let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
-            let (qh, kh, vh) = (&q[base..base + n * d], &k[base..base + n * d], &v[base..base + n * d]);
+            let kv = kv_head(shape, bh);
+            let (qh, kh, vh) = (&q[base..base + n * d], &k[kv.clone()], &v[kv]);
             let oh = &mut o[base..base + n * d];
             for q0 in (0..n).step_by(bm) {
                 let rows = q0..(q0 + bm).min(n);
@@ -345,9 +373,12 @@ impl Walk {
             }
         }
         let o_saved = o.clone();
-        for (row, (oi, vi)) in o.chunks_mut(d.max(1)).zip(v.chunks(d.max(1))).enumerate() {
+        for (row, oi) in o.chunks_mut(d.max(1)).enumerate() {
             if self.remainder == Remainder::Fuse {
-                axpy(oi, rem[row], vi);
+                // Row i of query head bh adds rem_i v_i of its K/V head.
+                let i = row % n;
+                let vh = &v[kv_head(shape, row / n)];
+                axpy(oi, rem[row], &vh[i * d..(i + 1) * d]);
             }
             for x in oi {
                 *x = self.dtype.round(*x);
@@ -385,8 +416,12 @@ impl Walk {
         scale: Option<f32>,
         faults: Faults,
     ) -> (Grads, Stats) {
-        for (name, x) in [("q", q), ("k", k), ("v", v), ("o_saved", o_saved), ("d_o", d_o)] {
-            check_len(name, x.len(), shape.len());
+        check_kv_heads(shape);
+        let (len, kv_len) = (shape.len(), shape.kv_len());
+        for (name, x, want) in
+            [("q", q, len), ("k", k, kv_len), ("v", v, kv_len), ("o_saved", o_saved, len), ("d_o", d_o, len)]
+        {
+            check_len(name, x.len(), want);
         }
         check_len("log2_rem", log2_rem.len(), shape.rows());
         if let Some(dr) = d_rem {
@@ -397,16 +432,18 @@ impl Walk {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let fuse = self.remainder == Remainder::Fuse;
         let mut dq = vec![0.0f32; shape.len()];
-        let mut dk = vec![0.0f32; shape.len()];
-        let mut dv = vec![0.0f32; shape.len()];
+        let mut dk = vec![0.0f32; shape.kv_len()];
+        let mut dv = vec![0.0f32; shape.kv_len()];
         let mut stats = Stats::default();
         let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
             let head = base..base + n * d;
-            let (qh, kh, vh) = (&q[head.clone()], &k[head.clone()], &v[head.clone()]);
+            let kv = kv_head(shape, bh);
+            let (qh, kh, vh) = (&q[head.clone()], &k[kv.clone()], &v[kv.clone()]);
             let (oh, doh) = (&o_saved[head.clone()], &d_o[head.clone()]);
-            let (dqh, dkh, dvh) = (&mut dq[head.clone()], &mut dk[head.clone()], &mut dv[head.clone()]);
+            // dk, dv of the K/V head: the group's query heads add into the same accumulators.
+            let (dqh, dkh, dvh) = (&mut dq[head.clone()], &mut dk[kv.clone()], &mut dv[kv]);
             for q0 in (0..n).step_by(bm) {
                 let rows = q0..(q0 + bm).min(n);
                 let blocks = self.key_blocks(n, q0);
@@ -553,20 +590,21 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = shape.head_dim;
         let mut q = normal(&mut rng, shape.len());
-        let mut k = normal(&mut rng, shape.len());
+        let mut k = normal(&mut rng, shape.kv_len());
         if regime != Regime::Random {
             // z = s q.k close to +-8: a shared direction e_0 of length sqrt(8 / s), small noise.
             let score: f32 = if regime == Regime::Sharp { 8.0 } else { -8.0 };
             let a = (score.abs() * (d as f32).sqrt()).sqrt();
-            for (qr, kr) in q.chunks_mut(d).zip(k.chunks_mut(d)) {
-                for x in qr.iter_mut().chain(kr.iter_mut()) {
-                    *x *= 0.1;
+            for (rows, first) in [(&mut q, a), (&mut k, a * score.signum())] {
+                for r in rows.chunks_mut(d) {
+                    for x in r.iter_mut() {
+                        *x *= 0.1;
+                    }
+                    r[0] += first;
                 }
-                qr[0] += a;
-                kr[0] += a * score.signum();
             }
         }
-        let v = normal(&mut rng, shape.len());
+        let v = normal(&mut rng, shape.kv_len());
         let d_o = normal(&mut rng, shape.len());
         let d_rem = normal(&mut rng, shape.rows());
         let round = |x: Vec<f32>| x.into_iter().map(|e| dtype.round(e)).collect::<Vec<_>>();
@@ -626,10 +664,10 @@ mod tests {
         let scale_log2 = std::f64::consts::LOG2_E / (d as f64).sqrt();
         let mut scores = Vec::with_capacity(shape.rows());
         for bh in 0..shape.batch * shape.heads {
-            let at = |i: usize| (bh * n + i) * d;
+            let kh = &k[kv_head(shape, bh)];
             for i in 0..n {
-                let qi = &q[at(i)..at(i) + d];
-                let x = |j: usize| scale_log2 * qi.iter().zip(&k[at(j)..at(j) + d]).map(|(a, b)| a * b).sum::<f64>();
+                let qi = &q[(bh * n + i) * d..(bh * n + i + 1) * d];
+                let x = |j: usize| scale_log2 * qi.iter().zip(&kh[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f64>();
                 scores.push((0..w.row_keys(i).min(n)).map(x).collect());
             }
         }
@@ -914,6 +952,89 @@ mod tests {
         let (fwd, _, _) = run(&ee, &data, true, Faults { min_vote: true, ..Faults::default() });
         let e = rel_l2(&fwd.o, &r.fwd.o);
         assert!(e > tolerances(Dtype::Bf16).0, "the min vote went unnoticed: {e}");
+    }
+
+    /// k or v [B, H_kv, N, D] with each K/V head repeated for the query heads of its group.
+    fn repeat_kv(shape: Shape, x: &[f32]) -> Vec<f32> {
+        (0..shape.batch * shape.heads).flat_map(|bh| x[kv_head(shape, bh)].to_vec()).collect()
+    }
+
+    /// Grouped-query attention (4 query heads on 2 K/V heads, and on 1) at head dims that are not a
+    /// tile width (16, 50, 80), against the float64 reference: dk and dv sum over each group.
+    #[test]
+    fn grouped_query_attention_matches_the_reference() {
+        let mut failures = Vec::new();
+        let mut case = 0usize;
+        for head_dim in [16, 50, 80] {
+            for kv_heads in [2, 1] {
+                for n in [17, 100] {
+                    let shape = Shape::new(2, 4, n, head_dim).with_kv_heads(kv_heads);
+                    for mask in MASKS {
+                        for remainder in REMAINDERS {
+                            case += 1;
+                            let dtype = Dtype::ALL[case % 2];
+                            let with_d_rem = case % 3 != 1;
+                            let data = data(Regime::Random, shape, dtype, 2000 + case as u64);
+                            let w = walk(TILINGS[case % TILINGS.len()], dtype, mask, remainder);
+                            let r = reference_for(&w, &data, with_d_rem);
+                            let (fwd, g, stats) = run(&w, &data, with_d_rem, Faults::default());
+                            assert_eq!(stats.ctas, (2 * 4 * n.div_ceil(w.block_m)) as u64, "one CTA per query head");
+                            assert_eq!((g.dk.len(), g.dv.len()), (shape.kv_len(), shape.kv_len()));
+                            let e = errors(&r, &fwd, &g);
+                            if !e.within(tolerances(dtype)) {
+                                failures.push(format!("d {head_dim} kv_heads {kv_heads} N {n} {w:?}: {e:?}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{} cases over the tolerance:\n{}", failures.len(), failures.join("\n"));
+    }
+
+    /// The forward of a group is the forward of its query heads on a repeated K/V head, bit for bit,
+    /// and so is dq; a query head reading another group's K/V head (h % kv_heads instead of
+    /// h / group) fails the comparison with the reference.
+    #[test]
+    fn grouped_query_attention_reads_the_groups_kv_head() {
+        let shape = Shape::new(2, 4, 70, 50).with_kv_heads(2);
+        let mha = Shape::new(2, 4, 70, 50);
+        let data = data(Regime::Random, shape, Dtype::Bf16, 31);
+        let w = Walk { early_exit_bits: Some(20), ..walk((64, 32), Dtype::Bf16, Mask::Strict, Remainder::Fuse) };
+        let (kr, vr) = (repeat_kv(shape, &data.k), repeat_kv(shape, &data.v));
+        let (fwd, stats) = w.forward(shape, &data.q, &data.k, &data.v, None);
+        let (want, want_stats) = w.forward(mha, &data.q, &kr, &vr, None);
+        assert_eq!((fwd, stats), (want.clone(), want_stats));
+        let (g, _) = w.backward(shape, &data.q, &data.k, &data.v, &want.o_saved, &want.log2_rem, &data.d_o, None, None);
+        let (gm, _) = w.backward(mha, &data.q, &kr, &vr, &want.o_saved, &want.log2_rem, &data.d_o, None, None);
+        assert_eq!(g.dq, gm.dq);
+
+        // Interleaved K/V heads: query head h on K/V head h % kv_heads.
+        let exact = walk((64, 32), Dtype::Bf16, Mask::Strict, Remainder::Fuse);
+        let r = reference_for(&exact, &data, true);
+        let swap = |x: &[f32]| {
+            let head = shape.seq * shape.head_dim;
+            let mut y = x.to_vec();
+            for b in 0..shape.batch {
+                // Heads (0, 1, 2, 3) read kv (0, 0, 1, 1); interleaved they read (0, 1, 0, 1).
+                let (h1, h2) = ((b * 4 + 1) * head, (b * 4 + 2) * head);
+                y[h1..h1 + head].copy_from_slice(&x[h2..h2 + head]);
+                y[h2..h2 + head].copy_from_slice(&x[h1..h1 + head]);
+            }
+            y
+        };
+        let (fwd, _) = exact.forward(mha, &data.q, &swap(&kr), &swap(&vr), None);
+        let e = rel_l2(&fwd.o, &r.fwd.o);
+        assert!(e > tolerances(Dtype::Bf16).0, "interleaved K/V heads went unnoticed: {e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "kv_heads = 3 must divide heads = 4")]
+    fn kv_heads_must_divide_heads() {
+        let shape = Shape::new(1, 4, 4, 8).with_kv_heads(3);
+        let w = walk((64, 32), Dtype::Bf16, Mask::Strict, Remainder::Return);
+        let x = vec![0.0; shape.len()];
+        w.forward(shape, &x, &x[..shape.kv_len()], &x[..shape.kv_len()], None);
     }
 
     #[test]

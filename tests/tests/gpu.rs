@@ -8,11 +8,12 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use sbgen::gpu::check::{self, CheckPlan, FWD_TOL, GRAD_TOL};
-use sbgen::gpu::data::{make_inputs, non_finite, rel_l2, widen, Regime};
+use sbgen::gpu::data::{from_layout_seqs, make_inputs, make_packed_inputs, non_finite, rel_l2, rows_from_layout, widen};
+use sbgen::gpu::data::Regime;
 use sbgen::gpu::exec::{self, DeviceProblem};
 use sbgen::gpu::{Device, GpuError, KernelBuilder};
 use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};
-use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, LaunchError, SbElement};
+use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, LaunchError, SbElement, Varlen};
 use sbgen_runtime::reference::{self, Options, Shape};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +63,7 @@ fn forward_and_backward<T: SbElement>(dev: &Device, base: Spec, shape: Shape, wi
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: Some(o_saved.as_view_mut()),
+        varlen: None,
     };
     dev.launcher.forward(&fwd, shape, args, None).unwrap();
     let (mut dq, mut dk, mut dv) = (
@@ -81,6 +83,7 @@ fn forward_and_backward<T: SbElement>(dev: &Device, base: Spec, shape: Shape, wi
         dq: dq.as_view_mut(),
         dk: dk.as_view_mut(),
         dv: dv.as_view_mut(),
+        varlen: None,
     };
     dev.launcher.backward(&bwd, shape, args, None).unwrap();
     dev.sync(bwd.name(), TIMEOUT).unwrap();
@@ -149,6 +152,102 @@ fn early_exit_kernels_match_the_reference() {
     forward_and_backward::<half::bf16>(&dev, base, Shape::new(1, 3, 1000, 128), true);
 }
 
+/// A packed batch (THD) with grouped-query attention through the public launcher API, as a user calls
+/// it: `cu_seqlens` on the device, k and v with fewer heads, the deterministic backward run twice.
+#[test]
+fn packed_grouped_batch_through_the_launcher_matches_the_reference_and_repeats_bit_for_bit() {
+    let Some(dev) = device() else { return };
+    let lens = [0, 1, 17, 300, 64];
+    let shape = Shape::new(1, 6, 1, 80).with_kv_heads(2); // head_dim 80: a padded tile of 96
+    let inputs = make_packed_inputs(shape, &lens, Dtype::Bf16, Regime::Random, 0xbadc0de);
+    let shape = inputs.shape; // batch 5, seq 300 (max_seqlen)
+    let base = Spec { layout: Layout::Thd, remainder: Remainder::Fuse, ..spec(80, Dtype::Bf16, Pass::Forward) };
+    let fwd = kernel(&dev, base);
+    let bwd = kernel(&dev, Spec { pass: Pass::Backward, deterministic: true, ..base });
+    let p = DeviceProblem::<half::bf16>::upload(&dev, &inputs, Layout::Thd, true).unwrap();
+    let cu = p.cu_seqlens.as_ref().expect("THD uploads cu_seqlens").as_view();
+    let varlen = Varlen { cu_seqlens: &cu, total_tokens: inputs.tokens() };
+    let mut o = exec::poisoned::<half::bf16>(&dev, p.q_len()).unwrap();
+    let mut rem = exec::poisoned_f32(&dev, p.rows()).unwrap();
+    let mut log2_rem = exec::poisoned_f32(&dev, p.rows()).unwrap();
+    let mut o_saved = exec::poisoned_f32(&dev, p.q_len()).unwrap();
+    let args = ForwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: o.as_view_mut(),
+        rem: rem.as_view_mut(),
+        log2_rem: log2_rem.as_view_mut(),
+        o_saved: Some(o_saved.as_view_mut()),
+        varlen: Some(varlen),
+    };
+    dev.launcher.forward(&fwd, shape, args, None).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let dq = exec::poisoned::<half::bf16>(&dev, p.q_len()).unwrap();
+        let (dk, dv) = (exec::poisoned::<half::bf16>(&dev, p.kv_len()).unwrap(), exec::poisoned(&dev, p.kv_len()).unwrap());
+        let (mut dq, mut dk, mut dv): (CudaSlice<half::bf16>, CudaSlice<half::bf16>, CudaSlice<half::bf16>) = (dq, dk, dv);
+        let args = BackwardArgs {
+            q: p.q.as_view(),
+            k: p.k.as_view(),
+            v: p.v.as_view(),
+            o: o.as_view(),
+            o_saved: o_saved.as_view(),
+            d_o: p.d_o.as_view(),
+            d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
+            log2_rem: log2_rem.as_view(),
+            dq: dq.as_view_mut(),
+            dk: dk.as_view_mut(),
+            dv: dv.as_view_mut(),
+            varlen: Some(varlen),
+        };
+        dev.launcher.backward(&bwd, shape, args, None).unwrap();
+        dev.sync(bwd.name(), TIMEOUT).unwrap();
+        runs.push([dq, dk, dv].map(|x| dev.stream.clone_dtoh(&x).unwrap()));
+    }
+    let bits = |x: &[half::bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(runs[0].iter().zip(&runs[1])) {
+        assert_eq!(bits(a), bits(b), "{name}: the deterministic backward differs between two runs");
+    }
+    // Against the float64 reference, one sequence at a time (sbgen's oracle in canonical order).
+    let opts = Options::from(&base);
+    let want = &sbgen::gpu::oracle::expected(&inputs, &[opts], true, 4)[0];
+    let (lens, d) = (&inputs.seq_lens, shape.head_dim);
+    let canon = |x: &[half::bf16], heads| from_layout_seqs(lens, heads, d, Layout::Thd, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>());
+    let got_o = canon(&dev.stream.clone_dtoh(&o).unwrap(), shape.heads);
+    let got_rem = rows_from_layout(lens, shape.heads, Layout::Thd, &exec::download_f32(&dev, &rem).unwrap());
+    assert_eq!(non_finite(&got_o) + non_finite(&got_rem), 0, "unwritten o or rem elements");
+    assert!(rel_l2(&got_o, &want.o) <= FWD_TOL, "o error {:.2e}", rel_l2(&got_o, &want.o));
+    assert!(rel_l2(&got_rem, &want.rem) <= FWD_TOL, "rem error {:.2e}", rel_l2(&got_rem, &want.rem));
+    let g = want.grads.as_ref().unwrap();
+    for (name, x, heads, r) in [
+        ("dq", &runs[0][0], shape.heads, &g.dq),
+        ("dk", &runs[0][1], shape.kv_heads, &g.dk),
+        ("dv", &runs[0][2], shape.kv_heads, &g.dv),
+    ] {
+        let got = canon(x, heads);
+        assert_eq!(non_finite(&got), 0, "{name} has unwritten elements");
+        let e = rel_l2(&got, r);
+        assert!(e <= GRAD_TOL, "{name} error {e:.2e}");
+    }
+    // A dense kernel refuses cu_seqlens before launching.
+    let dense = kernel(&dev, Spec { layout: Layout::Bnhd, ..base });
+    let mut o2 = exec::poisoned::<half::bf16>(&dev, p.q_len()).unwrap();
+    let (mut r2, mut l2) = (exec::poisoned_f32(&dev, p.rows()).unwrap(), exec::poisoned_f32(&dev, p.rows()).unwrap());
+    let args = ForwardArgs {
+        q: p.q.as_view(),
+        k: p.k.as_view(),
+        v: p.v.as_view(),
+        o: o2.as_view_mut(),
+        rem: r2.as_view_mut(),
+        log2_rem: l2.as_view_mut(),
+        o_saved: None,
+        varlen: Some(varlen),
+    };
+    let err = dev.launcher.forward(&dense, shape, args, None).unwrap_err();
+    assert!(matches!(err, LaunchError::Varlen { .. }), "{err}");
+}
+
 #[test]
 fn check_plan_on_a_small_matrix_passes() {
     let Some(dev) = device() else { return };
@@ -181,6 +280,7 @@ fn forward_with(dev: &Device, kernel: &KernelBinary, shape: Shape, q_len: usize)
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: None,
+        varlen: None,
     };
     let err = dev.launcher.forward(kernel, shape, args, None).expect_err("the launcher must refuse");
     dev.stream.synchronize().unwrap();
@@ -223,6 +323,7 @@ fn launcher_refuses_bad_inputs_before_launching() {
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: None,
+        varlen: None,
     };
     let err = dev.launcher.forward(&fwd, shape, args, None).unwrap_err();
     assert!(matches!(err, LaunchError::Dtype { expected: Dtype::Bf16, got: Dtype::F16, .. }), "{err}");
@@ -239,6 +340,7 @@ fn launcher_refuses_bad_inputs_before_launching() {
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: None,
+        varlen: None,
     };
     let err = dev.launcher.forward(&fwd, shape, args, None).unwrap_err();
     assert!(matches!(err, LaunchError::Misaligned { tensor: "q", required: 16, .. }), "{err}");
@@ -254,6 +356,7 @@ fn launcher_refuses_bad_inputs_before_launching() {
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: None,
+        varlen: None,
     };
     dev.launcher.forward(&fwd, shape, args, None).unwrap();
     dev.stream.synchronize().unwrap();
@@ -338,6 +441,7 @@ fn backward_workspace_allocation_failure_is_a_typed_error() {
         dq: dq.as_view_mut(),
         dk: dk.as_view_mut(),
         dv: dv.as_view_mut(),
+        varlen: None,
     };
     let err = dev.launcher.backward(&bwd, shape, args, None).unwrap_err();
     for alias in [q, dq, dk, dv] {

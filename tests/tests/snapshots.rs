@@ -1,29 +1,39 @@
-//! Snapshots of the generated CUDA for a canonical set of kernels: forward and backward, head_dim 64
-//! and 128, bf16 and f16, both masks, each at its default schedule on sm_90. A change to a template
-//! or to lowering shows up here as a diff to review (`cargo insta review`), named after the kernel.
+//! Snapshots of the generated CUDA for a canonical set of kernels, each at its default schedule on
+//! sm_90: forward and backward, head_dim 64 and 128, bf16 and f16, both masks; plus the spec fields
+//! that change the generated code elsewhere: head_dim 256 (the widest tile) and 80 (padded to a tile
+//! of 96, docs/math.md#head-dims), the packed THD layout (docs/architecture.md#sequence-views) and
+//! the deterministic backward (docs/math.md#deterministic-backward). Grouped-query attention needs
+//! no kernel of its own: `kv_heads` is a launch parameter that every kernel reads. A change to a
+//! template or to lowering shows up here as a diff to review (`cargo insta review`), named after the
+//! kernel.
 
-use sbgen::ir::{Arch, Dtype, Kernel, Mask, Pass, Schedule, Spec};
+use sbgen::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Schedule, Spec};
 use sbgen::lower::lower;
 
 fn canonical() -> Vec<Kernel> {
-    let mut kernels = Vec::new();
+    let mut specs = Vec::new();
     for pass in [Pass::Forward, Pass::Backward] {
         for head_dim in [64, 128] {
             for dtype in [Dtype::Bf16, Dtype::F16] {
                 for mask in [Mask::Strict, Mask::AttendCurrent] {
-                    let spec = Spec { mask, ..Spec::new(head_dim, dtype, pass) };
-                    kernels.push(Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90));
+                    specs.push(Spec { mask, ..Spec::new(head_dim, dtype, pass) });
                 }
             }
         }
     }
-    kernels
+    for pass in [Pass::Forward, Pass::Backward] {
+        specs.push(Spec::new(256, Dtype::Bf16, pass));
+        specs.push(Spec::new(80, Dtype::F16, pass));
+        specs.push(Spec { layout: Layout::Thd, ..Spec::new(128, Dtype::Bf16, pass) });
+    }
+    specs.push(Spec { deterministic: true, ..Spec::new(128, Dtype::Bf16, Pass::Backward) });
+    specs.into_iter().map(|spec| Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90)).collect()
 }
 
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 16);
+    assert_eq!(kernels.len(), 23);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -37,5 +47,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 16);
+    assert_eq!(names.len(), 23);
 }

@@ -191,6 +191,7 @@ fn run(
         rem: rem.as_view_mut(),
         log2_rem: log2_rem.as_view_mut(),
         o_saved: Some(o_saved.as_view_mut()),
+        varlen: None,
     };
     SbAttn::forward(&launcher, shape, fwd, None)?;
 
@@ -209,6 +210,7 @@ fn run(
         dq: dq.as_view_mut(),
         dk: dk.as_view_mut(),
         dv: dv.as_view_mut(),
+        varlen: None,
     };
     SbAttn::backward(&launcher, shape, bwd, None)?;
     stream.synchronize()?;

@@ -2,7 +2,7 @@
 // `forward` / `backward` stubs: the uses in `main` raise no follow-on errors.
 use sbgen_macros::stick_breaking_attention;
 
-#[stick_breaking_attention(head_dim = 96, dtype = "int7", colour = "red", early_exit_bits = "24", head_dim = 64)]
+#[stick_breaking_attention(head_dim = 300, dtype = "int7", colour = "red", early_exit_bits = "24", head_dim = 64)]
 pub struct SbAttn;
 
 fn main() {
