@@ -327,10 +327,12 @@ __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float
 // dV += P^T dO and dK += dZ^T Q for one key block: the [BN x D] tiles are split among the warps in
 // 16x16 pieces; each piece runs over the CTA's BM query rows and is added to the f32 accumulators
 // (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step` apart; keys at or past `len` dropped).
+// A template so that the split's static_assert binds only where the backward instantiates it (the
+// forward includes this file too, with schedules whose dK/dV tile would not split).
+template <int PIECES = (BN / 16) * (D / 16)>
 __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
                                           unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane) {
     constexpr int PN = D / 16;
-    constexpr int PIECES = (BN / 16) * PN;
     static_assert(PIECES % WARPS == 0, "dK/dV pieces must split evenly among warps");
     const int g = lane >> 2, t = lane & 3, j = lane >> 3;
 #pragma unroll 1

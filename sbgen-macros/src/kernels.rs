@@ -78,7 +78,7 @@ pub fn pick(
         if entries.is_empty() {
             missing_arch = true;
             if let Some(dir) = ptx_dir {
-                let kernel = Kernel::new(*spec, Schedule::default_for(spec), arch);
+                let kernel = Kernel::new(*spec, Schedule::default_on(spec, arch), arch);
                 let lowered =
                     sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;
                 if let Some((file, ptx)) = read_ptx(dir, &lowered).map_err(|e| format!("`SBGEN_PTX_DIR`: {e}"))? {
@@ -165,7 +165,7 @@ mod tests {
     use sbgen::ir::{Dtype, Layout, Pass, Remainder};
 
     fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
-        let kernel = Kernel::new(spec, Schedule::default_for(&spec), arch);
+        let kernel = Kernel::new(spec, Schedule::default_on(&spec, arch), arch);
         CacheEntry::untimed(kernel, seq_bucket, format!("// ptx {arch} {seq_bucket}")).unwrap()
     }
 

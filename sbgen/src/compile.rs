@@ -578,7 +578,7 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
         };
         for arch in crate::ir::Arch::ALL {
             let spec = crate::ir::Spec::new(64, crate::ir::Dtype::Bf16, crate::ir::Pass::Forward);
-            let kernel = crate::ir::Kernel::new(spec, crate::ir::Schedule::default_for(&spec), arch);
+            let kernel = crate::ir::Kernel::new(spec, crate::ir::Schedule::default_on(&spec, arch), arch);
             let lowered = crate::lower::lower(&kernel).unwrap();
             let sbgen = compiler.to_ptx(&lowered).unwrap_or_else(|e| panic!("{e}"));
             let target = sbgen_runtime::launcher::Target::for_device(arch.compute_capability());

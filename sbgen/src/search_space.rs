@@ -5,10 +5,16 @@
 //! [`Kernel::validate`] (shared memory, divisibility, choices the templates do not implement) or from
 //! an [`EXCLUSIONS`] entry (choices the IR accepts but the search space leaves out on purpose).
 //!
-//! To change what the tuner tries, edit the tables: [`RULES`] picks a space per pass / head_dim /
+//! To change what the tuner tries, edit the tables: [`RULES`] picks a space per pass / tile width /
 //! arch (first match wins), so a pass whose large tiles spill can get a smaller table without
 //! touching the others. Choices the templates do not implement yet stay in the tables: they are
 //! pruned with a printable reason today and join the search the day validation accepts them.
+//!
+//! Rules and exclusions key on the tile width, [`Spec::tile_head_dim`] (head_dim rounded up to a
+//! multiple of 32, above 128 of 64), never on head_dim itself: a padded head_dim (80) compiles to the registers and
+//! shared memory of its tile (96), so every head_dim in 1..=256 has the space of its tile. The
+//! layout (THD included), mask, remainder, early exit and `deterministic` do not choose the space: a
+//! deterministic backward or a THD spec searches what its dense, non-deterministic twin searches.
 
 use crate::ir::{Arch, Cumsum, IrError, Kernel, MmaFamily, Pass, Schedule, Softplus, Spec};
 use std::fmt;
@@ -35,7 +41,8 @@ pub struct SearchSpace {
 #[derive(Clone, Copy, Debug)]
 pub struct Rule {
     pub pass: Option<Pass>,
-    pub head_dim: Option<u32>,
+    /// Tile widths ([`Spec::tile_head_dim`]) the rule applies to.
+    pub tile_head_dims: Option<&'static [u32]>,
     pub arch: Option<Arch>,
     pub space: &'static SearchSpace,
 }
@@ -64,19 +71,25 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
 };
 
-/// The default table with 32- and 64-key blocks only: 128-key blocks spill for the head_dim 64
-/// forward and backward (block_n = 128 holds 2 x 64 score accumulators per thread).
+/// The default table with 32- and 64-key blocks only: 128-key blocks spill for the 64-wide forward
+/// and backward (block_n = 128 holds 2 x 64 score accumulators per thread), for the 32-wide
+/// backward (96-144 bytes under ptxas 13.0) and for the 96-wide forward (112-240 bytes).
 pub const NARROW_SPACE: SearchSpace = SearchSpace { block_n: &[32, 64], ..DEFAULT_SPACE };
 
-/// The backward at head_dim 128 keeps dQ (64 f32 registers per thread) beside the scores, the
-/// weights' betas and dP: only 32-key blocks fit in 255 registers without spilling.
-pub const BACKWARD_D128_SPACE: SearchSpace = SearchSpace { block_n: &[32], ..DEFAULT_SPACE };
+/// The backward at tile widths 96 and 128 keeps dQ (48 or 64 f32 registers per thread) beside the
+/// scores, the weights' betas and dP: only 32-key blocks fit in 255 registers without spilling
+/// (64-key blocks spill 56-80 bytes at 96 under ptxas 13.0, 8 warps included on sm_80).
+pub const BACKWARD_N32_SPACE: SearchSpace = SearchSpace { block_n: &[32], ..DEFAULT_SPACE };
 
-/// Which table each (pass, head_dim, arch) uses; the first matching rule wins, the last matches all.
+/// Which table each (pass, tile width, arch) uses; the first matching rule wins, the last matches
+/// all. Tiles wider than 128 take the default table, narrowed by an [`EXCLUSIONS`] entry that says
+/// why.
 pub const RULES: &[Rule] = &[
-    Rule { pass: Some(Pass::Backward), head_dim: Some(128), arch: None, space: &BACKWARD_D128_SPACE },
-    Rule { pass: None, head_dim: Some(64), arch: None, space: &NARROW_SPACE },
-    Rule { pass: None, head_dim: None, arch: None, space: &DEFAULT_SPACE },
+    Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[96, 128]), arch: None, space: &BACKWARD_N32_SPACE },
+    Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[32]), arch: None, space: &NARROW_SPACE },
+    Rule { pass: None, tile_head_dims: Some(&[64]), arch: None, space: &NARROW_SPACE },
+    Rule { pass: Some(Pass::Forward), tile_head_dims: Some(&[96]), arch: None, space: &NARROW_SPACE },
+    Rule { pass: None, tile_head_dims: None, arch: None, space: &DEFAULT_SPACE },
 ];
 
 /// Schedules left out of the default search even though they validate. The spill entries come from
@@ -94,7 +107,9 @@ pub const EXCLUSIONS: &[Exclusion] = &[
     },
     Exclusion {
         reason: "spills registers (ptxas 13.0): the polynomial exp2 with 128-key blocks at head_dim 128",
-        applies: |k| k.spec.head_dim == 128 && k.schedule.block_n == 128 && k.schedule.softplus == Softplus::Poly,
+        applies: |k| {
+            k.spec.tile_head_dim() == 128 && k.schedule.block_n == 128 && k.schedule.softplus == Softplus::Poly
+        },
     },
     Exclusion {
         reason: "spills 12-24 bytes on sm_90a (ptxas 13.0 on NVRTC's PTX); 3 stages of the same tile \
@@ -102,10 +117,16 @@ pub const EXCLUSIONS: &[Exclusion] = &[
         applies: |k| {
             k.arch == Arch::Sm90
                 && k.spec.pass == Pass::Forward
-                && k.spec.head_dim == 128
+                && k.spec.tile_head_dim() == 128
                 && (k.schedule.block_m, k.schedule.block_n, k.schedule.stages) == (64, 64, 2)
                 && k.schedule.softplus == Softplus::Mufu
         },
+    },
+    Exclusion {
+        reason: "spills registers (ptxas 13.0): tiles wider than 128 fit in 255 registers with 32-key \
+                 blocks only (at head_dim 256, 64 x 64 spills 80-88 bytes in the forward and 556 in the \
+                 backward; 64 x 32 and 128 x 32 on 8 warps do not)",
+        applies: |k| k.spec.tile_head_dim() > 128 && k.schedule.block_n > 32,
     },
 ];
 
@@ -128,13 +149,13 @@ impl fmt::Display for Pruned {
 }
 
 impl SearchSpace {
-    /// The table [`RULES`] assigns to `spec` on `arch`.
+    /// The table [`RULES`] assigns to `spec` on `arch` (by its tile width: see the module doc).
     pub fn for_spec(spec: &Spec, arch: Arch) -> &'static SearchSpace {
         RULES
             .iter()
             .find(|r| {
                 r.pass.iter().all(|&p| p == spec.pass)
-                    && r.head_dim.iter().all(|&d| d == spec.head_dim)
+                    && r.tile_head_dims.iter().all(|tiles| tiles.contains(&spec.tile_head_dim()))
                     && r.arch.iter().all(|&a| a == arch)
             })
             .map(|r| r.space)
@@ -200,8 +221,16 @@ pub fn variants(spec: Spec, arch: Arch) -> impl Iterator<Item = (Kernel, Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::Dtype;
+    use crate::ir::{Dtype, Layout, Remainder};
+    use sbgen_runtime::spec::{HEAD_DIM_RANGE, NATIVE_HEAD_DIMS};
     use std::collections::HashSet;
+
+    const PASSES: [Pass; 2] = [Pass::Forward, Pass::Backward];
+
+    /// Every candidate's schedule and verdict, without the kernel (whose name carries the spec).
+    fn verdicts(spec: Spec, arch: Arch) -> Vec<(Schedule, Result<(), Pruned>)> {
+        variants(spec, arch).map(|(k, v)| (k.schedule, v)).collect()
+    }
 
     fn accepted(spec: Spec, arch: Arch) -> Vec<Schedule> {
         variants(spec, arch).filter(|(_, v)| v.is_ok()).map(|(k, _)| k.schedule).collect()
@@ -255,21 +284,137 @@ mod tests {
 
     #[test]
     fn every_pruned_variant_has_a_reason_naming_what_is_wrong() {
-        for pass in [Pass::Forward, Pass::Backward] {
+        for &head_dim in NATIVE_HEAD_DIMS {
+            for pass in PASSES {
+                for arch in Arch::ALL {
+                    for (kernel, verdict) in variants(Spec::new(head_dim, Dtype::Bf16, pass), arch) {
+                        let Err(reason) = verdict else { continue };
+                        let text = reason.to_string();
+                        let s = &kernel.schedule;
+                        if s.cumsum == Cumsum::TensorCore {
+                            assert!(text.contains("`cumsum`"), "{text}");
+                        } else if s.mma == MmaFamily::Wgmma {
+                            assert!(text.contains("`mma`"), "{text}");
+                        } else if s.rows_per_warp() == 32 {
+                            // Validation (shared memory) runs before the exclusions.
+                            assert!(text.contains("32 rows per warp") || text.contains("shared memory"), "{text}");
+                        } else {
+                            let named = ["shared memory", "spills", "`block_n`"];
+                            assert!(named.iter().any(|n| text.contains(n)), "{kernel:?}: {text}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_head_dim_searches_the_space_of_its_tile() {
+        for head_dim in HEAD_DIM_RANGE {
+            for pass in PASSES {
+                for arch in Arch::ALL {
+                    let spec = Spec::new(head_dim, Dtype::F16, pass);
+                    let tile = Spec::new(spec.tile_head_dim(), Dtype::F16, pass);
+                    assert!(std::ptr::eq(SearchSpace::for_spec(&spec, arch), SearchSpace::for_spec(&tile, arch)));
+                    let kept = accepted(spec, arch);
+                    assert!(!kept.is_empty(), "head_dim {head_dim} {pass:?} {arch}: nothing to tune");
+                    assert_eq!(verdicts(spec, arch), verdicts(tile, arch), "head_dim {head_dim} {pass:?} {arch}");
+                }
+            }
+        }
+    }
+
+    /// Each spec's untuned schedule is one of the candidates the tuner may choose, so a tuned
+    /// winner is never worse than it by construction.
+    #[test]
+    fn every_default_schedule_is_in_the_searched_set() {
+        for head_dim in HEAD_DIM_RANGE {
+            for pass in PASSES {
+                for arch in Arch::ALL {
+                    for layout in [Layout::Bhnd, Layout::Bnhd, Layout::Thd] {
+                        for remainder in [Remainder::Return, Remainder::Fuse] {
+                            let spec = Spec { layout, remainder, ..Spec::new(head_dim, Dtype::Bf16, pass) };
+                            let default = Schedule::default_on(&spec, arch);
+                            assert!(
+                                accepted(spec, arch).contains(&default),
+                                "{} on {arch}: default {default} is pruned: {:?}",
+                                spec.slug(),
+                                variants(spec, arch).find(|(k, _)| k.schedule == default).map(|(_, v)| v)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic_and_thd_specs_search_what_their_dense_twin_searches() {
+        for &head_dim in NATIVE_HEAD_DIMS {
             for arch in Arch::ALL {
-                for (kernel, verdict) in variants(Spec::new(128, Dtype::Bf16, pass), arch) {
-                    let Err(reason) = verdict else { continue };
-                    let text = reason.to_string();
-                    let s = &kernel.schedule;
-                    if s.cumsum == Cumsum::TensorCore {
-                        assert!(text.contains("`cumsum`"), "{text}");
-                    } else if s.mma == MmaFamily::Wgmma {
-                        assert!(text.contains("`mma`"), "{text}");
-                    } else if s.rows_per_warp() == 32 {
-                        // Validation (shared memory) runs before the exclusions.
-                        assert!(text.contains("32 rows per warp") || text.contains("shared memory"), "{text}");
-                    } else {
-                        assert!(text.contains("shared memory") || text.contains("spills"), "{kernel:?}: {text}");
+                let twin = Spec::new(head_dim, Dtype::Bf16, Pass::Backward);
+                let deterministic = Spec { deterministic: true, ..twin };
+                let thd = Spec { layout: Layout::Thd, ..twin };
+                let both = Spec { layout: Layout::Thd, ..deterministic };
+                for spec in [deterministic, thd, both] {
+                    assert_eq!(verdicts(spec, arch), verdicts(twin, arch), "{}", spec.slug());
+                }
+                let fwd = Spec::new(head_dim, Dtype::Bf16, Pass::Forward);
+                assert_eq!(verdicts(Spec { layout: Layout::Thd, ..fwd }, arch), verdicts(fwd, arch));
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_wider_than_128_keep_16_rows_per_warp_and_32_key_blocks_only() {
+        for head_dim in [129, 160, 192, 200, 224, 256] {
+            for pass in PASSES {
+                for arch in Arch::ALL {
+                    let spec = Spec::new(head_dim, Dtype::Bf16, pass);
+                    for (kernel, verdict) in variants(spec, arch) {
+                        let s = kernel.schedule;
+                        match verdict {
+                            Ok(()) => assert_eq!((s.rows_per_warp(), s.block_n), (16, 32), "{}", kernel.name()),
+                            // Larger key blocks that would fit in shared memory are pruned as spilling.
+                            Err(Pruned::Excluded(reason)) if s.block_n > 32 && s.rows_per_warp() == 16 => {
+                                assert!(reason.starts_with("spills registers"), "{reason}")
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        // What was measured not to spill at 256 is searched: 64 x 32, and 128 x 32 on 8 warps on sm_90.
+        for pass in PASSES {
+            let kept = accepted(Spec::new(256, Dtype::Bf16, pass), Arch::Sm90);
+            for (block_m, warps) in [(64, 4), (128, 8)] {
+                assert!(kept.iter().any(|s| (s.block_m, s.warps, s.block_n) == (block_m, warps, 32)), "{pass:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_forward_keeps_8_warp_schedules_whose_dkdv_tile_would_not_split() {
+        // 8 warps, 32-key blocks at tile 96: 2 x 6 = 12 dK/dV pieces for 8 warps, which only a
+        // backward must split (the templates assert it where the backward instantiates it).
+        let eight = Schedule { block_m: 128, warps: 8, block_n: 32, ..Schedule::DEFAULT };
+        assert!(accepted(Spec::new(80, Dtype::Bf16, Pass::Forward), Arch::Sm90).contains(&eight));
+        let (_, verdict) =
+            variants(Spec::new(80, Dtype::Bf16, Pass::Backward), Arch::Sm90).find(|(k, _)| k.schedule == eight).unwrap();
+        assert!(verdict.is_err());
+    }
+
+    #[test]
+    fn the_wide_tile_exclusion_never_applies_at_64_and_128() {
+        for head_dim in [64, 128] {
+            for pass in PASSES {
+                for arch in Arch::ALL {
+                    for (_, verdict) in variants(Spec::new(head_dim, Dtype::Bf16, pass), arch) {
+                        if let Err(reason) = verdict {
+                            let text = reason.to_string();
+                            assert!(!text.contains("wider than 128"), "{text}");
+                        }
                     }
                 }
             }

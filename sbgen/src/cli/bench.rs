@@ -3,24 +3,59 @@
 use super::check::{parse_early_exit, EarlyExit};
 use super::emit::ScheduleArgs;
 use super::{Outcome, UsageError};
-use crate::gpu::bench::{self, BenchPlan};
+use crate::gpu::bench::{self, BenchPlan, Problem};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};
+use crate::ir::{Arch, Dtype, Layout, Mask};
 use anyhow::{Context, Result};
 use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use sbgen_runtime::reference::Shape;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Args)]
-#[command(after_help = "TFLOP/s counts 4*B*H*N^2*D/2 for the forward and 3.5 times that for forward+backward \
-(docs/performance.md#counting), so figures compare with softmax attention on the same work. Each kernel is \
-checked against the float64 reference on N = 256 first; a kernel that fails is reported and not timed (exit 1).")]
+#[command(
+    group(clap::ArgGroup::new("varlen").args(["varlen_lens", "varlen_random"])),
+    after_help = "TFLOP/s counts 4*H*n^2*D/2 per sequence of n tokens (4*B*H*N^2*D/2 for a dense batch) for the \
+forward and 3.5 times that for forward+backward (docs/performance.md#counting), so figures compare with softmax \
+attention on the same work. Each kernel is checked against the float64 reference on N = 256 first (with the \
+problem's K/V grouping, and for a packed batch on mixed lengths too); a kernel that fails is reported and not timed \
+(exit 1).
+
+Report columns: B,H,N,D (a packed batch: B sequences, N the longest), pass, exit, ms(med), ms(min), ms(max), \
+TFLOP/s, H:Hkv (query and K/V heads), mode (dense, packed, separate, padded), lens(n:min..max:T) (count, \
+shortest, longest, total tokens; - when dense), packed/x (the packed time over this row's; - unless separate or \
+padded), note (an error, last: the line splits on whitespace into the eleven columns and the note)."
+)]
 pub struct BenchArgs {
-    /// Shapes as B,H,N,D (default: 8,16,2048,128 4,16,4096,128 2,16,8192,128 1,16,16384,128 4,16,4096,64).
-    #[arg(long, num_args = 1.., value_parser = parse_shape)]
+    /// Dense shapes as B,H,N,D, any head_dim 1..=256 (default: 8,16,2048,128 4,16,4096,128 2,16,8192,128
+    /// 1,16,16384,128 4,16,4096,64).
+    #[arg(long, num_args = 1.., value_parser = parse_shape, conflicts_with = "varlen")]
     pub shapes: Vec<Shape>,
+    /// K/V heads of every problem (GQA; 1 is MQA); must divide each problem's H. Default: H (multi-head).
+    #[arg(long, value_name = "N")]
+    pub kv_heads: Option<usize>,
+    /// Time one packed batch (THD layout) of sequences of these lengths, comma-separated; B is their count.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub varlen_lens: Vec<usize>,
+    /// Time one packed batch (THD layout) of COUNT lengths drawn uniformly from MIN..=MAX with `--seed`.
+    #[arg(long, value_name = "COUNT:MIN..MAX", value_parser = parse_varlen_random)]
+    pub varlen_random: Option<VarlenRandom>,
+    /// Query heads of the packed batch (with `--varlen-lens` or `--varlen-random`).
+    #[arg(long, default_value_t = 16, requires = "varlen")]
+    pub heads: usize,
+    /// head_dim of the packed batch, any 1..=256 (with `--varlen-lens` or `--varlen-random`).
+    #[arg(long, default_value_t = 128, requires = "varlen")]
+    pub head_dim: usize,
+    /// With a packed batch: also time each of its sequences as a batch of its own (B = 1, the times
+    /// summed) and the batch padded to its longest sequence (dense BNHD, B = the count).
+    #[arg(long, requires = "varlen")]
+    pub separate: bool,
+    /// Time the deterministic backward (bit-identical dq, dk, dv across runs).
+    #[arg(long, conflicts_with = "fwd_only")]
+    pub deterministic: bool,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -45,12 +80,13 @@ pub struct BenchArgs {
     /// Causal mask.
     #[arg(long, default_value_t = Mask::Strict)]
     pub mask: Mask,
-    /// Layout.
-    #[arg(long, default_value_t = Layout::Bhnd)]
-    pub layout: Layout,
+    /// Layout: bhnd, bnhd, or thd (the shapes as packed batches of equal sequences). Default: bhnd,
+    /// and thd with `--varlen-lens` or `--varlen-random` (which take no other).
+    #[arg(long)]
+    pub layout: Option<Layout>,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
-    /// Seed of the random inputs.
+    /// Seed of the random inputs (and of `--varlen-random`'s lengths).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// CUDA device ordinal.
@@ -74,12 +110,125 @@ pub fn parse_shape(s: &str) -> Result<Shape, String> {
     }
 }
 
-/// The plan the arguments select, validated.
-pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
-    let mut plan = BenchPlan::new(args.seed);
-    if !args.shapes.is_empty() {
-        plan.shapes = args.shapes.clone();
+/// `--varlen-random COUNT:MIN..MAX`: COUNT sequence lengths drawn uniformly from MIN..=MAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VarlenRandom {
+    pub count: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+/// The most sequences a packed batch may have (`--varlen-random`'s COUNT).
+pub const MAX_SEQUENCES: usize = 1 << 16;
+
+/// `COUNT:MIN..MAX` with 1 <= COUNT <= [`MAX_SEQUENCES`], MIN <= MAX and MAX >= 1.
+pub fn parse_varlen_random(s: &str) -> Result<VarlenRandom, String> {
+    let bad = || {
+        format!(
+            "`--varlen-random` = `{s}` is not valid: expected COUNT:MIN..MAX (e.g. 8:128..4096) with COUNT in \
+             1..={MAX_SEQUENCES}, MIN <= MAX and MAX >= 1"
+        )
+    };
+    let (count, range) = s.split_once(':').ok_or_else(bad)?;
+    let (min, max) = range.split_once("..").ok_or_else(bad)?;
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+    let r = VarlenRandom { count: num(count)?, min: num(min)?, max: num(max)? };
+    if !(1..=MAX_SEQUENCES).contains(&r.count) || r.min > r.max || r.max == 0 {
+        return Err(bad());
     }
+    Ok(r)
+}
+
+impl VarlenRandom {
+    /// The lengths, drawn from `seed`.
+    pub fn lens(&self, seed: u64) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x7a91_0c3e_55d2_4b17);
+        (0..self.count).map(|_| rng.gen_range(self.min..=self.max)).collect()
+    }
+}
+
+/// The packed batch's lengths the flags ask for, if any, checked: at least one token, at most
+/// [`MAX_SEQUENCES`] sequences, and a total that `cu_seqlens` (i32) can hold.
+fn varlen_lens(args: &BenchArgs) -> Result<Option<Vec<usize>>, UsageError> {
+    let (flag, lens) = match (&args.varlen_random, args.varlen_lens.is_empty()) {
+        (Some(r), _) => ("--varlen-random", r.lens(args.seed)),
+        (None, false) => ("--varlen-lens", args.varlen_lens.clone()),
+        (None, true) => return Ok(None),
+    };
+    if lens.len() > MAX_SEQUENCES {
+        return Err(UsageError::new(format!(
+            "`{flag}` gives {} sequences: at most {MAX_SEQUENCES} are allowed",
+            lens.len()
+        )));
+    }
+    if lens.iter().all(|&n| n == 0) {
+        return Err(UsageError::new(format!("`{flag}` gives no token: at least one sequence must be longer than 0")));
+    }
+    if sbgen_runtime::varlen::cu_seqlens_of(&lens).is_none() {
+        return Err(UsageError::new(format!(
+            "`{flag}` gives {} tokens in all: at most {} fit in `cu_seqlens` (i32)",
+            lens.iter().sum::<usize>(),
+            i32::MAX
+        )));
+    }
+    Ok(Some(lens))
+}
+
+/// The problems to time: the packed batch, or the dense shapes; each with `--kv-heads` K/V heads,
+/// which must divide its H.
+fn problems(args: &BenchArgs, lens: Option<Vec<usize>>) -> Result<Vec<Problem>, UsageError> {
+    let mut problems = match lens {
+        Some(lens) => {
+            if args.heads == 0 {
+                return Err(UsageError::new("`--heads` = 0 is not allowed: at least 1"));
+            }
+            vec![Problem::packed(args.heads, args.heads, args.head_dim, lens)]
+        }
+        None if args.shapes.is_empty() => BenchPlan::new(args.seed).problems,
+        None => args.shapes.iter().map(|&s| Problem::dense(s)).collect(),
+    };
+    if let Some(kv) = args.kv_heads {
+        for p in &mut problems {
+            let h = p.shape.heads;
+            if kv == 0 || kv > h || h % kv != 0 {
+                return Err(UsageError::new(format!(
+                    "`--kv-heads` = {kv} does not divide the {h} query heads of {}: allowed a divisor of {h} \
+                     (1 is MQA, {h} multi-head attention)",
+                    describe(p)
+                )));
+            }
+            p.shape.kv_heads = kv;
+        }
+    }
+    Ok(problems)
+}
+
+/// `shape 8,16,2048,128` or `the packed batch` for error messages.
+fn describe(p: &Problem) -> String {
+    let s = p.shape;
+    if p.seq_lens.iter().all(|&n| n == s.seq) && p.seq_lens.len() == s.batch {
+        format!("shape {},{},{},{}", s.batch, s.heads, s.seq, s.head_dim)
+    } else {
+        "the packed batch".to_string()
+    }
+}
+
+/// The plan the arguments select, validated (before any GPU work).
+pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
+    let lens = varlen_lens(args)?;
+    let layout = match (args.layout, lens.is_some()) {
+        (Some(l), true) if l != Layout::Thd => {
+            return Err(UsageError::new(format!(
+                "`--layout {l}` cannot hold a packed batch of sequences of different lengths: \
+                 `--varlen-lens` and `--varlen-random` time the thd layout (leave `--layout` out)"
+            ))
+            .into())
+        }
+        (_, true) => Layout::Thd,
+        (l, false) => l.unwrap_or(Layout::Bhnd),
+    };
+    let mut plan = BenchPlan::new(args.seed);
+    plan.problems = problems(args, lens)?;
     if !args.early_exit.is_empty() {
         plan.early_exits = args.early_exit.clone();
     }
@@ -95,25 +244,21 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
     plan.backward = !args.fwd_only;
     plan.dtype = args.dtype;
     plan.mask = args.mask;
-    plan.layout = args.layout;
+    plan.layout = layout;
+    plan.deterministic = args.deterministic;
+    plan.separate = args.separate;
     plan.schedule = super::check::schedule_override(&args.schedule);
-    for shape in &plan.shapes {
+    // Every kernel the plan runs must validate: head_dim in range, the schedule's shared memory.
+    for problem in &plan.problems {
         for &ee in &plan.early_exits {
-            for pass in [Pass::Forward, Pass::Backward] {
-                let spec = Spec {
-                    head_dim: shape.head_dim as u32,
-                    dtype: plan.dtype,
-                    mask: plan.mask,
-                    layout: plan.layout,
-                    remainder: Remainder::Return,
-                    pass,
-                    early_exit_bits: ee,
-                    deterministic: false,
-                };
-                KernelBuilder::new(crate::ir::Arch::Sm90, None)
-                    .kernel(spec, plan.schedule)
-                    .validate()
-                    .map_err(UsageError::new)?;
+            for layout in plan.layouts() {
+                for pass in plan.passes() {
+                    let spec = plan.spec(problem.shape.head_dim as u32, pass, layout, ee);
+                    KernelBuilder::new(Arch::Sm90, None)
+                        .kernel(spec, plan.schedule)
+                        .validate()
+                        .map_err(UsageError::new)?;
+                }
             }
         }
     }
@@ -129,10 +274,11 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     writeln!(out, "device: {}", dev.describe())?;
     writeln!(
         out,
-        "{} {} {}, schedule {}; median of {} reps ({} warm-up, {} rotating input sets)",
+        "{} {} {}{}, schedule {}; median of {} reps ({} warm-up, {} rotating input sets)",
         plan.dtype,
         plan.mask,
         plan.layout,
+        if plan.deterministic { ", deterministic backward" } else { "" },
         super::check::describe_schedule(plan.schedule),
         plan.reps,
         plan.warmup,
@@ -163,9 +309,11 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
             "dtype": plan.dtype.to_string(),
             "mask": plan.mask.to_string(),
             "layout": plan.layout.to_string(),
+            "deterministic": plan.deterministic,
             "schedule": super::check::describe_schedule(plan.schedule),
             "reps": plan.reps,
-            "flops": "fwd 4*B*H*N^2*D/2, fwd+bwd 3.5x that",
+            "flops": "fwd 4*H*n^2*D/2 summed over the sequences (4*B*H*N^2*D/2 dense), fwd+bwd 3.5x that; \
+                      separate and padded rows are credited with the packed batch's work",
             "results": results,
         });
         let text = serde_json::to_string_pretty(&doc)? + "\n";
@@ -179,6 +327,22 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::gpu::bench::Mode;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let mut all = vec!["sbgen", "bench"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Bench(b) => b,
+            other => panic!("not bench: {other:?}"),
+        })
+    }
+
+    fn plan_of(args: &[&str]) -> Result<BenchPlan> {
+        plan(&parse(args).unwrap())
+    }
 
     #[test]
     fn parses_shapes() {
@@ -186,5 +350,100 @@ mod tests {
         assert!(parse_shape("4,16,4096").unwrap_err().contains("B,H,N,D"));
         assert!(parse_shape("4,0,4096,64").is_err());
         assert!(parse_shape("a,b,c,d").is_err());
+    }
+
+    #[test]
+    fn the_default_plan_is_the_dense_benchmark_shapes() {
+        let plan = plan_of(&[]).unwrap();
+        assert_eq!(plan.problems, BenchPlan::new(0).problems);
+        assert_eq!((plan.layout, plan.deterministic, plan.separate), (Layout::Bhnd, false, false));
+    }
+
+    #[test]
+    fn any_head_dim_in_range_is_timed_and_others_are_refused_by_name() {
+        let plan = plan_of(&["--shapes", "2,16,4096,96", "1,8,1024,80", "--layout", "bnhd"]).unwrap();
+        assert_eq!(plan.problems.iter().map(|p| p.shape.head_dim).collect::<Vec<_>>(), vec![96, 80]);
+        let err = plan_of(&["--shapes", "2,16,4096,300"]).unwrap_err().to_string();
+        assert!(err.contains("`head_dim` = 300") && err.contains("1..=256"), "{err}");
+        let err = plan_of(&["--varlen-lens", "100,200", "--head-dim", "257"]).unwrap_err().to_string();
+        assert!(err.contains("`head_dim` = 257"), "{err}");
+    }
+
+    #[test]
+    fn kv_heads_set_gqa_and_must_divide_every_shapes_heads() {
+        let plan = plan_of(&["--shapes", "2,16,4096,128", "1,32,8192,64", "--kv-heads", "4"]).unwrap();
+        assert!(plan.problems.iter().all(|p| p.shape.kv_heads == 4));
+        assert_eq!(plan.problems[1].shape.group(), 8);
+        for bad in ["3", "0", "32"] {
+            let err = plan_of(&["--shapes", "2,16,4096,128", "--kv-heads", bad]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`--kv-heads` = {bad}")) && err.contains("2,16,4096,128"), "{err}");
+        }
+        let mqa = plan_of(&["--varlen-lens", "5,7", "--heads", "8", "--kv-heads", "1"]).unwrap();
+        assert_eq!((mqa.problems[0].shape.heads, mqa.problems[0].shape.kv_heads), (8, 1));
+    }
+
+    #[test]
+    fn varlen_lens_time_one_packed_batch_in_thd() {
+        let plan = plan_of(&["--varlen-lens", "512,0,4096,1000", "--heads", "8", "--head-dim", "64"]).unwrap();
+        assert_eq!(plan.layout, Layout::Thd);
+        assert_eq!(plan.problems, vec![Problem::packed(8, 8, 64, vec![512, 0, 4096, 1000])]);
+        assert_eq!(plan.problems[0].shape, Shape::new(4, 8, 4096, 64));
+        assert_eq!(plan_of(&["--varlen-lens", "5,7", "--layout", "thd"]).unwrap().layout, Layout::Thd);
+        let err = plan_of(&["--varlen-lens", "5,7", "--layout", "bnhd"]).unwrap_err().to_string();
+        assert!(err.contains("`--layout bnhd`") && err.contains("thd"), "{err}");
+        let err = plan_of(&["--varlen-lens", "0,0"]).unwrap_err().to_string();
+        assert!(err.contains("`--varlen-lens`") && err.contains("no token"), "{err}");
+        let err = plan_of(&["--varlen-lens", "2000000000,2000000000"]).unwrap_err().to_string();
+        assert!(err.contains("i32"), "{err}");
+    }
+
+    #[test]
+    fn varlen_random_draws_count_lengths_in_range_from_the_seed() {
+        let r = parse_varlen_random("8:128..4096").unwrap();
+        assert_eq!(r, VarlenRandom { count: 8, min: 128, max: 4096 });
+        let lens = r.lens(3);
+        assert_eq!(lens.len(), 8);
+        assert!(lens.iter().all(|n| (128..=4096).contains(n)), "{lens:?}");
+        assert_eq!(lens, r.lens(3), "the same seed draws the same lengths");
+        assert_ne!(lens, r.lens(4));
+        assert_eq!(parse_varlen_random("3:5..5").unwrap().lens(0), vec![5, 5, 5]);
+        for bad in ["8", "8:128", "0:1..2", "8:10..5", "8:0..0", "x:1..2", "8:1..y", "70000:1..2"] {
+            let err = parse_varlen_random(bad).unwrap_err();
+            assert!(err.contains("`--varlen-random`") && err.contains("COUNT:MIN..MAX"), "{bad}: {err}");
+        }
+        let plan = plan_of(&["--varlen-random", "6:1..300", "--seed", "9"]).unwrap();
+        assert_eq!(plan.problems[0].seq_lens, VarlenRandom { count: 6, min: 1, max: 300 }.lens(9));
+    }
+
+    #[test]
+    fn separate_and_deterministic_flags_reach_the_plan() {
+        let plan = plan_of(&["--varlen-lens", "100,300", "--separate", "--deterministic"]).unwrap();
+        assert!(plan.separate && plan.deterministic);
+        assert_eq!(plan.layouts(), vec![Layout::Thd, Layout::Bnhd]);
+        assert!(plan.spec(128, crate::ir::Pass::Backward, Layout::Thd, None).deterministic);
+    }
+
+    #[test]
+    fn flags_that_cannot_go_together_are_refused_by_the_parser() {
+        for bad in [
+            &["--separate"][..],
+            &["--heads", "8"][..],
+            &["--head-dim", "64"][..],
+            &["--varlen-lens", "5", "--varlen-random", "2:1..3"][..],
+            &["--varlen-lens", "5", "--shapes", "1,2,3,64"][..],
+            &["--deterministic", "--fwd-only"][..],
+            &["--varlen-random", "2:9..3"][..],
+            &["--kv-heads", "x"][..],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn report_modes_follow_the_layout() {
+        let dense = plan_of(&["--shapes", "1,2,64,32"]).unwrap();
+        let thd = plan_of(&["--shapes", "1,2,64,32", "--layout", "thd"]).unwrap();
+        assert_eq!(thd.problems, dense.problems, "--layout thd times the shapes as packed equal sequences");
+        assert_eq!(Mode::Packed.to_string(), "packed");
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct EmitArgs {
-    /// Head dimension: any 1..=256 (tiles are head_dim rounded up to a multiple of 32; 32, 64, 96, 128, 256 need no padding).
+    /// Head dimension: any 1..=256 (tiles are head_dim rounded up to a multiple of 32, above 128 of 64; 32, 64, 96, 128, 256 need no padding).
     #[arg(long)]
     pub head_dim: u32,
     /// Element type: bf16 or f16.
@@ -163,7 +163,7 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
     for &pass in args.pass.passes() {
         let spec = args.spec.spec(args.head_dim, args.dtype, pass);
         // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
-        let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_for(&spec));
+        let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_on(&spec, args.arch));
         let kernel = Kernel::new(spec, schedule, args.arch);
         kernel.validate().map_err(UsageError::new)?;
         kernels.push(kernel);

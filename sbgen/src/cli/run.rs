@@ -81,7 +81,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
     let sizes = loaded.sizes();
     let kernel = |pass, arch| {
         let spec = loaded.spec(&req, pass);
-        Kernel::new(spec, req.schedule.unwrap_or_else(|| Schedule::default_for(&spec)), arch)
+        Kernel::new(spec, req.schedule.unwrap_or_else(|| Schedule::default_on(&spec, arch)), arch)
     };
     // The device's arch is known only once it is open; before that, a kernel that no supported arch
     // can run is refused (checking one arch's limits alone would refuse schedules another runs, or

@@ -1,8 +1,9 @@
 //! `sbgen tune`: enumerate the default search space for each requested spec and prune it; then
 //!
 //! - with `--compile-only` (no GPU): lower and compile every variant in parallel and report
-//!   registers, shared memory and spills (`--emit-ptx DIR` also writes the PTX of every variant that
-//!   compiles without spilling, for a GPU machine without a CUDA toolchain);
+//!   registers, shared memory and spills per variant, then the counts per head_dim (`--emit-ptx DIR`
+//!   also writes the PTX of every variant that compiles without spilling, for a GPU machine without
+//!   a CUDA toolchain);
 //! - otherwise: check every variant against the float64 reference on the GPU, time the survivors
 //!   with CUDA events and write the winners to the tuning cache ([`crate::tune`]).
 
@@ -19,6 +20,7 @@ use crate::search_space::{variants, Pruned};
 use crate::tune::{self as tuner, enumerate::pruned_groups, format_summary_row, summary_header, TunePlan};
 use anyhow::{anyhow, Result};
 use clap::Args;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,6 +29,14 @@ use std::time::{Duration, Instant};
 const LOG_LINES: usize = 40;
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Any head_dim 1..=256 can be tuned: a padded one (80) searches the space of its tile (head_dim \
+rounded up to a multiple of 32, here 96), and the cache keys on the head_dim itself. GQA and MQA need no tuning of \
+their own: the K/V head count is a run-time value, not part of the spec, and the kernels are the same for any \
+grouping, so a tuned spec serves every H/H_kv. `--varlen` (= `--layout thd`) tunes the packed layout, timed on B \
+sequences of N tokens each (the bucket's length); `--deterministic` tunes the deterministic backward (the forward \
+of the same flags is the plain one)."
+)]
 pub struct TuneArgs {
     /// Target GPU architecture: sm_80 or sm_90 (compiled as sm_90a).
     #[arg(long)]
@@ -34,7 +44,8 @@ pub struct TuneArgs {
     /// Lower and compile every variant, without a GPU and without timing.
     #[arg(long)]
     pub compile_only: bool,
-    /// Head dimensions, comma-separated.
+    /// Head dimensions, comma-separated: any 1..=256 (32, 64, 96, 128 and 256 are tiles of their own;
+    /// others are padded to the next multiple of 32).
     #[arg(long, value_delimiter = ',', default_values_t = [64u32, 128])]
     pub head_dim: Vec<u32>,
     /// Element types, comma-separated (bf16, f16).
@@ -43,7 +54,8 @@ pub struct TuneArgs {
     /// Passes, comma-separated (fwd, bwd).
     #[arg(long, value_delimiter = ',', default_values_t = [Pass::Forward, Pass::Backward])]
     pub pass: Vec<Pass>,
-    /// Mask, layout, remainder and early exit of every spec tuned (the cache keys on them).
+    /// Mask, layout (`--varlen` = thd), remainder, early exit and `--deterministic` (backward) of
+    /// every spec tuned (the cache keys on them).
     #[command(flatten)]
     pub spec: SpecArgs,
     /// Parallel compilations, 1 to 256 (default: `SBGEN_THREADS`, else the number of cores).
@@ -107,6 +119,9 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
         None => None,
     };
     execute(&items, &compiler, jobs, emit.as_ref(), out, &mut tally)?;
+    for line in tally.head_dim_lines() {
+        writeln!(out, "{line}")?;
+    }
     writeln!(
         out,
         "pruned {} candidates; {:.1} s with {} parallel jobs",
@@ -279,17 +294,17 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
 
 /// The specs to tune: every combination of the lists, each validated before any work.
 fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
+    if args.spec.deterministic && !args.pass.contains(&Pass::Backward) {
+        return Err(UsageError::new(
+            "`--deterministic` applies to the backward only (the forward always is): add bwd to `--pass`",
+        )
+        .into());
+    }
     let mut specs = Vec::new();
     for &pass in &args.pass {
         for &head_dim in &args.head_dim {
             for &dtype in &args.dtype {
-                let spec = Spec {
-                    mask: args.spec.mask,
-                    layout: args.spec.layout,
-                    remainder: args.spec.remainder,
-                    early_exit_bits: args.spec.early_exit_bits,
-                    ..Spec::new(head_dim, dtype, pass)
-                };
+                let spec = args.spec.spec(head_dim, dtype, pass);
                 spec.validate().map_err(UsageError::new)?;
                 if !specs.contains(&spec) {
                     specs.push(spec);
@@ -307,6 +322,61 @@ struct Tally {
     failed: usize,
     spilling: usize,
     emitted: usize,
+    /// The compiled variants of each head_dim, for the per-head_dim lines.
+    by_head_dim: BTreeMap<u32, DimTally>,
+}
+
+/// How the variants of one head_dim compiled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DimTally {
+    compiled: usize,
+    failed: usize,
+    spilling: usize,
+    /// The most bytes one variant spilled.
+    worst_spill: u32,
+}
+
+/// What became of one compiled variant.
+#[derive(Clone, Copy, Debug)]
+enum Built {
+    Ok,
+    Failed,
+    Spill(u32),
+}
+
+impl Tally {
+    fn count(&mut self, head_dim: u32, built: Built) {
+        let d = self.by_head_dim.entry(head_dim).or_default();
+        self.compiled += 1;
+        d.compiled += 1;
+        match built {
+            Built::Ok => {}
+            Built::Failed => {
+                self.failed += 1;
+                d.failed += 1;
+            }
+            Built::Spill(bytes) => {
+                self.spilling += 1;
+                d.spilling += 1;
+                d.worst_spill = d.worst_spill.max(bytes);
+            }
+        }
+    }
+
+    /// `head_dim 80 (tile 96): 14 compiled, 0 failed, 2 spilling (up to 240 B)`, one line per head_dim.
+    fn head_dim_lines(&self) -> Vec<String> {
+        self.by_head_dim
+            .iter()
+            .map(|(&head_dim, d)| {
+                let tile = Spec::new(head_dim, Dtype::Bf16, Pass::Forward).tile_head_dim();
+                let worst = if d.spilling > 0 { format!(" (up to {} B)", d.worst_spill) } else { String::new() };
+                format!(
+                    "head_dim {head_dim} (tile {tile}): {} compiled, {} failed, {} spilling{worst}",
+                    d.compiled, d.failed, d.spilling
+                )
+            })
+            .collect()
+    }
 }
 
 /// What the output shows, in order: text known up front, or a variant to compile.
@@ -346,8 +416,7 @@ fn plan_spec(spec: Spec, args: &TuneArgs, items: &mut Vec<Item>, tally: &mut Tal
         match lower(&kernel) {
             Ok(lowered) => items.push(Item::Compile(Box::new(lowered))),
             Err(e) => {
-                tally.compiled += 1;
-                tally.failed += 1;
+                tally.count(spec.head_dim, Built::Failed);
                 items.push(Item::Text(failure_line(&kernel.name(), &kernel.schedule, &e.to_string())));
             }
         }
@@ -395,10 +464,10 @@ fn execute(
 /// The line of one compiled variant, counted in `tally`; its PTX stored in `emit` when it is ok.
 fn artifact_line(artifact: &Artifact, emit: Option<&PtxDir>, tally: &mut Tally) -> Result<String> {
     let (lowered, verdict) = (&artifact.lowered, &artifact.verdict);
-    tally.compiled += 1;
+    let head_dim = lowered.kernel.spec.head_dim;
     // No compiler output: the verdict is the error.
     let Some(compiled) = &artifact.compiled else {
-        tally.failed += 1;
+        tally.count(head_dim, Built::Failed);
         return Ok(failure_line(&lowered.name, &lowered.kernel.schedule, &verdict.to_string()));
     };
     let mut line = variant_line(lowered, compiled, verdict);
@@ -410,9 +479,14 @@ fn artifact_line(artifact: &Artifact, emit: Option<&PtxDir>, tally: &mut Tally) 
         (Verdict::Spill { .. }, Some(_)) => line.push_str("  (no PTX written: spills)"),
         _ => {}
     }
-    if let Verdict::Spill { .. } = verdict {
-        tally.spilling += 1;
-    }
+    tally.count(
+        head_dim,
+        match verdict {
+            Verdict::Ok => Built::Ok,
+            Verdict::Spill { bytes } => Built::Spill(*bytes),
+            Verdict::Error(_) => Built::Failed,
+        },
+    );
     Ok(line)
 }
 
@@ -531,6 +605,51 @@ mod tests {
             == (Layout::Bhnd, Mask::Strict, Remainder::Return, None)));
         let bad = parse(&["--gpu", "sm_90", "--early-exit-bits", "99"]).unwrap();
         assert!(specs(&bad).unwrap_err().to_string().contains("early_exit_bits"));
+    }
+
+    #[test]
+    fn any_head_dim_varlen_and_deterministic_reach_the_tuned_specs() {
+        let args = parse(&["--gpu", "sm_90", "--head-dim", "80,256", "--dtype", "bf16", "--varlen", "--deterministic"])
+            .unwrap();
+        let tuned = specs(&args).unwrap();
+        assert_eq!(tuned.len(), 4);
+        for s in &tuned {
+            assert_eq!(s.layout, Layout::Thd);
+            // The forward of the same flags is the plain one: `deterministic` is a backward field.
+            assert_eq!(s.deterministic, s.pass == Pass::Backward, "{}", s.slug());
+            assert_eq!(s.validate(), Ok(()));
+        }
+        assert_eq!(tuned.iter().map(|s| s.head_dim).collect::<Vec<_>>(), vec![80, 256, 80, 256]);
+        let thd = specs_of(&["--gpu", "sm_80", "--layout", "thd", "--pass", "fwd"]);
+        assert!(thd.iter().all(|s| s.layout == Layout::Thd && !s.deterministic));
+    }
+
+    #[test]
+    fn deterministic_without_a_backward_to_tune_is_refused() {
+        let args = parse(&["--gpu", "sm_90", "--pass", "fwd", "--deterministic"]).unwrap();
+        let err = specs(&args).unwrap_err();
+        assert!(err.downcast_ref::<UsageError>().is_some(), "exit 2");
+        assert!(err.to_string().contains("`--deterministic`") && err.to_string().contains("bwd"), "{err}");
+        assert!(parse(&["--gpu", "sm_90", "--varlen", "--layout", "bnhd"]).is_err());
+    }
+
+    #[test]
+    fn compile_only_reports_each_head_dims_variants_and_its_worst_spill() {
+        let mut t = Tally::default();
+        t.count(80, Built::Ok);
+        t.count(80, Built::Spill(40));
+        t.count(80, Built::Spill(240));
+        t.count(256, Built::Failed);
+        t.count(32, Built::Ok);
+        assert_eq!((t.compiled, t.failed, t.spilling), (5, 1, 2));
+        assert_eq!(
+            t.head_dim_lines(),
+            vec![
+                "head_dim 32 (tile 32): 1 compiled, 0 failed, 0 spilling",
+                "head_dim 80 (tile 96): 3 compiled, 0 failed, 2 spilling (up to 240 B)",
+                "head_dim 256 (tile 256): 1 compiled, 1 failed, 0 spilling",
+            ]
+        );
     }
 
     fn specs_of(argv: &[&str]) -> Vec<Spec> {

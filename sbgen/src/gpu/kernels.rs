@@ -59,7 +59,7 @@ impl KernelBuilder {
     /// The kernel for `spec` on this builder's arch, with `schedule` or, when `None`, the spec's
     /// default ([`Schedule::default_for`]).
     pub fn kernel(&self, spec: Spec, schedule: Option<Schedule>) -> Kernel {
-        Kernel::new(spec, schedule.unwrap_or_else(|| Schedule::default_for(&spec)), self.arch)
+        Kernel::new(spec, schedule.unwrap_or_else(|| Schedule::default_on(&spec, self.arch)), self.arch)
     }
 
     /// Lowers and compiles (or finds the PTX of) `kernel`.

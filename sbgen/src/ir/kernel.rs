@@ -156,7 +156,7 @@ mod tests {
             for head_dim in [1, 16, 32, 50, 64, 80, 96, 128, 160, 200, 256] {
                 for arch in Arch::ALL {
                     let spec = Spec::new(head_dim, Dtype::F16, pass);
-                    let k = Kernel::new(spec, Schedule::default_for(&spec), arch);
+                    let k = Kernel::new(spec, Schedule::default_on(&spec, arch), arch);
                     assert_eq!(k.validate(), Ok(()), "{k:?}");
                 }
             }

@@ -84,8 +84,22 @@ impl Schedule {
             (Pass::Forward, 128) if !plain_bhnd => Schedule { block_n: 32, stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, _) => Schedule { block_n: 32, ..Schedule::DEFAULT },
+            // 192 and 256 wide: 16 rows per warp on 8 warps (64 x 32 on 4 warps spills 16-40 bytes in
+            // the BNHD and THD layouts at 256).
+            (Pass::Backward, d) if d > 128 => Schedule { block_m: 128, block_n: 32, warps: 8, ..Schedule::DEFAULT },
             (Pass::Backward, d) if d > 64 => Schedule { block_n: 32, ..Schedule::DEFAULT },
             (Pass::Backward, _) => Schedule::DEFAULT,
+        }
+    }
+
+    /// [`Schedule::default_for`] on `arch`: where that schedule needs more shared memory than the
+    /// arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4 warps.
+    pub fn default_on(spec: &sbgen_runtime::spec::Spec, arch: super::Arch) -> Schedule {
+        let schedule = Schedule::default_for(spec);
+        if super::Kernel::new(*spec, schedule, arch).smem_layout().total > arch.max_smem_per_block() {
+            Schedule { block_m: 64, block_n: 32, warps: 4, ..schedule }
+        } else {
+            schedule
         }
     }
 

@@ -3,18 +3,19 @@
 //! a bucket checked as the pair they form in training. Typed check failures map to outcomes in
 //! one `match` ([`check_verdict`]).
 
-use super::plan::Session;
+use super::plan::{forward_of, Session};
 use crate::cache::{CacheEntry, CandidateResult, Outcome};
+use crate::gpu::bench::CHECK_VARLEN;
 use crate::gpu::check::{self, short, CheckPlan};
 use crate::gpu::data::Regime;
 use crate::gpu::device::GpuError;
 use crate::gpu::failure::{Failure, Row};
-use crate::ir::{Pass, Schedule, Spec};
+use crate::ir::{Layout, Pass, Schedule, Spec};
 
 /// Sequence lengths of the correctness check of each candidate (one partial block, several blocks).
 pub const CHECK_SEQS: &[usize] = &[17, 256];
-
-/// The check of `spec` alone (all data regimes, N in [`CHECK_SEQS`]) with `schedule`.
+/// The check of `spec` alone (all data regimes, N in [`CHECK_SEQS`], and for a THD spec the packed
+/// batch [`CHECK_VARLEN`] too: the one `sbgen bench` checks) with `schedule`.
 fn candidate_plan(spec: Spec, schedule: Schedule, seed: u64) -> CheckPlan {
     let mut cp = CheckPlan::quick(seed);
     cp.head_dims = vec![spec.head_dim];
@@ -24,6 +25,8 @@ fn candidate_plan(spec: Spec, schedule: Schedule, seed: u64) -> CheckPlan {
     cp.layouts = vec![spec.layout];
     cp.remainders = vec![spec.remainder];
     cp.early_exits = vec![spec.early_exit_bits];
+    cp.deterministic = vec![spec.deterministic];
+    cp.varlen = if spec.layout == Layout::Thd { CHECK_VARLEN.to_vec() } else { Vec::new() };
     cp.regimes = Regime::ALL.to_vec();
     cp.seqs = CHECK_SEQS.to_vec();
     cp.schedule = Some(schedule);
@@ -111,7 +114,7 @@ pub fn pair_check(s: &mut Session<'_>, entries: &[CacheEntry]) -> Result<Vec<Str
 pub fn winner_pairs(entries: &[CacheEntry]) -> Vec<(&CacheEntry, &CacheEntry, u32)> {
     let mut out = Vec::new();
     for bwd in entries.iter().filter(|e| e.spec.pass == Pass::Backward) {
-        let fwd_spec = Spec { pass: Pass::Forward, ..bwd.spec };
+        let fwd_spec = forward_of(bwd.spec);
         let fwd = entries.iter().find(|e| e.spec == fwd_spec && e.arch == bwd.arch && e.seq_bucket == bwd.seq_bucket);
         if let Some(fwd) = fwd.filter(|f| f.schedule != bwd.schedule) {
             out.push((fwd, bwd, bwd.seq_bucket));
@@ -157,6 +160,32 @@ mod tests {
         assert_eq!(cp.specs(), vec![spec]);
         assert_eq!((cp.regimes.as_slice(), cp.seqs.as_slice()), (Regime::ALL.as_slice(), CHECK_SEQS));
         assert_eq!((cp.schedule_for(&spec), cp.seed), (Some(s(32, 3)), 7));
+        assert!(cp.varlen.is_empty(), "a dense spec has no packed batch");
+    }
+
+    /// The check runs the very kernel that is timed: a deterministic backward is checked as one,
+    /// a THD spec on a packed batch of mixed lengths too, and a padded head_dim as itself.
+    #[test]
+    fn the_candidate_check_runs_the_spec_itself_deterministic_thd_and_padded() {
+        let spec = Spec { deterministic: true, layout: Layout::Thd, ..Spec::new(80, Dtype::Bf16, Pass::Backward) };
+        let cp = candidate_plan(spec, s(32, 2), 1);
+        assert_eq!(cp.specs(), vec![spec]);
+        assert_eq!(cp.varlen, CHECK_VARLEN);
+        let fwd = Spec { layout: Layout::Thd, ..Spec::new(256, Dtype::F16, Pass::Forward) };
+        assert_eq!(candidate_plan(fwd, s(32, 2), 1).specs(), vec![fwd]);
+    }
+
+    #[test]
+    fn a_deterministic_backward_pairs_with_the_plain_forward_of_its_bucket() {
+        let fwd = Spec::new(96, Dtype::Bf16, Pass::Forward);
+        let bwd = Spec { deterministic: true, ..Spec::new(96, Dtype::Bf16, Pass::Backward) };
+        let entry = |spec: Spec, schedule: Schedule| {
+            CacheEntry::untimed(Kernel::new(spec, schedule, Arch::Sm90), 2048, String::new()).unwrap()
+        };
+        let entries = vec![entry(fwd, s(32, 3)), entry(bwd, s(32, 2))];
+        let pairs = winner_pairs(&entries);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!((pairs[0].0.spec, pairs[0].1.spec), (fwd, bwd));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! first), pruned ones with their reason, and the helper kernels the backward's check and timing
 //! run beside them.
 
-use super::plan::Session;
+use super::plan::{forward_of, Session};
 use crate::cache::{candidates_checksum, CandidateResult, Outcome};
 use crate::ir::{Arch, Kernel, Pass, Schedule, Spec};
 use crate::search_space::variants;
@@ -13,7 +13,7 @@ use crate::search_space::variants;
 pub fn candidates(spec: Spec, arch: Arch) -> (Vec<CandidateResult>, String) {
     let all: Vec<(Kernel, Result<(), crate::search_space::Pruned>)> = variants(spec, arch).collect();
     let checksum = candidates_checksum(all.iter().map(|(k, v)| (&k.schedule, v.is_ok())));
-    let default = Schedule::default_for(&spec);
+    let default = Schedule::default_on(&spec, arch);
     let pending = || Outcome::NotRun { reason: "not measured yet".into() };
     let mut out = vec![CandidateResult { schedule: default, outcome: pending() }];
     for (kernel, verdict) in all {
@@ -69,8 +69,8 @@ pub fn helpers(spec: Spec, kernels: &[Kernel]) -> Vec<Kernel> {
     let (Some(first), Pass::Backward) = (kernels.first(), spec.pass) else {
         return Vec::new();
     };
-    let fwd = Spec { pass: Pass::Forward, ..spec };
-    let mut helpers = vec![Kernel::new(fwd, Schedule::default_for(&fwd), first.arch)];
+    let fwd = forward_of(spec);
+    let mut helpers = vec![Kernel::new(fwd, Schedule::default_on(&fwd, first.arch), first.arch)];
     helpers.extend(kernels.iter().map(|k| Kernel { spec: fwd, ..*k }));
     helpers.sort_by_key(|k| k.schedule);
     helpers.dedup();
@@ -123,5 +123,25 @@ mod tests {
         assert_eq!(got.iter().map(|k| k.schedule).collect::<Vec<_>>(), want);
         let fwd_kernels = [Kernel::new(fwd, Schedule::DEFAULT, Arch::Sm90)];
         assert!(helpers(fwd, &fwd_kernels).is_empty(), "a forward needs no helpers");
+    }
+
+    #[test]
+    fn a_deterministic_backward_runs_on_the_plain_forward() {
+        let bwd = Spec { deterministic: true, ..Spec::new(96, Dtype::Bf16, Pass::Backward) };
+        let fwd = forward_of(bwd);
+        assert_eq!(fwd, Spec::new(96, Dtype::Bf16, Pass::Forward));
+        assert_eq!(fwd.validate(), Ok(()));
+        let kernels = [Kernel::new(bwd, Schedule::default_for(&bwd), Arch::Sm80)];
+        assert!(helpers(bwd, &kernels).iter().all(|k| k.spec == fwd && k.validate().is_ok()));
+    }
+
+    #[test]
+    fn candidates_of_a_padded_head_dim_are_those_of_its_tile() {
+        for pass in [Pass::Forward, Pass::Backward] {
+            let (padded, tile) = (Spec::new(80, Dtype::F16, pass), Spec::new(96, Dtype::F16, pass));
+            let schedules = |spec| candidates(spec, Arch::Sm90).0.into_iter().map(|c| c.schedule).collect::<Vec<_>>();
+            assert_eq!(schedules(padded), schedules(tile));
+            assert_eq!(candidates(padded, Arch::Sm90).1, candidates(tile, Arch::Sm90).1, "same checksum");
+        }
     }
 }

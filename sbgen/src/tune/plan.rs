@@ -6,7 +6,7 @@ use crate::artifact::store::{PtxDir, StoreError};
 use crate::compile::Compiler;
 use crate::gpu::device::{Device, GpuError};
 use crate::gpu::kernels::KernelBuilder;
-use crate::ir::{Arch, Spec};
+use crate::ir::{Arch, Pass, Spec};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +19,12 @@ pub const MAX_SEQ: usize = 1 << 17;
 /// 128, bf16 and f16, forward and backward) took 118 s in all on the H200 (2026-11-29; one
 /// (head_dim, dtype) pair 33-49 s), so they are all tuned in full with room to spare.
 pub const DEFAULT_BUDGET_S: f64 = 180.0;
+
+/// The forward spec that a backward `spec` runs on: the same spec but the pass, and not
+/// deterministic (a backward-only field; the forward always is).
+pub fn forward_of(spec: Spec) -> Spec {
+    Spec { pass: Pass::Forward, deterministic: false, ..spec }
+}
 
 /// What to tune.
 #[derive(Clone, Debug)]

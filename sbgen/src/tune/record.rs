@@ -26,7 +26,7 @@ pub fn record(
     checksum: &str,
     results: Vec<CandidateResult>,
 ) -> Result<(SummaryRow, Option<CacheEntry>), TuneError> {
-    let row = SummaryRow::from_candidates(spec, seq, &Schedule::default_for(&spec), &results);
+    let row = SummaryRow::from_candidates(spec, seq, &Schedule::default_on(&spec, s.plan.arch), &results);
     let Some(w) = choose_winner(&results) else {
         return Ok((row, None));
     };

@@ -6,8 +6,14 @@
 //! alone (its launch sequence, including the zeroing of its f32 workspace) on what the spec's default
 //! forward saved. TFLOP/s: 4 B H N^2 D / 2 for the forward and 2.5 times that for the backward
 //! (docs/performance.md#counting).
+//!
+//! A THD spec is timed on the same shape, as a packed batch of B sequences of N tokens each (the
+//! bucket's length): a bucket is keyed on the longest sequence, and equal lengths make its time
+//! comparable with the dense layouts' (docs/performance.md#counting). Every problem is multi-head
+//! (H_kv = H): the K/V head count is a run-time value, not part of the spec, and the kernel is the
+//! same for any grouping.
 
-use super::plan::{Session, TuneError};
+use super::plan::{forward_of, Session, TuneError};
 use crate::cache::{CandidateResult, Outcome};
 use crate::gpu::bench::{self, fwd_flops, BenchPlan};
 use crate::gpu::check::short;
@@ -35,12 +41,18 @@ pub fn problem_shape(seq: usize, head_dim: u32, tokens: usize) -> Shape {
     Shape::new(batch, heads, seq, head_dim as usize)
 }
 
-/// The work a pass does, counted as docs/performance.md#counting says.
+/// The work a pass does on B sequences of N tokens, counted as docs/performance.md#counting says.
 pub fn pass_flops(pass: Pass, shape: Shape) -> f64 {
+    let fwd = fwd_flops(shape.heads, shape.head_dim, &seq_lens(shape));
     match pass {
-        Pass::Forward => fwd_flops(shape),
-        Pass::Backward => 2.5 * fwd_flops(shape),
+        Pass::Forward => fwd,
+        Pass::Backward => 2.5 * fwd,
     }
+}
+
+/// The sequences of a timed problem: B of N tokens (packed one after another for THD).
+fn seq_lens(shape: Shape) -> Vec<usize> {
+    vec![shape.seq; shape.batch]
 }
 
 /// The outcomes of `order` (the default first), measuring each with `measure` until `spent()` says
@@ -197,7 +209,7 @@ impl<T: SbElement> Buffers<T> {
         spec: Spec,
         shape: Shape,
     ) -> Result<Self, TuneError> {
-        let sets = bench::upload_sets::<T>(dev, plan, shape)?;
+        let sets = bench::upload_sets::<T>(dev, plan, shape, &seq_lens(shape))?;
         let backward = spec.pass == Pass::Backward;
         let mut outs = Vec::with_capacity(sets.len());
         for _ in 0..sets.len() {
@@ -210,8 +222,9 @@ impl<T: SbElement> Buffers<T> {
         }
         let grads = if backward {
             // The backward's inputs: what the spec's default forward saves, once per set.
-            let fwd = builder.build(&builder.kernel(Spec { pass: Pass::Forward, ..spec }, None)).map_err(|e| {
-                TuneError::Kernel { what: "the default forward (for timing the backward)", message: e.to_string() }
+            let fwd = builder.build(&builder.kernel(forward_of(spec), None)).map_err(|e| TuneError::Kernel {
+                what: "the default forward (for timing the backward)",
+                message: e.to_string(),
             })?;
             for (set, out) in sets.iter().zip(outs.iter_mut()) {
                 exec::forward_into(dev, &fwd, set, out, None)?;
