@@ -7,8 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Head dimensions the kernels accept: any `head_dim` in this range. The kernels compute on tiles
-/// whose width is `head_dim` rounded up to a multiple of 32, or of 64 above 128
-/// ([`Spec::tile_head_dim`]); the columns
+/// whose width is `head_dim` rounded up to a multiple of 32 ([`Spec::tile_head_dim`]); the columns
 /// past `head_dim` are zero-filled by the kernels' loads, never copied (docs/math.md#head-dims).
 pub const HEAD_DIM_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
 
@@ -137,15 +136,9 @@ impl Spec {
     }
 
     /// Width of the tiles the kernel computes on: `head_dim` rounded up to a multiple of 32 (the
-    /// MMA takes head_dim in steps of 16, the fragment loads in pairs of them), and above 128 to a
-    /// multiple of 64 (192 or 256): the backward's dK/dV tile of a 160 or 224 wide head does not split
-    /// among 8 warps, and on 4 warps it spills registers (40-48 bytes under ptxas 13.0).
+    /// MMA takes head_dim in steps of 16, the fragment loads in pairs of them).
     pub fn tile_head_dim(&self) -> u32 {
-        if self.head_dim <= 128 {
-            self.head_dim.div_ceil(32) * 32
-        } else {
-            self.head_dim.div_ceil(64) * 64
-        }
+        self.head_dim.div_ceil(32) * 32
     }
 
     /// The spec's part of a kernel name, e.g. `fwd_d128_bf16_strict_bhnd_ret_ee24` (a deterministic
@@ -268,7 +261,7 @@ mod tests {
 
     #[test]
     fn tile_head_dim_rounds_up_to_a_multiple_of_32() {
-        for (d, tile) in [(1, 32), (16, 32), (32, 32), (50, 64), (64, 64), (80, 96), (96, 96), (128, 128), (129, 192), (160, 192), (192, 192), (200, 256), (256, 256)] {
+        for (d, tile) in [(1, 32), (16, 32), (32, 32), (50, 64), (64, 64), (80, 96), (96, 96), (128, 128), (129, 160), (192, 192), (200, 224), (256, 256)] {
             assert_eq!(Spec::new(d, Dtype::F16, Pass::Forward).tile_head_dim(), tile, "head_dim {d}");
         }
         for &d in NATIVE_HEAD_DIMS {

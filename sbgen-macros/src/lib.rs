@@ -13,7 +13,7 @@
 //!
 //! | key | type | default | |
 //! |---|---|---|---|
-//! | `head_dim` | integer | required | 1..=256; the kernels compute on tiles of head_dim rounded up to a multiple of 32, above 128 of 64 (32, 64, 96, 128, 256 need no padding) |
+//! | `head_dim` | integer | required | 1..=256; the kernels compute on tiles of head_dim rounded up to a multiple of 32 (32, 64, 96, 128, 256 need no padding) |
 //! | `dtype` | string | `"bf16"` | `"bf16"`, `"f16"`: the element type is `half::bf16` / `half::f16` |
 //! | `mask` | string | `"strict"` | `"strict"` (j < i), `"attend_current"` (j <= i) |
 //! | `layout` | string | `"bhnd"` | `"bhnd"`, `"bnhd"`, `"thd"` (alias `"varlen"`: a packed variable-length batch) |

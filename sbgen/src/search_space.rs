@@ -11,7 +11,7 @@
 //! pruned with a printable reason today and join the search the day validation accepts them.
 //!
 //! Rules and exclusions key on the tile width, [`Spec::tile_head_dim`] (head_dim rounded up to a
-//! multiple of 32, above 128 of 64), never on head_dim itself: a padded head_dim (80) compiles to the registers and
+//! multiple of 32), never on head_dim itself: a padded head_dim (80) compiles to the registers and
 //! shared memory of its tile (96), so every head_dim in 1..=256 has the space of its tile. The
 //! layout (THD included), mask, remainder, early exit and `deterministic` do not choose the space: a
 //! deterministic backward or a THD spec searches what its dense, non-deterministic twin searches.

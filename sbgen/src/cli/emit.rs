@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct EmitArgs {
-    /// Head dimension: any 1..=256 (tiles are head_dim rounded up to a multiple of 32, above 128 of 64; 32, 64, 96, 128, 256 need no padding).
+    /// Head dimension: any 1..=256 (tiles are head_dim rounded up to a multiple of 32; 32, 64, 96, 128, 256 need no padding).
     #[arg(long)]
     pub head_dim: u32,
     /// Element type: bf16 or f16.
