@@ -11,8 +11,8 @@ use std::str::FromStr;
 /// past `head_dim` are zero-filled by the kernels' loads, never copied (docs/math.md#head-dims).
 pub const HEAD_DIM_RANGE: std::ops::RangeInclusive<u32> = 1..=256;
 
-/// Head dimensions that are tiles of their own (no padding) and are tuned and shipped in the default
-/// cache. Any other `head_dim` in [`HEAD_DIM_RANGE`] runs on the next tile (see [`Spec::tile_head_dim`]).
+/// Head dimensions that are tiles of their own (no padding); the shipped default cache tunes 64 and
+/// 128 of them. Any other `head_dim` in [`HEAD_DIM_RANGE`] runs on the next tile (see [`Spec::tile_head_dim`]).
 pub const NATIVE_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 
 /// Early-exit thresholds (bits) that make sense: below 8 the error 2^-T is visible in bf16 outputs,

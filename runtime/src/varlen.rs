@@ -4,7 +4,10 @@
 //! A `cu_seqlens` the caller holds on the host is checked here before it is uploaded; a device-resident
 //! one is trusted by the launcher (reading it back would synchronise the stream), and the kernels skip a
 //! sequence whose bounds fall outside `0..=total_tokens` or that is longer than `max_seqlen`, so a bad
-//! device `cu_seqlens` leaves outputs unwritten but never reads or writes out of bounds.
+//! device `cu_seqlens` never makes them read or write out of bounds. The outputs of tokens that belong
+//! to no valid sequence are not meaningful: the forward leaves their o and rem unwritten, and the
+//! backward's elementwise finishing step still writes their dk (0) and dv (0, or with a fused remainder
+//! a value computed from the rem rows the forward did not write).
 
 /// A `cu_seqlens` that does not describe a packed batch, naming the first bad index.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -268,7 +268,8 @@ fn varlen_doc(layout: Layout) -> String {
                         `shape.seq` the longest (max_seqlen, which also picks the kernel). The `cu_seqlens` and \
                         `total_tokens` parameters replace `args.varlen`. Check a host `cu_seqlens` with \
                         `sbgen_runtime::varlen::check_cu_seqlens` before uploading it: the launcher does not read \
-                        it back, and the kernels skip (leave unwritten) a sequence whose bounds are out of range."
+                        it back, and the kernels skip a sequence whose bounds are out of range (its outputs are then not \
+                        meaningful)."
             .into(),
     }
 }

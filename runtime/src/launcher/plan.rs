@@ -6,8 +6,10 @@ use super::Shape;
 use crate::manifest::{GridDims, KernelManifest};
 use crate::spec::{Dtype, Layout, Pass};
 
-/// Largest sequence length: the kernels index rows with 32-bit `int`.
-pub const MAX_SEQ: usize = i32::MAX as usize;
+/// Largest sequence length (and THD token count, and query head count): the kernels index rows with
+/// 32-bit `int` and round up to whole blocks in it (`seq + block - 1`, block <= 256), so the largest
+/// value leaves that headroom.
+pub const MAX_SEQ: usize = i32::MAX as usize - 256;
 /// Largest `heads` and `batch`: they are the grid's y and z dimensions.
 pub const MAX_GRID_YZ: usize = 65535;
 /// Most threads per block on every supported arch.
@@ -246,6 +248,10 @@ fn plan_common(
             })
         }
     }
+    if total_tokens == Some(0) {
+        // Every sequence empty: nothing to compute, and the finishing step would have no grid.
+        return Err(LaunchError::EmptyDim { dim: "total_tokens" });
+    }
     let tokens_limit = total_tokens.map(|t| ("total_tokens", t, MAX_SEQ));
     for (what, got, max) in [
         ("seq", shape.seq, MAX_SEQ),
@@ -427,8 +433,8 @@ mod tests {
     }
 
     #[test]
-    fn refuses_seq_of_2_pow_31() {
-        let s = shape(1, 1, 1 << 31, 64);
+    fn refuses_seq_past_max_seq() {
+        let s = shape(1, 1, MAX_SEQ + 1, 64);
         let lens = ForwardLens {
             q: usize::MAX,
             k: usize::MAX,
@@ -441,8 +447,8 @@ mod tests {
         };
         let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "seq", .. }), "{err}");
-        // One less is fine as far as the dimension goes (the slices are what they are).
-        let s = shape(1, 1, (1 << 31) - 1, 64);
+        // MAX_SEQ itself is fine as far as the dimension goes (the slices are what they are).
+        let s = shape(1, 1, MAX_SEQ, 64);
         let err =
             plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(shape(1, 1, 1, 64)), None).unwrap_err();
         assert!(matches!(err, LaunchError::TooShort { tensor: "q", .. }), "{err}");
@@ -461,7 +467,7 @@ mod tests {
     #[test]
     fn refuses_element_counts_that_overflow() {
         // 65535 * 65535 * (2^31 - 1) * 64 overflows isize (and u64 byte counts).
-        let s = shape(65535, 65535, (1 << 31) - 1, 64);
+        let s = shape(65535, 65535, MAX_SEQ, 64);
         let big = usize::MAX;
         let lens =
             ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big, o_saved: Some(big), cu_seqlens: None };
@@ -472,7 +478,7 @@ mod tests {
     #[test]
     fn refuses_an_elementwise_grid_over_2_pow_31_blocks() {
         // The finishing step's grid: 8 * 1024 * 2^31-ish elements / 2048 per CTA > 2^31 blocks.
-        let s = shape(1024, 1024, (1 << 31) - 1, 64);
+        let s = shape(1024, 1024, MAX_SEQ, 64);
         let big = usize::MAX;
         let lens = BackwardLens {
             q: big,
@@ -622,6 +628,9 @@ mod tests {
         assert!(matches!(err, LaunchError::TooShort { tensor: "cu_seqlens", needed: 4, got: 3 }), "{err}");
         let err = plan_forward(&m, Dtype::Bf16, s, None, &ForwardLens { cu_seqlens: None, ..lens }, None).unwrap_err();
         assert!(matches!(err, LaunchError::Varlen { .. }), "{err}");
+        // A packed batch of empty sequences only is refused alike by both passes.
+        let err = plan_forward(&m, Dtype::Bf16, s, Some(0), &lens, None).unwrap_err();
+        assert!(matches!(err, LaunchError::EmptyDim { dim: "total_tokens" }), "{err}");
         // A dense kernel refuses cu_seqlens.
         let dense = manifest(Pass::Forward);
         let err = plan_forward(&dense, Dtype::Bf16, s, Some(1500), &lens, None).unwrap_err();

@@ -160,8 +160,15 @@ pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
     take(&args.kv_groups, &mut plan.kv_heads);
     take(&args.varlen, &mut plan.varlen);
     take(&args.deterministic, &mut plan.deterministic);
-    if !args.varlen.is_empty() && args.layout.is_empty() {
-        plan.layouts.push(Layout::Thd);
+    if !args.varlen.is_empty() {
+        if args.layout.is_empty() {
+            plan.layouts.push(Layout::Thd);
+        } else if !args.layout.contains(&Layout::Thd) {
+            return Err(UsageError::new(
+                "`--varlen` runs in the THD layout: add `thd` to `--layout` (or leave `--layout` out)",
+            )
+            .into());
+        }
     }
     if !plan.varlen.is_empty() && plan.varlen.iter().all(|&n| n == 0) {
         return Err(UsageError::new("`varlen` lengths are all 0: at least one sequence must have a token").into());
@@ -373,6 +380,8 @@ mod tests {
         assert!(e.downcast_ref::<UsageError>().is_some());
         assert!(e.to_string().contains("`head_dim` = 300"), "{e}");
         assert!(plan(&parse(&["--head-dim", "96,50,256"]), 1).is_ok());
+        let e = plan(&parse(&["--varlen", "0,1", "--layout", "bhnd"]), 1).unwrap_err();
+        assert!(e.to_string().contains("add `thd` to `--layout`"), "{e}");
         let e = plan(&parse(&["--varlen", "0,0"]), 1).unwrap_err();
         assert!(e.to_string().contains("`varlen` lengths are all 0"), "{e}");
         assert!(parse_on_off("maybe").unwrap_err().contains("`deterministic`"));

@@ -67,7 +67,7 @@ pub const FULL_VARLEN: &[usize] = &[0, 1, 17, 1000, 4097];
 pub enum KvHeads {
     /// `group` query heads per K/V head (1: multi-head attention).
     Group(usize),
-    /// One K/V head for every query head (multi-query attention).
+    /// One K/V head shared by all query heads (multi-query attention).
     Mqa,
 }
 
