@@ -61,9 +61,11 @@ impl GridRule {
             return None;
         }
         let (x, y, z) = match *self {
-            GridRule::QueryBlocks { block_m } => {
-                (dims.seq.div_ceil(block_m as usize).checked_mul(dims.heads / dims.kv_heads)?, dims.kv_heads, dims.batch)
-            }
+            GridRule::QueryBlocks { block_m } => (
+                dims.seq.div_ceil(block_m as usize).checked_mul(dims.heads / dims.kv_heads)?,
+                dims.kv_heads,
+                dims.batch,
+            ),
             GridRule::Elements { per_cta } => (dims.kv_elements.div_ceil(per_cta as usize), 1, 1),
         };
         if x == 0 || x >= (1 << 31) || y == 0 || y >= 65536 || z == 0 || z >= 65536 {

@@ -575,7 +575,8 @@ mod tests {
 
     fn check_backward_against_finite_differences_at(shape: Shape, opts: &Options, seed: u64, with_d_rem: bool) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (q, k, v) = (normal(&mut rng, shape.len()), normal(&mut rng, shape.kv_len()), normal(&mut rng, shape.kv_len()));
+        let (q, k, v) =
+            (normal(&mut rng, shape.len()), normal(&mut rng, shape.kv_len()), normal(&mut rng, shape.kv_len()));
         let mut rng = StdRng::seed_from_u64(seed + 1000);
         let d_o = normal(&mut rng, shape.len());
         let d_rem_vec = normal(&mut rng, shape.rows());

@@ -261,7 +261,20 @@ mod tests {
 
     #[test]
     fn tile_head_dim_rounds_up_to_a_multiple_of_32() {
-        for (d, tile) in [(1, 32), (16, 32), (32, 32), (50, 64), (64, 64), (80, 96), (96, 96), (128, 128), (129, 160), (192, 192), (200, 224), (256, 256)] {
+        for (d, tile) in [
+            (1, 32),
+            (16, 32),
+            (32, 32),
+            (50, 64),
+            (64, 64),
+            (80, 96),
+            (96, 96),
+            (128, 128),
+            (129, 160),
+            (192, 192),
+            (200, 224),
+            (256, 256),
+        ] {
             assert_eq!(Spec::new(d, Dtype::F16, Pass::Forward).tile_head_dim(), tile, "head_dim {d}");
         }
         for &d in NATIVE_HEAD_DIMS {

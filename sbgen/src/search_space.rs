@@ -411,8 +411,9 @@ mod tests {
         // backward must split (the templates assert it where the backward instantiates it).
         let eight = Schedule { block_m: 128, warps: 8, block_n: 32, ..Schedule::DEFAULT };
         assert!(accepted(Spec::new(80, Dtype::Bf16, Pass::Forward), Arch::Sm90).contains(&eight));
-        let (_, verdict) =
-            variants(Spec::new(80, Dtype::Bf16, Pass::Backward), Arch::Sm90).find(|(k, _)| k.schedule == eight).unwrap();
+        let (_, verdict) = variants(Spec::new(80, Dtype::Bf16, Pass::Backward), Arch::Sm90)
+            .find(|(k, _)| k.schedule == eight)
+            .unwrap();
         assert!(verdict.is_err());
     }
 

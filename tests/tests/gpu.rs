@@ -8,8 +8,10 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use sbgen::gpu::check::{self, CheckPlan, FWD_TOL, GRAD_TOL};
-use sbgen::gpu::data::{from_layout_seqs, make_inputs, make_packed_inputs, non_finite, rel_l2, rows_from_layout, widen};
 use sbgen::gpu::data::Regime;
+use sbgen::gpu::data::{
+    from_layout_seqs, make_inputs, make_packed_inputs, non_finite, rel_l2, rows_from_layout, widen,
+};
 use sbgen::gpu::exec::{self, DeviceProblem};
 use sbgen::gpu::{Device, GpuError, KernelBuilder};
 use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};
@@ -185,8 +187,10 @@ fn packed_grouped_batch_through_the_launcher_matches_the_reference_and_repeats_b
     let mut runs = Vec::new();
     for _ in 0..2 {
         let dq = exec::poisoned::<half::bf16>(&dev, p.q_len()).unwrap();
-        let (dk, dv) = (exec::poisoned::<half::bf16>(&dev, p.kv_len()).unwrap(), exec::poisoned(&dev, p.kv_len()).unwrap());
-        let (mut dq, mut dk, mut dv): (CudaSlice<half::bf16>, CudaSlice<half::bf16>, CudaSlice<half::bf16>) = (dq, dk, dv);
+        let (dk, dv) =
+            (exec::poisoned::<half::bf16>(&dev, p.kv_len()).unwrap(), exec::poisoned(&dev, p.kv_len()).unwrap());
+        let (mut dq, mut dk, mut dv): (CudaSlice<half::bf16>, CudaSlice<half::bf16>, CudaSlice<half::bf16>) =
+            (dq, dk, dv);
         let args = BackwardArgs {
             q: p.q.as_view(),
             k: p.k.as_view(),
@@ -213,7 +217,9 @@ fn packed_grouped_batch_through_the_launcher_matches_the_reference_and_repeats_b
     let opts = Options::from(&base);
     let want = &sbgen::gpu::oracle::expected(&inputs, &[opts], true, 4)[0];
     let (lens, d) = (&inputs.seq_lens, shape.head_dim);
-    let canon = |x: &[half::bf16], heads| from_layout_seqs(lens, heads, d, Layout::Thd, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>());
+    let canon = |x: &[half::bf16], heads| {
+        from_layout_seqs(lens, heads, d, Layout::Thd, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>())
+    };
     let got_o = canon(&dev.stream.clone_dtoh(&o).unwrap(), shape.heads);
     let got_rem = rows_from_layout(lens, shape.heads, Layout::Thd, &exec::download_f32(&dev, &rem).unwrap());
     assert_eq!(non_finite(&got_o) + non_finite(&got_rem), 0, "unwritten o or rem elements");
@@ -246,6 +252,79 @@ fn packed_grouped_batch_through_the_launcher_matches_the_reference_and_repeats_b
     };
     let err = dev.launcher.forward(&dense, shape, args, None).unwrap_err();
     assert!(matches!(err, LaunchError::Varlen { .. }), "{err}");
+}
+
+/// A device `cu_seqlens` is trusted (the launcher does not read it back), so a bad one must not make
+/// the kernels touch memory outside their tensors: a sequence whose offsets decrease, run past the
+/// token count, are negative, or span more than max_seqlen is skipped
+/// (docs/architecture.md#sequence-views). What the skipped tokens' outputs hold is not meaningful;
+/// only the poisoned guard zones around every output are checked, and every launch must finish
+/// without a CUDA error.
+#[test]
+fn a_bad_device_cu_seqlens_never_writes_outside_the_tensors() {
+    let Some(dev) = device() else { return };
+    // 40 tokens, 4 query heads on 2 K/V heads, head_dim 64; the launches take max_seqlen = 16.
+    let inputs =
+        make_packed_inputs(Shape::new(1, 4, 1, 64).with_kv_heads(2), &[10, 14, 16], Dtype::Bf16, Regime::Random, 7);
+    let shape = Shape { batch: 3, seq: 16, ..inputs.shape };
+    let base = Spec { layout: Layout::Thd, remainder: Remainder::Fuse, ..spec(64, Dtype::Bf16, Pass::Forward) };
+    let fwd = kernel(&dev, base);
+    let bwd = kernel(&dev, Spec { pass: Pass::Backward, deterministic: true, ..base });
+    let p = DeviceProblem::<half::bf16>::upload(&dev, &inputs, Layout::Thd, true).unwrap();
+    // Decreasing; past the token count; negative; longer than max_seqlen (39 > 16); one valid sequence.
+    let bad: [[i32; 4]; 5] = [[0, 30, 10, 40], [0, 10, 50, 40], [-5, 10, 20, 40], [0, 39, 40, 40], [0, 10, 10, 40]];
+    for cu in bad {
+        let cu_dev = dev.stream.clone_htod(&cu).unwrap();
+        let cu_view = cu_dev.as_view();
+        let varlen = Varlen { cu_seqlens: &cu_view, total_tokens: inputs.tokens() };
+        let mut o = exec::guarded::<half::bf16>(&dev, p.q_len()).unwrap();
+        let mut rem = exec::guarded_f32(&dev, p.rows()).unwrap();
+        let mut log2_rem = exec::guarded_f32(&dev, p.rows()).unwrap();
+        let mut o_saved = exec::guarded_f32(&dev, p.q_len()).unwrap();
+        let args = ForwardArgs {
+            q: p.q.as_view(),
+            k: p.k.as_view(),
+            v: p.v.as_view(),
+            o: o.view_mut(),
+            rem: rem.view_mut(),
+            log2_rem: log2_rem.view_mut(),
+            o_saved: Some(o_saved.view_mut()),
+            varlen: Some(varlen),
+        };
+        dev.launcher.forward(&fwd, shape, args, None).unwrap();
+        dev.sync(fwd.name(), TIMEOUT).unwrap_or_else(|e| panic!("cu_seqlens {cu:?}: forward: {e}"));
+        let mut dq = exec::guarded::<half::bf16>(&dev, p.q_len()).unwrap();
+        let mut dk = exec::guarded::<half::bf16>(&dev, p.kv_len()).unwrap();
+        let mut dv = exec::guarded::<half::bf16>(&dev, p.kv_len()).unwrap();
+        let args = BackwardArgs {
+            q: p.q.as_view(),
+            k: p.k.as_view(),
+            v: p.v.as_view(),
+            o: o.view(),
+            o_saved: o_saved.view(),
+            d_o: p.d_o.as_view(),
+            d_rem: p.d_rem.as_ref().map(|d| d.as_view()),
+            log2_rem: log2_rem.view(),
+            dq: dq.view_mut(),
+            dk: dk.view_mut(),
+            dv: dv.view_mut(),
+            varlen: Some(varlen),
+        };
+        dev.launcher.backward(&bwd, shape, args, None).unwrap();
+        dev.sync(bwd.name(), TIMEOUT).unwrap_or_else(|e| panic!("cu_seqlens {cu:?}: backward: {e}"));
+        let outside = [
+            ("o", o.read(&dev).unwrap().1),
+            ("dq", dq.read(&dev).unwrap().1),
+            ("dk", dk.read(&dev).unwrap().1),
+            ("dv", dv.read(&dev).unwrap().1),
+            ("rem", rem.read(&dev).unwrap().1),
+            ("log2_rem", log2_rem.read(&dev).unwrap().1),
+            ("o_saved", o_saved.read(&dev).unwrap().1),
+        ];
+        for (name, n) in outside {
+            assert_eq!(n, 0, "cu_seqlens {cu:?}: {n} elements written outside `{name}`");
+        }
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use sbgen_runtime::launcher::{
     plan_backward, plan_forward, BackwardLens, ForwardLens, KernelBinary, LaunchPlan, Shape,
 };
 use sbgen_runtime::manifest::KernelManifest;
-use sbgen_runtime::spec::Pass;
+use sbgen_runtime::spec::{Layout, Pass};
 
 pub const TARGET: Target = Target {
     name: "manifest",
@@ -38,8 +38,10 @@ pub const TARGET: Target = Target {
     ],
 };
 
-/// (batch, heads, seq): one row, an odd size, the longest sequence, the most heads and batches.
-const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 17), (1, 1, i32::MAX as usize), (65_535, 65_535, 1)];
+/// (batch, heads, kv_heads, seq): one row, an odd grouped size, multi-query, the longest sequence, the
+/// most heads and batches. A THD manifest takes them as a packed batch of `batch` sequences of `seq`.
+const SHAPES: &[(usize, usize, usize, usize)] =
+    &[(1, 1, 1, 1), (2, 6, 3, 17), (3, 8, 1, 100), (1, 1, 1, i32::MAX as usize), (65_535, 65_535, 65_535, 1)];
 
 pub fn run(data: &[u8]) -> Verdict {
     let text = String::from_utf8_lossy(data);
@@ -55,29 +57,33 @@ pub fn run(data: &[u8]) -> Verdict {
     assert_eq!(binary.fingerprint(), KernelBinary::new(back, binary.ptx().to_vec(), None).fingerprint());
 
     let mut verdict = None;
-    for &(batch, heads, seq) in SHAPES {
-        let shape = Shape { batch, heads, seq, head_dim: manifest.spec.head_dim as usize };
-        let (e, r) = (elements(shape), batch.saturating_mul(heads).saturating_mul(seq));
+    for &(batch, heads, kv_heads, seq) in SHAPES {
+        let shape = Shape::new(batch, heads, seq, manifest.spec.head_dim as usize).with_kv_heads(kv_heads);
+        let (e, kv, r) =
+            (elements(shape, heads), elements(shape, kv_heads), batch.saturating_mul(heads).saturating_mul(seq));
+        let packed = manifest.spec.layout == Layout::Thd;
+        let (total_tokens, cu_seqlens) = (packed.then(|| batch.saturating_mul(seq)), packed.then_some(batch + 1));
         let planned = match manifest.spec.pass {
             Pass::Forward => {
-                let lens = ForwardLens { q: e, k: e, v: e, o: e, rem: r, log2_rem: r, o_saved: Some(e) };
-                plan_forward(&manifest, manifest.spec.dtype, shape, &lens, None)
+                let lens = ForwardLens { q: e, k: kv, v: kv, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens };
+                plan_forward(&manifest, manifest.spec.dtype, shape, total_tokens, &lens, None)
             }
             Pass::Backward => {
                 let lens = BackwardLens {
                     q: e,
-                    k: e,
-                    v: e,
+                    k: kv,
+                    v: kv,
                     o: e,
                     o_saved: e,
                     d_o: e,
                     d_rem: Some(r),
                     log2_rem: r,
                     dq: e,
-                    dk: e,
-                    dv: e,
+                    dk: kv,
+                    dv: kv,
+                    cu_seqlens,
                 };
-                plan_backward(&manifest, manifest.spec.dtype, shape, &lens, None)
+                plan_backward(&manifest, manifest.spec.dtype, shape, total_tokens, &lens, None)
             }
         };
         match planned {
@@ -91,8 +97,9 @@ pub fn run(data: &[u8]) -> Verdict {
     verdict.unwrap_or(Verdict::Accepted)
 }
 
-fn elements(s: Shape) -> usize {
-    s.batch.saturating_mul(s.heads).saturating_mul(s.seq).saturating_mul(s.head_dim)
+/// Elements of a tensor of `heads` heads of `s`.
+fn elements(s: Shape, heads: usize) -> usize {
+    s.batch.saturating_mul(heads).saturating_mul(s.seq).saturating_mul(s.head_dim)
 }
 
 /// A plan the launcher accepted is one CUDA can launch: one planned step per manifest step, every

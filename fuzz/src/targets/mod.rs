@@ -30,12 +30,7 @@ pub struct Target {
 }
 
 /// Every target.
-pub const ALL: &[Target] = &[
-    cache::TARGET,
-    manifest::TARGET,
-    attr::TARGET,
-        tensor_header::TARGET,
-];
+pub const ALL: &[Target] = &[cache::TARGET, manifest::TARGET, attr::TARGET, tensor_header::TARGET];
 
 /// The target called `name`.
 pub fn find(name: &str) -> Option<&'static Target> {
@@ -43,5 +38,17 @@ pub fn find(name: &str) -> Option<&'static Target> {
 }
 
 /// The spec's JSON keys and values, in the cache's and the manifest's dictionaries.
-pub const SPEC_WORDS: &[&str] =
-    &["head_dim", "dtype", "mask", "pass", "early_exit_bits", "bf16", "attend_current", "bnhd", "fuse", "backward"];
+pub const SPEC_WORDS: &[&str] = &[
+    "head_dim",
+    "dtype",
+    "mask",
+    "pass",
+    "early_exit_bits",
+    "bf16",
+    "attend_current",
+    "bnhd",
+    "fuse",
+    "backward",
+    "thd",
+    "deterministic",
+];

@@ -283,13 +283,8 @@ fn plan_common(
     let elements = elements_wide as usize;
     let kv_elements = (tokens * shape.kv_heads as u128 * shape.head_dim as u128) as usize;
     let rows = (tokens * shape.heads as u128) as usize;
-    let dims = GridDims {
-        batch: shape.batch,
-        heads: shape.heads,
-        kv_heads: shape.kv_heads,
-        seq: shape.seq,
-        kv_elements,
-    };
+    let dims =
+        GridDims { batch: shape.batch, heads: shape.heads, kv_heads: shape.kv_heads, seq: shape.seq, kv_elements };
     let mut steps = Vec::with_capacity(manifest.steps.len());
     for step in &manifest.steps {
         let grid = step.grid.grid(&dims).ok_or(LaunchError::TooLarge {
@@ -449,8 +444,8 @@ mod tests {
         assert!(matches!(err, LaunchError::TooLarge { what: "seq", .. }), "{err}");
         // MAX_SEQ itself is fine as far as the dimension goes (the slices are what they are).
         let s = shape(1, 1, MAX_SEQ, 64);
-        let err =
-            plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(shape(1, 1, 1, 64)), None).unwrap_err();
+        let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(shape(1, 1, 1, 64)), None)
+            .unwrap_err();
         assert!(matches!(err, LaunchError::TooShort { tensor: "q", .. }), "{err}");
     }
 
@@ -469,8 +464,16 @@ mod tests {
         // 65535 * 65535 * (2^31 - 1) * 64 overflows isize (and u64 byte counts).
         let s = shape(65535, 65535, MAX_SEQ, 64);
         let big = usize::MAX;
-        let lens =
-            ForwardLens { q: big, k: big, v: big, o: big, rem: big, log2_rem: big, o_saved: Some(big), cu_seqlens: None };
+        let lens = ForwardLens {
+            q: big,
+            k: big,
+            v: big,
+            o: big,
+            rem: big,
+            log2_rem: big,
+            o_saved: Some(big),
+            cu_seqlens: None,
+        };
         let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &lens, None).unwrap_err();
         assert!(matches!(err, LaunchError::TooLarge { what: "batch * heads * seq * head_dim", .. }), "{err}");
     }
@@ -555,7 +558,8 @@ mod tests {
     fn refuses_bad_scales() {
         let s = shape(1, 1, 8, 64);
         for bad in [f32::NAN, f32::INFINITY, 0.0] {
-            let err = plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), Some(bad)).unwrap_err();
+            let err =
+                plan_forward(&manifest(Pass::Forward), Dtype::Bf16, s, None, &fwd_lens(s), Some(bad)).unwrap_err();
             assert!(matches!(err, LaunchError::Scale { .. }), "{err}");
         }
     }
@@ -618,8 +622,7 @@ mod tests {
         // 3 sequences, the longest 1000, 1500 tokens in all, 4 heads on 2 K/V heads.
         let s = shape(3, 4, 1000, 64).with_kv_heads(2);
         let (e, kv, r) = (1500 * 4 * 64, 1500 * 2 * 64, 4 * 1500);
-        let lens =
-            ForwardLens { q: e, k: kv, v: kv, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens: Some(4) };
+        let lens = ForwardLens { q: e, k: kv, v: kv, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens: Some(4) };
         let plan = plan_forward(&m, Dtype::Bf16, s, Some(1500), &lens, None).unwrap();
         assert_eq!((plan.elements, plan.kv_elements, plan.rows), (e, kv, r));
         assert_eq!(plan.steps[0].grid, (16 * 2, 2, 3));

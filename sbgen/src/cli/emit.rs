@@ -163,7 +163,8 @@ pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
     for &pass in args.pass.passes() {
         let spec = args.spec.spec(args.head_dim, args.dtype, pass);
         // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
-        let schedule = super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_on(&spec, args.arch));
+        let schedule =
+            super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_on(&spec, args.arch));
         let kernel = Kernel::new(spec, schedule, args.arch);
         kernel.validate().map_err(UsageError::new)?;
         kernels.push(kernel);

@@ -33,7 +33,9 @@
 //! (`--varlen`, THD layout only) is the given lengths in one batch; every dense group also runs the
 //! THD layout as a packed batch of B equal sequences when THD is selected.
 
-use super::data::{from_layout_seqs, make_inputs, make_packed_inputs, rows_from_layout, rows_to_layout, to_layout_seqs};
+use super::data::{
+    from_layout_seqs, make_inputs, make_packed_inputs, rows_from_layout, rows_to_layout, to_layout_seqs,
+};
 use super::data::{rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
 use super::device::{Device, GpuError};
 use super::exec::{self, guarded, guarded_f32, DeviceProblem, Guarded};
@@ -626,9 +628,9 @@ impl Group<'_> {
             if let Some(mut results) = got {
                 let got = results.remove(0);
                 if let Some(again) = results.first() {
-                    let differ = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                    let elements =
-                        differ(&got.dq, &again.dq) + differ(&got.dk, &again.dk) + differ(&got.dv, &again.dv);
+                    let differ =
+                        |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                    let elements = differ(&got.dq, &again.dq) + differ(&got.dk, &again.dk) + differ(&got.dv, &again.dv);
                     if elements > 0 {
                         row.failures.push(Failure::NotDeterministic { elements });
                     }

@@ -178,7 +178,8 @@ impl<T: SbElement> DeviceProblem<T> {
             return Err(GpuError::Input(format!("sequences of lengths {lens:?} need the THD layout, not {layout}")));
         }
         let up = |heads: usize, x: &[f32]| -> Result<CudaSlice<T>, GpuError> {
-            let host: Vec<T> = to_layout_seqs(lens, heads, s.head_dim, layout, x).into_iter().map(T::from_f32).collect();
+            let host: Vec<T> =
+                to_layout_seqs(lens, heads, s.head_dim, layout, x).into_iter().map(T::from_f32).collect();
             Ok(dev.stream.clone_htod(&host)?)
         };
         Ok(DeviceProblem {

@@ -91,8 +91,8 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::store::ScratchDir;
     use crate::artifact::name::ptx_file_name;
+    use crate::artifact::store::ScratchDir;
     use crate::gpu::kernels::KernelBuilder;
     use crate::ir::{Arch, Dtype, Pass, Schedule, Spec};
 
