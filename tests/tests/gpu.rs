@@ -8,10 +8,10 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 use sbgen::gpu::check::{self, CheckPlan, FWD_TOL, GRAD_TOL};
-use sbgen::gpu::data::Regime;
 use sbgen::gpu::data::{
     from_layout_seqs, make_inputs, make_packed_inputs, non_finite, rel_l2, rows_from_layout, widen,
 };
+use sbgen::gpu::data::{Regime, Sequences};
 use sbgen::gpu::exec::{self, DeviceProblem};
 use sbgen::gpu::{Device, GpuError, KernelBuilder};
 use sbgen::ir::{Dtype, Layout, Mask, Pass, Remainder, Spec};

@@ -19,7 +19,7 @@
 //! three are credited with the packed batch's work, so their TFLOP/s compare as their times do.
 
 use super::check::{self, CheckPlan, KvHeads};
-use super::data::normal;
+use super::data::{normal, Sequences};
 use super::device::{Device, GpuError};
 use super::exec::{self, DeviceProblem, ForwardOutputs, GradOutputs};
 use super::kernels::KernelBuilder;

@@ -36,7 +36,7 @@
 use super::data::{
     from_layout_seqs, make_inputs, make_packed_inputs, rows_from_layout, rows_to_layout, to_layout_seqs,
 };
-use super::data::{rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime};
+use super::data::{rel_l2, rel_l2_f32, rel_l2_floored, ulp, Inputs, Regime, Sequences};
 use super::device::{Device, GpuError};
 use super::exec::{self, guarded, guarded_f32, DeviceProblem, Guarded};
 use super::failure::{Failure, Row};

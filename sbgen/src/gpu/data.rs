@@ -75,27 +75,40 @@ pub struct Inputs {
     pub d_rem: Vec<f32>,
 }
 
-impl Inputs {
+/// The sizes of a problem of sequences (an [`Inputs`] or its copy on the device): `seq_lens[b]`
+/// tokens in sequence b, `shape`'s heads, K/V heads and head_dim.
+pub trait Sequences {
+    fn shape(&self) -> Shape;
+    fn seq_lens(&self) -> &[usize];
+
     /// Tokens in all sequences.
-    pub fn tokens(&self) -> usize {
-        self.seq_lens.iter().sum()
+    fn tokens(&self) -> usize {
+        self.seq_lens().iter().sum()
     }
-
     /// Elements of q (and o, dO, dq).
-    pub fn q_len(&self) -> usize {
-        self.tokens() * self.shape.heads * self.shape.head_dim
+    fn q_len(&self) -> usize {
+        self.tokens() * self.shape().heads * self.shape().head_dim
     }
-
     /// Elements of k (and v, dk, dv).
-    pub fn kv_len(&self) -> usize {
-        self.tokens() * self.shape.kv_heads * self.shape.head_dim
+    fn kv_len(&self) -> usize {
+        self.tokens() * self.shape().kv_heads * self.shape().head_dim
     }
-
     /// Elements of rem (and log2 rem, dRem).
-    pub fn rows(&self) -> usize {
-        self.tokens() * self.shape.heads
+    fn rows(&self) -> usize {
+        self.tokens() * self.shape().heads
     }
+}
 
+impl Sequences for Inputs {
+    fn shape(&self) -> Shape {
+        self.shape
+    }
+    fn seq_lens(&self) -> &[usize] {
+        &self.seq_lens
+    }
+}
+
+impl Inputs {
     /// Every (sequence, query head) of the problem, in canonical order.
     pub fn heads(&self) -> Vec<HeadRef> {
         let s = self.shape;
@@ -250,24 +263,17 @@ fn per_sequence<T: Copy>(
 /// Rows (rem, log2 rem, dRem) of `heads` heads in canonical order, in `layout` order: THD keeps
 /// them `[heads, total_tokens]`, the dense layouts `[batch, heads, seq]` (canonical).
 pub fn rows_to_layout<T: Copy>(lens: &[usize], heads: usize, layout: Layout, canon: &[T]) -> Vec<T> {
-    if layout != Layout::Thd {
-        return canon.to_vec();
-    }
-    let total: usize = lens.iter().sum();
-    let mut out = canon.to_vec();
-    let mut first = 0;
-    for &len in lens {
-        for h in 0..heads {
-            out[h * total + first..h * total + first + len]
-                .copy_from_slice(&canon[first * heads + h * len..first * heads + (h + 1) * len]);
-        }
-        first += len;
-    }
-    out
+    permute_rows(lens, heads, layout, canon, true)
 }
 
 /// The inverse of [`rows_to_layout`].
 pub fn rows_from_layout<T: Copy>(lens: &[usize], heads: usize, layout: Layout, x: &[T]) -> Vec<T> {
+    permute_rows(lens, heads, layout, x, false)
+}
+
+/// Moves each (sequence, head) run of rows between its canonical place (`first * heads + h * len`)
+/// and its THD place (`h * total + first`), in the direction `to_thd` says.
+fn permute_rows<T: Copy>(lens: &[usize], heads: usize, layout: Layout, x: &[T], to_thd: bool) -> Vec<T> {
     if layout != Layout::Thd {
         return x.to_vec();
     }
@@ -276,8 +282,9 @@ pub fn rows_from_layout<T: Copy>(lens: &[usize], heads: usize, layout: Layout, x
     let mut first = 0;
     for &len in lens {
         for h in 0..heads {
-            out[first * heads + h * len..first * heads + (h + 1) * len]
-                .copy_from_slice(&x[h * total + first..h * total + first + len]);
+            let (canon, thd) = (first * heads + h * len, h * total + first);
+            let (from, to) = if to_thd { (canon, thd) } else { (thd, canon) };
+            out[to..to + len].copy_from_slice(&x[from..from + len]);
         }
         first += len;
     }

@@ -1,7 +1,7 @@
 //! Tensors on the device and one kernel run on them: upload in the kernel's layout, launch with
 //! poisoned (NaN-filled) outputs, download back in canonical order (see [`Inputs`]) as f32.
 
-use super::data::{from_layout, rows_to_layout, to_layout, to_layout_seqs, Inputs};
+use super::data::{from_layout, rows_to_layout, to_layout, to_layout_seqs, Inputs, Sequences};
 use super::device::{Device, GpuError};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr};
 use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, KernelBinary, SbElement, Varlen};
@@ -71,22 +71,12 @@ pub struct DeviceProblem<T> {
     pub cu_seqlens: Option<CudaSlice<i32>>,
 }
 
-impl<T> DeviceProblem<T> {
-    /// Tokens in all sequences.
-    pub fn tokens(&self) -> usize {
-        self.seq_lens.iter().sum()
+impl<T> Sequences for DeviceProblem<T> {
+    fn shape(&self) -> Shape {
+        self.shape
     }
-    /// Elements of q, o, dO and dq.
-    pub fn q_len(&self) -> usize {
-        self.tokens() * self.shape.heads * self.shape.head_dim
-    }
-    /// Elements of k, v, dk and dv.
-    pub fn kv_len(&self) -> usize {
-        self.tokens() * self.shape.kv_heads * self.shape.head_dim
-    }
-    /// Elements of rem, log2 rem and dRem.
-    pub fn rows(&self) -> usize {
-        self.tokens() * self.shape.heads
+    fn seq_lens(&self) -> &[usize] {
+        &self.seq_lens
     }
 }
 

@@ -3,7 +3,7 @@
 //! each (options, head) pair is one job for [`crate::pool`]; every row and every head is computed in
 //! full.
 
-use super::data::{widen, HeadRef, Inputs};
+use super::data::{widen, HeadRef, Inputs, Sequences};
 use crate::pool;
 use sbgen_runtime::reference::{self, Grads, Options, Shape};
 

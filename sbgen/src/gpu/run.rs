@@ -23,6 +23,7 @@
 //! `--pass bwd` writes all of them. Tensors are uploaded as they are (they are already in the
 //! kernel's layout). The dtype comes from q, D from q's last dimension (any of [`HEAD_DIM_RANGE`]).
 
+use super::data::Sequences;
 use super::device::{Device, GpuError};
 use super::exec::{self, DeviceProblem};
 use super::kernels::{BuildError, KernelBuilder};
