@@ -4,11 +4,13 @@
 #   .carry/sbgen          the CLI (release): `check`, `run`, `bench`
 #   .carry/gpu            the GPU test binary (`cargo test --release -p sbgen-tests --test gpu --no-run`)
 #   .carry/ptx.tar.gz     PTX of every kernel `sbgen check` (full matrix), `bench`, `run` and the GPU
-#                         tests use at the default schedule, for --arch (default sm_90 = sm_90a): the
-#                         GPU machine has no CUDA toolchain, so kernels are compiled here; plus the PTX
+#                         tests use at the default schedule, for --arch (default sm_90 = sm_90a),
+#                         compiled here: NVRTC on the GPU machine (SBGEN_CUDA_HOME=/usr/local/cuda)
+#                         works too but spends device time; plus the PTX
 #                         of every non-spilling variant of the search space of the specs in $TUNE_SPECS
 #                         (default "--head-dim 128 --dtype bf16"; fwd and bwd; several sets separated by
-#                         `;`), for `sbgen tune`
+#                         `;`), for `sbgen tune`; plus the default kernels of each `check` selection
+#                         in $CHECK_SETS (`;`-separated; none by default)
 #   .carry/baselines.py   torch SDPA / fla-core baselines (from shared/bench)
 #
 # Then, on the GPU machine: `bash scripts/gpu-session.sh .carry` (see that script).
@@ -47,6 +49,19 @@ echo "--- compiling PTX for $arch"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$out/sbgen" check --emit-ptx "$tmp/ptx" --arch "$arch"
+# More `check` selections for the bundle's PTX, separated by `;` (env CHECK_SETS), e.g. the new
+# kernel families: "--head-dim 32,96,256,80 --layout bhnd,bnhd,thd --deterministic off,on". The GPU
+# machine then loads PTX instead of compiling hundreds of kernels with NVRTC inside the device budget
+# (a --quick check over those families timed out at 330 s that way; here the 720 kernels took 428 s).
+if [ -n "${CHECK_SETS:-}" ]; then
+    IFS=';' read -ra check_sets <<<"$CHECK_SETS"
+    for selection in "${check_sets[@]}"; do
+        echo "--- compiling the default kernels of: check $selection"
+        # shellcheck disable=SC2086
+        "$out/sbgen" check --emit-ptx "$tmp/ptx" --arch "$arch" $selection ||
+            echo "warning: some kernels failed to compile or spill (listed above): they have no PTX" >&2
+    done
+fi
 # Several spec sets can be given, separated by `;` (e.g. the two families of the default cache).
 IFS=';' read -ra spec_sets <<<"${TUNE_SPECS:=--head-dim 128 --dtype bf16}"
 for specs in "${spec_sets[@]}"; do

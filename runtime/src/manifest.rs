@@ -56,6 +56,8 @@ impl GridRule {
     /// The grid for `dims`, or `None` when a dimension would exceed what CUDA allows (x < 2^31, y and
     /// z < 65536), `kv_heads` does not divide `heads`, or the rule's [`divisor`](GridRule::divisor)
     /// is 0.
+    // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn grid(&self, dims: &GridDims) -> Option<(u32, u32, u32)> {
         if self.divisor().1 == 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
             return None;

@@ -215,6 +215,8 @@ fn check_len(name: &str, got: usize, want: usize) {
     assert_eq!(got, want, "reference: `{name}` has {got} elements, the shape needs {want}");
 }
 
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
 fn check_shape(shape: &Shape) {
     assert!(
         shape.kv_heads > 0 && shape.heads % shape.kv_heads == 0,

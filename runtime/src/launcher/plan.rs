@@ -171,6 +171,8 @@ fn check_len(tensor: &'static str, needed: usize, got: usize) -> Result<(), Laun
     Ok(())
 }
 
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
 fn plan_common(
     manifest: &KernelManifest,
     pass: Pass,
