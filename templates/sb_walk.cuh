@@ -87,6 +87,25 @@ __device__ __forceinline__ SeqView seq_view(const SbParams& p, int b, int h, int
 template <int ROWS, bool KV>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long step, int row0, int len, int tid) {
     constexpr int CHUNKS = ROWS * DCH;
+    if constexpr (DM % 8 == 0 && THREADS % DCH == 0) {
+        // Each thread copies column chunk c of rows r0, r0 + RSTEP, ...: one pointer advanced by
+        // RSTEP tokens, rather than one address per row, which the compiler kept in registers
+        // across the walk (spills at 256 columns on 4 warps).
+        constexpr int RSTEP = THREADS / DCH;
+        const int c = tid % DCH, r0 = tid / DCH;
+        const bool column_valid = c < DM / 8;
+        const elem_t* ptr = src + (row0 + r0) * step + c * 8;
+        const long long advance = RSTEP * step;
+#pragma unroll
+        for (int it = 0; it < (ROWS + RSTEP - 1) / RSTEP; ++it) {
+            const int r = r0 + it * RSTEP;
+            if (ROWS % RSTEP != 0 && r >= ROWS) break;
+            const bool valid = row0 + r < len && column_valid;
+            cp_async_16(dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c)), valid ? ptr : src, valid);
+            ptr += advance;
+        }
+        return;
+    }
 #pragma unroll
     for (int it = 0; it < (CHUNKS + THREADS - 1) / THREADS; ++it) {
         const int i = it * THREADS + tid;
@@ -325,19 +344,20 @@ __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float
 }
 
 // dV += P^T dO and dK += dZ^T Q for one key block: the [BN x D] tiles are split among the warps in
-// 16x16 pieces; each piece runs over the CTA's BM query rows and is added to the f32 accumulators
-// (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step` apart; keys at or past `len` dropped).
-// A template so that the split's static_assert binds only where the backward instantiates it (the
-// forward includes this file too, with schedules whose dK/dV tile would not split).
-template <int PIECES = (BN / 16) * (D / 16)>
+// 16x16 pieces, consecutive ones per warp (when they do not split evenly, as 2 x 14 pieces of a
+// 224-wide tile on 8 warps, the last warp takes fewer); each piece runs over the CTA's BM query rows
+// and is added to the f32 accumulators (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step`
+// apart; keys at or past `len` dropped).
 __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
                                           unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane) {
     constexpr int PN = D / 16;
-    static_assert(PIECES % WARPS == 0, "dK/dV pieces must split evenly among warps");
+    constexpr int PIECES = (BN / 16) * PN;
+    constexpr int PER_WARP = (PIECES + WARPS - 1) / WARPS;
     const int g = lane >> 2, t = lane & 3, j = lane >> 3;
 #pragma unroll 1
-    for (int i = 0; i < PIECES / WARPS; ++i) {
-        const int piece = warp * (PIECES / WARPS) + i;
+    for (int i = 0; i < PER_WARP; ++i) {
+        const int piece = warp * PER_WARP + i;
+        if (PIECES % WARPS != 0 && piece >= PIECES) break;  // warp-uniform
         const int mbase = (piece / PN) * 16, nbase = (piece % PN) * 16;
         if (nbase >= DM) continue;  // a piece wholly in the head_dim padding (warp-uniform)
         float dv[2][4] = {}, dk[2][4] = {};

@@ -84,6 +84,17 @@ fn engine() -> &'static Result<tera::Tera, String> {
     })
 }
 
+/// Whether the forward keeps its Q fragments in registers for the whole walk (else it re-reads them
+/// from the shared Q tile at each key block: 64 x 64 x 3 at 2,16,8192,128 took 2.230 ms that way in
+/// session 9, 2.223 ms with them in registers in session 8, before the sequence views). They
+/// fit next to the scores and output accumulators up to 128 columns with 32-key blocks; with 64- or
+/// 128-key blocks the 128-wide tile's scores take 16-48 more registers per thread and the kernel
+/// spilled 20-56 bytes under ptxas 13.0 (docs/performance.md#known-spills). A 256-wide tile's output
+/// accumulators alone take 128 registers.
+fn q_fragments_in_registers(tile_head_dim: u32, schedule: &crate::ir::Schedule) -> bool {
+    tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32)
+}
+
 /// Lowers `kernel` to CUDA C++ and a launch manifest.
 pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     kernel.validate()?;
@@ -108,9 +119,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             Layout::Bnhd => 1,
             Layout::Thd => 2,
         },
-        // Up to 128 columns the Q fragments fit in registers next to the accumulators; a 256-wide
-        // tile's output accumulators alone take 128 registers per thread.
-        q_in_regs: spec.tile_head_dim() <= 128,
+        q_in_regs: q_fragments_in_registers(spec.tile_head_dim(), s),
         deterministic: spec.deterministic,
         fuse: spec.remainder == Remainder::Fuse,
         early_exit: spec.early_exit_bits.is_some(),

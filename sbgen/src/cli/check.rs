@@ -392,8 +392,8 @@ mod tests {
         assert!(parse_early_exit("soon").unwrap_err().contains("`early_exit`"));
     }
 
-    /// The head_dim 128 forward with 2 stages of 64 x 64 tiles spills on sm_90a (the search space
-    /// excludes it for that): `--emit-ptx` reports it as SPILL and writes no PTX for it, as the
+    /// The head_dim 128 forward with 64 x 128 tiles spills on sm_90a (the search space excludes it
+    /// for that): `--emit-ptx` reports it as SPILL and writes no PTX for it, as the
     /// tuner refuses it. Skipped without the CUDA toolchain.
     #[test]
     fn emit_ptx_reports_a_spilling_kernel_and_writes_nothing_for_it() {
@@ -423,6 +423,10 @@ mod tests {
             "return",
             "--early-exit",
             "off",
+            // 128-key blocks on 4 warps: 64-72 bytes of spills under ptxas 13.0 (the search space
+            // excludes them; docs/performance.md#known-spills).
+            "--block-n",
+            "128",
             "--stages",
             "2",
         ]);

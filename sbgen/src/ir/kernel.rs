@@ -94,17 +94,6 @@ impl Kernel {
                 },
             });
         }
-        if self.spec.pass == Pass::Backward {
-            // dK/dV tiles (block_n x head_dim) are split among the warps in 16 x 16 pieces.
-            let pieces = (s.block_n / 16) * (self.spec.tile_head_dim() / 16);
-            if pieces % s.warps != 0 {
-                return Err(IrError::Field {
-                    field: "block_n",
-                    got: s.block_n,
-                    allowed: "a size whose dK/dV tile splits evenly among the warps",
-                });
-            }
-        }
         let layout = self.smem_layout();
         let limit = self.arch.max_smem_per_block();
         if layout.total > limit {

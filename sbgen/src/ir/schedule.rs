@@ -67,15 +67,12 @@ impl Schedule {
 
     /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
     /// on the H200 (BENCHMARKS.md, 2026-11-29 and 2026-11-30). The forward at head_dim 64 takes
-    /// 32-key blocks (`sbgen tune`: 5-6% faster than 64 at N = 2048 and 8192); the backward at
-    /// head_dim 128 takes 32-key blocks (64 is 8% faster but spills); the 96-wide forward 64 x 64 on
-    /// 3 stages (it does not spill). Since the kernels address tokens through a per-CTA sequence view (GQA, THD), the 128-wide
-    /// forward at 64 x 64 spills 28 bytes under ptxas 13.0 in every layout: it takes 64 x 32 on 2
-    /// stages, the winner of `sbgen tune` in both shipped families (2.328 ms at 2 x 16 x 8192, BHND;
-    /// BENCHMARKS.md, 2026-11-30). A default must not spill: `check --emit-ptx` refuses spilling
-    /// kernels, and CI compiles the defaults for each arch. Known exceptions, at the 255-register
-    /// edge: the 256-wide backward spills 8-16 bytes in 12 of its 48 spec variants (early exit or
-    /// deterministic; docs/performance.md), the 224-wide backward 40-48 bytes.
+    /// 32-key blocks (`sbgen tune`: 5-6% faster than 64 at N = 2048 and 8192); the 96- and 128-wide
+    /// forwards 64 x 64 on 3 stages (at 128 the Q fragments are then read from shared memory, see
+    /// `lower.rs`: 2.230 ms at 2 x 16 x 8192, 1.06x the 64 x 32 x 2 schedule in the same tune run,
+    /// 2026-11-30 session 9); the backward at head_dim 96 and 128 takes 32-key blocks (64 spills).
+    /// A default must not spill: `check --emit-ptx` refuses spilling kernels, and CI compiles the
+    /// defaults of every head_dim class for each arch (docs/performance.md#known-spills).
     pub fn default_for(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         use sbgen_runtime::spec::Pass;
         let n32 = Schedule { block_n: 32, ..Schedule::DEFAULT };
@@ -83,13 +80,11 @@ impl Schedule {
             // Wider than 128: 16 rows per warp and 32-key blocks are what fits in 255 registers
             // (64 x 64 spills 44 bytes in the forward at 256).
             (Pass::Forward, d) if d > 128 => n32,
-            (Pass::Forward, 128) => n32,
             (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
             (Pass::Forward, _) => n32,
-            // 192 and 256 wide: 128 rows on 8 warps (64 x 32 on 4 warps spills 16-40 bytes at 256 in
-            // the BNHD and THD layouts); 160 and 224 wide tiles do not split their dK/dV tile among 8
-            // warps and take 64 x 32 on 4.
-            (Pass::Backward, d) if d > 128 && d % 64 == 0 => Schedule { block_m: 128, warps: 8, ..n32 },
+            // Wider than 128: 128 rows on 8 warps, the faster at 256 (`sbgen tune`, 2026-11-30);
+            // sm_80 has shared memory for 64 rows only (`default_on`).
+            (Pass::Backward, d) if d > 128 => Schedule { block_m: 128, warps: 8, ..n32 },
             (Pass::Backward, d) if d > 64 => n32,
             (Pass::Backward, _) => Schedule::DEFAULT,
         }
