@@ -1,8 +1,9 @@
 //! Tests of the interpreter against the float64 reference (`sbgen_runtime::reference`).
 use super::*;
+use crate::gpu::data::normal;
 use crate::ir::{Arch, Pass, Schedule, Spec};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use sbgen_runtime::reference::{self, Options};
 
 const MASKS: [Mask; 2] = [Mask::Strict, Mask::AttendCurrent];
@@ -40,16 +41,6 @@ struct Data {
     v: Vec<f32>,
     d_o: Vec<f32>,
     d_rem: Vec<f32>,
-}
-
-fn normal(rng: &mut StdRng, len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|_| {
-            let u: f64 = 1.0 - rng.gen::<f64>();
-            let w: f64 = rng.gen();
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * w).cos()) as f32
-        })
-        .collect()
 }
 
 /// Inputs of `regime`; q, k, v and dO rounded to `dtype`, dRem f32 (as the kernels take them).
