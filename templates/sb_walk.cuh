@@ -49,7 +49,9 @@ struct SeqView {
 // Query head h of sequence b reads K/V head hk = h / (heads / kv_heads). A THD sequence whose bounds
 // fall outside 0..=total_tokens or that is longer than max_seqlen (`seq`) gets length 0: its CTAs
 // return at once, so a bad device cu_seqlens can never address memory out of bounds.
-__device__ __forceinline__ SeqView seq_view(const SbParams& p, int b, int h, int hk) {
+// (A template so that kernels whose parameter block has no sequences, the decode, never instantiate it.)
+template <class Params>
+__device__ __forceinline__ SeqView seq_view(const Params& p, int b, int h, int hk) {
     SeqView v;
     const long long H = p.heads, HK = p.kv_heads;
     if (LAYOUT == LAYOUT_THD) {
@@ -87,11 +89,14 @@ __device__ __forceinline__ SeqView seq_view(const SbParams& p, int b, int h, int
 template <int ROWS, bool KV>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long step, int row0, int len, int tid) {
     constexpr int CHUNKS = ROWS * DCH;
-    if constexpr (DM % 8 == 0 && THREADS % DCH == 0) {
+    if constexpr (DM % 8 == 0 && (THREADS % DCH == 0 || D > 128)) {
         // Each thread copies column chunk c of rows r0, r0 + RSTEP, ...: one pointer advanced by
         // RSTEP tokens, rather than one address per row, which the compiler kept in registers
-        // across the walk (spills at 256 columns on 4 warps).
+        // across the walk (spills at 256 columns on 4 warps). Above 128 columns this holds even when
+        // the chunks do not divide the threads: the last THREADS % DCH threads copy nothing
+        // (docs/performance.md#known-spills).
         constexpr int RSTEP = THREADS / DCH;
+        if (THREADS % DCH != 0 && tid >= RSTEP * DCH) return;
         const int c = tid % DCH, r0 = tid / DCH;
         const bool column_valid = c < DM / 8;
         const elem_t* ptr = src + (row0 + r0) * step + c * 8;
@@ -304,6 +309,9 @@ constexpr int PCH = BN / 8;  // 16-byte chunks per row of a [BM x BN] weight til
 
 // Writes a warp's block values (accumulator layout, permuted keys) as 16-bit elements into a
 // [BM x BN] shared tile at their true key positions: lane t's contiguous run becomes KPT/8 chunks.
+// (A template so that kernels with 16-key blocks, the decode's, which stage no weights, never
+// instantiate its 32-key swizzle.)
+template <int CHUNKS = PCH>
 __device__ __forceinline__ void stage_keys(unsigned char* tile, const float (&s)[MT][NT][4], int row0, int lane) {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -318,7 +326,7 @@ __device__ __forceinline__ void stage_keys(unsigned char* tile, const float (&s)
                 val.y = pack2(s[mt][4 * c + 1][2 * hh], s[mt][4 * c + 1][2 * hh + 1]);
                 val.z = pack2(s[mt][4 * c + 2][2 * hh], s[mt][4 * c + 2][2 * hh + 1]);
                 val.w = pack2(s[mt][4 * c + 3][2 * hh], s[mt][4 * c + 3][2 * hh + 1]);
-                *reinterpret_cast<uint4*>(tile + swz<PCH>(r, t * (KPT / 8) + c)) = val;
+                *reinterpret_cast<uint4*>(tile + swz<CHUNKS>(r, t * (KPT / 8) + c)) = val;
             }
         }
 }
@@ -347,7 +355,8 @@ __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float
 // 16x16 pieces, consecutive ones per warp (when they do not split evenly, as 2 x 14 pieces of a
 // 224-wide tile on 8 warps, the last warp takes fewer); each piece runs over the CTA's BM query rows
 // and is added to the f32 accumulators (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step`
-// apart; keys at or past `len` dropped).
+// apart; keys at or past `len` dropped). (A template for the reason stage_keys is.)
+template <int CHUNKS = PCH>
 __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
                                           unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane) {
     constexpr int PN = D / 16;
@@ -366,8 +375,8 @@ __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long lon
             unsigned pa[4], za[4], ob[4], qb[4];
             // A = P^T (keys x rows) from the row-major weight tile, transposed by ldmatrix.
             const int arow = kb + (j >> 1) * 8 + (lane & 7), achunk = (mbase >> 3) + (j & 1);
-            ldmatrix_x4_trans(pa, p_tile + swz<PCH>(arow, achunk));
-            ldmatrix_x4_trans(za, dz_tile + swz<PCH>(arow, achunk));
+            ldmatrix_x4_trans(pa, p_tile + swz<CHUNKS>(arow, achunk));
+            ldmatrix_x4_trans(za, dz_tile + swz<CHUNKS>(arow, achunk));
             // B = dO or Q (rows x D), k = rows.
             const int brow = kb + (j & 1) * 8 + (lane & 7), bchunk = (nbase >> 3) + (j >> 1);
             ldmatrix_x4_trans(ob, do_tile + swz<DCH>(brow, bchunk));

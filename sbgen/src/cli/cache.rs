@@ -1,7 +1,15 @@
 //! `sbgen cache show`: what a tuning cache holds, one line per (arch, spec, sequence bucket).
+//! `sbgen cache refresh`: keeps a cache valid across template changes that do not change the code
+//! (a comment, a branch other kernels take): an entry whose CUDA source changed but whose PTX,
+//! compiled again here, is byte-identical to the PTX it holds is the same program, so its timings
+//! stand and only its source hash is updated; every other changed entry is reported stale.
 
 use super::Outcome;
-use crate::cache::{CacheEntry, TuningCache, DEFAULT_CACHE_FILE};
+use crate::artifact;
+use crate::cache::{source_hash, CacheEntry, TuningCache, DEFAULT_CACHE_FILE};
+use crate::compile::Compiler;
+use crate::ir::Kernel;
+use crate::lower::lower;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::io::Write;
@@ -18,6 +26,24 @@ pub enum CacheAction {
     /// List the entries: arch, spec, sequence bucket, winning schedule, time, TFLOP/s, speed-up over
     /// the default schedule, GPU and date.
     Show(ShowArgs),
+    /// Re-check every entry against this sbgen (needs the CUDA toolchain, not a GPU): an entry whose
+    /// CUDA source changed is compiled again, and kept (its source hash updated) when the PTX is
+    /// byte-identical to the PTX it holds; otherwise it is listed as stale, to re-tune. Exit 1 when
+    /// any entry is stale.
+    Refresh(RefreshArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    /// The cache file to check and update in place.
+    #[arg(long, default_value = DEFAULT_CACHE_FILE)]
+    pub cache: PathBuf,
+    /// Report only; do not write the file.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Compiler threads (default: all cores).
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -52,7 +78,77 @@ pub fn run(args: &CacheArgs, out: &mut dyn Write) -> Result<Outcome> {
             }
             Ok(Outcome::Success)
         }
+        CacheAction::Refresh(refresh_args) => refresh(refresh_args, out),
     }
+}
+
+/// What [`refresh`] found for one entry.
+enum Freshness {
+    /// Its CUDA source is the one this sbgen renders.
+    Current,
+    /// The source changed, the PTX compiled from it did not: the hash to store.
+    SamePtx(String),
+    /// Anything else, with the reason.
+    Stale(String),
+}
+
+fn refresh(args: &RefreshArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let mut cache = TuningCache::load(&args.cache)?;
+    let compiler = Compiler::discover()?;
+    let threads = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let mut verdicts: Vec<Option<Freshness>> = Vec::with_capacity(cache.entries.len());
+    let mut to_compile = Vec::new();
+    for (i, e) in cache.entries.iter().enumerate() {
+        match lower(&Kernel::new(e.spec, e.schedule, e.arch)) {
+            Err(err) => verdicts.push(Some(Freshness::Stale(format!("its schedule no longer lowers: {err}")))),
+            Ok(l) if l.name != e.kernel_name => {
+                verdicts.push(Some(Freshness::Stale(format!("its kernel name is now `{}`", l.name))))
+            }
+            Ok(l) if l.manifest != e.manifest => {
+                verdicts.push(Some(Freshness::Stale("its launch manifest differs".into())))
+            }
+            Ok(l) if source_hash(&l.cuda_source) == e.cuda_source_hash => verdicts.push(Some(Freshness::Current)),
+            Ok(l) => {
+                verdicts.push(None);
+                to_compile.push((i, l));
+            }
+        }
+    }
+    let lowered: Vec<_> = to_compile.iter().map(|(_, l)| l.clone()).collect();
+    for ((i, l), artifact) in to_compile.iter().zip(artifact::build_all(&lowered, &compiler, threads)) {
+        let stored = &cache.entries[*i].ptx;
+        verdicts[*i] = Some(match &artifact.compiled {
+            Some(c) if c.ptx == *stored => Freshness::SamePtx(source_hash(&l.cuda_source)),
+            Some(_) => Freshness::Stale("its CUDA source changed and so did the PTX: re-tune it".into()),
+            None => Freshness::Stale(format!("it no longer compiles: {}", artifact.verdict)),
+        });
+    }
+    let (mut current, mut rehashed, mut stale) = (0, 0, 0);
+    for (e, verdict) in cache.entries.iter_mut().zip(verdicts) {
+        let what = format!("{} {} bucket {}", e.arch, e.spec.slug(), e.seq_bucket);
+        match verdict {
+            Some(Freshness::Current) | None => current += 1,
+            Some(Freshness::SamePtx(hash)) => {
+                writeln!(out, "same PTX  {what}: source hash {} -> {hash}", e.cuda_source_hash)?;
+                e.cuda_source_hash = hash;
+                rehashed += 1;
+            }
+            Some(Freshness::Stale(why)) => {
+                writeln!(out, "STALE     {what}: {why}")?;
+                stale += 1;
+            }
+        }
+    }
+    if rehashed > 0 && !args.dry_run {
+        cache.save(&args.cache)?;
+    }
+    writeln!(
+        out,
+        "refresh: {} entries: {current} current, {rehashed} with the same PTX from a changed source{}, {stale} stale",
+        cache.entries.len(),
+        if rehashed > 0 && args.dry_run { " (not written: --dry-run)" } else { "" }
+    )?;
+    Ok(if stale == 0 { Outcome::Success } else { Outcome::Failure })
 }
 
 fn header() -> String {
