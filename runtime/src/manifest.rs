@@ -42,6 +42,11 @@ pub enum GridRule {
     QueryBlocks { block_m: u32 },
     /// `(ceil(elements / per_cta), 1, 1)`: an elementwise pass over the K/V-shaped tensors.
     Elements { per_cta: u32 },
+    /// Decode, split-K: `(ceil(splits / warps), H_kv * ceil((H / H_kv) / tile_heads), B)`: `splits`
+    /// warps per (sequence, K/V head, tile of `tile_heads` query heads of its group), `warps` per CTA.
+    DecodeSplits { warps: u32, tile_heads: u32 },
+    /// Decode, merge: `(B * H, 1, 1)`, one CTA per (sequence, query head).
+    DecodeHeads,
 }
 
 impl GridRule {
@@ -50,6 +55,14 @@ impl GridRule {
         match *self {
             GridRule::QueryBlocks { block_m } => ("block_m", block_m),
             GridRule::Elements { per_cta } => ("per_cta", per_cta),
+            GridRule::DecodeSplits { warps, tile_heads } => {
+                if warps == 0 {
+                    ("warps", 0)
+                } else {
+                    ("tile_heads", tile_heads)
+                }
+            }
+            GridRule::DecodeHeads => ("heads", 1),
         }
     }
 
@@ -69,6 +82,12 @@ impl GridRule {
                 dims.batch,
             ),
             GridRule::Elements { per_cta } => (dims.kv_elements.div_ceil(per_cta as usize), 1, 1),
+            GridRule::DecodeSplits { warps, tile_heads } => (
+                dims.splits.div_ceil(warps as usize),
+                dims.kv_heads.checked_mul((dims.heads / dims.kv_heads).div_ceil(tile_heads as usize))?,
+                dims.batch,
+            ),
+            GridRule::DecodeHeads => (dims.batch.checked_mul(dims.heads)?, 1, 1),
         };
         if x == 0 || x >= (1 << 31) || y == 0 || y >= 65536 || z == 0 || z >= 65536 {
             return None;
@@ -78,7 +97,8 @@ impl GridRule {
 }
 
 /// What a grid rule reads from the problem: `seq` is the (longest) sequence length, `kv_elements`
-/// the elements of each K/V-shaped tensor.
+/// the elements of each K/V-shaped tensor, `splits` the decode's warps per (sequence, K/V head,
+/// tile of query heads) (0 for the other passes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GridDims {
     pub batch: usize,
@@ -86,6 +106,7 @@ pub struct GridDims {
     pub kv_heads: usize,
     pub seq: usize,
     pub kv_elements: usize,
+    pub splits: usize,
 }
 
 /// The fields of the parameter block, in order, with their C types. `T` is the spec's element type.
@@ -128,6 +149,67 @@ pub const PARAM_FIELDS: &[(&str, &str)] = &[
     ("scale_log2", "float"),
 ];
 
+/// The decode's parameter block (its own: the forward's and backward's stays as their PTX was
+/// tuned), fields in order with their C types.
+pub const DECODE_PARAM_FIELDS: &[(&str, &str)] = &[
+    // q and o: [B, H, D]; k and v: the cache (bhnd [B, H_kv, seq, D], bnhd [B, seq, H_kv, D], or
+    // paged [num_pages, page_size, H_kv, D])
+    ("q", "const T*"),
+    ("k", "const T*"),
+    ("v", "const T*"),
+    ("o", "T*"),
+    ("rem", "float*"),
+    // [B]: tokens cached per sequence, the new token last (device memory; a length outside
+    // 0..=seq is read as 0)
+    ("seqlens_k", "const int*"),
+    // paged: [B, max_pages] page ids (device memory; an id outside 0..num_pages reads as no keys)
+    ("block_table", "const int*"),
+    // workspace: per (sequence, query head, chunk) the chunk state o_c [D] (tile width) and L_c
+    ("chunk_o", "float*"),
+    ("chunk_l", "float*"),
+    // early exit: per (sequence, K/V head, tile of query heads) the nearest chunk that spent the
+    // stick, INT_MAX before the launch
+    ("exit_chunk", "int*"),
+    ("batch", "int"),
+    ("heads", "int"),
+    ("kv_heads", "int"),
+    // tokens a sequence's cache can hold: the contiguous cache's N, or max_pages * page_size
+    ("seq", "int"),
+    ("num_pages", "int"),
+    ("page_size", "int"),
+    ("max_pages", "int"),
+    // keys per chunk (a multiple of block_n) and chunks per sequence in the workspace
+    ("chunk_keys", "int"),
+    ("max_chunks", "int"),
+    ("scale_log2", "float"),
+];
+
+/// The decode's parameter block; mirrors [`DECODE_PARAM_FIELDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub rem: u64,
+    pub seqlens_k: u64,
+    pub block_table: u64,
+    pub chunk_o: u64,
+    pub chunk_l: u64,
+    pub exit_chunk: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub seq: i32,
+    pub num_pages: i32,
+    pub page_size: i32,
+    pub max_pages: i32,
+    pub chunk_keys: i32,
+    pub max_chunks: i32,
+    pub scale_log2: f32,
+}
+
 /// The parameter block passed by value to every entry point; mirrors [`PARAM_FIELDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -161,17 +243,52 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
-    #[test]
-    fn params_struct_matches_the_field_table() {
-        // C layout of the table: 8-byte pointers, then 4-byte ints/floats, packed as a C compiler would.
+    /// Offsets of the fields of a C struct with these field types (8-byte pointers, 4-byte ints and
+    /// floats, aligned as a C compiler does), and its size.
+    fn c_layout(fields: &[(&str, &str)]) -> (Vec<usize>, usize) {
         let mut offset = 0usize;
         let mut c_offsets = Vec::new();
-        for (_, ty) in PARAM_FIELDS {
+        for (_, ty) in fields {
             let size = if ty.ends_with('*') { 8 } else { 4 };
             offset = offset.div_ceil(size) * size;
             c_offsets.push(offset);
             offset += size;
         }
+        (c_offsets, offset.div_ceil(8) * 8)
+    }
+
+    #[test]
+    fn decode_params_struct_matches_its_field_table() {
+        let (c_offsets, size) = c_layout(DECODE_PARAM_FIELDS);
+        let rust_offsets = [
+            offset_of!(DecodeParams, q),
+            offset_of!(DecodeParams, k),
+            offset_of!(DecodeParams, v),
+            offset_of!(DecodeParams, o),
+            offset_of!(DecodeParams, rem),
+            offset_of!(DecodeParams, seqlens_k),
+            offset_of!(DecodeParams, block_table),
+            offset_of!(DecodeParams, chunk_o),
+            offset_of!(DecodeParams, chunk_l),
+            offset_of!(DecodeParams, exit_chunk),
+            offset_of!(DecodeParams, batch),
+            offset_of!(DecodeParams, heads),
+            offset_of!(DecodeParams, kv_heads),
+            offset_of!(DecodeParams, seq),
+            offset_of!(DecodeParams, num_pages),
+            offset_of!(DecodeParams, page_size),
+            offset_of!(DecodeParams, max_pages),
+            offset_of!(DecodeParams, chunk_keys),
+            offset_of!(DecodeParams, max_chunks),
+            offset_of!(DecodeParams, scale_log2),
+        ];
+        assert_eq!(c_offsets, rust_offsets);
+        assert_eq!(size_of::<DecodeParams>(), size);
+    }
+
+    #[test]
+    fn params_struct_matches_the_field_table() {
+        let (c_offsets, size) = c_layout(PARAM_FIELDS);
         let rust_offsets = [
             offset_of!(SbParams, q),
             offset_of!(SbParams, k),
@@ -197,12 +314,13 @@ mod tests {
             offset_of!(SbParams, scale_log2),
         ];
         assert_eq!(c_offsets, rust_offsets);
-        assert_eq!(size_of::<SbParams>(), offset.div_ceil(8) * 8);
+        assert_eq!(size_of::<SbParams>(), size);
     }
 
     #[test]
     fn grid_rules() {
-        let dims = |batch, heads, kv_heads, seq, kv_elements| GridDims { batch, heads, kv_heads, seq, kv_elements };
+        let dims =
+            |batch, heads, kv_heads, seq, kv_elements| GridDims { batch, heads, kv_heads, seq, kv_elements, splits: 0 };
         let q = GridRule::QueryBlocks { block_m: 64 };
         assert_eq!(q.grid(&dims(2, 3, 3, 65, 0)), Some((2, 3, 2)));
         // Grouped-query attention: the 4 query heads of a K/V head share grid.y.
@@ -217,5 +335,19 @@ mod tests {
         // A zero divisor (a malformed manifest) is no grid, not a panic.
         assert_eq!(GridRule::QueryBlocks { block_m: 0 }.grid(&dims(1, 1, 1, 1, 64)), None);
         assert_eq!(GridRule::Elements { per_cta: 0 }.grid(&dims(1, 1, 1, 1, 64)), None);
+    }
+
+    #[test]
+    fn decode_grid_rules() {
+        let dims = |batch, heads, kv_heads, splits| GridDims { batch, heads, kv_heads, seq: 0, kv_elements: 0, splits };
+        let split = GridRule::DecodeSplits { warps: 4, tile_heads: 16 };
+        // 32:8 heads: a group of 4 fits one tile; 10 splits on 4 warps per CTA take 3 CTAs.
+        assert_eq!(split.grid(&dims(8, 32, 8, 10)), Some((3, 8, 8)));
+        // MQA with 40 query heads: 3 tiles of 16.
+        assert_eq!(split.grid(&dims(2, 40, 1, 4)), Some((1, 3, 2)));
+        assert_eq!(split.grid(&dims(2, 40, 1, 0)), None);
+        assert_eq!(GridRule::DecodeSplits { warps: 0, tile_heads: 16 }.grid(&dims(1, 1, 1, 1)), None);
+        assert_eq!(GridRule::DecodeSplits { warps: 4, tile_heads: 0 }.grid(&dims(1, 1, 1, 1)), None);
+        assert_eq!(GridRule::DecodeHeads.grid(&dims(3, 32, 8, 0)), Some((96, 1, 1)));
     }
 }

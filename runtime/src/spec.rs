@@ -49,6 +49,10 @@ pub enum Layout {
     /// `cu_seqlens[b] .. cu_seqlens[b + 1]` (flash-attn's and fla-core's varlen layout). rem and
     /// log2 rem are [heads, total_tokens].
     Thd,
+    /// Decode only: a paged KV cache, k and v `[num_pages, page_size, H_kv, D]` with a
+    /// `block_table` `[B, max_pages]` of page ids (vLLM's and flash-attn's `flash_attn_with_kvcache`
+    /// layout); q and o are `[B, H, D]`.
+    Paged,
 }
 
 /// What happens to the stick left over.
@@ -61,12 +65,16 @@ pub enum Remainder {
     Fuse,
 }
 
-/// Forward (o, rem) or backward (dq, dk, dv).
+/// Forward (o, rem), backward (dq, dk, dv), or decode (o, rem of one new token per sequence against
+/// a KV cache).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Pass {
     Forward,
     Backward,
+    /// q `[B, H, D]` against cached k, v of `seqlens_k[b]` tokens per sequence, the new token's own
+    /// key and value last: the forward's last row of each sequence (docs/math.md#decode).
+    Decode,
 }
 
 /// What the caller needs, fixed by the model.
@@ -97,8 +105,10 @@ fn is_false(x: &bool) -> bool {
 pub enum SpecError {
     #[error("`head_dim` = {got} is not supported: allowed {}..={}", .range.start(), .range.end())]
     HeadDim { got: u32, range: std::ops::RangeInclusive<u32> },
-    #[error("`deterministic` = true is for the backward only: the forward is always deterministic")]
+    #[error("`deterministic` = true is for the backward only: the forward and the decode are always deterministic")]
     DeterministicForward,
+    #[error("`layout` = `{layout}` does not go with `pass` = `{pass}`: {allowed}")]
+    LayoutForPass { layout: Layout, pass: Pass, allowed: &'static str },
     #[error("`early_exit_bits` = {got} is out of range: allowed {}..={}", .range.start(), .range.end())]
     EarlyExitBits { got: u32, range: std::ops::RangeInclusive<u32> },
     #[error("`{field}` = `{got}` is not a valid value: allowed {allowed}")]
@@ -124,8 +134,25 @@ impl Spec {
         if !HEAD_DIM_RANGE.contains(&self.head_dim) {
             return Err(SpecError::HeadDim { got: self.head_dim, range: HEAD_DIM_RANGE });
         }
-        if self.deterministic && self.pass == Pass::Forward {
+        if self.deterministic && self.pass != Pass::Backward {
             return Err(SpecError::DeterministicForward);
+        }
+        match (self.pass, self.layout) {
+            (Pass::Decode, Layout::Thd) => {
+                return Err(SpecError::LayoutForPass {
+                    layout: self.layout,
+                    pass: self.pass,
+                    allowed: "a decode's cache is bhnd, bnhd or paged",
+                })
+            }
+            (Pass::Forward | Pass::Backward, Layout::Paged) => {
+                return Err(SpecError::LayoutForPass {
+                    layout: self.layout,
+                    pass: self.pass,
+                    allowed: "the paged layout is a decode's KV cache; use bhnd, bnhd or thd",
+                })
+            }
+            _ => {}
         }
         if let Some(bits) = self.early_exit_bits {
             if !EARLY_EXIT_BITS_RANGE.contains(&bits) {
@@ -214,6 +241,7 @@ impl Pass {
         match self {
             Pass::Forward => "fwd",
             Pass::Backward => "bwd",
+            Pass::Decode => "dec",
         }
     }
 }
@@ -240,9 +268,9 @@ macro_rules! text_enum {
 
 text_enum!(Dtype, "dtype", "bf16, f16", { Bf16 => ["bf16", "bfloat16"], F16 => ["f16", "fp16", "half"] });
 text_enum!(Mask, "mask", "strict, attend_current", { Strict => ["strict"], AttendCurrent => ["attend_current", "current"] });
-text_enum!(Layout, "layout", "bhnd, bnhd, thd", { Bhnd => ["bhnd"], Bnhd => ["bnhd"], Thd => ["thd", "varlen"] });
+text_enum!(Layout, "layout", "bhnd, bnhd, thd, paged", { Bhnd => ["bhnd"], Bnhd => ["bnhd"], Thd => ["thd", "varlen"], Paged => ["paged"] });
 text_enum!(Remainder, "remainder", "return, fuse", { Return => ["return"], Fuse => ["fuse"] });
-text_enum!(Pass, "pass", "fwd, bwd", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"] });
+text_enum!(Pass, "pass", "fwd, bwd, decode", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"], Decode => ["decode", "dec"] });
 
 #[cfg(test)]
 mod tests {
@@ -295,6 +323,27 @@ mod tests {
         assert!(!serde_json::to_string(&plain).unwrap().contains("deterministic"));
         let back: Spec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn the_paged_layout_is_the_decode_s_and_thd_is_not() {
+        let mut spec = Spec::new(128, Dtype::Bf16, Pass::Decode);
+        for layout in [Layout::Bhnd, Layout::Bnhd, Layout::Paged] {
+            spec.layout = layout;
+            assert_eq!(spec.validate(), Ok(()), "{layout}");
+        }
+        assert_eq!(spec.slug(), "dec_d128_bf16_strict_paged_ret_full");
+        spec.layout = Layout::Thd;
+        let err = spec.validate().unwrap_err().to_string();
+        assert_eq!(err, "`layout` = `thd` does not go with `pass` = `decode`: a decode's cache is bhnd, bnhd or paged");
+        for pass in [Pass::Forward, Pass::Backward] {
+            let spec = Spec { layout: Layout::Paged, ..Spec::new(64, Dtype::F16, pass) };
+            assert!(matches!(spec.validate(), Err(SpecError::LayoutForPass { .. })), "{pass}");
+        }
+        let det = Spec { deterministic: true, ..Spec::new(64, Dtype::F16, Pass::Decode) };
+        assert_eq!(det.validate(), Err(SpecError::DeterministicForward));
+        assert_eq!("decode".parse::<Pass>(), Ok(Pass::Decode));
+        assert_eq!("paged".parse::<Layout>(), Ok(Layout::Paged));
     }
 
     #[test]

@@ -101,7 +101,17 @@ fn parse_one(options: &mut Options, meta: &ParseNestedMeta<'_>, errors: &mut Err
         "cache" => set(&mut options.cache, &key, path_span, string(&key, lit, span), errors),
         "dtype" => set(&mut options.dtype, &key, path_span, text_enum(&key, lit, span), errors),
         "mask" => set(&mut options.mask, &key, path_span, text_enum(&key, lit, span), errors),
-        "layout" => set(&mut options.layout, &key, path_span, text_enum(&key, lit, span), errors),
+        "layout" => {
+            let parsed = text_enum(&key, lit, span).and_then(|l: Spanned<Layout>| match l.value {
+                Layout::Paged => Err(syn::Error::new(
+                    l.span,
+                    "`layout = \"paged\"` is a decode's KV cache: this attribute generates the forward and \
+                     backward (layout bhnd, bnhd or thd)",
+                )),
+                _ => Ok(l),
+            });
+            set(&mut options.layout, &key, path_span, parsed, errors)
+        }
         "remainder" => set(&mut options.remainder, &key, path_span, text_enum(&key, lit, span), errors),
         _ => {
             let valid = KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");

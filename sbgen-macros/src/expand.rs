@@ -217,7 +217,8 @@ fn signature(name: &Ident, args_struct: &Ident, element: &TokenStream, layout: L
     let param = |n: &str| if named { format_ident!("{n}").into_token_stream() } else { quote!(_) };
     let (launcher, shape, args, scale) = (param("launcher"), param("shape"), param("args"), param("scale"));
     let (generics, lifetime, varlen) = match layout {
-        Layout::Bhnd | Layout::Bnhd => (quote!(), quote!('_), quote!()),
+        // attr.rs refuses the paged layout (a decode's cache) before expansion.
+        Layout::Bhnd | Layout::Bnhd | Layout::Paged => (quote!(), quote!('_), quote!()),
         Layout::Thd => {
             let (cu_seqlens, total_tokens) = (param("cu_seqlens"), param("total_tokens"));
             (
@@ -247,7 +248,7 @@ fn signature(name: &Ident, args_struct: &Ident, element: &TokenStream, layout: L
 fn launch_args(args_struct: &Ident, layout: Layout) -> TokenStream {
     let l = quote!(::sbgen_runtime::launcher);
     match layout {
-        Layout::Bhnd | Layout::Bnhd => quote!(args),
+        Layout::Bhnd | Layout::Bnhd | Layout::Paged => quote!(args),
         Layout::Thd => quote! {
             #l::#args_struct {
                 varlen: ::core::option::Option::Some(#l::Varlen { cu_seqlens, total_tokens }),
@@ -259,7 +260,7 @@ fn launch_args(args_struct: &Ident, layout: Layout) -> TokenStream {
 
 fn varlen_doc(layout: Layout) -> String {
     match layout {
-        Layout::Bhnd | Layout::Bnhd => {
+        Layout::Bhnd | Layout::Bnhd | Layout::Paged => {
             "\n\n`args.varlen` must be `None` (this layout is dense; the launcher refuses a `cu_seqlens`).".into()
         }
         Layout::Thd => "\n\nPacked variable-length batch (THD): tensors `[total_tokens, heads, head_dim]`, rem and \
@@ -308,6 +309,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
         Layout::Bhnd => quote!(Bhnd),
         Layout::Bnhd => quote!(Bnhd),
         Layout::Thd => quote!(Thd),
+        Layout::Paged => quote!(Paged),
     };
     let remainder = match spec.remainder {
         Remainder::Return => quote!(Return),
@@ -316,6 +318,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
     let pass = match spec.pass {
         Pass::Forward => quote!(Forward),
         Pass::Backward => quote!(Backward),
+        Pass::Decode => quote!(Decode),
     };
     let early_exit_bits = match spec.early_exit_bits {
         Some(t) => quote!(::core::option::Option::Some(#t)),

@@ -3,7 +3,7 @@
 //! it. The templates only fill slots; the algorithm lives in the `.cuh` partials they include.
 
 use crate::ir::{IrError, Kernel, Layout, Mask, Pass, Remainder, Softplus};
-use sbgen_runtime::manifest::{GridRule, KernelManifest, LaunchStep, PARAM_FIELDS};
+use sbgen_runtime::manifest::{GridRule, KernelManifest, LaunchStep, DECODE_PARAM_FIELDS, PARAM_FIELDS};
 use serde::Serialize;
 use std::sync::OnceLock;
 
@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 const TEMPLATES: &[(&str, &str)] = &[
     ("sb_fwd.cu.tera", include_str!("../../templates/sb_fwd.cu.tera")),
     ("sb_bwd.cu.tera", include_str!("../../templates/sb_bwd.cu.tera")),
+    ("sb_decode.cu.tera", include_str!("../../templates/sb_decode.cu.tera")),
 ];
 
 /// The CUDA partials, pasted verbatim into the templates (not parsed by tera: inline PTX such as
@@ -21,6 +22,8 @@ const WALK_CUH: &str = include_str!("../../templates/sb_walk.cuh");
 /// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype).
 const FINISH_THREADS: u32 = 256;
 const FINISH_ELEMENTS_PER_THREAD: u32 = 8;
+/// Threads per CTA of the decode's merge step (one CTA per sequence and query head).
+const MERGE_THREADS: u32 = 128;
 
 /// A kernel ready to compile: its name, CUDA source and launch manifest.
 #[derive(Clone, Debug)]
@@ -70,6 +73,7 @@ struct TemplateContext {
     params: Vec<(String, String)>,
     finish_threads: u32,
     finish_elements_per_thread: u32,
+    merge_threads: u32,
     sb_common_cuh: &'static str,
     sb_walk_cuh: &'static str,
 }
@@ -91,8 +95,13 @@ fn engine() -> &'static Result<tera::Tera, String> {
 /// 128-key blocks the 128-wide tile's scores take 16-48 more registers per thread and the kernel
 /// spilled 20-56 bytes under ptxas 13.0 (docs/performance.md#known-spills). A 256-wide tile's output
 /// accumulators alone take 128 registers.
-fn q_fragments_in_registers(tile_head_dim: u32, schedule: &crate::ir::Schedule) -> bool {
-    tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32)
+/// The decode's warps hold 16 query heads per m-tile and blocks of at most 64 keys: its Q fragments
+/// fit in registers up to 128 columns.
+fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir::Schedule) -> bool {
+    match pass {
+        Pass::Decode => tile_head_dim <= 128,
+        Pass::Forward | Pass::Backward => tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32),
+    }
 }
 
 /// Lowers `kernel` to CUDA C++ and a launch manifest.
@@ -111,15 +120,17 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         block_n: s.block_n,
         warps: s.warps,
         threads: s.threads(),
-        m_tiles: s.rows_per_warp() / 16,
+        // The decode's warps all hold the CTA's block_m query heads.
+        m_tiles: if spec.pass == Pass::Decode { s.block_m / 16 } else { s.rows_per_warp() / 16 },
         stages: s.stages,
         attend_current: spec.mask == Mask::AttendCurrent,
         layout_code: match spec.layout {
             Layout::Bhnd => 0,
             Layout::Bnhd => 1,
             Layout::Thd => 2,
+            Layout::Paged => 3,
         },
-        q_in_regs: q_fragments_in_registers(spec.tile_head_dim(), s),
+        q_in_regs: q_fragments_in_registers(spec.pass, spec.tile_head_dim(), s),
         deterministic: spec.deterministic,
         fuse: spec.remainder == Remainder::Fuse,
         early_exit: spec.early_exit_bits.is_some(),
@@ -127,15 +138,23 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         poly_exp2: s.softplus == Softplus::Poly,
         min_blocks: 1,
         smem: kernel.smem_layout(),
-        params: PARAM_FIELDS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
+        params: match spec.pass {
+            Pass::Decode => DECODE_PARAM_FIELDS,
+            Pass::Forward | Pass::Backward => PARAM_FIELDS,
+        }
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect(),
         finish_threads: FINISH_THREADS,
         finish_elements_per_thread: FINISH_ELEMENTS_PER_THREAD,
+        merge_threads: MERGE_THREADS,
         sb_common_cuh: COMMON_CUH,
         sb_walk_cuh: WALK_CUH,
     };
     let template = match spec.pass {
         Pass::Forward => "sb_fwd.cu.tera",
         Pass::Backward => "sb_bwd.cu.tera",
+        Pass::Decode => "sb_decode.cu.tera",
     };
     let tera = engine().as_ref().map_err(|message| LowerError::Template { template, message: message.clone() })?;
     let context = tera::Context::from_serialize(&ctx)
@@ -145,7 +164,10 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
 
     let main = LaunchStep {
         function: name.clone(),
-        grid: GridRule::QueryBlocks { block_m: s.block_m },
+        grid: match spec.pass {
+            Pass::Decode => GridRule::DecodeSplits { warps: s.warps, tile_heads: s.block_m },
+            Pass::Forward | Pass::Backward => GridRule::QueryBlocks { block_m: s.block_m },
+        },
         threads: s.threads(),
         dynamic_smem_bytes: ctx.smem.total,
     };
@@ -157,6 +179,15 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
                 function: format!("{name}_finish"),
                 grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
                 threads: FINISH_THREADS,
+                dynamic_smem_bytes: 0,
+            },
+        ],
+        Pass::Decode => vec![
+            main,
+            LaunchStep {
+                function: format!("{name}_merge"),
+                grid: GridRule::DecodeHeads,
+                threads: MERGE_THREADS,
                 dynamic_smem_bytes: 0,
             },
         ],

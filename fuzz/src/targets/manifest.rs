@@ -64,6 +64,8 @@ pub fn run(data: &[u8]) -> Verdict {
         let packed = manifest.spec.layout == Layout::Thd;
         let (total_tokens, cu_seqlens) = (packed.then(|| batch.saturating_mul(seq)), packed.then_some(batch + 1));
         let planned = match manifest.spec.pass {
+            // The launcher plans the forward and backward only so far.
+            Pass::Decode => return Verdict::Refused("a decode manifest: the launcher has no decode plan yet".into()),
             Pass::Forward => {
                 let lens = ForwardLens { q: e, k: kv, v: kv, o: e, rem: r, log2_rem: r, o_saved: Some(e), cu_seqlens };
                 plan_forward(&manifest, manifest.spec.dtype, shape, total_tokens, &lens, None)

@@ -189,7 +189,7 @@ fn plan_common(
     }
     let expected_steps = match pass {
         Pass::Forward => 1,
-        Pass::Backward => 2,
+        Pass::Backward | Pass::Decode => 2,
     };
     if manifest.steps.len() != expected_steps {
         return Err(LaunchError::Manifest {
@@ -285,8 +285,14 @@ fn plan_common(
     let elements = elements_wide as usize;
     let kv_elements = (tokens * shape.kv_heads as u128 * shape.head_dim as u128) as usize;
     let rows = (tokens * shape.heads as u128) as usize;
-    let dims =
-        GridDims { batch: shape.batch, heads: shape.heads, kv_heads: shape.kv_heads, seq: shape.seq, kv_elements };
+    let dims = GridDims {
+        batch: shape.batch,
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        seq: shape.seq,
+        kv_elements,
+        splits: 0,
+    };
     let mut steps = Vec::with_capacity(manifest.steps.len());
     for step in &manifest.steps {
         let grid = step.grid.grid(&dims).ok_or(LaunchError::TooLarge {
@@ -327,7 +333,7 @@ mod tests {
         };
         let steps = match pass {
             Pass::Forward => vec![main],
-            Pass::Backward => vec![
+            Pass::Backward | Pass::Decode => vec![
                 main,
                 LaunchStep {
                     function: "sb_test_finish".into(),

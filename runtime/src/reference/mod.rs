@@ -31,6 +31,9 @@
 
 use crate::spec::{Mask, Remainder, Spec};
 
+mod decode;
+pub use decode::{chunk_state, decode, ChunkState, DecodeShape, Decoded};
+
 /// Sizes of a problem: q is logically [batch, heads, seq, head_dim], k and v
 /// [batch, kv_heads, seq, head_dim] with `kv_heads` dividing `heads` (equal: multi-head attention;
 /// 1: multi-query attention).
@@ -186,14 +189,19 @@ struct RowWalk {
 /// Walks row `i` of one head from its nearest allowed key to the farthest (or to the early exit).
 /// `qi` is the row's query, `k` the head's keys [N, D].
 fn walk_row(opts: &Options, shape: &Shape, scale_log2: f64, i: usize, qi: &[f64], k: &[f64]) -> RowWalk {
-    let d = shape.head_dim;
-    let n_allowed = opts.allowed_keys(i, shape.seq);
     let threshold = opts.early_exit_bits.map(|t| -(t as f64));
-    let mut weights = Vec::with_capacity(n_allowed);
-    let mut betas = Vec::with_capacity(n_allowed);
+    walk_keys(threshold, scale_log2, qi, k, 0..opts.allowed_keys(i, shape.seq))
+}
+
+/// Walks keys `keys` (all allowed) from the nearest (`keys.end - 1`) to the farthest with a fresh
+/// stick, stopping once log2 of the stick left falls below `threshold` (early exit).
+fn walk_keys(threshold: Option<f64>, scale_log2: f64, qi: &[f64], k: &[f64], keys: std::ops::Range<usize>) -> RowWalk {
+    let d = qi.len();
+    let mut weights = Vec::with_capacity(keys.len());
+    let mut betas = Vec::with_capacity(keys.len());
     let mut acc = 0.0f64;
-    let mut first = n_allowed;
-    for j in (0..n_allowed).rev() {
+    let mut first = keys.end;
+    for j in keys.rev() {
         if let Some(th) = threshold {
             if acc < th {
                 break;
@@ -209,6 +217,18 @@ fn walk_row(opts: &Options, shape: &Shape, scale_log2: f64, i: usize, qi: &[f64]
     weights.reverse();
     betas.reverse();
     RowWalk { first, weights, betas, log2_rem: acc }
+}
+
+/// sum_j A_ij v_j over the keys a walk kept; `v` is the head's values [N, D].
+fn weighted_values(row: &RowWalk, v: &[f64], d: usize) -> Vec<f64> {
+    let mut o = vec![0.0; d];
+    for (t, a) in row.weights.iter().enumerate() {
+        let j = row.first + t;
+        for (x, vj) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *x += a * vj;
+        }
+    }
+    o
 }
 
 fn check_len(name: &str, got: usize, want: usize) {
@@ -255,12 +275,7 @@ pub fn forward(shape: Shape, opts: &Options, q: &[f64], k: &[f64], v: &[f64]) ->
         for i in 0..n {
             let row = walk_row(opts, &shape, scale_log2, i, &qh[i * d..(i + 1) * d], kh);
             let oi = &mut o[bh * n * d + i * d..bh * n * d + (i + 1) * d];
-            for (t, a) in row.weights.iter().enumerate() {
-                let j = row.first + t;
-                for (x, vj) in oi.iter_mut().zip(&vh[j * d..(j + 1) * d]) {
-                    *x += a * vj;
-                }
-            }
+            oi.copy_from_slice(&weighted_values(&row, vh, d));
             let r = row.log2_rem.exp2();
             if opts.remainder == Remainder::Fuse {
                 for (x, vi) in oi.iter_mut().zip(&vh[i * d..(i + 1) * d]) {
@@ -416,7 +431,7 @@ mod tests {
             .collect()
     }
 
-    fn inputs(seed: u64, shape: Shape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    pub(super) fn inputs(seed: u64, shape: Shape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut rng = StdRng::seed_from_u64(seed);
         (normal(&mut rng, shape.len()), normal(&mut rng, shape.len()), normal(&mut rng, shape.len()))
     }
@@ -440,7 +455,7 @@ mod tests {
         (q, k, v)
     }
 
-    fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    pub(super) fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
     }

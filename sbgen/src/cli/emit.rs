@@ -17,9 +17,14 @@ pub struct EmitArgs {
     /// Element type: bf16 or f16.
     #[arg(long)]
     pub dtype: Dtype,
-    /// Which passes to emit.
-    #[arg(long, value_enum, default_value_t = PassChoice::Both)]
-    pub pass: PassChoice,
+    /// Which passes to emit: fwd, bwd, both, or decode (one new token per sequence against a KV
+    /// cache: the forward's last row, split across key chunks; docs/math.md#decode).
+    #[arg(long, value_enum, default_value_t = EmitPass::Both)]
+    pub pass: EmitPass,
+    /// Decode only: the KV cache, contiguous (`--layout bhnd` or `bnhd`) or paged
+    /// ([num_pages, page_size, H_kv, D] with a block table; the same as `--layout paged`).
+    #[arg(long, value_enum)]
+    pub kv_cache: Option<KvCache>,
     #[command(flatten)]
     pub spec: SpecArgs,
     /// Target architecture: sm_80 or sm_90 (compiled as sm_90a).
@@ -103,21 +108,38 @@ pub struct ScheduleArgs {
     pub softplus: Option<Softplus>,
 }
 
+/// `emit`'s passes: those of [`PassChoice`] and the decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EmitPass {
+    Fwd,
+    Bwd,
+    Both,
+    Decode,
+}
+
+impl EmitPass {
+    fn passes(self) -> &'static [Pass] {
+        match self {
+            EmitPass::Fwd => &[Pass::Forward],
+            EmitPass::Bwd => &[Pass::Backward],
+            EmitPass::Both => &[Pass::Forward, Pass::Backward],
+            EmitPass::Decode => &[Pass::Decode],
+        }
+    }
+}
+
+/// A decode's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvCache {
+    Contiguous,
+    Paged,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PassChoice {
     Fwd,
     Bwd,
     Both,
-}
-
-impl PassChoice {
-    fn passes(self) -> &'static [Pass] {
-        match self {
-            PassChoice::Fwd => &[Pass::Forward],
-            PassChoice::Bwd => &[Pass::Backward],
-            PassChoice::Both => &[Pass::Forward, Pass::Backward],
-        }
-    }
 }
 
 fn parse_softplus(s: &str) -> Result<Softplus, String> {
@@ -159,9 +181,20 @@ impl ScheduleArgs {
 
 pub fn run(args: &EmitArgs, out: &mut dyn Write) -> Result<Outcome> {
     // Validate every kernel before writing anything.
+    let layout = match (args.kv_cache, args.pass) {
+        (None, _) => args.spec.layout(),
+        (Some(_), pass) if pass != EmitPass::Decode => {
+            return Err(UsageError::new("`--kv-cache` is the decode's cache: add `--pass decode`").into())
+        }
+        (Some(KvCache::Paged), _) => Layout::Paged,
+        (Some(KvCache::Contiguous), _) if args.spec.layout() == Layout::Paged => {
+            return Err(UsageError::new("`--kv-cache contiguous` with `--layout paged`: pick one").into())
+        }
+        (Some(KvCache::Contiguous), _) => args.spec.layout(),
+    };
     let mut kernels = Vec::new();
     for &pass in args.pass.passes() {
-        let spec = args.spec.spec(args.head_dim, args.dtype, pass);
+        let spec = Spec { layout, ..args.spec.spec(args.head_dim, args.dtype, pass) };
         // No schedule flag: the spec's default schedule, the kernel check, run and the macro use.
         let schedule =
             super::check::schedule_override(&args.schedule).unwrap_or_else(|| Schedule::default_on(&spec, args.arch));

@@ -300,6 +300,13 @@ fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
         )
         .into());
     }
+    if args.pass.contains(&Pass::Decode) {
+        return Err(UsageError::new(
+            "`--pass decode`: sbgen tune times the forward and backward only so far (`sbgen emit --pass decode` \
+             lowers the decode)",
+        )
+        .into());
+    }
     let mut specs = Vec::new();
     for &pass in &args.pass {
         for &head_dim in &args.head_dim {

@@ -191,7 +191,7 @@ impl CheckPlan {
     /// The deterministic settings a pass runs with (the forward has none).
     pub fn deterministic_for(&self, pass: Pass) -> Vec<bool> {
         match pass {
-            Pass::Forward => vec![false],
+            Pass::Forward | Pass::Decode => vec![false],
             Pass::Backward => self.deterministic.clone(),
         }
     }
@@ -205,7 +205,7 @@ impl CheckPlan {
     pub fn schedule_for(&self, spec: &Spec) -> Option<Schedule> {
         match spec.pass {
             Pass::Forward => self.forward_schedule.or(self.schedule),
-            Pass::Backward => self.schedule,
+            Pass::Backward | Pass::Decode => self.schedule,
         }
     }
 }

@@ -150,6 +150,7 @@ fn layout_axes(layout: Layout) -> (usize, &'static str, &'static str) {
         Layout::Bhnd => (1, "[B, H, N, D] (--layout bhnd)", "[B, H_kv, N, D]"),
         Layout::Bnhd => (2, "[B, N, H, D] (--layout bnhd)", "[B, N, H_kv, D]"),
         Layout::Thd => (1, "[T, H, D] (--layout thd)", "[T, H_kv, D]"),
+        Layout::Paged => (1, "[B, H, D] (--layout paged)", "[num_pages, page_size, H_kv, D]"),
     }
 }
 

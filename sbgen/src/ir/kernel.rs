@@ -56,24 +56,14 @@ impl Kernel {
     }
 
     /// Checks everything the templates rely on. Lowering calls this first.
-    // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
-    #[allow(clippy::manual_is_multiple_of)]
     pub fn validate(&self) -> Result<(), IrError> {
         self.spec.validate()?;
+        if self.spec.pass == Pass::Decode {
+            self.validate_decode_tiles()?;
+        } else {
+            self.validate_walk_tiles()?;
+        }
         let s = &self.schedule;
-        if !matches!(s.warps, 4 | 8) {
-            return Err(IrError::Field { field: "warps", got: s.warps, allowed: "4 or 8" });
-        }
-        if s.block_m % s.warps != 0 || !matches!(s.block_m / s.warps, 16 | 32) {
-            return Err(IrError::Field {
-                field: "block_m",
-                got: s.block_m,
-                allowed: "16 or 32 rows per warp (block_m = 16 * warps or 32 * warps)",
-            });
-        }
-        if !matches!(s.block_n, 32 | 64 | 128) {
-            return Err(IrError::Field { field: "block_n", got: s.block_n, allowed: "32, 64 or 128" });
-        }
         if !(2..=4).contains(&s.stages) {
             return Err(IrError::Field { field: "stages", got: s.stages, allowed: "2 to 4" });
         }
@@ -102,10 +92,62 @@ impl Kernel {
         Ok(())
     }
 
+    /// The forward's and backward's tiles: `block_m` query rows on `warps` warps, `block_n` keys per
+    /// step of the walk.
+    // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+    #[allow(clippy::manual_is_multiple_of)]
+    fn validate_walk_tiles(&self) -> Result<(), IrError> {
+        let s = &self.schedule;
+        if !matches!(s.warps, 4 | 8) {
+            return Err(IrError::Field { field: "warps", got: s.warps, allowed: "4 or 8" });
+        }
+        if s.block_m % s.warps != 0 || !matches!(s.block_m / s.warps, 16 | 32) {
+            return Err(IrError::Field {
+                field: "block_m",
+                got: s.block_m,
+                allowed: "16 or 32 rows per warp (block_m = 16 * warps or 32 * warps)",
+            });
+        }
+        if !matches!(s.block_n, 32 | 64 | 128) {
+            return Err(IrError::Field { field: "block_n", got: s.block_n, allowed: "32, 64 or 128" });
+        }
+        Ok(())
+    }
+
+    /// The decode's tiles: every warp of a CTA walks its own chunks of keys for the same `block_m`
+    /// query heads (one or two m-tiles of a K/V head's group), `block_n` keys per step.
+    fn validate_decode_tiles(&self) -> Result<(), IrError> {
+        let s = &self.schedule;
+        if !matches!(s.warps, 1 | 2 | 4 | 8) {
+            return Err(IrError::Field { field: "warps", got: s.warps, allowed: "1, 2, 4 or 8 (decode)" });
+        }
+        if !matches!(s.block_m, 16 | 32) {
+            return Err(IrError::Field {
+                field: "block_m",
+                got: s.block_m,
+                allowed: "16 or 32 query heads of a group per tile (decode)",
+            });
+        }
+        if !matches!(s.block_n, 16 | 32 | 64) {
+            return Err(IrError::Field { field: "block_n", got: s.block_n, allowed: "16, 32 or 64 (decode)" });
+        }
+        Ok(())
+    }
+
     pub fn smem_layout(&self) -> SmemLayout {
         let s = &self.schedule;
         let elem = self.spec.dtype.size_bytes() as u32;
         let d = self.spec.tile_head_dim();
+        if self.spec.pass == Pass::Decode {
+            // One Q tile of the CTA's query heads, then each warp's K and V stages (k and v are the
+            // first warp's; the template offsets the others).
+            let q_tile = s.block_m * d * elem;
+            let per_warp = 2 * s.stages * s.block_n * d * elem;
+            let total = q_tile + s.warps * per_warp;
+            let k = q_tile;
+            let v = k + s.stages * s.block_n * d * elem;
+            return SmemLayout { q: 0, d_o: 0, k, v, p: total, dz: total, total };
+        }
         let q_tile = s.block_m * d * elem;
         let kv_tile = s.block_n * d * elem;
         let backward = self.spec.pass == Pass::Backward;
@@ -141,7 +183,7 @@ mod tests {
 
     #[test]
     fn default_schedules_validate_for_every_pass_head_dim_and_arch() {
-        for pass in [Pass::Forward, Pass::Backward] {
+        for pass in [Pass::Forward, Pass::Backward, Pass::Decode] {
             for head_dim in [1, 16, 32, 50, 64, 80, 96, 128, 160, 200, 256] {
                 for arch in Arch::ALL {
                     let spec = Spec::new(head_dim, Dtype::F16, pass);

@@ -87,17 +87,24 @@ impl Schedule {
             (Pass::Backward, d) if d > 128 => Schedule { block_m: 128, warps: 8, ..n32 },
             (Pass::Backward, d) if d > 64 => n32,
             (Pass::Backward, _) => Schedule::DEFAULT,
+            // Decode: 16 query heads per tile (a group of up to 16 in one m-tile), 16-key blocks
+            // (they divide every page size of a paged cache), 4 warps walking chunks on their own
+            // with 3 stages each. Not yet timed (session 10): `sbgen tune` will decide.
+            (Pass::Decode, _) => Schedule { block_m: 16, block_n: 16, warps: 4, stages: 3, ..Schedule::DEFAULT },
         }
     }
 
     /// [`Schedule::default_for`] on `arch`: where that schedule needs more shared memory than the
-    /// arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4 warps.
+    /// arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4 warps;
+    /// a decode keeps its tiles on 2 warps instead (each warp has its own K/V stages).
     pub fn default_on(spec: &sbgen_runtime::spec::Spec, arch: super::Arch) -> Schedule {
         let schedule = Schedule::default_for(spec);
-        if super::Kernel::new(*spec, schedule, arch).smem_layout().total > arch.max_smem_per_block() {
-            Schedule { block_m: 64, block_n: 32, warps: 4, ..schedule }
-        } else {
+        if super::Kernel::new(*spec, schedule, arch).smem_layout().total <= arch.max_smem_per_block() {
             schedule
+        } else if spec.pass == sbgen_runtime::spec::Pass::Decode {
+            Schedule { warps: 2, ..schedule }
+        } else {
+            Schedule { block_m: 64, block_n: 32, warps: 4, ..schedule }
         }
     }
 

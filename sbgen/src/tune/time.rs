@@ -47,6 +47,8 @@ pub fn pass_flops(pass: Pass, shape: Shape) -> f64 {
     match pass {
         Pass::Forward => fwd,
         Pass::Backward => 2.5 * fwd,
+        // One query row per sequence and head: q . k and A v over N keys.
+        Pass::Decode => 4.0 * (shape.batch * shape.heads * shape.seq * shape.head_dim) as f64,
     }
 }
 
