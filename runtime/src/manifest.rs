@@ -55,13 +55,8 @@ impl GridRule {
         match *self {
             GridRule::QueryBlocks { block_m } => ("block_m", block_m),
             GridRule::Elements { per_cta } => ("per_cta", per_cta),
-            GridRule::DecodeSplits { warps, tile_heads } => {
-                if warps == 0 {
-                    ("warps", 0)
-                } else {
-                    ("tile_heads", tile_heads)
-                }
-            }
+            GridRule::DecodeSplits { warps: 0, .. } => ("warps", 0),
+            GridRule::DecodeSplits { tile_heads, .. } => ("tile_heads", tile_heads),
             GridRule::DecodeHeads => ("heads", 1),
         }
     }
