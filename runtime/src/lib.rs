@@ -6,11 +6,13 @@
 //! - [`hash`]: FNV-1a 64, the stable hash behind PTX file names and module fingerprints.
 //! - [`bucket`]: sequence-length buckets and the rule that picks a tuned kernel for a length.
 //! - [`reference`]: the float64 CPU reference (forward and backward), the ground truth for every test.
+//! - [`kv_cache`]: KV cache geometries for decoding and the host-side check of `seqlens_k` / `block_table`.
 //! - [`varlen`]: packed variable-length batches (`cu_seqlens`) and their host-side check.
 //! - `launcher` (feature `cuda`): loads PTX through cudarc, checks inputs and launches.
 
 pub mod bucket;
 pub mod hash;
+pub mod kv_cache;
 #[cfg(feature = "cuda")]
 pub mod launcher;
 pub mod manifest;

@@ -42,11 +42,11 @@ pub enum GridRule {
     QueryBlocks { block_m: u32 },
     /// `(ceil(elements / per_cta), 1, 1)`: an elementwise pass over the K/V-shaped tensors.
     Elements { per_cta: u32 },
-    /// Decode, split-K: `(ceil(splits / warps), H_kv * ceil((H / H_kv) / tile_heads), B)`: `splits`
-    /// warps per (sequence, K/V head, tile of `tile_heads` query heads of its group), `warps` per CTA.
+    /// Decode, split-K: `(B * H_kv * ceil((H / H_kv) / tile_heads), ceil(splits / warps), 1)`:
+    /// `splits` warps per (sequence, K/V head, tile of `tile_heads` query heads of its group), `warps`
+    /// per CTA. The units run along x, so the CTAs holding every unit's nearest chunks are launched
+    /// first (the first wave) and, with early exit, the farther ones find the stick spent.
     DecodeSplits { warps: u32, tile_heads: u32 },
-    /// Decode, merge: `(B * H, 1, 1)`, one CTA per (sequence, query head).
-    DecodeHeads,
 }
 
 impl GridRule {
@@ -57,7 +57,6 @@ impl GridRule {
             GridRule::Elements { per_cta } => ("per_cta", per_cta),
             GridRule::DecodeSplits { warps: 0, .. } => ("warps", 0),
             GridRule::DecodeSplits { tile_heads, .. } => ("tile_heads", tile_heads),
-            GridRule::DecodeHeads => ("heads", 1),
         }
     }
 
@@ -78,11 +77,12 @@ impl GridRule {
             ),
             GridRule::Elements { per_cta } => (dims.kv_elements.div_ceil(per_cta as usize), 1, 1),
             GridRule::DecodeSplits { warps, tile_heads } => (
+                dims.batch
+                    .checked_mul(dims.kv_heads)?
+                    .checked_mul((dims.heads / dims.kv_heads).div_ceil(tile_heads as usize))?,
                 dims.splits.div_ceil(warps as usize),
-                dims.kv_heads.checked_mul((dims.heads / dims.kv_heads).div_ceil(tile_heads as usize))?,
-                dims.batch,
+                1,
             ),
-            GridRule::DecodeHeads => (dims.batch.checked_mul(dims.heads)?, 1, 1),
         };
         if x == 0 || x >= (1 << 31) || y == 0 || y >= 65536 || z == 0 || z >= 65536 {
             return None;
@@ -162,9 +162,11 @@ pub const DECODE_PARAM_FIELDS: &[(&str, &str)] = &[
     // workspace: per (sequence, query head, chunk) the chunk state o_c [D] (tile width) and L_c
     ("chunk_o", "float*"),
     ("chunk_l", "float*"),
-    // early exit: per (sequence, K/V head, tile of query heads) the nearest chunk that spent the
-    // stick, INT_MAX before the launch
+    // per unit (sequence, K/V head, tile of query heads), zeroed before each launch: the early-exit
+    // slot (0, or 2^30 - the nearest chunk that spent the stick) and the count of the unit's CTAs
+    // that finished (the last one merges)
     ("exit_chunk", "int*"),
+    ("unit_done", "int*"),
     ("batch", "int"),
     ("heads", "int"),
     ("kv_heads", "int"),
@@ -193,6 +195,7 @@ pub struct DecodeParams {
     pub chunk_o: u64,
     pub chunk_l: u64,
     pub exit_chunk: u64,
+    pub unit_done: u64,
     pub batch: i32,
     pub heads: i32,
     pub kv_heads: i32,
@@ -266,6 +269,7 @@ mod tests {
             offset_of!(DecodeParams, chunk_o),
             offset_of!(DecodeParams, chunk_l),
             offset_of!(DecodeParams, exit_chunk),
+            offset_of!(DecodeParams, unit_done),
             offset_of!(DecodeParams, batch),
             offset_of!(DecodeParams, heads),
             offset_of!(DecodeParams, kv_heads),
@@ -337,12 +341,13 @@ mod tests {
         let dims = |batch, heads, kv_heads, splits| GridDims { batch, heads, kv_heads, seq: 0, kv_elements: 0, splits };
         let split = GridRule::DecodeSplits { warps: 4, tile_heads: 16 };
         // 32:8 heads: a group of 4 fits one tile; 10 splits on 4 warps per CTA take 3 CTAs.
-        assert_eq!(split.grid(&dims(8, 32, 8, 10)), Some((3, 8, 8)));
+        assert_eq!(split.grid(&dims(8, 32, 8, 10)), Some((64, 3, 1)));
         // MQA with 40 query heads: 3 tiles of 16.
-        assert_eq!(split.grid(&dims(2, 40, 1, 4)), Some((1, 3, 2)));
+        assert_eq!(split.grid(&dims(2, 40, 1, 4)), Some((6, 1, 1)));
+        // More than 65535 CTAs of split per unit do not fit grid y.
+        assert_eq!(split.grid(&dims(1, 1, 1, 4 * 65536)), None);
         assert_eq!(split.grid(&dims(2, 40, 1, 0)), None);
         assert_eq!(GridRule::DecodeSplits { warps: 0, tile_heads: 16 }.grid(&dims(1, 1, 1, 1)), None);
         assert_eq!(GridRule::DecodeSplits { warps: 4, tile_heads: 0 }.grid(&dims(1, 1, 1, 1)), None);
-        assert_eq!(GridRule::DecodeHeads.grid(&dims(3, 32, 8, 0)), Some((96, 1, 1)));
     }
 }

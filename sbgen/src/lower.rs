@@ -22,8 +22,6 @@ const WALK_CUH: &str = include_str!("../../templates/sb_walk.cuh");
 /// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype).
 const FINISH_THREADS: u32 = 256;
 const FINISH_ELEMENTS_PER_THREAD: u32 = 8;
-/// Threads per CTA of the decode's merge step (one CTA per sequence and query head).
-const MERGE_THREADS: u32 = 128;
 
 /// A kernel ready to compile: its name, CUDA source and launch manifest.
 #[derive(Clone, Debug)]
@@ -73,7 +71,6 @@ struct TemplateContext {
     params: Vec<(String, String)>,
     finish_threads: u32,
     finish_elements_per_thread: u32,
-    merge_threads: u32,
     sb_common_cuh: &'static str,
     sb_walk_cuh: &'static str,
 }
@@ -147,7 +144,6 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         .collect(),
         finish_threads: FINISH_THREADS,
         finish_elements_per_thread: FINISH_ELEMENTS_PER_THREAD,
-        merge_threads: MERGE_THREADS,
         sb_common_cuh: COMMON_CUH,
         sb_walk_cuh: WALK_CUH,
     };
@@ -172,22 +168,14 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         dynamic_smem_bytes: ctx.smem.total,
     };
     let steps = match spec.pass {
-        Pass::Forward => vec![main],
+        // The decode merges in its last CTA per unit: one step.
+        Pass::Forward | Pass::Decode => vec![main],
         Pass::Backward => vec![
             main,
             LaunchStep {
                 function: format!("{name}_finish"),
                 grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
                 threads: FINISH_THREADS,
-                dynamic_smem_bytes: 0,
-            },
-        ],
-        Pass::Decode => vec![
-            main,
-            LaunchStep {
-                function: format!("{name}_merge"),
-                grid: GridRule::DecodeHeads,
-                threads: MERGE_THREADS,
                 dynamic_smem_bytes: 0,
             },
         ],

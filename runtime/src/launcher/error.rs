@@ -54,6 +54,14 @@ pub enum LaunchError {
     )]
     Misaligned { tensor: &'static str, address: u64, required: u64, element_bytes: u64 },
 
+    /// A KV cache that does not match the decode kernel (its layout, page size or block table).
+    #[error("kernel `{kernel}`: {reason}")]
+    KvCache { kernel: String, reason: String },
+
+    /// A decode split asked for that the kernel cannot run.
+    #[error("decode split: `{what}` = {got} is not allowed: {allowed}")]
+    Split { what: &'static str, got: usize, allowed: String },
+
     /// `scale` is NaN, infinite or zero.
     #[error("`scale` = {got} is not allowed: it must be finite and non-zero")]
     Scale { got: f32 },
@@ -77,8 +85,8 @@ pub enum LaunchError {
     #[error("kernel `{kernel}` step `{function}` needs {needed} {what}, over the device limit of {limit}")]
     DeviceLimit { kernel: String, function: String, what: &'static str, needed: u64, limit: u64 },
 
-    /// The f32 workspace of the backward could not be allocated.
-    #[error("kernel `{kernel}`: could not allocate the {bytes}-byte backward workspace: {source}")]
+    /// The f32 workspace of the backward or the decode could not be allocated.
+    #[error("kernel `{kernel}`: could not allocate the {bytes}-byte workspace: {source}")]
     Workspace {
         kernel: String,
         bytes: usize,
@@ -116,6 +124,8 @@ impl LaunchError {
                 | LaunchError::WrongContext { .. }
                 | LaunchError::Misaligned { .. }
                 | LaunchError::Scale { .. }
+                | LaunchError::KvCache { .. }
+                | LaunchError::Split { .. }
         )
     }
 }

@@ -3,6 +3,7 @@
 //! manifest with one [`SbParams`] by value.
 
 use super::binary::KernelBinary;
+use super::decode_plan::DeviceLimits;
 use super::element::SbElement;
 use super::error::{KernelContext, LaunchError};
 use super::modules::{LoadedKernel, ModuleStore};
@@ -13,7 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
     LaunchConfig, PushKernelArg,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 // SAFETY: `SbParams` is `#[repr(C)]`, `Copy`, holds only integers and floats, and mirrors the C
 // struct rendered from `PARAM_FIELDS` (a test in `manifest` checks the offsets).
@@ -74,6 +75,8 @@ pub struct Launcher {
     stream: Arc<CudaStream>,
     store: Arc<ModuleStore>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// The device's SM count, read at the first decode.
+    limits: OnceLock<DeviceLimits>,
 }
 
 impl Launcher {
@@ -81,7 +84,7 @@ impl Launcher {
     /// launcher on it (each module is loaded once per context).
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, LaunchError> {
         let store = ModuleStore::shared(stream.context())?;
-        Ok(Launcher { stream, store, workspace: Mutex::new(None) })
+        Ok(Launcher { stream, store, workspace: Mutex::new(None), limits: OnceLock::new() })
     }
 
     /// A launcher sharing `store` (which must belong to the stream's context).
@@ -93,7 +96,7 @@ impl Launcher {
                 got: store.context().ordinal(),
             });
         }
-        Ok(Launcher { stream, store, workspace: Mutex::new(None) })
+        Ok(Launcher { stream, store, workspace: Mutex::new(None), limits: OnceLock::new() })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -262,19 +265,9 @@ impl Launcher {
         ])?;
 
         let name = &kernel.manifest().name;
-        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let needed = 2 * plan.accum_elements + plan.lock_count;
-        if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {
-            *workspace = None; // free the smaller buffer first
-                               // SAFETY: the buffer is zeroed below before any kernel reads it.
-            let buffer = unsafe { self.stream.alloc::<f32>(needed) }.map_err(|source| LaunchError::Workspace {
-                kernel: name.clone(),
-                bytes: needed * 4,
-                source,
-            })?;
-            *workspace = Some(buffer);
-        }
-        let buffer = workspace.as_mut().expect("allocated above");
+        let mut workspace = self.workspace(name, needed)?;
+        let buffer = workspace.as_mut().expect("allocated by workspace()");
         let mut used = buffer.slice_mut(0..needed);
         self.stream.memset_zeros(&mut used).kernel_ctx(name, "zeroing the backward workspace")?;
         let (dk_accum, mut rest) = used.split_at_mut(plan.accum_elements);
@@ -310,6 +303,35 @@ impl Launcher {
             scale_log2: plan.scale_log2,
         };
         self.launch_steps(&loaded, &plan, &params)
+    }
+
+    /// The f32 workspace, grown to at least `needed` elements (its contents are undefined).
+    pub(super) fn workspace(
+        &self,
+        kernel: &str,
+        needed: usize,
+    ) -> Result<MutexGuard<'_, Option<CudaSlice<f32>>>, LaunchError> {
+        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {
+            *workspace = None; // free the smaller buffer first
+                               // SAFETY: every caller initialises the part it uses before a kernel reads it.
+            let buffer = unsafe { self.stream.alloc::<f32>(needed.max(1)) }
+                .map_err(|source| LaunchError::Workspace { kernel: kernel.to_string(), bytes: needed * 4, source })?;
+            *workspace = Some(buffer);
+        }
+        Ok(workspace)
+    }
+
+    /// The device's SM count (read once).
+    pub(super) fn device_limits(&self) -> Result<DeviceLimits, LaunchError> {
+        if let Some(limits) = self.limits.get() {
+            return Ok(*limits);
+        }
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let ctx = self.stream.context();
+        let sm_count = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let limits = DeviceLimits { sm_count: sm_count.max(1) as usize };
+        Ok(*self.limits.get_or_init(|| limits))
     }
 
     fn launch_steps(&self, loaded: &LoadedKernel, plan: &LaunchPlan, params: &SbParams) -> Result<(), LaunchError> {
@@ -354,7 +376,11 @@ fn dims(shape: Shape, total_tokens: Option<usize>) -> Dims {
     }
 }
 
-fn same_context(ctx: &Arc<CudaContext>, tensor: &'static str, stream: &Arc<CudaStream>) -> Result<(), LaunchError> {
+pub(super) fn same_context(
+    ctx: &Arc<CudaContext>,
+    tensor: &'static str,
+    stream: &Arc<CudaStream>,
+) -> Result<(), LaunchError> {
     if **stream.context() != **ctx {
         return Err(LaunchError::WrongContext { tensor, expected: ctx.ordinal(), got: stream.context().ordinal() });
     }

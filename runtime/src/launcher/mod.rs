@@ -12,11 +12,14 @@
 //!   compilations and the module store's fallback both use it).
 //! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
 //! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
+//! - [`decode_plan`]: the decode's input checks and split-K plan; [`decode`]: [`Launcher::decode`].
 //!
 //! This crate does not pick cudarc's CUDA version or linking mode: the final binary does, e.g.
 //! `cudarc = { version = "0.19", features = ["cuda-13000", "dynamic-loading"] }`.
 
 pub mod binary;
+pub mod decode;
+pub mod decode_plan;
 pub mod element;
 pub mod embedded;
 pub mod error;
@@ -25,8 +28,14 @@ pub mod modules;
 pub mod nvrtc;
 pub mod plan;
 
+pub use crate::kv_cache::KvCacheGeometry;
+pub use crate::reference::DecodeShape;
 pub use crate::reference::Shape;
 pub use binary::{pick_ptx, KernelBinary, Target};
+pub use decode::DecodeArgs;
+pub use decode_plan::{
+    plan_decode, DecodeLens, DecodePlan, DecodeSplit, DeviceLimits, MAX_CHUNKS as MAX_DECODE_CHUNKS,
+};
 pub use element::SbElement;
 pub use embedded::{pick_embedded, EmbeddedKernel, EmbeddedSet};
 pub use error::LaunchError;

@@ -188,8 +188,8 @@ fn plan_common(
         return Err(LaunchError::WrongPass { kernel: kernel.clone(), expected: pass, got: spec.pass });
     }
     let expected_steps = match pass {
-        Pass::Forward => 1,
-        Pass::Backward | Pass::Decode => 2,
+        Pass::Forward | Pass::Decode => 1,
+        Pass::Backward => 2,
     };
     if manifest.steps.len() != expected_steps {
         return Err(LaunchError::Manifest {
@@ -332,8 +332,8 @@ mod tests {
             dynamic_smem_bytes: 40960,
         };
         let steps = match pass {
-            Pass::Forward => vec![main],
-            Pass::Backward | Pass::Decode => vec![
+            Pass::Forward | Pass::Decode => vec![main],
+            Pass::Backward => vec![
                 main,
                 LaunchStep {
                     function: "sb_test_finish".into(),
