@@ -549,3 +549,133 @@ fn cache_show_escapes_what_it_prints_and_refuses_unchecked_entries() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a valid sbgen tuning cache") && err.contains("head_dim"), "{err}");
 }
+
+/// A safetensors file with the given data per tensor (zeros where `data` is empty).
+fn tensor_file_data(path: &std::path::Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut body = Vec::new();
+    for (name, dtype, shape, data) in tensors {
+        let size = match *dtype {
+            "F32" | "I32" => 4,
+            _ => 2,
+        };
+        let len = shape.iter().product::<usize>() * size;
+        let start = body.len();
+        body.extend_from_slice(data);
+        body.resize(start + len, 0);
+        header.insert(
+            name.to_string(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [start, start + len] }),
+        );
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&body);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn i32_bytes(values: &[i32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A decode input: q [2, 4, 64], a paged cache of 5 pages of 16 tokens on 2 K/V heads, seqlens_k and
+/// a [2, 3] block table.
+fn decode_input(name: &str, seqlens: &[i32], table: &[i32]) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.safetensors");
+    let cache = vec![5, 16, 2, 64];
+    tensor_file_data(
+        &input,
+        &[
+            ("q", "BF16", vec![2, 4, 64], vec![]),
+            ("k_cache", "BF16", cache.clone(), vec![]),
+            ("v_cache", "BF16", cache, vec![]),
+            ("seqlens_k", "I32", vec![seqlens.len()], i32_bytes(seqlens)),
+            ("block_table", "I32", vec![2, table.len() / 2], i32_bytes(table)),
+        ],
+    );
+    (dir, input)
+}
+
+#[test]
+fn run_decode_refuses_bad_lengths_pages_and_tensors_before_the_gpu() {
+    let run = |input: &PathBuf, dir: &PathBuf, extra: &[&str]| {
+        let (i, o) = (input.to_str().unwrap().to_string(), dir.join("out.safetensors").to_str().unwrap().to_string());
+        usage_error(&[&["run", "--pass", "decode", "-i", &i, "-o", &o][..], extra].concat())
+    };
+    // A length past the 3 pages of 16 a sequence can hold.
+    let (dir, input) = decode_input("dec-len", &[17, 49], &[0, 1, -1, 2, 3, 4]);
+    let err = run(&input, &dir, &["--layout", "paged"]);
+    assert!(err.contains("`seqlens_k[1]` = 49 is out of range: allowed 0..=48"), "{err}");
+    assert!(!err.contains("CUDA"), "refused before looking for a GPU: {err}");
+    // A page id past the pool, in a page the sequence uses; -1 past its pages is fine.
+    let (dir, input) = decode_input("dec-page", &[17, 40], &[0, 1, -1, 2, 5, 4]);
+    let err = run(&input, &dir, &["--layout", "paged"]);
+    assert!(err.contains("`block_table[1][1]` = 5 is out of range: allowed 0..5"), "{err}");
+    // A block table with a contiguous layout, and a paged layout without one.
+    let err = run(&input, &dir, &[]);
+    assert!(err.contains("use --layout paged"), "{err}");
+    let dir = scratch("dec-no-table");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.safetensors");
+    let cache = vec![2, 2, 16, 64];
+    tensor_file_data(
+        &input,
+        &[
+            ("q", "BF16", vec![2, 4, 64], vec![]),
+            ("k_cache", "BF16", cache.clone(), vec![]),
+            ("v_cache", "BF16", cache, vec![]),
+            ("seqlens_k", "I32", vec![2], i32_bytes(&[3, 16])),
+        ],
+    );
+    let err = run(&input, &dir, &["--layout", "paged"]);
+    assert!(err.contains("tensor `block_table` is missing"), "{err}");
+    // A packed layout is no KV cache; a decode is always deterministic.
+    let err = run(&input, &dir, &["--layout", "thd"]);
+    assert!(err.contains("not thd"), "{err}");
+    let err = run(&input, &dir, &["--deterministic"]);
+    assert!(err.contains("`--deterministic` is the backward's"), "{err}");
+}
+
+#[test]
+fn run_decode_takes_a_valid_cache_as_far_as_the_gpu() {
+    let (dir, input) = decode_input("dec-ok", &[17, 0], &[0, 1, -1, 4, 3, 2]);
+    let out = sbgen(&[
+        "run",
+        "--pass",
+        "decode",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        dir.join("out.safetensors").to_str().unwrap(),
+        "--layout",
+        "paged",
+        "--remainder",
+        "fuse",
+        "--early-exit-bits",
+        "24",
+    ]);
+    assert_ne!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
+fn decode_flags_are_checked_before_the_gpu() {
+    let err = usage_error(&["check", "--pass", "decode", "--varlen", "1,2"]);
+    assert!(err.contains("`--varlen`"), "{err}");
+    let err = usage_error(&["check", "--pass", "decode", "--page-size", "24"]);
+    assert!(err.contains("`page_size` = 24"), "{err}");
+    let err = usage_error(&["check", "--pass", "decode", "--layout", "thd"]);
+    assert!(err.contains("not a KV cache"), "{err}");
+    let err = usage_error(&["check", "--page-size", "16"]);
+    assert!(err.contains("add `--pass decode`"), "{err}");
+    let err = usage_error(&["check", "--pass", "decode", "--split", "coarse"]);
+    assert!(err.contains("`split` = `coarse`"), "{err}");
+    let err = usage_error(&["bench", "--decode", "8,32,7,1024,128"]);
+    assert!(err.contains("B,H,H_kv,N,D"), "{err}");
+    let err = usage_error(&["bench", "--decode", "--page-size", "8"]);
+    assert!(err.contains("`page_size` = 8"), "{err}");
+    let err = usage_error(&["bench", "--decode", "--shapes", "1,2,3,64"]);
+    assert!(err.contains("--shapes"), "{err}");
+}

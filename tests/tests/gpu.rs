@@ -529,3 +529,99 @@ fn backward_workspace_allocation_failure_is_a_typed_error() {
     let _: u64 = CudaSlice::leak(o_saved);
     assert!(matches!(err, LaunchError::Workspace { bytes, .. } if bytes == elems * 8), "{err}");
 }
+
+#[test]
+fn decode_check_plan_on_a_small_matrix_passes() {
+    use sbgen::gpu::decode::CacheKind;
+    use sbgen::gpu::decode_check::{self, DecodeCheckPlan};
+    let Some(dev) = device() else { return };
+    let mut plan = DecodeCheckPlan::quick(0x5eed);
+    plan.head_dims = vec![64];
+    plan.dtypes = vec![Dtype::Bf16];
+    plan.seqlens = vec![0, 1, 17, 300];
+    plan.caches = vec![CacheKind::Contiguous(Layout::Bhnd), CacheKind::Paged { page_size: 32 }];
+    let builder = KernelBuilder::from_env(dev.arch, None);
+    let rows = decode_check::run(&dev, &builder, &plan, &mut |_| {}).unwrap();
+    let failed: Vec<String> = rows.iter().filter(|r| !r.passed()).map(sbgen::gpu::failure::format_row).collect();
+    assert!(failed.is_empty(), "{} failing rows:\n{}", failed.len(), failed.join("\n"));
+    let per_group = plan.caches.len() * plan.masks.len() * plan.remainders.len() * plan.splits.len();
+    let groups = plan.regimes.len() * plan.kv_heads.len();
+    assert_eq!(rows.len(), groups * per_group * plan.early_exits.len());
+}
+
+/// Device tables the host never checked: lengths outside 0..=capacity read as empty sequences (o = 0,
+/// rem = 1), page ids outside the pool as pages of no keys; nothing is read or written out of bounds
+/// and every launch finishes.
+#[test]
+fn decode_with_bad_device_tables_stays_in_bounds() {
+    use sbgen::gpu::decode::{decode_to, make_decode_inputs, CacheKind, DeviceCache};
+    use sbgen_runtime::launcher::{DecodeShape, DecodeSplit, KvCacheGeometry};
+    let Some(dev) = device() else { return };
+    let shape = DecodeShape { batch: 4, heads: 4, kv_heads: 2, head_dim: 64 };
+    let x = make_decode_inputs(shape, &[5, 40, 64, 17], 64, Dtype::Bf16, Regime::Random, 9);
+    let base = Spec { layout: Layout::Paged, remainder: Remainder::Fuse, ..spec(64, Dtype::Bf16, Pass::Decode) };
+    let q = dev.stream.clone_htod(&x.q.iter().map(|&e| half::bf16::from_f32(e)).collect::<Vec<_>>()).unwrap();
+    let mut cache = DeviceCache::<half::bf16>::upload(&dev, &x, CacheKind::Paged { page_size: 16 }, 3).unwrap();
+    let KvCacheGeometry::Paged { num_pages, max_pages, .. } = cache.geometry else { panic!("paged") };
+    let mut table: Vec<i32> = dev.stream.clone_dtoh(cache.block_table.as_ref().unwrap()).unwrap();
+    table[max_pages] = -7; // sequence 1's first page
+    table[2 * max_pages + 3] = num_pages as i32 + 3; // sequence 2's last page
+    cache.block_table = Some(dev.stream.clone_htod(&table).unwrap());
+    cache.seqlens = dev.stream.clone_htod(&[5, 40, 64, 10_000]).unwrap(); // 10000 > the 64 a sequence holds
+    for ee in [None, Some(24)] {
+        let kernel = kernel(&dev, Spec { early_exit_bits: ee, ..base });
+        for split in
+            [DecodeSplit::default(), DecodeSplit { splits: Some(1), chunk_keys: Some(16), max_chunks: Some(8) }]
+        {
+            let mut o = exec::guarded::<half::bf16>(&dev, shape.len()).unwrap();
+            let mut rem = exec::guarded_f32(&dev, shape.rows()).unwrap();
+            decode_to(&dev, &kernel, shape, &q, &cache, o.view_mut(), rem.view_mut(), split, None).unwrap();
+            dev.sync(kernel.name(), TIMEOUT).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
+            let ((o, o_out), (rem, rem_out)) = (o.read(&dev).unwrap(), rem.read(&dev).unwrap());
+            assert_eq!((o_out, rem_out), (0, 0), "{}: wrote outside o or rem", kernel.name());
+            let o: Vec<f32> = o.into_iter().map(f32::from).collect();
+            assert_eq!(non_finite(&o) + non_finite(&rem), 0, "{}: unwritten or non-finite outputs", kernel.name());
+            // Sequence 3's length is out of range: an empty sequence.
+            let d = shape.head_dim;
+            assert!(o[3 * shape.heads * d..].iter().all(|&e| e == 0.0), "{}", kernel.name());
+            assert!(rem[3 * shape.heads..].iter().all(|&e| e == 1.0), "{}", kernel.name());
+        }
+    }
+}
+
+#[test]
+fn the_decode_launcher_refuses_bad_caches_before_launching() {
+    use sbgen::gpu::decode::{decode_to, make_decode_inputs, CacheKind, DeviceCache};
+    use sbgen_runtime::launcher::{DecodeShape, DecodeSplit, KvCacheGeometry};
+    let Some(dev) = device() else { return };
+    let shape = DecodeShape { batch: 2, heads: 4, kv_heads: 2, head_dim: 64 };
+    let x = make_decode_inputs(shape, &[5, 40], 48, Dtype::Bf16, Regime::Random, 2);
+    let paged = kernel(&dev, Spec { layout: Layout::Paged, ..spec(64, Dtype::Bf16, Pass::Decode) });
+    let q = dev.stream.clone_htod(&x.q.iter().map(|&e| half::bf16::from_f32(e)).collect::<Vec<_>>()).unwrap();
+    let mut cache = DeviceCache::<half::bf16>::upload(&dev, &x, CacheKind::Paged { page_size: 16 }, 1).unwrap();
+    let run = |cache: &DeviceCache<half::bf16>, split: DecodeSplit| -> (LaunchError, bool) {
+        let mut o = exec::guarded::<half::bf16>(&dev, shape.len()).unwrap();
+        let mut rem = exec::guarded_f32(&dev, shape.rows()).unwrap();
+        let err = match decode_to(&dev, &paged, shape, &q, cache, o.view_mut(), rem.view_mut(), split, None) {
+            Err(GpuError::Launch(e)) => e,
+            other => panic!("expected a launch refusal, got {:?}", other.map(|p| p.splits)),
+        };
+        dev.sync(paged.name(), TIMEOUT).unwrap();
+        let untouched = o.read(&dev).unwrap().0.iter().all(|e| e.to_bits() == exec::POISON_16);
+        (err, untouched)
+    };
+    let KvCacheGeometry::Paged { num_pages, max_pages, .. } = cache.geometry else { panic!("paged") };
+    // A page size the kernel's 16-key blocks do not divide.
+    cache.geometry = KvCacheGeometry::Paged { num_pages, page_size: 24, max_pages };
+    let (err, untouched) = run(&cache, DecodeSplit::default());
+    assert!(err.to_string().contains("`page_size` = 24") && untouched, "{err}");
+    // More pages than the cache holds.
+    cache.geometry = KvCacheGeometry::Paged { num_pages: num_pages + 1, page_size: 16, max_pages };
+    let (err, untouched) = run(&cache, DecodeSplit::default());
+    assert!(matches!(err, LaunchError::TooShort { tensor: "k_cache", .. }) && untouched, "{err}");
+    // A chunk that is not whole key blocks.
+    cache.geometry = KvCacheGeometry::Paged { num_pages, page_size: 16, max_pages };
+    let (err, untouched) = run(&cache, DecodeSplit { chunk_keys: Some(20), ..Default::default() });
+    assert!(matches!(err, LaunchError::Split { what: "chunk_keys", .. }) && untouched, "{err}");
+    assert!(err.is_input_error());
+}

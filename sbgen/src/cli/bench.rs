@@ -4,12 +4,15 @@ use super::check::{parse_early_exit, EarlyExit};
 use super::emit::ScheduleArgs;
 use super::{Outcome, UsageError};
 use crate::gpu::bench::{self, BenchPlan, Problem};
+use crate::gpu::decode::CacheKind;
+use crate::gpu::decode_bench::{self, DecodeBenchPlan, DecodeProblem};
 use crate::gpu::{Device, KernelBuilder};
 use crate::ir::{Arch, Dtype, Layout, Mask};
 use anyhow::{Context, Result};
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sbgen_runtime::launcher::DecodeSplit;
 use sbgen_runtime::reference::Shape;
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,6 +33,29 @@ shortest, longest, total tokens; - when dense), packed/x (the packed time over t
 padded), note (an error, last: the line splits on whitespace into the eleven columns and the note)."
 )]
 pub struct BenchArgs {
+    /// Time the decode (one new token per sequence against a KV cache) instead: problems as
+    /// B,H,H_kv,N,D (B sequences of N cached tokens; default: B in 8,32,64 x N in 8192,32768,131072,
+    /// 32,8 heads, D = 128). Reports GB/s of the context's K and V and the fraction of the H200's
+    /// 4.8 TB/s (docs/performance.md#decode).
+    #[arg(long, num_args = 0.., value_name = "B,H,H_KV,N,D", value_parser = parse_decode_shape,
+          conflicts_with_all = ["shapes", "varlen", "kv_heads", "separate", "deterministic", "layout"])]
+    pub decode: Option<Vec<DecodeProblem>>,
+    /// With `--decode`: the caches, comma-separated: bhnd, bnhd, paged (default: bhnd,paged).
+    #[arg(long, value_delimiter = ',', requires = "decode")]
+    pub kv_cache: Vec<Layout>,
+    /// With `--decode` and a paged cache: tokens per page (a multiple of 16).
+    #[arg(long, default_value_t = 16, requires = "decode")]
+    pub page_size: usize,
+    /// With `--decode`: force the split-K shape instead of the launcher's choice: warps per
+    /// (sequence, K/V head, tile of query heads) (rounded up to whole CTAs).
+    #[arg(long, requires = "decode")]
+    pub splits: Option<usize>,
+    /// With `--decode`: fewest keys per chunk (a multiple of the kernel's block_n).
+    #[arg(long, requires = "decode")]
+    pub chunk_keys: Option<usize>,
+    /// With `--decode`: most chunks per sequence (the workspace's size).
+    #[arg(long, requires = "decode")]
+    pub max_chunks: Option<usize>,
     /// Dense shapes as B,H,N,D, any head_dim 1..=256 (default: 8,16,2048,128 4,16,4096,128 2,16,8192,128
     /// 1,16,16384,128 4,16,4096,64).
     #[arg(long, num_args = 1.., value_parser = parse_shape, conflicts_with = "varlen")]
@@ -95,6 +121,22 @@ pub struct BenchArgs {
     /// Folder of prebuilt PTX (from `sbgen check --emit-ptx`); default `$SBGEN_PTX_DIR`.
     #[arg(long, value_name = "DIR")]
     pub ptx_dir: Option<PathBuf>,
+}
+
+/// `B,H,H_kv,N,D` of a decode problem.
+pub fn parse_decode_shape(s: &str) -> Result<DecodeProblem, String> {
+    let bad =
+        || format!("`--decode` = `{s}` is not valid: expected B,H,H_kv,N,D (five positive integers, H_kv dividing H)");
+    let parts: Vec<usize> =
+        s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| bad())?;
+    match parts[..] {
+        [batch, heads, kv_heads, seq, head_dim]
+            if batch > 0 && heads > 0 && kv_heads > 0 && seq > 0 && head_dim > 0 && heads % kv_heads == 0 =>
+        {
+            Ok(DecodeProblem { batch, heads, kv_heads, seq, head_dim })
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// `B,H,N,D`.
@@ -265,7 +307,112 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
     Ok(plan)
 }
 
+/// The decode plan the arguments select, validated before any GPU work.
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
+pub fn decode_plan(args: &BenchArgs, problems: &[DecodeProblem]) -> Result<DecodeBenchPlan> {
+    if args.reps < 20 {
+        return Err(UsageError::new(format!("`reps` = {} is not allowed: at least 20", args.reps)).into());
+    }
+    if args.page_size == 0 || args.page_size % 16 != 0 {
+        return Err(
+            UsageError::new(format!("`page_size` = {} is not allowed: a multiple of 16", args.page_size)).into()
+        );
+    }
+    let mut caches = Vec::new();
+    let layouts = if args.kv_cache.is_empty() { vec![Layout::Bhnd, Layout::Paged] } else { args.kv_cache.clone() };
+    for layout in layouts {
+        caches.push(match layout {
+            Layout::Bhnd | Layout::Bnhd => CacheKind::Contiguous(layout),
+            Layout::Paged => CacheKind::Paged { page_size: args.page_size },
+            Layout::Thd => {
+                return Err(UsageError::new("`--kv-cache thd` is not a KV cache: allowed bhnd, bnhd, paged").into())
+            }
+        });
+    }
+    let plan = DecodeBenchPlan {
+        problems: if problems.is_empty() { DecodeBenchPlan::default_problems() } else { problems.to_vec() },
+        caches,
+        early_exits: if args.early_exit.is_empty() { vec![None, Some(24)] } else { args.early_exit.clone() },
+        dtype: args.dtype,
+        mask: args.mask,
+        schedule: super::check::schedule_override(&args.schedule),
+        split: DecodeSplit { splits: args.splits, chunk_keys: args.chunk_keys, max_chunks: args.max_chunks },
+        reps: args.reps,
+        warmup: args.warmup,
+        seed: args.seed,
+        threads: crate::pool::default_threads(),
+    };
+    for p in &plan.problems {
+        for &cache in &plan.caches {
+            for &ee in &plan.early_exits {
+                KernelBuilder::new(Arch::Sm90, None)
+                    .kernel(plan.spec(p, cache, ee), plan.schedule)
+                    .validate()
+                    .map_err(UsageError::new)?;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// `bench --decode`.
+fn run_decode(args: &BenchArgs, problems: &[DecodeProblem], out: &mut dyn Write) -> Result<Outcome> {
+    let plan = decode_plan(args, problems)?;
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
+    let dev = Device::open(args.device)?;
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
+    writeln!(out, "device: {}", dev.describe())?;
+    writeln!(
+        out,
+        "decode {} {}, schedule {}; median of {} reps ({} warm-up), L2 flushed between reps; GB/s = the \
+         context's K+V bytes / median time, %peak of {} GB/s",
+        plan.dtype,
+        plan.mask,
+        super::check::describe_schedule(plan.schedule),
+        plan.reps,
+        plan.warmup,
+        decode_bench::H200_PEAK_GBPS
+    )?;
+    writeln!(out, "{}", decode_bench::header())?;
+    out.flush()?;
+    let mut write_error = None;
+    let result = decode_bench::run(&dev, &builder, &plan, &mut |r| {
+        if write_error.is_none() {
+            if let Err(e) = writeln!(out, "{}", decode_bench::format_result(r)).and_then(|_| out.flush()) {
+                write_error = Some(e);
+            }
+        }
+    });
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    let results = result?;
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "gpu": dev.name,
+            "device": dev.describe(),
+            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "sbgen_version": env!("CARGO_PKG_VERSION"),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "dtype": plan.dtype.to_string(),
+            "mask": plan.mask.to_string(),
+            "reps": plan.reps,
+            "bytes": "B * H_kv * N * D * 2 (K and V) * element bytes per decode step, over the median time",
+            "results": results,
+        });
+        let text = serde_json::to_string_pretty(&doc)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("cannot write `{}`", path.display()))?;
+        writeln!(out, "wrote `{}`", path.display())?;
+    }
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })
+}
+
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if let Some(problems) = &args.decode {
+        return run_decode(args, problems, out);
+    }
     let plan = plan(args)?;
     // A PTX folder that is not there is the user's to fix, before the GPU is opened.
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;

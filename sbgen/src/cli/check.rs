@@ -8,6 +8,8 @@ use crate::artifact::{self, store::PtxDir, Verdict};
 use crate::compile::Compiler;
 use crate::gpu::check::{self, CheckPlan};
 use crate::gpu::data::Regime;
+use crate::gpu::decode::CacheKind;
+use crate::gpu::decode_check::{self, DecodeCheckPlan, SplitChoice};
 use crate::gpu::failure;
 use crate::gpu::{Device, KernelBuilder};
 use crate::ir::{Arch, Dtype, Layout, Mask, Pass, Remainder, Schedule};
@@ -39,7 +41,8 @@ pub struct CheckArgs {
     #[arg(long, value_delimiter = ',')]
     pub mask: Vec<Mask>,
     /// Layouts, comma-separated: bhnd, bnhd, thd (default: bhnd,bnhd). THD runs every dense group as
-    /// a packed batch of equal sequences, and the `--varlen` batch.
+    /// a packed batch of equal sequences, and the `--varlen` batch. Decode: the caches, bhnd, bnhd,
+    /// paged (default: all three).
     #[arg(long, value_delimiter = ',')]
     pub layout: Vec<Layout>,
     /// Remainder handling, comma-separated (default: return,fuse).
@@ -51,10 +54,12 @@ pub struct CheckArgs {
     /// Data regimes, comma-separated: random, long_reach, sharp (default: all three).
     #[arg(long, value_delimiter = ',')]
     pub regime: Vec<Regime>,
-    /// Sequence lengths, comma-separated (overrides --quick).
+    /// Sequence lengths, comma-separated (overrides --quick). Decode: the cached lengths of the one
+    /// batch each group runs (default 1,17,1000,65537; --quick without 65537).
     #[arg(long, value_delimiter = ',')]
     pub seq: Vec<usize>,
-    /// Query heads per K/V head, comma-separated: group sizes and/or `mqa` (default: 1, multi-head).
+    /// Query heads per K/V head, comma-separated: group sizes and/or `mqa` (default: 1, multi-head;
+    /// decode: 1,4).
     #[arg(long, value_delimiter = ',')]
     pub kv_groups: Vec<check::KvHeads>,
     /// Lengths of a packed batch checked in the THD layout, comma-separated (e.g. 0,1,17,1000,4097;
@@ -65,6 +70,13 @@ pub struct CheckArgs {
     /// twice and compared bit for bit) (default: off).
     #[arg(long, value_delimiter = ',', value_parser = parse_on_off)]
     pub deterministic: Vec<bool>,
+    /// Decode, paged cache: page sizes, comma-separated (default: 16,32,64).
+    #[arg(long, value_delimiter = ',')]
+    pub page_size: Vec<usize>,
+    /// Decode: how the keys are split, comma-separated: default (the launcher's choice for the GPU),
+    /// fine (one CTA per head group looping over one-block chunks) (default: both).
+    #[arg(long, value_delimiter = ',', value_parser = parse_split)]
+    pub split: Vec<SplitChoice>,
     #[command(flatten)]
     pub schedule: ScheduleArgs,
     /// Seed of the random inputs (default: from the clock; printed so a run can be repeated).
@@ -106,6 +118,15 @@ pub fn parse_early_exit(s: &str) -> Result<EarlyExit, String> {
     }
 }
 
+/// `default` or `fine`.
+pub fn parse_split(s: &str) -> Result<SplitChoice, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "default" => Ok(SplitChoice::Default),
+        "fine" => Ok(SplitChoice::Fine),
+        _ => Err(format!("`split` = `{s}` is not valid: allowed default, fine")),
+    }
+}
+
 /// `on`/`off` (or true/false, yes/no).
 pub fn parse_on_off(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -120,6 +141,7 @@ pub fn passes(choice: PassChoice) -> Vec<Pass> {
         PassChoice::Fwd => vec![Pass::Forward],
         PassChoice::Bwd => vec![Pass::Backward],
         PassChoice::Both => vec![Pass::Forward, Pass::Backward],
+        PassChoice::Decode => vec![Pass::Decode],
     }
 }
 
@@ -187,12 +209,80 @@ pub fn plan(args: &CheckArgs, seed: u64) -> Result<CheckPlan> {
     Ok(plan)
 }
 
+/// The decode plan the arguments select, validated before any work.
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
+pub fn decode_plan(args: &CheckArgs, seed: u64) -> Result<DecodeCheckPlan> {
+    let mut plan = if args.quick { DecodeCheckPlan::quick(seed) } else { DecodeCheckPlan::full(seed) };
+    let refuse = |flag: &str, why: &str| -> anyhow::Error { UsageError::new(format!("`{flag}` {why}")).into() };
+    if !args.varlen.is_empty() {
+        return Err(refuse("--varlen", "is the THD layout's: a decode's lengths are `--seq`"));
+    }
+    if !args.deterministic.is_empty() {
+        return Err(refuse("--deterministic", "is the backward's: a decode is always deterministic"));
+    }
+    fn take<T: Clone>(from: &[T], into: &mut Vec<T>) {
+        if !from.is_empty() {
+            *into = from.to_vec();
+        }
+    }
+    take(&args.head_dim, &mut plan.head_dims);
+    take(&args.dtype, &mut plan.dtypes);
+    take(&args.mask, &mut plan.masks);
+    take(&args.remainder, &mut plan.remainders);
+    take(&args.early_exit, &mut plan.early_exits);
+    take(&args.regime, &mut plan.regimes);
+    take(&args.seq, &mut plan.seqlens);
+    take(&args.kv_groups, &mut plan.kv_heads);
+    take(&args.split, &mut plan.splits);
+    let page_sizes = if args.page_size.is_empty() { decode_check::PAGE_SIZES.to_vec() } else { args.page_size.clone() };
+    if let Some(&bad) = page_sizes.iter().find(|&&p| p == 0 || p % 16 != 0 || p > 4096) {
+        return Err(
+            UsageError::new(format!("`page_size` = {bad} is not allowed: a multiple of 16, at most 4096")).into()
+        );
+    }
+    if !args.layout.is_empty() {
+        let mut caches = Vec::new();
+        for &layout in &args.layout {
+            match layout {
+                Layout::Bhnd | Layout::Bnhd => caches.push(CacheKind::Contiguous(layout)),
+                Layout::Paged => caches.extend(page_sizes.iter().map(|&page_size| CacheKind::Paged { page_size })),
+                Layout::Thd => return Err(refuse("--layout thd", "is not a KV cache: allowed bhnd, bnhd, paged")),
+            }
+        }
+        plan.caches = caches;
+    } else {
+        plan.caches.retain(|c| !matches!(c, CacheKind::Paged { .. }));
+        plan.caches.extend(page_sizes.iter().map(|&page_size| CacheKind::Paged { page_size }));
+    }
+    if plan.seqlens.iter().any(|&n| n > i32::MAX as usize / 2) {
+        return Err(UsageError::new("`seq`: a cached length is at most 2^30").into());
+    }
+    if plan.seqlens.iter().all(|&n| n == 0) {
+        return Err(UsageError::new("`seq` lengths are all 0: at least one sequence must have a token").into());
+    }
+    plan.schedule = schedule_override(&args.schedule);
+    if let Some(t) = args.threads {
+        plan.threads = t.max(1);
+    }
+    for spec in plan.specs() {
+        KernelBuilder::new(args.arch, None).kernel(spec, plan.schedule).validate().map_err(UsageError::new)?;
+    }
+    Ok(plan)
+}
+
 pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
     let seed =
         args.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    if args.pass == PassChoice::Decode {
+        return run_decode(args, seed, out);
+    }
+    if !args.page_size.is_empty() || !args.split.is_empty() {
+        return Err(UsageError::new("`--page-size` and `--split` are the decode's: add `--pass decode`").into());
+    }
     let plan = plan(args, seed)?;
     if let Some(dir) = &args.emit_ptx {
-        return emit_ptx(&plan, args, dir, out);
+        return emit_ptx(&plan.kernels(&KernelBuilder::new(args.arch, None)), plan.threads, args, dir, out);
     }
     // A PTX folder that is not there is the user's to fix, before the GPU is opened.
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
@@ -224,11 +314,51 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
         },
         plan.deterministic.iter().map(|&d| if d { "on" } else { "off" }).collect::<Vec<_>>().join(",")
     )?;
+    report_rows(args, seed, out, |sink| check::run(&dev, &builder, &plan, sink))
+}
+
+/// `check --pass decode`: the decode plan on the GPU, or its kernels' PTX with `--emit-ptx`.
+fn run_decode(args: &CheckArgs, seed: u64, out: &mut dyn Write) -> Result<Outcome> {
+    let plan = decode_plan(args, seed)?;
+    if let Some(dir) = &args.emit_ptx {
+        return emit_ptx(&plan.kernels(&KernelBuilder::new(args.arch, None)), plan.threads, args, dir, out);
+    }
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
+    let dev = Device::open(args.device)?;
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
+    writeln!(out, "device: {}", dev.describe())?;
+    writeln!(
+        out,
+        "seed: {seed} (repeat with --seed {seed}); schedule {}; PTX from {}; reference threads {}",
+        describe_schedule(plan.schedule),
+        builder.ptx_dir().map_or("NVRTC".to_string(), |d| format!("`{}` (else NVRTC)", d.display())),
+        plan.threads
+    )?;
+    writeln!(
+        out,
+        "decode: one batch of cached lengths {:?} per group (N = the cache's capacity); caches {}; splits {}; \
+         query heads per K/V head {}",
+        plan.seqlens,
+        plan.caches.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+        plan.splits.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+        plan.kv_heads.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(","),
+    )?;
+    report_rows(args, seed, out, |sink| decode_check::run(&dev, &builder, &plan, sink))
+}
+
+/// Runs a check, printing its table as the rows come (all, or the failing ones with
+/// `--failures-only`), then the failure details and the summary line.
+fn report_rows(
+    args: &CheckArgs,
+    seed: u64,
+    out: &mut dyn Write,
+    run: impl FnOnce(&mut dyn FnMut(&failure::Row)) -> Result<Vec<failure::Row>, crate::gpu::GpuError>,
+) -> Result<Outcome> {
     writeln!(out, "{}", failure::header())?;
     out.flush()?;
     let start = Instant::now();
     let mut write_error = None;
-    let result = check::run(&dev, &builder, &plan, &mut |row| {
+    let result = run(&mut |row| {
         if (!args.failures_only || !row.passed()) && write_error.is_none() {
             if let Err(e) = writeln!(out, "{}", failure::format_row(row)).and_then(|_| out.flush()) {
                 write_error = Some(e);
@@ -278,22 +408,27 @@ fn details(rows: &[failure::Row], out: &mut dyn Write) -> Result<()> {
 /// Compiles every kernel of the plan for `args.arch` in parallel ([`artifact::build_all`]) and
 /// stores the PTX of each one that compiles without spilling into `dir`; a spilling kernel is
 /// reported as SPILL and not written, as `sbgen tune` refuses it.
-fn emit_ptx(plan: &CheckPlan, args: &CheckArgs, dir: &std::path::Path, out: &mut dyn Write) -> Result<Outcome> {
+fn emit_ptx(
+    kernels: &[crate::ir::Kernel],
+    threads: usize,
+    args: &CheckArgs,
+    dir: &std::path::Path,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     // A folder that cannot hold the PTX is the user's to fix, before minutes of compiling.
     let store = PtxDir::create(dir).map_err(|e| UsageError::new(format!("`--emit-ptx`: {e}")))?;
     let compiler = Compiler::discover()?;
-    let kernels = plan.kernels(&KernelBuilder::new(args.arch, None));
     let start = Instant::now();
     let mut lowered = Vec::with_capacity(kernels.len());
     let mut problems = Vec::new();
-    for kernel in &kernels {
+    for kernel in kernels {
         match lower(kernel) {
             Ok(l) => lowered.push(l),
             Err(e) => problems.push(format!("FAIL {}: {e}", kernel.name())),
         }
     }
     let mut written = 0;
-    for artifact in artifact::build_all(&lowered, &compiler, plan.threads) {
+    for artifact in artifact::build_all(&lowered, &compiler, threads) {
         let name = &artifact.lowered.name;
         match &artifact.verdict {
             Verdict::Ok => match store.write(&artifact) {

@@ -135,11 +135,14 @@ pub enum KvCache {
     Paged,
 }
 
+/// The passes `check` and `run` take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PassChoice {
     Fwd,
     Bwd,
     Both,
+    /// One new token per sequence against a KV cache (docs/math.md#decode).
+    Decode,
 }
 
 fn parse_softplus(s: &str) -> Result<Softplus, String> {

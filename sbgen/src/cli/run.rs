@@ -4,10 +4,12 @@ use super::emit::{PassChoice, ScheduleArgs, SpecArgs};
 use super::{Outcome, UsageError};
 use crate::files;
 use crate::gpu::run::{self, RunError, RunPass, RunRequest};
+use crate::gpu::run_decode::{self, DecodeRequest};
 use crate::gpu::{Device, KernelBuilder};
 use crate::ir::{Arch, Kernel, Schedule};
 use anyhow::Result;
 use clap::Args;
+use sbgen_runtime::launcher::KvCacheGeometry;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -74,6 +76,9 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
             return Err(UsageError::new(format!("`scale` = {s} is not allowed: it must be finite and non-zero")).into());
         }
     }
+    if args.pass == PassChoice::Decode {
+        return run_decode(args, out);
+    }
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     files::check_output(&args.output, &[&args.input]).map_err(|e| UsageError::new(format!("`--output`: {e}")))?;
     let req = request(args);
@@ -104,6 +109,68 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let builder = KernelBuilder::new(dev.arch, ptx_dir);
     let report = run::run(&dev, &builder, &req, loaded).map_err(usage)?;
+    print_report(&report, &sizes, &dev, args, out)
+}
+
+/// `run --pass decode`: checks the flags, the output path and the input file before the GPU, then
+/// runs the decode kernel of the spec on the file's cache.
+fn run_decode(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if let Some(s) = args.scale {
+        if !s.is_finite() || s == 0.0 {
+            return Err(UsageError::new(format!("`scale` = {s} is not allowed: it must be finite and non-zero")).into());
+        }
+    }
+    if args.spec.deterministic {
+        return Err(UsageError::new("`--deterministic` is the backward's: a decode is always deterministic").into());
+    }
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
+    files::check_output(&args.output, &[&args.input]).map_err(|e| UsageError::new(format!("`--output`: {e}")))?;
+    let req = DecodeRequest {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        mask: args.spec.mask,
+        layout: args.spec.layout(),
+        remainder: args.spec.remainder,
+        early_exit_bits: args.spec.early_exit_bits,
+        schedule: super::check::schedule_override(&args.schedule),
+        scale: args.scale,
+    };
+    let loaded = run_decode::load(&req).map_err(usage)?;
+    let spec = req.spec(loaded.shape.head_dim as u32, loaded.dtype);
+    let kernel = |arch| Kernel::new(spec, req.schedule.unwrap_or_else(|| Schedule::default_on(&spec, arch)), arch);
+    let refused: Vec<_> = Arch::ALL.iter().filter_map(|&arch| kernel(arch).validate().err()).collect();
+    if let (true, Some(e)) = (refused.len() == Arch::ALL.len(), refused.last()) {
+        return Err(UsageError::new(e).into());
+    }
+    let dev = Device::open(args.device)?;
+    let chosen = kernel(dev.arch);
+    chosen
+        .validate()
+        .map_err(|e| UsageError::new(format!("{e} (on {}, which runs {} kernels)", dev.describe(), dev.arch)))?;
+    if let KvCacheGeometry::Paged { page_size, .. } = loaded.geometry {
+        let block_n = chosen.schedule.block_n as usize;
+        if page_size % block_n != 0 {
+            return Err(UsageError::new(format!(
+                "`page_size` = {page_size} (k_cache's dimension 1) is not a multiple of the kernel's key block \
+                 ({block_n}): allowed multiples of {block_n}"
+            ))
+            .into());
+        }
+    }
+    let sizes = loaded.sizes();
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
+    let report = run_decode::run(&dev, &builder, &req, loaded).map_err(usage)?;
+    print_report(&report, &sizes, &dev, args, out)
+}
+
+/// What a run wrote; exit 1 when an output holds NaN or infinite elements.
+fn print_report(
+    report: &run::RunReport,
+    sizes: &str,
+    dev: &Device,
+    args: &RunArgs,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     writeln!(out, "ran {} on {} ({} [{sizes}])", report.kernels.join(" + "), dev.describe(), report.dtype)?;
     for (name, dims) in &report.written {
         writeln!(out, "  wrote {name} {dims:?}")?;
@@ -127,6 +194,7 @@ fn request(args: &RunArgs) -> RunRequest {
             PassChoice::Fwd => RunPass::Forward,
             PassChoice::Bwd => RunPass::Backward,
             PassChoice::Both => RunPass::Both,
+            PassChoice::Decode => unreachable!("`run` sends the decode to `run_decode` before building a request"),
         },
         mask: args.spec.mask,
         layout: args.spec.layout(),

@@ -302,8 +302,9 @@ fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
     }
     if args.pass.contains(&Pass::Decode) {
         return Err(UsageError::new(
-            "`--pass decode`: sbgen tune times the forward and backward only so far (`sbgen emit --pass decode` \
-             lowers the decode)",
+            "`--pass decode`: sbgen tune times the forward and backward only so far; the decode runs at its \
+             default schedule with the launcher's split (`sbgen bench --decode` times it, `--splits`, \
+             `--chunk-keys` and the schedule flags try others)",
         )
         .into());
     }

@@ -66,6 +66,10 @@ impl Device {
             GpuError::NoDevice(format!("compute capability {}.{} is not supported (sm_80 or newer needed)", cc.0, cc.1))
         })?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // SAFETY: sbgen's tools do all their work on the one stream below, in order, so cudarc's
+        // cross-stream event tracking is not needed; without it no event is recorded or waited on
+        // per tensor use (host time per launch, and waits a CUDA graph capture would refuse).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let launcher = Launcher::new(stream.clone())?;
         Ok(Device { ctx, stream, launcher, name, compute_capability: cc, arch })

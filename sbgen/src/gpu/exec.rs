@@ -338,7 +338,7 @@ pub fn backward_to<T: SbElement>(
 }
 
 /// A launch error, or [`GpuError::ContextLost`] when it left the context unusable.
-fn lost_or(e: sbgen_runtime::launcher::LaunchError, kernel: &KernelBinary) -> GpuError {
+pub(crate) fn lost_or(e: sbgen_runtime::launcher::LaunchError, kernel: &KernelBinary) -> GpuError {
     match super::device::is_context_lost(&e) {
         Some(source) => GpuError::ContextLost { kernel: kernel.name().to_string(), source },
         None => GpuError::Launch(e),

@@ -88,6 +88,8 @@ pub struct Row {
     pub err_dv: Option<f64>,
     /// Empty when the row passed.
     pub failures: Vec<Failure>,
+    /// What the spec and shape do not say (a decode's cache and split), printed after the status.
+    pub detail: String,
 }
 
 impl Row {
@@ -102,6 +104,7 @@ impl Row {
             err_dk: None,
             err_dv: None,
             failures: Vec::new(),
+            detail: String::new(),
         }
     }
 
@@ -147,6 +150,7 @@ pub fn format_row(row: &Row) -> String {
     } else {
         format!("FAIL: {}", row.failures.iter().map(short).collect::<Vec<_>>().join("; "))
     };
+    let status = if row.detail.is_empty() { status } else { format!("{status}  [{}]", row.detail) };
     format!(
         "{:<40} {:<10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
         row.spec.slug(),

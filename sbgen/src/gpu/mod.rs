@@ -8,16 +8,21 @@
 //! - [`oracle`]: the float64 reference run in parallel over heads.
 //! - [`check`]: every supported spec against the reference; [`failure`]: why a row failed, typed;
 //!   [`run`]: one kernel on safetensors tensors; [`bench`]: timings with CUDA events.
+//! - [`decode`]: KV caches on the device and the decode reference; [`decode_check`]: `check --pass decode`.
 
 pub mod bench;
 pub mod check;
 pub mod data;
+pub mod decode;
+pub mod decode_bench;
+pub mod decode_check;
 pub mod device;
 pub mod exec;
 pub mod failure;
 pub mod kernels;
 pub mod oracle;
 pub mod run;
+pub mod run_decode;
 
 pub use device::{Device, GpuError};
 pub use kernels::KernelBuilder;
