@@ -9,8 +9,18 @@ use syn::parse::Parser;
 use syn::{Expr, ExprLit, Lit};
 
 /// Every key the attribute takes, in the order the errors list them.
-pub const KEYS: &[&str] =
-    &["head_dim", "dtype", "mask", "layout", "remainder", "early_exit_bits", "deterministic", "cache", "seq"];
+pub const KEYS: &[&str] = &[
+    "head_dim",
+    "dtype",
+    "mask",
+    "layout",
+    "remainder",
+    "early_exit_bits",
+    "deterministic",
+    "kv_cache",
+    "cache",
+    "seq",
+];
 
 /// A value and the span of the literal it came from.
 #[derive(Clone, Debug)]
@@ -29,6 +39,8 @@ pub struct Options {
     pub remainder: Option<Spanned<Remainder>>,
     pub early_exit_bits: Option<Spanned<u32>>,
     pub deterministic: Option<Spanned<bool>>,
+    /// The decode's KV cache: `true` for paged, `false` for contiguous.
+    pub kv_cache_paged: Option<Spanned<bool>>,
     pub cache: Option<Spanned<String>>,
     pub seq: Option<Spanned<u64>>,
     /// Valid keys that were written, parsed or not (so a bad `head_dim` is not also "missing").
@@ -105,14 +117,25 @@ fn parse_one(options: &mut Options, meta: &ParseNestedMeta<'_>, errors: &mut Err
             let parsed = text_enum(&key, lit, span).and_then(|l: Spanned<Layout>| match l.value {
                 Layout::Paged => Err(syn::Error::new(
                     l.span,
-                    "`layout = \"paged\"` is a decode's KV cache: this attribute generates the forward and \
-                     backward (layout bhnd, bnhd or thd)",
+                    "`layout = \"paged\"` is a decode's KV cache: `layout` is the forward's and backward's \
+                     (bhnd, bnhd or thd); for a paged decode write `kv_cache = \"paged\"`",
                 )),
                 _ => Ok(l),
             });
             set(&mut options.layout, &key, path_span, parsed, errors)
         }
         "remainder" => set(&mut options.remainder, &key, path_span, text_enum(&key, lit, span), errors),
+        "kv_cache" => {
+            let parsed = string(&key, lit, span).and_then(|v| match v.value.as_str() {
+                "contiguous" => Ok(Spanned { value: false, span: v.span }),
+                "paged" => Ok(Spanned { value: true, span: v.span }),
+                other => Err(syn::Error::new(
+                    v.span,
+                    format!("`kv_cache` = \"{other}\" is not a valid value: allowed \"contiguous\", \"paged\""),
+                )),
+            });
+            set(&mut options.kv_cache_paged, &key, path_span, parsed, errors)
+        }
         _ => {
             let valid = KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
             errors.at(path_span, format!("unknown key `{key}`: valid keys are {valid}"));
@@ -188,6 +211,7 @@ fn example(key: &str) -> String {
         "remainder" => "remainder = \"return\"".into(),
         "early_exit_bits" => "early_exit_bits = 24".into(),
         "deterministic" => "deterministic = true".into(),
+        "kv_cache" => "kv_cache = \"paged\"".into(),
         "cache" => "cache = \"sbgen-tune.json\"".into(),
         "seq" => "seq = 4096".into(),
         other => format!("{other} = ..."),

@@ -1,5 +1,5 @@
 //! Code generation: the user's struct, unchanged, plus an `impl` with the embedded kernels and typed
-//! `forward` / `backward` over `::sbgen_runtime::launcher`. The generated code names only
+//! `forward` / `backward` / `decode` over `::sbgen_runtime::launcher`. The generated code names only
 //! `::sbgen_runtime` (and `::core` / `::std`), so a user's crate needs `sbgen-runtime` (feature
 //! `cuda`) and this macro, plus its own choice of cudarc's CUDA version.
 
@@ -50,7 +50,7 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
     let ptx_dir = std::env::var_os("SBGEN_PTX_DIR").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let mut sets = Vec::new();
     let mut inputs: Vec<std::path::PathBuf> = found.file.iter().cloned().collect();
-    for spec in [&checked.forward, &backward_spec] {
+    for spec in [&checked.forward, &backward_spec, &checked.decode] {
         match kernels::pick(&found.cache, spec, checked.seq, ptx_dir.as_deref()) {
             Ok((k, files)) => {
                 sets.push(k);
@@ -75,8 +75,14 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
     let owner = name.to_string();
     let forward_set = set_fn(&format_ident!("forward_kernels"), &owner, &sets[0]);
     let backward_set = set_fn(&format_ident!("backward_kernels"), &owner, &sets[1]);
+    let decode_set = set_fn(&format_ident!("decode_kernels"), &owner, &sets[2]);
     let forward_doc = kernel_doc("forward", &sets[0]);
     let backward_doc = kernel_doc("backward", &sets[1]);
+    let decode_doc = kernel_doc("decode", &sets[2]);
+    let decode_spec_tokens = spec_tokens(&checked.decode);
+    let decode_spec_doc = format!("The spec of the decode kernels (`{}`).", checked.decode.slug());
+    let decode_sig = decode_signature(&element, true);
+    let cache_doc = cache_doc(checked.decode.layout);
     let forward_spec_doc = format!("The spec of the forward kernels (`{}`).", checked.forward.slug());
     let backward_spec_doc = format!("The spec of the backward kernels (`{}`).", backward_spec.slug());
     let rt = quote!(::sbgen_runtime);
@@ -106,9 +112,12 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
             pub const FORWARD_SPEC: #rt::Spec = #forward_spec;
             #[doc = #backward_spec_doc]
             pub const BACKWARD_SPEC: #rt::Spec = #backward_spec_tokens;
+            #[doc = #decode_spec_doc]
+            pub const DECODE_SPEC: #rt::Spec = #decode_spec_tokens;
 
             #forward_set
             #backward_set
+            #decode_set
 
             /// The forward kernel `forward` launches on `launcher`'s device for sequence length `seq`.
             pub fn forward_kernel(launcher: &#l::Launcher, seq: usize)
@@ -120,6 +129,13 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
             pub fn backward_kernel(launcher: &#l::Launcher, seq: usize)
                 -> ::core::result::Result<&'static #l::KernelBinary, #l::LaunchError> {
                 Self::backward_kernels().pick(launcher.store().compute_capability(), seq)
+            }
+
+            /// The decode kernel `decode` launches on `launcher`'s device for a cache of `capacity`
+            /// tokens per sequence.
+            pub fn decode_kernel(launcher: &#l::Launcher, capacity: usize)
+                -> ::core::result::Result<&'static #l::KernelBinary, #l::LaunchError> {
+                Self::decode_kernels().pick(launcher.store().compute_capability(), capacity)
             }
 
             /// Stick-breaking attention forward: `o`, `rem`, `log2_rem` (and `o_saved` when given)
@@ -142,8 +158,59 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
                 let kernel = Self::backward_kernel(launcher, shape.seq)?;
                 launcher.backward::<#element>(kernel, shape, #backward_args, scale)
             }
+
+            /// Stick-breaking attention decode: `o` and `rem` (`[B, H, D]`, `[B, H]`) of each
+            /// sequence's newest token, whose key and value are already the last of its
+            /// `seqlens_k[b]` cached tokens, against the KV cache (docs/math.md#decode; split over
+            /// key chunks across the GPU, early exit when the spec has it). Asynchronous on the
+            /// launcher's stream, one memset and one launch (capturable in a CUDA graph); every
+            /// input is checked first. Returns the split it ran. `scale`: `None` is 1/sqrt(head_dim).
+            #[doc = #cache_doc]
+            #[doc = #decode_doc]
+            #decode_sig {
+                let kernel = Self::decode_kernel(launcher, args.cache.capacity())?;
+                launcher.decode::<#element>(kernel, shape, args, #l::DecodeSplit::default(), scale)
+            }
         }
     }
+}
+
+/// `pub fn decode(launcher, shape, args: DecodeArgs<'_, element>, scale) -> Result<DecodePlan,
+/// LaunchError>`; `named` false: every parameter is `_` (the stubs).
+fn decode_signature(element: &TokenStream, named: bool) -> TokenStream {
+    let l = quote!(::sbgen_runtime::launcher);
+    let param = |n: &str| if named { format_ident!("{n}").into_token_stream() } else { quote!(_) };
+    let (launcher, shape, args, scale) = (param("launcher"), param("shape"), param("args"), param("scale"));
+    quote! {
+        pub fn decode(
+            #launcher: &#l::Launcher,
+            #shape: #l::DecodeShape,
+            #args: #l::DecodeArgs<'_, #element>,
+            #scale: ::core::option::Option<f32>,
+        ) -> ::core::result::Result<#l::DecodePlan, #l::LaunchError>
+    }
+}
+
+fn cache_doc(layout: Layout) -> String {
+    let cache = match layout {
+        Layout::Paged => {
+            "a paged cache: `k_cache`, `v_cache` `[num_pages, page_size, kv_heads, head_dim]` \
+                          with `block_table` (i32 `[batch, max_pages]`) and `cache: KvCacheGeometry::Paged`; \
+                          `page_size` a multiple of the kernel's key block (16)"
+        }
+        Layout::Bnhd => {
+            "a contiguous cache `[batch, capacity, kv_heads, head_dim]` (`cache: \
+                         KvCacheGeometry::Contiguous`, `block_table: None`)"
+        }
+        _ => {
+            "a contiguous cache `[batch, kv_heads, capacity, head_dim]` (`cache: \
+              KvCacheGeometry::Contiguous`, `block_table: None`)"
+        }
+    };
+    format!(
+        "\n\nThis struct's decode reads {cache}. Check host copies of `seqlens_k` (and the block table) with \
+         `sbgen_runtime::kv_cache::check_kv_tables` before uploading them: the launcher does not read them back."
+    )
 }
 
 /// `fn <name>() -> &'static EmbeddedSet` with the kernels in statics.
@@ -196,6 +263,7 @@ fn stubs(name: &Ident, dtype: Dtype, layout: Layout) -> TokenStream {
     let element = element(dtype);
     let forward = signature(&format_ident!("forward"), &format_ident!("ForwardArgs"), &element, layout, false);
     let backward = signature(&format_ident!("backward"), &format_ident!("BackwardArgs"), &element, layout, false);
+    let decode = decode_signature(&element, false);
     quote! {
         #[automatically_derived]
         impl #name {
@@ -203,6 +271,9 @@ fn stubs(name: &Ident, dtype: Dtype, layout: Layout) -> TokenStream {
                 ::core::unreachable!("#[stick_breaking_attention] failed to expand")
             }
             #backward {
+                ::core::unreachable!("#[stick_breaking_attention] failed to expand")
+            }
+            #decode {
                 ::core::unreachable!("#[stick_breaking_attention] failed to expand")
             }
         }

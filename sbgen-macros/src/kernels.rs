@@ -6,7 +6,7 @@ use crate::attr::{Errors, Options};
 use proc_macro2::Span;
 use sbgen::artifact::name::read_ptx;
 use sbgen::cache::{CacheError, TuningCache, DEFAULT_CACHE_FILE};
-use sbgen::ir::{Arch, Kernel, Schedule, Spec};
+use sbgen::ir::{Arch, Kernel, Pass, Schedule, Spec};
 use std::path::{Path, PathBuf};
 
 /// The cache in use and the file it came from (`None`: the built-in default).
@@ -110,7 +110,12 @@ pub fn pick(
     if missing_arch {
         // The kernel's source differs between arches only in a comment; sm_80's shared-memory limit
         // is the smaller, so a schedule valid there is valid on every supported device.
-        let kernel = Kernel::new(*spec, Schedule::default_for(spec), Arch::Sm80);
+        // (A decode's default at head_dim 256 needs 2 warps to fit sm_80: `default_on` says so.)
+        let schedule = match spec.pass {
+            Pass::Decode => Schedule::default_on(spec, Arch::Sm80),
+            Pass::Forward | Pass::Backward => Schedule::default_for(spec),
+        };
+        let kernel = Kernel::new(*spec, schedule, Arch::Sm80);
         let lowered = sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;
         out.push(Embed {
             arch: None,

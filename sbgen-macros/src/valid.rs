@@ -15,6 +15,9 @@ pub struct Checked {
     /// The forward's spec with `pass` backward and the `deterministic` key (a forward is always
     /// deterministic, so the key applies to the backward only).
     pub backward: Spec,
+    /// The decode's spec: the forward's with `pass` decode and the cache's layout (`kv_cache =
+    /// "paged"`: paged; else the forward's bhnd or bnhd, and bnhd, the token-major cache, for thd).
+    pub decode: Spec,
     pub seq: Option<usize>,
 }
 
@@ -74,7 +77,13 @@ pub fn check(options: &Options, errors: &mut Errors) -> Option<Checked> {
     };
     let deterministic = options.deterministic.as_ref().is_some_and(|d| d.value);
     let backward = Spec { pass: Pass::Backward, deterministic, ..forward };
-    Some(Checked { forward, backward, seq })
+    let decode_layout = match (options.kv_cache_paged.as_ref().is_some_and(|p| p.value), forward.layout) {
+        (true, _) => Layout::Paged,
+        (false, Layout::Thd) => Layout::Bnhd,
+        (false, layout) => layout,
+    };
+    let decode = Spec { pass: Pass::Decode, layout: decode_layout, ..forward };
+    Some(Checked { forward, backward, decode, seq })
 }
 
 /// The element type, `bf16` unless given (also used to type the stubs emitted on error).

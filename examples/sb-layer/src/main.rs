@@ -1,6 +1,7 @@
 //! A small stick-breaking attention layer: q, k, v and output projections on the CPU, attention on
-//! the GPU through `#[stick_breaking_attention]`. Runs the forward and backward on random data and
-//! compares the attention's outputs and gradients with the float64 reference of `sbgen_runtime`.
+//! the GPU through `#[stick_breaking_attention]`. Runs the forward and backward on random data, then
+//! one decode step over the same keys as a KV cache, and compares the attention's outputs, gradients
+//! and the decode's output with the float64 reference of `sbgen_runtime`.
 //!
 //! Exit status: 0 when every relative error is within tolerance; 1 when one is not, or when a
 //! kernel fails; without a GPU it says so and exits 0 (1 when `SBGEN_REQUIRE_GPU=1`, as on the GPU
@@ -11,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use sbgen_macros::stick_breaking_attention;
 use sbgen_runtime::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use sbgen_runtime::half::bf16;
-use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, Launcher, Shape};
+use sbgen_runtime::kv_cache::check_kv_tables;
+use sbgen_runtime::launcher::{BackwardArgs, DecodeArgs, DecodeShape, ForwardArgs, KvCacheGeometry, Launcher, Shape};
 use sbgen_runtime::reference;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub struct SbAttn;
 const FWD_TOL: f64 = 5e-3;
 /// Relative L2 error of the gradients.
 const GRAD_TOL: f64 = 1e-2;
+/// Absolute error of the decode's rem (in [0, 1]).
+const REM_ABS_TOL: f64 = 1e-6;
 
 /// `x @ W` per head, written BHND: x is [B, N, C], W is [C, H * D] (row-major), the result
 /// [B, H, N, D].
@@ -111,7 +115,11 @@ fn main() -> ExitCode {
     let d_o = round((0..q.len()).map(|_| rng.gen_range(-1.0..1.0)).collect());
     let shape = Shape::new(batch, heads, seq, head_dim);
 
-    for (pass, set) in [("forward", SbAttn::forward_kernels()), ("backward", SbAttn::backward_kernels())] {
+    for (pass, set) in [
+        ("forward", SbAttn::forward_kernels()),
+        ("backward", SbAttn::backward_kernels()),
+        ("decode", SbAttn::decode_kernels()),
+    ] {
         let binaries = match set.binaries() {
             Ok(binaries) => binaries,
             Err(e) => {
@@ -213,6 +221,33 @@ fn run(
         varlen: None,
     };
     SbAttn::backward(&launcher, shape, bwd, None)?;
+
+    // One decode step over the same keys and values as a KV cache (each sequence's last token is
+    // the new one): its o and rem must be the forward's last row (docs/math.md#decode).
+    let d = shape.head_dim;
+    let last_rows = |x: &[bf16], count: usize| -> Vec<bf16> {
+        (0..count).flat_map(|bh| x[(bh * shape.seq + shape.seq - 1) * d..][..d].iter().copied()).collect()
+    };
+    let q_new = stream.clone_htod(&last_rows(q, shape.batch * shape.heads))?;
+    let cache = KvCacheGeometry::Contiguous { capacity: shape.seq };
+    let seqlens = vec![shape.seq as i32; shape.batch];
+    check_kv_tables(cache, shape.batch, &seqlens, None)?;
+    let seqlens_d = stream.clone_htod(&seqlens)?;
+    let mut o_dec: CudaSlice<bf16> = stream.alloc_zeros(shape.batch * shape.heads * d)?;
+    let mut rem_dec: CudaSlice<f32> = stream.alloc_zeros(shape.batch * shape.heads)?;
+    let dec = DecodeArgs {
+        q: q_new.as_view(),
+        k_cache: k_d.as_view(),
+        v_cache: v_d.as_view(),
+        cache,
+        seqlens_k: seqlens_d.as_view(),
+        block_table: None,
+        o: o_dec.as_view_mut(),
+        rem: rem_dec.as_view_mut(),
+    };
+    let decode_shape =
+        DecodeShape { batch: shape.batch, heads: shape.heads, kv_heads: shape.kv_heads, head_dim: shape.head_dim };
+    SbAttn::decode(&launcher, decode_shape, dec, None)?;
     stream.synchronize()?;
 
     let host = |x: &CudaSlice<bf16>| -> Result<Vec<f32>, BoxError> {
@@ -220,6 +255,7 @@ fn run(
     };
     let (o_h, dq_h, dk_h, dv_h) = (host(&o)?, host(&dq)?, host(&dk)?, host(&dv)?);
     let rem_h = stream.clone_dtoh(&rem)?;
+    let (o_dec_h, rem_dec_h) = (host(&o_dec)?, stream.clone_dtoh(&rem_dec)?);
 
     // The float64 reference on the same bf16 inputs.
     let wide = |x: &[bf16]| x.iter().map(|&e| f64::from(e)).collect::<Vec<_>>();
@@ -233,6 +269,10 @@ fn run(
     let (q64, k64, v64) = (wide(q), wide(k), wide(v));
     let want = reference::forward(shape, &opts, &q64, &k64, &v64);
     let grads = reference::backward(shape, &opts, &q64, &k64, &v64, &wide(d_o), None);
+    let rows_bh = shape.batch * shape.heads;
+    let o_last: Vec<f64> =
+        (0..rows_bh).flat_map(|bh| want.o[(bh * shape.seq + shape.seq - 1) * d..][..d].iter().copied()).collect();
+    let rem_last: Vec<f64> = (0..rows_bh).map(|bh| want.rem[bh * shape.seq + shape.seq - 1]).collect();
 
     let mut ok = true;
     for (name, got, want, tol) in [
@@ -241,12 +281,22 @@ fn run(
         ("dq", &dq_h, &grads.dq, GRAD_TOL),
         ("dk", &dk_h, &grads.dk, GRAD_TOL),
         ("dv", &dv_h, &grads.dv, GRAD_TOL),
+        ("decode o", &o_dec_h, &o_last, FWD_TOL),
     ] {
         let err = rel_l2(got, want);
         let pass = err <= tol;
         ok &= pass;
-        println!("{name:>4}: relative L2 error {err:.3e} (tolerance {tol:.0e}) {}", if pass { "ok" } else { "FAIL" });
+        println!("{name:>10}: relative L2 error {err:.3e} (tolerance {tol:.0e}) {}", if pass { "ok" } else { "FAIL" });
     }
+    // The last row's rem is the whole stick's product over 255 keys (about 2^-280 here): f32 holds 0
+    // there, so it is compared absolutely.
+    let rem_err = rem_dec_h.iter().zip(&rem_last).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max);
+    let rem_ok = rem_err <= REM_ABS_TOL;
+    ok &= rem_ok;
+    println!(
+        "decode rem: max absolute error {rem_err:.3e} (tolerance {REM_ABS_TOL:.0e}) {}",
+        if rem_ok { "ok" } else { "FAIL" }
+    );
     let y = layer.output(&o_h, shape.batch, shape.seq);
     let norm = (y.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / y.len() as f64).sqrt();
     println!("layer output [B, N, C] = [{}, {}, {}], rms {norm:.4}", shape.batch, shape.seq, layer.channels);
