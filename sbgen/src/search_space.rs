@@ -16,7 +16,7 @@
 //! layout (THD included), mask, remainder, early exit and `deterministic` do not choose the space: a
 //! deterministic backward or a THD spec searches what its dense, non-deterministic twin searches.
 
-use crate::ir::{Arch, Cumsum, IrError, Kernel, MmaFamily, Pass, Schedule, Softplus, Spec};
+use crate::ir::{Arch, Cumsum, IrError, Kernel, Layout, MmaFamily, Pass, Schedule, Softplus, Spec};
 use std::fmt;
 
 /// Query rows per CTA and the warps that share them.
@@ -81,10 +81,26 @@ pub const NARROW_SPACE: SearchSpace = SearchSpace { block_n: &[32, 64], ..DEFAUL
 /// (64-key blocks spill 56-80 bytes at 96 under ptxas 13.0, 8 warps included on sm_80).
 pub const BACKWARD_N32_SPACE: SearchSpace = SearchSpace { block_n: &[32], ..DEFAULT_SPACE };
 
+/// The decode's table (its `block_m` is query heads per m-tile, its warps each walk their own chunks:
+/// docs/math.md#decode): 16 heads on 2, 4 or 8 warps, key blocks of 16, 32 and 64, 2 or 3 stages;
+/// the MUFU exp2, the shuffle cumsum and `mma.sync` only. A decode waits on memory: what moves its
+/// time is the bytes in flight per SM (warps, block, stages), not the arithmetic (the polynomial
+/// exp2 is left out). 32 heads per tile (two m-tiles) spill 64-488 bytes at 128 wide under ptxas
+/// 13.0 and are left out too. Chunks and splits are the launcher's, at run time.
+pub const DECODE_SPACE: SearchSpace = SearchSpace {
+    tiles: &[Tile { block_m: 16, warps: 4 }, Tile { block_m: 16, warps: 2 }, Tile { block_m: 16, warps: 8 }],
+    block_n: &[16, 32, 64],
+    stages: &[2, 3],
+    softplus: &[Softplus::Mufu],
+    cumsum: &[Cumsum::Shuffle],
+    mma: &[MmaFamily::MmaSync],
+};
+
 /// Which table each (pass, tile width, arch) uses; the first matching rule wins, the last matches
 /// all. Tiles wider than 128 take the default table, narrowed by an [`EXCLUSIONS`] entry that says
 /// why.
 pub const RULES: &[Rule] = &[
+    Rule { pass: Some(Pass::Decode), tile_head_dims: None, arch: None, space: &DECODE_SPACE },
     Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[96, 128]), arch: None, space: &BACKWARD_N32_SPACE },
     Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[32]), arch: None, space: &NARROW_SPACE },
     Rule { pass: None, tile_head_dims: Some(&[64]), arch: None, space: &NARROW_SPACE },
@@ -96,6 +112,20 @@ pub const RULES: &[Rule] = &[
 /// compiling every candidate with the pinned CUDA 13.0 compilers (NVRTC, then `ptxas -v`), the
 /// check CI repeats: a variant the tuner may choose must not spill (docs/architecture.md#artifact-pipeline).
 pub const EXCLUSIONS: &[Exclusion] = &[
+    Exclusion {
+        reason: "a paged decode takes pages of 16 tokens, and a key block must not straddle a page: \
+                 16-key blocks only",
+        applies: |k| k.spec.pass == Pass::Decode && k.spec.layout == Layout::Paged && k.schedule.block_n != 16,
+    },
+    Exclusion {
+        reason: "spills registers (ptxas 13.0): the decode's 64-key blocks at 96 and 128 wide (8-176 \
+                 bytes) and its blocks of more than 16 keys above 128 (48 bytes at 256 on sm_80)",
+        applies: |k| {
+            k.spec.pass == Pass::Decode
+                && ((k.spec.tile_head_dim() >= 96 && k.schedule.block_n == 64)
+                    || (k.spec.tile_head_dim() > 128 && k.schedule.block_n > 16))
+        },
+    },
     Exclusion {
         reason: "32 rows per warp (block_m = 32 * warps) is left out of the default search space until \
                  the templates' two-m-tile path is tuned",
@@ -438,5 +468,22 @@ mod tests {
         assert!(!kept.is_empty());
         assert!(kept.len() < 24);
         assert!(!kept.iter().any(|s| s.block_m == 128 && s.block_n == 128 && s.stages == 3));
+    }
+
+    #[test]
+    fn the_decode_searches_its_own_table_with_its_default_and_paged_caches_16_key_blocks() {
+        for arch in Arch::ALL {
+            for head_dim in [32, 64, 80, 128, 160, 256] {
+                for layout in [Layout::Bhnd, Layout::Bnhd, Layout::Paged] {
+                    let spec = Spec { layout, ..Spec::new(head_dim, Dtype::Bf16, Pass::Decode) };
+                    let kept = accepted(spec, arch);
+                    assert!(kept.contains(&Schedule::default_on(&spec, arch)), "{} on {arch}", spec.slug());
+                    assert!(kept.iter().all(|s| s.mma == MmaFamily::MmaSync && s.block_m == 16), "{kept:?}");
+                    if layout == Layout::Paged {
+                        assert!(kept.iter().all(|s| s.block_n == 16), "{} on {arch}: {kept:?}", spec.slug());
+                    }
+                }
+            }
+        }
     }
 }

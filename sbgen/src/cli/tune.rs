@@ -51,7 +51,9 @@ pub struct TuneArgs {
     /// Element types, comma-separated (bf16, f16).
     #[arg(long, value_delimiter = ',', default_values_t = [Dtype::Bf16, Dtype::F16])]
     pub dtype: Vec<Dtype>,
-    /// Passes, comma-separated (fwd, bwd).
+    /// Passes, comma-separated (fwd, bwd, decode). A decode is timed on 8 sequences of each `--seq`
+    /// cached tokens, 32 query heads on 8 K/V heads, in the `--layout`'s cache (bhnd, bnhd, or paged
+    /// with 16-token pages); tune it apart from the forward and backward, whose layouts differ.
     #[arg(long, value_delimiter = ',', default_values_t = [Pass::Forward, Pass::Backward])]
     pub pass: Vec<Pass>,
     /// Mask, layout (`--varlen` = thd), remainder, early exit and `--deterministic` (backward) of
@@ -297,14 +299,6 @@ fn specs(args: &TuneArgs) -> Result<Vec<Spec>> {
     if args.spec.deterministic && !args.pass.contains(&Pass::Backward) {
         return Err(UsageError::new(
             "`--deterministic` applies to the backward only (the forward always is): add bwd to `--pass`",
-        )
-        .into());
-    }
-    if args.pass.contains(&Pass::Decode) {
-        return Err(UsageError::new(
-            "`--pass decode`: sbgen tune times the forward and backward only so far; the decode runs at its \
-             default schedule with the launcher's split (`sbgen bench --decode` times it, `--splits`, \
-             `--chunk-keys` and the schedule flags try others)",
         )
         .into());
     }

@@ -24,7 +24,7 @@ use cudarc::driver::CudaSlice;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use sbgen_runtime::launcher::{DecodeSplit, KvCacheGeometry, SbElement};
+use sbgen_runtime::launcher::{DecodeSplit, KernelBinary, KvCacheGeometry, SbElement};
 use sbgen_runtime::reference::{decode, DecodeShape, Options};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -129,8 +129,8 @@ pub struct DecodeBenchResult {
 
 /// A cache on the device filled from `base` (R rows of `width` elements, tiled over the physical
 /// rows), and how to find a logical token in `base`.
-struct TiledCache<T> {
-    cache: DeviceCache<T>,
+pub(crate) struct TiledCache<T> {
+    pub(crate) cache: DeviceCache<T>,
     base_k: Vec<f32>,
     base_v: Vec<f32>,
     width: usize,
@@ -168,7 +168,9 @@ impl<T> TiledCache<T> {
     }
 }
 
-fn tiled_cache<T: SbElement>(
+/// A cache for problem `p` in `kind`'s geometry, tiled on the device from random rows of each row
+/// width (drawn once into `bases`).
+pub(crate) fn tiled_cache<T: SbElement>(
     dev: &Device,
     p: &DecodeProblem,
     kind: CacheKind,
@@ -347,12 +349,31 @@ fn time_one<T: SbElement>(
     if err.is_nan() || err > FWD_TOL {
         return Ok((kernel.name().to_string(), split, err, None));
     }
-    // The repetitions run as one CUDA graph (as a serving loop launches a decode step), each between
-    // two event-record nodes, with the L2 flush between them outside the timed part: timed launch by
-    // launch from the host, a 40 us decode would measure the host's launch path instead.
+    let ms = time_steps(dev, &kernel, s, q, cache, plan.split, plan.reps, plan.warmup, flush)?;
+    Ok((kernel.name().to_string(), split, err, Some(ms)))
+}
+
+/// Times `reps` decode steps of `kernel` as one CUDA graph (as a serving loop launches a decode
+/// step), each between two event-record nodes, with an L2 flush (`flush` zeroed) between them
+/// outside the timed part: timed launch by launch from the host, a 15 us step would measure the
+/// host's launch path instead. Milliseconds per step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn time_steps<T: SbElement>(
+    dev: &Device,
+    kernel: &KernelBinary,
+    s: DecodeShape,
+    q: &CudaSlice<T>,
+    cache: &DeviceCache<T>,
+    split: DecodeSplit,
+    reps: usize,
+    warmup: usize,
+    flush: &mut CudaSlice<u8>,
+) -> Result<Vec<f64>, GpuError> {
+    let mut o = super::exec::poisoned::<T>(dev, s.len())?;
+    let mut rem = super::exec::poisoned_f32(dev, s.rows())?;
     let event = || dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-    let mut pairs = Vec::with_capacity(plan.reps);
-    for _ in 0..plan.reps {
+    let mut pairs = Vec::with_capacity(reps);
+    for _ in 0..reps {
         pairs.push((event()?, event()?));
     }
     let record = |e: &cudarc::driver::CudaEvent| -> Result<(), GpuError> {
@@ -368,12 +389,15 @@ fn time_one<T: SbElement>(
         .result()?;
         Ok(())
     };
+    // The workspace is sized by a launch outside the capture (none may allocate inside it).
+    decode_to(dev, kernel, s, q, cache, o.as_view_mut(), rem.as_view_mut(), split, None)?;
+    dev.sync(kernel.name(), Duration::from_secs(60))?;
     dev.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
     let captured = (|| -> Result<(), GpuError> {
         for (start, end) in &pairs {
             dev.stream.memset_zeros(flush)?;
             record(start)?;
-            decode_to(dev, &kernel, s, q, cache, o.as_view_mut(), rem.as_view_mut(), plan.split, None)?;
+            decode_to(dev, kernel, s, q, cache, o.as_view_mut(), rem.as_view_mut(), split, None)?;
             record(end)?;
         }
         Ok(())
@@ -382,7 +406,7 @@ fn time_one<T: SbElement>(
     let graph = dev.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
     captured?;
     let graph = graph?.ok_or_else(|| GpuError::Input("the decode's capture made an empty graph".into()))?;
-    for _ in 0..plan.warmup.clamp(1, 2) {
+    for _ in 0..warmup.clamp(1, 2) {
         graph.launch()?;
     }
     dev.sync(kernel.name(), Duration::from_secs(300))?;
@@ -392,7 +416,7 @@ fn time_one<T: SbElement>(
     for (start, end) in &pairs {
         ms.push(start.elapsed_ms(end)? as f64);
     }
-    Ok((kernel.name().to_string(), split, err, Some(ms)))
+    Ok(ms)
 }
 
 /// The report's header line.

@@ -8,6 +8,8 @@ use crate::cache::{CacheEntry, CandidateResult, Outcome};
 use crate::gpu::bench::CHECK_VARLEN;
 use crate::gpu::check::{self, short, CheckPlan};
 use crate::gpu::data::Regime;
+use crate::gpu::decode::CacheKind;
+use crate::gpu::decode_check::{self, DecodeCheckPlan};
 use crate::gpu::device::GpuError;
 use crate::gpu::failure::{Failure, Row};
 use crate::ir::{Layout, Pass, Schedule, Spec};
@@ -33,6 +35,25 @@ fn candidate_plan(spec: Spec, schedule: Schedule, seed: u64) -> CheckPlan {
     cp
 }
 
+/// The check of a decode candidate: lengths 1, 17 and 300 (no key, a partial block, several chunks)
+/// in the spec's cache (paged: 16-token pages), a GQA group of 4, every regime, both splits.
+fn decode_candidate_plan(spec: Spec, schedule: Schedule, seed: u64) -> DecodeCheckPlan {
+    let mut cp = DecodeCheckPlan::quick(seed);
+    cp.head_dims = vec![spec.head_dim];
+    cp.dtypes = vec![spec.dtype];
+    cp.masks = vec![spec.mask];
+    cp.caches = vec![match spec.layout {
+        Layout::Paged => CacheKind::Paged { page_size: 16 },
+        layout => CacheKind::Contiguous(layout),
+    }];
+    cp.remainders = vec![spec.remainder];
+    cp.early_exits = vec![spec.early_exit_bits];
+    cp.seqlens = vec![1, 17, 300];
+    cp.kv_heads = vec![check::KvHeads::Group(4)];
+    cp.schedule = Some(schedule);
+    cp
+}
+
 /// Checks every kept candidate (`kept` indexes `cands`) still to be measured, in order; a wrong
 /// one gets its outcome. Once the budget is spent, candidates are checked only until one passes
 /// (the default, unless it failed to build or is wrong), the rest become [`Outcome::NotRun`].
@@ -54,7 +75,14 @@ pub fn check_candidates(
             cands[i].outcome = Outcome::NotRun { reason: "time budget spent (--budget-s) before its check".into() };
             continue;
         }
-        let rows = check::run(s.dev, &s.builder, &candidate_plan(spec, schedule, s.plan.seed), &mut |_| {})?;
+        let rows = match spec.pass {
+            Pass::Decode => {
+                decode_check::run(s.dev, &s.builder, &decode_candidate_plan(spec, schedule, s.plan.seed), &mut |_| {})?
+            }
+            Pass::Forward | Pass::Backward => {
+                check::run(s.dev, &s.builder, &candidate_plan(spec, schedule, s.plan.seed), &mut |_| {})?
+            }
+        };
         match check_verdict(&rows) {
             Some(outcome) => {
                 s.say(&format!("WRONG  {:<26} {outcome}", schedule.to_string()));

@@ -7,6 +7,10 @@
 //! forward saved. TFLOP/s: 4 B H N^2 D / 2 for the forward and 2.5 times that for the backward
 //! (docs/performance.md#counting).
 //!
+//! A decode spec is timed as `sbgen bench --decode` times it (one CUDA graph of steps, L2 flushed
+//! between them) on [`DECODE_BATCH`] sequences of the bucket's length, 32 query heads on 8 K/V heads,
+//! with the launcher's default split; its TFLOP/s counts 4 B H N D.
+//!
 //! A THD spec is timed on the same shape, as a packed batch of B sequences of N tokens each (the
 //! bucket's length): a bucket is keyed on the longest sequence, and equal lengths make its time
 //! comparable with the dense layouts' (docs/performance.md#counting). Every problem is multi-head
@@ -104,7 +108,11 @@ pub fn time_candidates(
     seq: usize,
     cands: &[CandidateResult],
 ) -> Result<Timed, TuneError> {
-    let shape = problem_shape(seq, spec.head_dim, TOKENS);
+    let shape = match spec.pass {
+        // The decode's problem: DECODE_BATCH sequences of `seq` cached tokens on 32 query heads.
+        Pass::Decode => Shape::new(DECODE_BATCH, 32, seq, spec.head_dim as usize).with_kv_heads(8),
+        Pass::Forward | Pass::Backward => problem_shape(seq, spec.head_dim, TOKENS),
+    };
     let plan = s.plan;
     let bench_plan = BenchPlan {
         reps: plan.reps,
@@ -160,6 +168,58 @@ struct Timer<'a> {
 enum State {
     Bf16(Buffers<half::bf16>),
     F16(Buffers<half::f16>),
+    DecodeBf16(DecodeBuffers<half::bf16>),
+    DecodeF16(DecodeBuffers<half::f16>),
+}
+
+/// A decode's timed problem: [`DECODE_BATCH`] sequences of the bucket's length in a cache of the
+/// spec's geometry (paged: 16-token pages), 32 query heads on 8 K/V heads, and the L2 flush buffer.
+struct DecodeBuffers<T> {
+    shape: sbgen_runtime::reference::DecodeShape,
+    q: cudarc::driver::CudaSlice<T>,
+    cache: crate::gpu::decode::DeviceCache<T>,
+    flush: cudarc::driver::CudaSlice<u8>,
+}
+
+/// Sequences of a decode's timed problem (the smallest batch: the split matters most there).
+pub const DECODE_BATCH: usize = 8;
+
+impl<T: SbElement> DecodeBuffers<T> {
+    fn new(dev: &Device, spec: Spec, seq: usize, seed: u64) -> Result<Self, GpuError> {
+        use crate::gpu::decode::CacheKind;
+        use crate::gpu::decode_bench::{tiled_cache, DecodeProblem};
+        let problem =
+            DecodeProblem { batch: DECODE_BATCH, heads: 32, kv_heads: 8, seq, head_dim: spec.head_dim as usize };
+        let kind = match spec.layout {
+            crate::ir::Layout::Paged => CacheKind::Paged { page_size: 16 },
+            layout => CacheKind::Contiguous(layout),
+        };
+        let shape = problem.shape();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let q: Vec<T> = crate::gpu::data::normal(&mut rng, shape.len()).into_iter().map(T::from_f32).collect();
+        let tiled = tiled_cache::<T>(dev, &problem, kind, spec.dtype, seed, &mut Default::default())?;
+        Ok(DecodeBuffers {
+            shape,
+            q: dev.stream.clone_htod(&q)?,
+            cache: tiled.cache,
+            flush: dev.stream.alloc_zeros::<u8>(256 << 20)?,
+        })
+    }
+
+    fn time(&mut self, dev: &Device, plan: &BenchPlan, binary: &KernelBinary) -> Result<Vec<f64>, GpuError> {
+        let split = sbgen_runtime::launcher::DecodeSplit::default();
+        crate::gpu::decode_bench::time_steps(
+            dev,
+            binary,
+            self.shape,
+            &self.q,
+            &self.cache,
+            split,
+            plan.reps,
+            plan.warmup,
+            &mut self.flush,
+        )
+    }
 }
 
 struct Buffers<T> {
@@ -177,9 +237,11 @@ impl<'a> Timer<'a> {
         spec: Spec,
         shape: Shape,
     ) -> Result<Self, TuneError> {
-        let state = match spec.dtype {
-            Dtype::Bf16 => State::Bf16(Buffers::new(dev, builder, plan, spec, shape)?),
-            Dtype::F16 => State::F16(Buffers::new(dev, builder, plan, spec, shape)?),
+        let state = match (spec.pass, spec.dtype) {
+            (Pass::Decode, Dtype::Bf16) => State::DecodeBf16(DecodeBuffers::new(dev, spec, shape.seq, plan.seed)?),
+            (Pass::Decode, Dtype::F16) => State::DecodeF16(DecodeBuffers::new(dev, spec, shape.seq, plan.seed)?),
+            (_, Dtype::Bf16) => State::Bf16(Buffers::new(dev, builder, plan, spec, shape)?),
+            (_, Dtype::F16) => State::F16(Buffers::new(dev, builder, plan, spec, shape)?),
         };
         Ok(Timer { dev, builder, plan, spec, shape, state })
     }
@@ -193,6 +255,8 @@ impl<'a> Timer<'a> {
         let ms = match &mut self.state {
             State::Bf16(b) => b.time(self.dev, self.plan, self.spec.pass, &binary)?,
             State::F16(b) => b.time(self.dev, self.plan, self.spec.pass, &binary)?,
+            State::DecodeBf16(b) => b.time(self.dev, self.plan, &binary)?,
+            State::DecodeF16(b) => b.time(self.dev, self.plan, &binary)?,
         };
         let (median, _, _) = bench::stats(&ms);
         // A time that is not a positive number (a broken event pair) would make the cache unwritable.
