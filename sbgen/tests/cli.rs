@@ -678,4 +678,8 @@ fn decode_flags_are_checked_before_the_gpu() {
     assert!(err.contains("`page_size` = 8"), "{err}");
     let err = usage_error(&["bench", "--decode", "--shapes", "1,2,3,64"]);
     assert!(err.contains("--shapes"), "{err}");
+    let err = usage_error(&["bench", "--decode", "--flush", "clean"]);
+    assert!(err.contains("read or write"), "{err}");
+    let err = usage_error(&["bench", "--flush", "read"]);
+    assert!(err.contains("--decode"), "{err}");
 }

@@ -6,6 +6,7 @@ use super::{Outcome, UsageError};
 use crate::gpu::bench::{self, BenchPlan, Problem};
 use crate::gpu::decode::CacheKind;
 use crate::gpu::decode_bench::{self, DecodeBenchPlan, DecodeProblem};
+use crate::gpu::l2_flush::FlushMode;
 use crate::gpu::{Device, KernelBuilder};
 use crate::ir::{Arch, Dtype, Layout, Mask};
 use anyhow::{Context, Result};
@@ -56,6 +57,11 @@ pub struct BenchArgs {
     /// With `--decode`: most chunks per sequence (the workspace's size).
     #[arg(long, requires = "decode")]
     pub max_chunks: Option<usize>,
+    /// With `--decode`: how the L2 is emptied between timed steps: `read` (a read sweep of 256 MiB,
+    /// the L2 left clean) or `write` (256 MiB zeroed, as `triton.testing.do_bench` and the baselines
+    /// do: the step then also pays for writing the dirty lines back) (docs/performance.md#decode).
+    #[arg(long, default_value = "read", requires = "decode")]
+    pub flush: FlushMode,
     /// Dense shapes as B,H,N,D, any head_dim 1..=256 (default: 8,16,2048,128 4,16,4096,128 2,16,8192,128
     /// 1,16,16384,128 4,16,4096,64).
     #[arg(long, num_args = 1.., value_parser = parse_shape, conflicts_with = "varlen")]
@@ -338,6 +344,7 @@ pub fn decode_plan(args: &BenchArgs, problems: &[DecodeProblem]) -> Result<Decod
         mask: args.mask,
         schedule: super::check::schedule_override(&args.schedule),
         split: DecodeSplit { splits: args.splits, chunk_keys: args.chunk_keys, max_chunks: args.max_chunks },
+        flush: args.flush,
         reps: args.reps,
         warmup: args.warmup,
         seed: args.seed,
@@ -365,13 +372,14 @@ fn run_decode(args: &BenchArgs, problems: &[DecodeProblem], out: &mut dyn Write)
     writeln!(out, "device: {}", dev.describe())?;
     writeln!(
         out,
-        "decode {} {}, schedule {}; median of {} reps ({} warm-up), L2 flushed between reps; GB/s = the \
+        "decode {} {}, schedule {}; median of {} reps ({} warm-up), L2 flushed between reps ({} flush); GB/s = the \
          context's K+V bytes / median time, %peak of {} GB/s",
         plan.dtype,
         plan.mask,
         super::check::describe_schedule(plan.schedule),
         plan.reps,
         plan.warmup,
+        plan.flush,
         decode_bench::H200_PEAK_GBPS
     )?;
     writeln!(out, "{}", decode_bench::header())?;

@@ -6,8 +6,8 @@
 //! sequence's tokens. Before timing, each kernel's output for the first and last sequence is checked
 //! against the float64 decode reference on the rebuilt tokens (relative L2 <= 5e-3): a kernel that
 //! fails is reported, not timed. The repetitions are captured into one CUDA graph, each decode step
-//! between two event-record nodes, and a 256 MiB scratch buffer is written between them (outside the
-//! timed part), so no repetition finds the previous one's keys in L2.
+//! between two event-record nodes, and the L2 is emptied between them (outside the timed part, read
+//! or write flush: [`super::l2_flush`]), so no repetition finds the previous one's keys in L2.
 //!
 //! Bandwidth counts the K and V bytes of the whole context (`B * H_kv * N * D * 2 * element bytes`)
 //! over the median time, also with early exit, where far fewer bytes are read: there it is the
@@ -18,6 +18,7 @@ use super::data::{normal, rel_l2};
 use super::decode::{decode_to, CacheKind, DeviceCache};
 use super::device::{Device, GpuError};
 use super::kernels::KernelBuilder;
+use super::l2_flush::{FlushMode, L2Flush};
 use crate::ir::{Dtype, Mask, Pass, Remainder, Schedule, Spec};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
@@ -34,8 +35,6 @@ use std::time::Duration;
 pub const H200_PEAK_GBPS: f64 = 4800.0;
 /// Random rows the cache is tiled from.
 const BASE_ROWS: usize = 65537;
-/// Bytes written between repetitions to push the keys out of L2 (50 MiB on the H200).
-const FLUSH_BYTES: usize = 256 << 20;
 
 /// One decode problem: B sequences of N cached tokens each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -68,6 +67,7 @@ pub struct DecodeBenchPlan {
     pub mask: Mask,
     pub schedule: Option<Schedule>,
     pub split: DecodeSplit,
+    pub flush: FlushMode,
     pub reps: usize,
     pub warmup: usize,
     pub seed: u64,
@@ -112,6 +112,8 @@ pub struct DecodeBenchResult {
     pub splits: Option<usize>,
     pub chunk_keys: Option<usize>,
     pub max_chunks: Option<usize>,
+    /// How the L2 was emptied between steps.
+    pub flush: FlushMode,
     /// Relative L2 error of o against float64 on the first and last sequence.
     pub err_o: Option<f64>,
     pub ms_median: Option<f64>,
@@ -244,7 +246,7 @@ fn run_typed<T: SbElement>(
     sink: &mut dyn FnMut(&DecodeBenchResult),
 ) -> Result<Vec<DecodeBenchResult>, GpuError> {
     let mut results = Vec::new();
-    let mut flush = dev.stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
+    let mut flush = L2Flush::new(dev, plan.flush)?;
     // The random rows of each row width (drawn once: drawing 2 x 67M normals per problem would
     // dominate the run).
     let mut bases = HashMap::new();
@@ -278,6 +280,7 @@ fn run_typed<T: SbElement>(
                     splits: None,
                     chunk_keys: None,
                     max_chunks: None,
+                    flush: plan.flush,
                     err_o: None,
                     ms_median: None,
                     ms_min: None,
@@ -334,7 +337,7 @@ fn time_one<T: SbElement>(
     cache: &DeviceCache<T>,
     checked: &[usize],
     want: &[Vec<f64>],
-    flush: &mut CudaSlice<u8>,
+    flush: &mut L2Flush,
 ) -> Result<(String, sbgen_runtime::launcher::DecodePlan, f64, Option<Vec<f64>>), GpuError> {
     let kernel = builder.build(&builder.kernel(spec, plan.schedule)).map_err(|e| GpuError::Input(e.to_string()))?;
     let mut o = super::exec::poisoned::<T>(dev, s.len())?;
@@ -354,7 +357,7 @@ fn time_one<T: SbElement>(
 }
 
 /// Times `reps` decode steps of `kernel` as one CUDA graph (as a serving loop launches a decode
-/// step), each between two event-record nodes, with an L2 flush (`flush` zeroed) between them
+/// step), each between two event-record nodes, with an L2 flush (`flush`) between them
 /// outside the timed part: timed launch by launch from the host, a 15 us step would measure the
 /// host's launch path instead. Milliseconds per step.
 #[allow(clippy::too_many_arguments)]
@@ -367,7 +370,7 @@ pub(crate) fn time_steps<T: SbElement>(
     split: DecodeSplit,
     reps: usize,
     warmup: usize,
-    flush: &mut CudaSlice<u8>,
+    flush: &mut L2Flush,
 ) -> Result<Vec<f64>, GpuError> {
     let mut o = super::exec::poisoned::<T>(dev, s.len())?;
     let mut rem = super::exec::poisoned_f32(dev, s.rows())?;
@@ -395,7 +398,7 @@ pub(crate) fn time_steps<T: SbElement>(
     dev.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
     let captured = (|| -> Result<(), GpuError> {
         for (start, end) in &pairs {
-            dev.stream.memset_zeros(flush)?;
+            flush.enqueue(dev)?;
             record(start)?;
             decode_to(dev, kernel, s, q, cache, o.as_view_mut(), rem.as_view_mut(), split, None)?;
             record(end)?;

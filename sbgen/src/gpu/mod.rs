@@ -20,6 +20,7 @@ pub mod device;
 pub mod exec;
 pub mod failure;
 pub mod kernels;
+pub mod l2_flush;
 pub mod oracle;
 pub mod run;
 pub mod run_decode;

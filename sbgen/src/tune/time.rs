@@ -178,7 +178,7 @@ struct DecodeBuffers<T> {
     shape: sbgen_runtime::reference::DecodeShape,
     q: cudarc::driver::CudaSlice<T>,
     cache: crate::gpu::decode::DeviceCache<T>,
-    flush: cudarc::driver::CudaSlice<u8>,
+    flush: crate::gpu::l2_flush::L2Flush,
 }
 
 /// Sequences of a decode's timed problem (the smallest batch: the split matters most there).
@@ -202,7 +202,7 @@ impl<T: SbElement> DecodeBuffers<T> {
             shape,
             q: dev.stream.clone_htod(&q)?,
             cache: tiled.cache,
-            flush: dev.stream.alloc_zeros::<u8>(256 << 20)?,
+            flush: crate::gpu::l2_flush::L2Flush::new(dev, Default::default())?,
         })
     }
 
