@@ -82,12 +82,14 @@ __device__ __forceinline__ SeqView seq_view(const Params& p, int b, int h, int h
 }
 
 // Copies ROWS tokens starting at row0 (of a sequence whose token 0 is at `src`, tokens `step` elements
-// apart) into a swizzled shared tile (KV: the key-tile swizzle). Tokens at or past `len` and columns at
+// apart) into a swizzled shared tile (KV: the key-tile swizzle), from its row `tile_row` on (a block
+// gathered from several pages is loaded one page run at a time). Tokens at or past `len` and columns at
 // or past DM (the padding up to the tile width D) are zero-filled, so they add nothing to the matmuls.
 // With DM a multiple of 8 the copy is asynchronous (cp.async, 16 bytes); otherwise token rows are not
 // 16-byte aligned and each element is loaded and stored synchronously.
 template <int ROWS, bool KV>
-__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long step, int row0, int len, int tid) {
+__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long step, int row0, int len, int tid,
+                                          int tile_row = 0) {
     constexpr int CHUNKS = ROWS * DCH;
     if constexpr (DM % 8 == 0 && (THREADS % DCH == 0 || D > 128)) {
         // Each thread copies column chunk c of rows r0, r0 + RSTEP, ...: one pointer advanced by
@@ -106,7 +108,7 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
             const int r = r0 + it * RSTEP;
             if (ROWS % RSTEP != 0 && r >= ROWS) break;
             const bool valid = row0 + r < len && column_valid;
-            cp_async_16(dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c)), valid ? ptr : src, valid);
+            cp_async_16(dst + (KV ? swz_kv(tile_row + r, c) : swz<DCH>(tile_row + r, c)), valid ? ptr : src, valid);
             ptr += advance;
         }
         return;
@@ -117,7 +119,7 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
         if (CHUNKS % THREADS != 0 && i >= CHUNKS) break;
         const int r = i / DCH, c = i % DCH;
         const int n = row0 + r;
-        const unsigned to = dst + (KV ? swz_kv(r, c) : swz<DCH>(r, c));
+        const unsigned to = dst + (KV ? swz_kv(tile_row + r, c) : swz<DCH>(tile_row + r, c));
         if constexpr (DM % 8 == 0) {
             const bool valid = n < len && c < DM / 8;
             cp_async_16(to, src + (valid ? n * step + c * 8 : 0), valid);

@@ -163,7 +163,7 @@ pub fn stick_breaking_attention(args: TokenStream, item: TokenStream) -> TokenSt
             /// sequence's newest token, whose key and value are already the last of its
             /// `seqlens_k[b]` cached tokens, against the KV cache (docs/math.md#decode; split over
             /// key chunks across the GPU, early exit when the spec has it). Asynchronous on the
-            /// launcher's stream, one memset and one launch (capturable in a CUDA graph); every
+            /// launcher's stream, one launch (capturable in a CUDA graph after a first call); every
             /// input is checked first. Returns the split it ran. `scale`: `None` is 1/sqrt(head_dim).
             #[doc = #cache_doc]
             #[doc = #decode_doc]
@@ -196,7 +196,7 @@ fn cache_doc(layout: Layout) -> String {
         Layout::Paged => {
             "a paged cache: `k_cache`, `v_cache` `[num_pages, page_size, kv_heads, head_dim]` \
                           with `block_table` (i32 `[batch, max_pages]`) and `cache: KvCacheGeometry::Paged`; \
-                          `page_size` a multiple of the kernel's key block (16)"
+                          `page_size` a multiple of 16"
         }
         Layout::Bnhd => {
             "a contiguous cache `[batch, capacity, kv_heads, head_dim]` (`cache: \

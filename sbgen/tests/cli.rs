@@ -642,22 +642,16 @@ fn run_decode_refuses_bad_lengths_pages_and_tensors_before_the_gpu() {
 #[test]
 fn run_decode_takes_a_valid_cache_as_far_as_the_gpu() {
     let (dir, input) = decode_input("dec-ok", &[17, 0], &[0, 1, -1, 4, 3, 2]);
-    let out = sbgen(&[
-        "run",
-        "--pass",
-        "decode",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        dir.join("out.safetensors").to_str().unwrap(),
-        "--layout",
-        "paged",
-        "--remainder",
-        "fuse",
-        "--early-exit-bits",
-        "24",
-    ]);
-    assert_ne!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let (i, o) = (input.to_str().unwrap(), dir.join("out.safetensors"));
+    let run = |extra: &[&str]| {
+        let out = sbgen(
+            &[&["run", "--pass", "decode", "-i", i, "-o", o.to_str().unwrap(), "--layout", "paged"], extra].concat(),
+        );
+        assert_ne!(out.status.code(), Some(2), "{extra:?}: {}", text(&out.stderr));
+    };
+    run(&["--remainder", "fuse", "--early-exit-bits", "24"]);
+    // 32-key blocks on pages of 16 tokens: a block spans two pages, gathered page run by page run.
+    run(&["--block-m", "16", "--block-n", "32"]);
 }
 
 #[test]

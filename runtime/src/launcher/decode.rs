@@ -1,7 +1,7 @@
 //! The launch of a decode: one new token per sequence against a KV cache (docs/math.md#decode).
-//! Checks every input ([`super::decode_plan`]), lays the chunk states, early-exit slots and unit
-//! counters out in the launcher's workspace, zeroes the latter and launches the one step with one
-//! [`DecodeParams`].
+//! Checks every input ([`super::decode_plan`]), lays the chunk states out in the launcher's
+//! workspace and points the kernel at the launcher's decode sync buffer (early-exit slots and unit
+//! counters, zero between launches), then launches the one step with one [`DecodeParams`].
 
 use super::binary::KernelBinary;
 use super::decode_plan::{plan_decode, DecodeLens, DecodePlan, DecodeSplit};
@@ -41,8 +41,9 @@ pub struct DecodeArgs<'a, T> {
 impl Launcher {
     /// Runs a decode: `o` and `rem` of each sequence's newest token. `split` forces the split-K shape
     /// (`DecodeSplit::default()`: chosen from the device's SM count); `scale` defaults to
-    /// 1/sqrt(head_dim). Asynchronous on the launcher's stream, and capturable in a CUDA graph (a
-    /// memset and one launch). Returns the plan it ran.
+    /// 1/sqrt(head_dim). Asynchronous on the launcher's stream, and capturable in a CUDA graph (one
+    /// launch, once a first call outside the capture has sized the workspace and sync buffer).
+    /// Returns the plan it ran.
     pub fn decode<T: SbElement>(
         &self,
         kernel: &KernelBinary,
@@ -91,12 +92,11 @@ impl Launcher {
         let mut workspace = self.workspace(name, plan.workspace_elements())?;
         let buffer = workspace.as_mut().expect("allocated by workspace()");
         let mut used = buffer.slice_mut(0..plan.workspace_elements());
-        let (chunk_o, mut rest) = used.split_at_mut(plan.chunk_o_elements);
-        let (chunk_l, mut sync) = rest.split_at_mut(plan.chunk_l_elements);
-        let (chunk_o, _chunk_o) = chunk_o.view_ptr_mut(s);
-        let (chunk_l, _chunk_l) = chunk_l.view_ptr_mut(s);
-        // The early-exit slots and the unit counters, i32 in f32 slots: zero bits are integer 0.
-        self.stream().memset_zeros(&mut sync).kernel_ctx(name, "zeroing the decode's unit counters")?;
+        let (mut chunk_o, mut chunk_l) = used.split_at_mut(plan.chunk_o_elements);
+        let (chunk_o, _chunk_o) = chunk_o.device_ptr_mut(s);
+        let (chunk_l, _chunk_l) = chunk_l.device_ptr_mut(s);
+        let mut sync = self.decode_sync(name, plan.sync_slots)?;
+        let sync = sync.as_mut().expect("allocated by decode_sync()");
         let (exit_chunk, _sync) = sync.device_ptr_mut(s);
         let unit_done = exit_chunk + 4 * (plan.sync_slots / 2) as u64;
         let (num_pages, page_size, max_pages) = match args.cache {

@@ -57,18 +57,22 @@ pub struct DecodePlan {
     /// (`B * H * max_chunks`).
     pub chunk_o_elements: usize,
     pub chunk_l_elements: usize,
-    /// i32 slots zeroed before each launch: per unit (sequence, K/V head, tile of query heads) its
-    /// early-exit slot and its count of finished CTAs.
+    /// i32 slots of the launcher's decode sync buffer: per unit (sequence, K/V head, tile of query
+    /// heads) its early-exit slot and its count of finished CTAs. Zero before a launch, and each
+    /// unit's merging CTA leaves them zero again (so no step pays for a memset).
     pub sync_slots: usize,
     pub scale_log2: f32,
 }
 
 impl DecodePlan {
-    /// Elements of the f32 workspace: chunk o, chunk L, then the sync slots (i32 in f32 slots).
+    /// Elements of the f32 workspace: chunk o, then chunk L.
     pub fn workspace_elements(&self) -> usize {
-        self.chunk_o_elements + self.chunk_l_elements + self.sync_slots
+        self.chunk_o_elements + self.chunk_l_elements
     }
 }
+
+/// Tokens per page run: a paged cache's pages hold a multiple of this many tokens.
+pub const PAGE_RUN: usize = 16;
 
 /// Fewest key blocks per chunk when the caller does not say: a chunk of 4 blocks keeps the per-chunk
 /// cost (the query tile's load, the state's store and merge) small next to its keys.
@@ -143,10 +147,11 @@ pub fn plan_decode(
                     return Err(LaunchError::EmptyDim { dim });
                 }
             }
-            if page_size % block_n != 0 {
+            // The kernels gather a key block that spans pages in runs of 16 tokens, each inside one page.
+            if page_size % PAGE_RUN != 0 {
                 return Err(cache_error(format!(
-                    "`page_size` = {page_size} is not a multiple of the kernel's key block ({block_n}): allowed \
-                     multiples of {block_n} (e.g. 16, 32, 64)"
+                    "`page_size` = {page_size} is not a multiple of {PAGE_RUN}: allowed multiples of {PAGE_RUN} \
+                     (e.g. 16, 32, 64)"
                 )));
             }
         }
@@ -377,6 +382,19 @@ mod tests {
             assert!(matches!(err, LaunchError::Split { what: w, .. } if w == what), "{err}");
             assert!(err.to_string().contains(&format!("`{what}`")), "{err}");
         }
+    }
+
+    #[test]
+    fn a_key_block_may_span_pages_of_any_multiple_of_16_tokens() {
+        let mut wide = manifest(Layout::Paged);
+        wide.block_n = 64;
+        for page_size in [16, 32, 48, 64] {
+            let paged = KvCacheGeometry::Paged { num_pages: 10, page_size, max_pages: 4 };
+            assert!(plan(&wide, shape(1, 4, 4), paged, DecodeSplit::default()).is_ok(), "page_size {page_size}");
+        }
+        let paged = KvCacheGeometry::Paged { num_pages: 10, page_size: 8, max_pages: 4 };
+        let err = plan(&wide, shape(1, 4, 4), paged, DecodeSplit::default()).unwrap_err();
+        assert!(err.to_string().contains("`page_size` = 8 is not a multiple of 16"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::Shape;
 use crate::manifest::SbParams;
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
-    LaunchConfig, PushKernelArg,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -75,6 +75,9 @@ pub struct Launcher {
     stream: Arc<CudaStream>,
     store: Arc<ModuleStore>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// The decode's early-exit slots and unit counters: zeroed when allocated, and every decode
+    /// kernel leaves the slots it used at zero (docs/math.md#decode), so a step needs no memset.
+    decode_sync: Mutex<Option<CudaSlice<i32>>>,
     /// The device's SM count, read at the first decode.
     limits: OnceLock<DeviceLimits>,
 }
@@ -84,7 +87,7 @@ impl Launcher {
     /// launcher on it (each module is loaded once per context).
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, LaunchError> {
         let store = ModuleStore::shared(stream.context())?;
-        Ok(Launcher { stream, store, workspace: Mutex::new(None), limits: OnceLock::new() })
+        Self::with_store(stream, store)
     }
 
     /// A launcher sharing `store` (which must belong to the stream's context).
@@ -96,7 +99,13 @@ impl Launcher {
                 got: store.context().ordinal(),
             });
         }
-        Ok(Launcher { stream, store, workspace: Mutex::new(None), limits: OnceLock::new() })
+        Ok(Launcher {
+            stream,
+            store,
+            workspace: Mutex::new(None),
+            decode_sync: Mutex::new(None),
+            limits: OnceLock::new(),
+        })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -311,15 +320,18 @@ impl Launcher {
         kernel: &str,
         needed: usize,
     ) -> Result<MutexGuard<'_, Option<CudaSlice<f32>>>, LaunchError> {
-        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(workspace.as_ref(), Some(w) if w.len() >= needed) {
-            *workspace = None; // free the smaller buffer first
-                               // SAFETY: every caller initialises the part it uses before a kernel reads it.
-            let buffer = unsafe { self.stream.alloc::<f32>(needed.max(1)) }
-                .map_err(|source| LaunchError::Workspace { kernel: kernel.to_string(), bytes: needed * 4, source })?;
-            *workspace = Some(buffer);
-        }
-        Ok(workspace)
+        // SAFETY: every caller initialises the part it uses before a kernel reads it.
+        grown(&self.workspace, kernel, needed, |n| unsafe { self.stream.alloc::<f32>(n) })
+    }
+
+    /// The decode sync buffer, grown to at least `needed` slots: all zero whenever no decode is
+    /// running on the stream (a new buffer is zeroed on the stream before any kernel uses it).
+    pub(super) fn decode_sync(
+        &self,
+        kernel: &str,
+        needed: usize,
+    ) -> Result<MutexGuard<'_, Option<CudaSlice<i32>>>, LaunchError> {
+        grown(&self.decode_sync, kernel, needed, |n| self.stream.alloc_zeros::<i32>(n))
     }
 
     /// The device's SM count (read once).
@@ -374,6 +386,27 @@ fn dims(shape: Shape, total_tokens: Option<usize>) -> Dims {
         seq: shape.seq as i32,
         total_tokens: total_tokens.unwrap_or(0) as i32,
     }
+}
+
+/// The buffer in `slot`, replaced by a fresh one from `alloc` when it holds fewer than `needed`
+/// elements (the smaller one is freed first).
+fn grown<'a, T>(
+    slot: &'a Mutex<Option<CudaSlice<T>>>,
+    kernel: &str,
+    needed: usize,
+    alloc: impl FnOnce(usize) -> Result<CudaSlice<T>, DriverError>,
+) -> Result<MutexGuard<'a, Option<CudaSlice<T>>>, LaunchError> {
+    let mut buffer = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if !matches!(buffer.as_ref(), Some(b) if b.len() >= needed) {
+        *buffer = None;
+        let bytes = needed * std::mem::size_of::<T>();
+        *buffer = Some(alloc(needed.max(1)).map_err(|source| LaunchError::Workspace {
+            kernel: kernel.to_string(),
+            bytes,
+            source,
+        })?);
+    }
+    Ok(buffer)
 }
 
 pub(super) fn same_context(

@@ -34,7 +34,7 @@ pub use crate::reference::Shape;
 pub use binary::{pick_ptx, KernelBinary, Target};
 pub use decode::DecodeArgs;
 pub use decode_plan::{
-    plan_decode, DecodeLens, DecodePlan, DecodeSplit, DeviceLimits, MAX_CHUNKS as MAX_DECODE_CHUNKS,
+    plan_decode, DecodeLens, DecodePlan, DecodeSplit, DeviceLimits, MAX_CHUNKS as MAX_DECODE_CHUNKS, PAGE_RUN,
 };
 pub use element::SbElement;
 pub use embedded::{pick_embedded, EmbeddedKernel, EmbeddedSet};

@@ -148,11 +148,11 @@ fn run_decode(args: &RunArgs, out: &mut dyn Write) -> Result<Outcome> {
         .validate()
         .map_err(|e| UsageError::new(format!("{e} (on {}, which runs {} kernels)", dev.describe(), dev.arch)))?;
     if let KvCacheGeometry::Paged { page_size, .. } = loaded.geometry {
-        let block_n = chosen.schedule.block_n as usize;
-        if page_size % block_n != 0 {
+        use sbgen_runtime::launcher::PAGE_RUN;
+        if page_size % PAGE_RUN != 0 {
             return Err(UsageError::new(format!(
-                "`page_size` = {page_size} (k_cache's dimension 1) is not a multiple of the kernel's key block \
-                 ({block_n}): allowed multiples of {block_n}"
+                "`page_size` = {page_size} (k_cache's dimension 1) is not a multiple of {PAGE_RUN}: allowed \
+                 multiples of {PAGE_RUN} (e.g. 16, 32, 64)"
             ))
             .into());
         }
