@@ -95,7 +95,7 @@ pub fn pick(
             }
         }
         for e in entries {
-            check_entry_matches_lowering(e)?;
+            e.check_lowering()?;
             let manifest_json = serde_json::to_string(&e.manifest).map_err(|e| e.to_string())?;
             out.push(Embed {
                 arch: Some(arch),
@@ -127,35 +127,6 @@ pub fn pick(
         });
     }
     Ok((out, files))
-}
-
-/// A tuned entry is embedded only if this sbgen lowers its (spec, schedule, arch) to the same kernel:
-/// an entry from another sbgen version (other templates, another parameter block) or an edited
-/// manifest would launch with the wrong arguments or grid.
-fn check_entry_matches_lowering(e: &sbgen::cache::CacheEntry) -> Result<(), String> {
-    let lowered = sbgen::lower::lower(&Kernel::new(e.spec, e.schedule, e.arch))
-        .map_err(|err| format!("cache entry `{}`: its schedule no longer lowers: {err}", e.kernel_name))?;
-    let mismatch = if lowered.name != e.kernel_name {
-        Some(format!("its kernel name is now `{}`", lowered.name))
-    } else if lowered.manifest != e.manifest {
-        Some("its launch manifest differs".to_string())
-    } else if !e.cuda_source_hash.is_empty() && sbgen::cache::source_hash(&lowered.cuda_source) != e.cuda_source_hash {
-        Some("the CUDA source of its schedule changed since it was tuned".to_string())
-    } else {
-        None
-    };
-    match mismatch {
-        None => Ok(()),
-        Some(what) => Err(format!(
-            "cache entry `{}` ({} bucket {}, tuned by sbgen {}) does not match this sbgen ({}): {what}; \
-             re-run `sbgen tune` for it",
-            e.kernel_name,
-            e.arch,
-            e.seq_bucket,
-            if e.sbgen_version.is_empty() { "?" } else { &e.sbgen_version },
-            env!("CARGO_PKG_VERSION"),
-        )),
-    }
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -260,7 +231,7 @@ mod tests {
     fn shipped_default_cache_covers_its_specs_and_matches_this_sbgen() {
         let c = TuningCache::parse(sbgen::DEFAULT_CACHE, Path::new("sbgen/default-cache.json")).unwrap();
         for e in &c.entries {
-            check_entry_matches_lowering(e).unwrap();
+            e.check_lowering().unwrap();
             assert!(!e.ptx.is_empty(), "{} has no PTX", e.kernel_name);
         }
         // The specs it was tuned for: BHND with a returned remainder, and BNHD (candle, flash-attn)

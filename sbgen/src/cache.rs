@@ -443,6 +443,35 @@ impl CacheEntry {
         })
     }
 
+    /// Whether this sbgen lowers the entry's (spec, schedule, arch) to the same kernel: an entry from
+    /// another sbgen version (other templates, another parameter block) or an edited manifest would
+    /// launch with the wrong arguments or grid, so it must not be used. `Err` says what differs.
+    pub fn check_lowering(&self) -> Result<(), String> {
+        let lowered = crate::lower::lower(&Kernel::new(self.spec, self.schedule, self.arch))
+            .map_err(|err| format!("cache entry `{}`: its schedule no longer lowers: {err}", self.kernel_name))?;
+        let mismatch = if lowered.name != self.kernel_name {
+            Some(format!("its kernel name is now `{}`", lowered.name))
+        } else if lowered.manifest != self.manifest {
+            Some("its launch manifest differs".to_string())
+        } else if !self.cuda_source_hash.is_empty() && source_hash(&lowered.cuda_source) != self.cuda_source_hash {
+            Some("the CUDA source of its schedule changed since it was tuned".to_string())
+        } else {
+            None
+        };
+        match mismatch {
+            None => Ok(()),
+            Some(what) => Err(format!(
+                "cache entry `{}` ({} bucket {}, tuned by sbgen {}) does not match this sbgen ({}): {what}; \
+                 re-run `sbgen tune` for it",
+                self.kernel_name,
+                self.arch,
+                self.seq_bucket,
+                if self.sbgen_version.is_empty() { "?" } else { &self.sbgen_version },
+                env!("CARGO_PKG_VERSION"),
+            )),
+        }
+    }
+
     /// How many candidates were checked and timed (the measure of how fully the key was tuned).
     pub fn timed_candidates(&self) -> usize {
         self.candidates.iter().filter(|c| matches!(c.outcome, Outcome::Timed { .. })).count()
