@@ -238,3 +238,70 @@ pub fn backward(
     }
     (dq, dk, dv)
 }
+
+/// Where a decode finds its keys and values: `kv_heads` heads of `head_dim` per token row, and the
+/// row of token t of sequence b (`token_row(b, t)`, from the cache's geometry).
+pub struct DecodeCache<'a, F: Fn(usize, usize) -> usize + Sync> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kv_heads: usize,
+    pub lens: &'a [usize],
+    pub token_row: F,
+}
+
+/// One new token per sequence: q `[B, H, D]` is token `lens[b] - 1` of sequence b (already in the
+/// cache). Returns o `[B, H, D]` and rem `[B, H]`. A sequence of no tokens gets o = 0, rem = 1.
+pub fn decode<F: Fn(usize, usize) -> usize + Sync>(
+    opts: &SbOptions,
+    heads: usize,
+    head_dim: usize,
+    q: &[f32],
+    cache: &DecodeCache<'_, F>,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = head_dim;
+    let w = Walk::new(opts, d);
+    let group = heads / cache.kv_heads;
+    let rows: Vec<(Vec<f32>, f32)> = (0..cache.lens.len() * heads)
+        .into_par_iter()
+        .map(|row| {
+            let (b, h) = (row / heads, row % heads);
+            let hk = h / group;
+            let mut o = vec![0.0f32; d];
+            let len = cache.lens[b];
+            if len == 0 {
+                return (o, 1.0);
+            }
+            let at = |x, t| head_row(x, (cache.token_row)(b, t) * cache.kv_heads + hk, d);
+            let qi = &q[row * d..][..d];
+            let i = len - 1;
+            let mut acc = 0.0f32;
+            for j in (0..w.allowed(i)).rev() {
+                if acc < w.threshold {
+                    break;
+                }
+                let x = w.scale_log2 * dot(qi, at(cache.k, j));
+                let sp = softplus2(x);
+                let a = (x - sp + acc).exp2();
+                o.iter_mut().zip(at(cache.v, j)).for_each(|(x, y)| *x += a * y);
+                acc -= sp;
+            }
+            let r = acc.exp2();
+            if w.fuse {
+                o.iter_mut().zip(at(cache.v, i)).for_each(|(x, y)| *x += r * y);
+            }
+            (o, r)
+        })
+        .collect();
+    let mut o = Vec::with_capacity(rows.len() * d);
+    let mut rem = Vec::with_capacity(rows.len());
+    for (oi, r) in rows {
+        o.extend_from_slice(&oi);
+        rem.push(r);
+    }
+    (o, rem)
+}
+
+/// Row `r` of `d` elements.
+fn head_row(x: &[f32], r: usize, d: usize) -> &[f32] {
+    &x[r * d..][..d]
+}

@@ -18,6 +18,13 @@ pub enum SbCandleError {
     /// The tensors are on a device this build has no path for.
     #[error("stick-breaking attention on {device}: {reason}")]
     Device { device: String, reason: &'static str },
+    /// No kernel for the call: options outside what sbgen's kernels support, or a tuning cache that
+    /// cannot be read or does not match this sbgen.
+    #[error("sbgen kernel: {reason}")]
+    Kernel { reason: String },
+    /// A KV cache call that does not fit the cache.
+    #[error("KV cache: {reason}")]
+    KvCache { reason: String },
 }
 
 impl From<SbCandleError> for candle_core::Error {

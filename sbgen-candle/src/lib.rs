@@ -21,21 +21,32 @@
 //! # }
 //! ```
 //!
-//! **What runs where.** This version computes on the CPU in float32 (any of f32, bf16 and f16 in,
-//! the same dtype out; `rem` is always f32), one task per (sequence, K/V head) on rayon's pool, so the
-//! same model code trains and generates without a GPU. Gradients flow to q, k and v from both o and
-//! rem through candle's backprop. Tensors on a CUDA device are refused with a typed error: the GPU
-//! path (sbgen's kernels on candle's stream) is not in this version.
+//! **What runs where.** On a CUDA device (feature `cuda`), sbgen's kernels run on candle's stream:
+//! q, k and v in bf16 or f16, o in the same dtype, with no copy or transpose (candle's layout is
+//! the kernels' BNHD; a packed batch is THD). The kernels come from the tuning cache built into
+//! `sbgen` (or the file `sbgen tune` wrote, named by env `SBGEN_CACHE` when the first call runs) as
+//! PTX, else NVRTC compiles the default schedule at first use: nothing is compiled when your crate
+//! builds. Early exit takes 8..=60 bits there. On the CPU the same function computes in float32
+//! (f32, bf16 and f16 in, the same dtype out), one task per (sequence, K/V head) on rayon's pool,
+//! so the same model code trains and generates without a GPU. `rem` is always f32. Gradients flow
+//! to q, k and v from both o and rem through candle's backprop on both paths.
+//!
+//! **Generation.** [`SbKvCache`] (contiguous or paged) holds each layer's keys and values;
+//! [`SbKvCache::decode`] attends one new token per sequence (sbgen's decode kernels on the GPU).
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
+mod kv_cache;
 mod op;
 mod options;
 
 pub use error::SbCandleError;
+pub use kv_cache::{PagePool, SbKvCache, PAGE_ALIGN};
 pub use options::{Remainder, SbOptions, EARLY_EXIT_BITS};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 use cpu::Geometry;
 
 /// Stick-breaking attention over a dense batch. `q`: `(batch, seq, heads, head_dim)`; `k`, `v`:
@@ -44,7 +55,7 @@ use cpu::Geometry;
 /// f32). Query i attends keys `0..i` (`0..=i` with `attend_current`).
 pub fn stick_breaking_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SbOptions) -> Result<(Tensor, Tensor)> {
     let (b, n, h, d) = dims4("q", q, "(batch, seq, heads, head_dim)")?;
-    let (bk, nk, hk, dk) = dims4("k", k, "(batch, seq, kv_heads, head_dim)")?;
+    let (bk, nk, _, dk) = dims4("k", k, "(batch, seq, kv_heads, head_dim)")?;
     if (bk, nk, dk) != (b, n, d) {
         return Err(SbCandleError::Shape {
             tensor: "k",
@@ -54,10 +65,16 @@ pub fn stick_breaking_attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &SbOpt
         .into());
     }
     same_as_k(v, k)?;
-    let sequences = (0..b).map(|s| (s * n, n)).collect();
-    let kv = (b * n, hk, d);
-    let (o, rem) = attend(q.reshape((b * n, h, d))?, k.reshape(kv)?, v.reshape(kv)?, sequences, opts)?;
-    Ok((o.reshape((b, n, h, d))?, rem.reshape((b, n, h))?))
+    let batch = Batch::Dense { batch: b, seq: n };
+    // The 4-D tensors go in as they are: a reshape would add a node, and candle's backprop a
+    // zero-fill and an add per node and input.
+    let (o, rem) = attend(q.clone(), k.clone(), v.clone(), batch, opts)?;
+    let rem = match rem {
+        Rem::Rows(rem) => rem.reshape((b, n, h))?,
+        // The kernels' [batch, heads, seq], seen as (batch, seq, heads) without a copy.
+        Rem::HeadsFirst(rem) => rem.transpose(1, 2)?,
+    };
+    Ok((o, rem))
 }
 
 /// Stick-breaking attention over a packed batch: `q` `(total_tokens, heads, head_dim)`, `k` and `v`
@@ -82,7 +99,38 @@ pub fn stick_breaking_attention_varlen(
     }
     same_as_k(v, k)?;
     let sequences = read_cu_seqlens(cu_seqlens, t)?;
-    attend(q.clone(), k.clone(), v.clone(), sequences, opts)
+    let (o, rem) = attend(q.clone(), k.clone(), v.clone(), Batch::Packed(sequences), opts)?;
+    let rem = match rem {
+        Rem::Rows(rem) => rem,
+        // The kernels' [heads, tokens].
+        Rem::HeadsFirst(rem) => rem.t()?,
+    };
+    Ok((o, rem))
+}
+
+/// How the tokens of the packed `[T, H, D]` tensors form sequences.
+enum Batch {
+    /// `batch` sequences of `seq` tokens.
+    Dense { batch: usize, seq: usize },
+    /// `(first token, length)` of each sequence.
+    Packed(Vec<(usize, usize)>),
+}
+
+impl Batch {
+    fn sequences(self) -> Vec<(usize, usize)> {
+        match self {
+            Batch::Dense { batch, seq } => (0..batch).map(|s| (s * seq, seq)).collect(),
+            Batch::Packed(s) => s,
+        }
+    }
+}
+
+/// rem as a path returns it: `[T, H]` rows (CPU), or heads before tokens (the GPU kernels'
+/// `[batch, heads, seq]` and `[heads, T]`).
+enum Rem {
+    Rows(Tensor),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    HeadsFirst(Tensor),
 }
 
 fn same_as_k(v: &Tensor, k: &Tensor) -> Result<()> {
@@ -92,23 +140,17 @@ fn same_as_k(v: &Tensor, k: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Checks the heads, dtypes, device and options, then runs the op on packed `[T, H, D]` q and
-/// `[T, H_kv, D]` k and v.
-fn attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    sequences: Vec<(usize, usize)>,
-    opts: &SbOptions,
-) -> Result<(Tensor, Tensor)> {
+/// Checks the heads, dtypes, device and options, then runs the op on q `[.., H, D]` and k, v
+/// `[.., H_kv, D]` (`(batch, seq)` or packed tokens before the heads). o comes back in q's shape.
+fn attend(q: Tensor, k: Tensor, v: Tensor, batch: Batch, opts: &SbOptions) -> Result<(Tensor, Rem)> {
     opts.validate()?;
-    let (_, h, d) = q.dims3()?;
-    let (_, hk, _) = k.dims3()?;
-    if d == 0 || hk == 0 || h % hk != 0 {
+    let (h, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+    let hk = k.dim(D::Minus2)?;
+    if h == 0 || d == 0 || hk == 0 || h % hk != 0 {
         return Err(SbCandleError::Shape {
             tensor: "k",
             got: k.dims().to_vec(),
-            expected: format!("kv_heads >= 1 dividing q's heads ({h}), head_dim >= 1"),
+            expected: format!("kv_heads >= 1 dividing q's heads ({h}), heads and head_dim >= 1"),
         }
         .into());
     }
@@ -122,20 +164,87 @@ fn attend(
             }
             .into());
         }
-        if !matches!(x.device(), Device::Cpu) {
+        if !x.device().same_device(q.device()) {
             return Err(SbCandleError::Device {
-                device: format!("{:?}", x.device()),
-                reason: "this version of sbgen-candle computes on the CPU only: move q, k and v there",
+                device: format!("{:?} and {:?}", q.device(), x.device()),
+                reason: "q, k and v must be on one device",
             }
             .into());
         }
     }
-    let f32_contiguous = |x: &Tensor| x.to_dtype(DType::F32)?.contiguous();
-    let op = op::StickBreaking { geometry: Geometry { heads: h, kv_heads: hk, head_dim: d, sequences }, opts: *opts };
-    let packed = f32_contiguous(&q)?.apply_op3(&f32_contiguous(&k)?, &f32_contiguous(&v)?, op)?;
-    let o = packed.narrow(2, 0, d)?.to_dtype(dtype)?;
-    let rem = packed.narrow(2, d, 1)?.squeeze(2)?;
-    Ok((o, rem))
+    match q.device() {
+        Device::Cpu => {
+            let t = q.elem_count() / (h * d);
+            let f32_packed = |x: &Tensor, heads: usize| x.to_dtype(DType::F32)?.reshape((t, heads, d))?.contiguous();
+            let geometry = Geometry { heads: h, kv_heads: hk, head_dim: d, sequences: batch.sequences() };
+            let op = op::StickBreaking { geometry, opts: *opts };
+            let packed = f32_packed(&q, h)?.apply_op3(&f32_packed(&k, hk)?, &f32_packed(&v, hk)?, op)?;
+            let o = packed.narrow(2, 0, d)?.to_dtype(dtype)?.reshape(q.shape())?;
+            let rem = packed.narrow(2, d, 1)?.squeeze(2)?;
+            Ok((o, Rem::Rows(rem)))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda_attend(q, k, v, batch, opts),
+        other => Err(SbCandleError::Device {
+            device: format!("{other:?}"),
+            reason: if cfg!(feature = "cuda") {
+                "sbgen-candle computes on the CPU and on CUDA devices"
+            } else {
+                "this build of sbgen-candle computes on the CPU only (enable the `cuda` feature for CUDA devices)"
+            },
+        }
+        .into()),
+    }
+}
+
+/// The GPU path: one forward launch on candle's stream, o and rem as two graph nodes (see
+/// [`cuda::attention`]).
+#[cfg(feature = "cuda")]
+fn cuda_attend(q: Tensor, k: Tensor, v: Tensor, batch: Batch, opts: &SbOptions) -> Result<(Tensor, Rem)> {
+    use cuda::attention::{DeviceVarlen, Problem, SbCudaAttention, SbCudaRemainder, Shared};
+    let (h, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+    let hk = k.dim(D::Minus2)?;
+    let t = q.elem_count() / (h * d);
+    if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+        return Err(cuda::attention::dtype_error("q", q.dtype()));
+    }
+    let Device::Cuda(dev) = q.device() else { unreachable!("cuda_attend is called for CUDA tensors") };
+    let (shape, varlen) = match batch {
+        Batch::Dense { batch, seq } => {
+            (sbgen_runtime::reference::Shape { batch, heads: h, kv_heads: hk, seq, head_dim: d }, None)
+        }
+        Batch::Packed(sequences) => {
+            let longest = sequences.iter().map(|s| s.1).max().unwrap_or(0);
+            let mut cu = Vec::with_capacity(sequences.len() + 1);
+            cu.push(0i32);
+            for &(start, len) in &sequences {
+                cu.push(i32::try_from(start + len).map_err(|_| SbCandleError::CuSeqlens {
+                    reason: format!("holds {} tokens: the GPU kernels take at most {}", start + len, i32::MAX),
+                })?);
+            }
+            let cu_seqlens = dev.cuda_stream().clone_htod(&cu).map_err(candle_core::Error::wrap)?;
+            let shape = sbgen_runtime::reference::Shape {
+                batch: sequences.len(),
+                heads: h,
+                kv_heads: hk,
+                seq: longest,
+                head_dim: d,
+            };
+            (shape, Some(DeviceVarlen { cu_seqlens, total_tokens: t }))
+        }
+    };
+    if shape.batch * shape.seq == 0 {
+        // Nothing to attend: no launch (the kernels refuse empty dimensions).
+        let o = q.zeros_like()?;
+        let rem = Tensor::ones((t, h), DType::F32, q.device())?;
+        return Ok((o, Rem::Rows(rem)));
+    }
+    let train = q.track_op() || k.track_op() || v.track_op();
+    let shared = Shared::new(Problem { shape, opts: *opts, varlen, train });
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let o = q.apply_op3(&k, &v, SbCudaAttention(shared.clone()))?;
+    let rem = o.apply_op1(SbCudaRemainder(shared))?;
+    Ok((o, Rem::HeadsFirst(rem)))
 }
 
 fn dims4(name: &'static str, x: &Tensor, expected: &str) -> Result<(usize, usize, usize, usize)> {

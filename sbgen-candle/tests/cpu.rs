@@ -1,60 +1,14 @@
 //! The CPU path against sbgen's float64 reference (forward and backward), against finite
 //! differences of itself, packed batches against dense ones, and the API's refusals.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::{host, normal, ref_options, rel_l2, to_bhnd};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use sbgen_candle::{stick_breaking_attention, stick_breaking_attention_varlen, Remainder, SbOptions};
 use sbgen_runtime::reference::{self, Shape};
-use sbgen_runtime::{Mask, Remainder as RefRemainder};
-
-fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    // Box-Muller: rand 0.8 without rand_distr.
-    (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        })
-        .collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// `[B, N, H, D]` (candle) to `[B, H, N, D]` (the reference), as f64.
-fn to_bhnd(x: &[f32], b: usize, n: usize, h: usize, d: usize) -> Vec<f64> {
-    let mut out = vec![0.0; x.len()];
-    for bi in 0..b {
-        for t in 0..n {
-            for hi in 0..h {
-                for di in 0..d {
-                    out[((bi * h + hi) * n + t) * d + di] = x[((bi * n + t) * h + hi) * d + di] as f64;
-                }
-            }
-        }
-    }
-    out
-}
-
-fn ref_options(opts: &SbOptions) -> reference::Options {
-    reference::Options {
-        mask: if opts.attend_current { Mask::AttendCurrent } else { Mask::Strict },
-        remainder: match opts.remainder {
-            Remainder::Return => RefRemainder::Return,
-            Remainder::Fuse => RefRemainder::Fuse,
-        },
-        early_exit_bits: opts.early_exit_bits,
-        scale: opts.scale,
-    }
-}
 
 #[test]
 fn forward_and_gradients_match_the_float64_reference() {
@@ -230,4 +184,42 @@ fn bad_inputs_are_refused_naming_what_is_wrong() {
         Err(e) => assert!(e.to_string().contains("`v` has shape [1]: the shape of k, [2, 8, 2, 16]"), "{e}"),
         Ok(_) => panic!("a v of the wrong shape was accepted"),
     }
+}
+
+#[test]
+fn kv_cache_decode_matches_the_float64_reference() {
+    let cases = [
+        SbOptions::default(),
+        SbOptions { attend_current: true, remainder: Remainder::Fuse, ..SbOptions::default() },
+        SbOptions { early_exit_bits: Some(8), scale: Some(0.3), ..SbOptions::default() },
+    ];
+    for (c, opts) in cases.iter().enumerate() {
+        for paged in [false, true] {
+            common::check_kv_cache_decode(&Device::Cpu, DType::F32, paged, opts, c as u64, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn kv_cache_refuses_what_does_not_fit() {
+    use sbgen_candle::{PagePool, SbKvCache};
+    let dev = Device::Cpu;
+    let pool = |num_pages, page_size, max_pages| PagePool { num_pages, page_size, max_pages };
+    let err = |r: candle_core::Result<SbKvCache>| r.unwrap_err().to_string();
+    assert!(err(SbKvCache::paged(1, pool(4, 24, 2), 1, 8, DType::F32, &dev)).contains("page_size = 24"));
+    assert!(err(SbKvCache::contiguous(1, 8, 1, 300, DType::F32, &dev)).contains("head_dim = 300"));
+    let mut cache = SbKvCache::paged(2, pool(3, 16, 2), 1, 8, DType::F32, &dev).unwrap();
+    let q = Tensor::zeros((2, 2, 8), DType::F32, &dev).unwrap();
+    let msg = cache.decode(&q, &SbOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("sequence 0 holds no token"), "{msg}");
+    // 2 sequences of 20 tokens need 4 pages; the pool has 3. Nothing is written.
+    let kv = Tensor::zeros((2, 20, 1, 8), DType::F32, &dev).unwrap();
+    let msg = cache.append(&kv, &kv).unwrap_err().to_string();
+    assert!(msg.contains("needs 4 new pages and 3 are free"), "{msg}");
+    assert_eq!(cache.lens(), &[0, 0]);
+    let long = Tensor::zeros((33, 1, 8), DType::F32, &dev).unwrap();
+    let msg = cache.append_to(1, &long, &long).unwrap_err().to_string();
+    assert!(msg.contains("at most 32 per sequence"), "{msg}");
+    let wrong = Tensor::zeros((2, 1, 2, 8), DType::F32, &dev).unwrap();
+    assert!(cache.append(&wrong, &wrong).unwrap_err().to_string().contains("`k` has shape [2, 1, 2, 8]"));
 }
