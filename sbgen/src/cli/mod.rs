@@ -20,6 +20,7 @@ mod bench;
 mod cache;
 mod check;
 mod emit;
+mod progress;
 mod run;
 mod tune;
 
