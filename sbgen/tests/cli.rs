@@ -677,3 +677,42 @@ fn decode_flags_are_checked_before_the_gpu() {
     let err = usage_error(&["bench", "--flush", "read"]);
     assert!(err.contains("--decode"), "{err}");
 }
+
+/// The committed results of an H200 run, plotted without a GPU.
+#[test]
+fn bench_plot_from_json_draws_the_results_and_baselines_without_a_gpu() {
+    let results = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/results");
+    let bench = format!("{results}/2026-11-30-h200-s7-bench-after.json");
+    let baselines = format!("{results}/2026-11-30-h200-s7-baselines.json");
+    let dir = scratch("bench-plot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("plot.svg");
+    let svg_arg = svg.to_str().unwrap();
+    let out =
+        sbgen(&["bench", "--plot", svg_arg, "--from-json", &bench, "--baselines", &baselines, "--early-exit", "off"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains(&format!("wrote `{svg_arg}`")), "{stdout}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    for name in ["sbgen fwd D=128", "sbgen fwd+bwd D=64", "cudnn_fwd D=128", "fla_sb_fwdbwd D=64", "NVIDIA H200"] {
+        assert!(drawn.contains(name), "{name} missing from the SVG");
+    }
+    assert!(!drawn.contains("ee24"), "--early-exit off leaves the early-exit rows out");
+
+    // Inputs the user must fix: exit 2, named.
+    let missing = dir.join("missing.json");
+    let err = usage_error(&["bench", "--plot", svg_arg, "--from-json", missing.to_str().unwrap()]);
+    assert!(err.contains("`--from-json`") && err.contains("missing.json"), "{err}");
+    let err = usage_error(&["bench", "--plot", svg_arg, "--from-json", &baselines]);
+    assert!(err.contains("`--baselines`"), "a baselines file given as the bench document: {err}");
+    let err = usage_error(&["bench", "--plot", svg_arg, "--from-json", &bench, "--baselines", &bench]);
+    assert!(err.contains("this is a bench document"), "{err}");
+    let err =
+        usage_error(&["bench", "--plot", dir.join("no/such/folder.svg").to_str().unwrap(), "--from-json", &bench]);
+    assert!(err.contains("`--plot`") && err.contains("does not exist"), "{err}");
+    let err = usage_error(&["bench", "--from-json", &bench]);
+    assert!(err.contains("--plot"), "{err}");
+    let err = usage_error(&["bench", "--plot", svg_arg, "--from-json", &bench, "--shapes", "1,2,64,64"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

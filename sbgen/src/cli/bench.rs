@@ -2,7 +2,9 @@
 
 use super::check::{parse_early_exit, EarlyExit};
 use super::emit::ScheduleArgs;
+use super::plot;
 use super::{Outcome, UsageError};
+use crate::files;
 use crate::gpu::bench::{self, BenchPlan, Problem};
 use crate::gpu::decode::CacheKind;
 use crate::gpu::decode_bench::{self, DecodeBenchPlan, DecodeProblem};
@@ -15,8 +17,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sbgen_runtime::launcher::DecodeSplit;
 use sbgen_runtime::reference::Shape;
+use serde_json::Value;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Args)]
@@ -91,6 +94,21 @@ pub struct BenchArgs {
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also draw the results as an SVG line plot in FILE: TFLOP/s against N (log2), one line per
+    /// pass, early-exit setting, mode and varying shape field (against head_dim when N is one
+    /// value); with `--decode`, GB/s against the cached length.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// With `--plot`: plot the document `bench --json` wrote to FILE instead of running anything (no
+    /// GPU); `--early-exit` picks the rows to plot (`off` leaves out the effective TFLOP/s of early exit).
+    #[arg(long, value_name = "FILE", requires = "plot",
+          conflicts_with_all = ["decode", "shapes", "varlen", "kv_heads", "separate", "deterministic", "json",
+                                "fwd_only", "layout", "ptx_dir"])]
+    pub from_json: Option<PathBuf>,
+    /// With `--plot`: the JSON the GPU bundle's baselines.py wrote (FlashAttention, cuDNN, the Triton
+    /// stick-breaking kernel), drawn beside as dashed lines.
+    #[arg(long, value_name = "FILE", requires = "plot")]
+    pub baselines: Option<PathBuf>,
     /// Timed repetitions per configuration (the median is reported); at least 20.
     #[arg(long, default_value_t = 30)]
     pub reps: usize,
@@ -364,7 +382,12 @@ pub fn decode_plan(args: &BenchArgs, problems: &[DecodeProblem]) -> Result<Decod
 }
 
 /// `bench --decode`.
-fn run_decode(args: &BenchArgs, problems: &[DecodeProblem], out: &mut dyn Write) -> Result<Outcome> {
+fn run_decode(
+    args: &BenchArgs,
+    problems: &[DecodeProblem],
+    baselines: Option<&Value>,
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let plan = decode_plan(args, problems)?;
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     let dev = Device::open(args.device)?;
@@ -396,7 +419,7 @@ fn run_decode(args: &BenchArgs, problems: &[DecodeProblem], out: &mut dyn Write)
         return Err(e.into());
     }
     let results = result?;
-    if let Some(path) = &args.json {
+    if args.json.is_some() || args.plot.is_some() {
         let doc = serde_json::json!({
             "gpu": dev.name,
             "device": dev.describe(),
@@ -409,17 +432,21 @@ fn run_decode(args: &BenchArgs, problems: &[DecodeProblem], out: &mut dyn Write)
             "bytes": "B * H_kv * N * D * 2 (K and V) * element bytes per decode step, over the median time",
             "results": results,
         });
-        let text = serde_json::to_string_pretty(&doc)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("cannot write `{}`", path.display()))?;
-        writeln!(out, "wrote `{}`", path.display())?;
+        write_outputs(args, &doc, baselines, out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })
 }
 
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    let baselines = plot_inputs(args)?;
+    if let (Some(from), Some(path)) = (&args.from_json, &args.plot) {
+        let doc = read_json(from, "--from-json")?;
+        write_plot(args, path, &doc, baselines.as_ref(), out)?;
+        return Ok(Outcome::Success);
+    }
     if let Some(problems) = &args.decode {
-        return run_decode(args, problems, out);
+        return run_decode(args, problems, baselines.as_ref(), out);
     }
     let plan = plan(args)?;
     // A PTX folder that is not there is the user's to fix, before the GPU is opened.
@@ -453,7 +480,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
         return Err(e.into());
     }
     let results = result?;
-    if let Some(path) = &args.json {
+    if args.json.is_some() || args.plot.is_some() {
         let doc = serde_json::json!({
             "gpu": dev.name,
             "device": dev.describe(),
@@ -471,12 +498,80 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
                       separate and padded rows are credited with the packed batch's work",
             "results": results,
         });
-        let text = serde_json::to_string_pretty(&doc)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("cannot write `{}`", path.display()))?;
-        writeln!(out, "wrote `{}`", path.display())?;
+        write_outputs(args, &doc, baselines.as_ref(), out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })
+}
+
+/// Checks the `--plot` file's path and reads the `--baselines` document, before any GPU time is
+/// spent: both are the user's to fix (exit 2).
+fn plot_inputs(args: &BenchArgs) -> Result<Option<Value>> {
+    let Some(path) = &args.plot else { return Ok(None) };
+    let inputs: Vec<&Path> =
+        [&args.from_json, &args.baselines, &args.json].into_iter().flatten().map(PathBuf::as_path).collect();
+    files::check_output(path, &inputs).map_err(|e| UsageError::new(format!("`--plot`: {e}")))?;
+    args.baselines.as_deref().map(|b| read_json(b, "--baselines")).transpose()
+}
+
+/// A JSON document for `--plot`; a file that is missing, unreadable for the user or not JSON is a
+/// usage error naming `flag`.
+fn read_json(path: &Path, flag: &str) -> Result<Value> {
+    use std::io::ErrorKind;
+    if path.is_dir() {
+        return Err(UsageError::new(format!("`{flag}` `{}` is a folder: give a file", path.display())).into());
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidData) => {
+            return Err(UsageError::new(format!("`{flag}`: cannot read `{}`: {e}", path.display())).into())
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read `{}`", path.display()))),
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| UsageError::new(format!("`{flag}`: `{}` is not JSON: {e}", path.display())).into())
+}
+
+/// `--json` and `--plot` of a finished run.
+fn write_outputs(args: &BenchArgs, doc: &Value, baselines: Option<&Value>, out: &mut dyn Write) -> Result<()> {
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(doc)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("cannot write `{}`", path.display()))?;
+        writeln!(out, "wrote `{}`", path.display())?;
+    }
+    if let Some(path) = &args.plot {
+        match write_plot(args, path, doc, baselines, out) {
+            // Every row failed (or none of `--early-exit`): the run's own failure is the news.
+            Err(e) if e.downcast_ref::<plot::PlotError>().is_some_and(|p| matches!(p, plot::PlotError::Empty(_))) => {
+                writeln!(out, "`{}` not written: {e:#}", path.display())?
+            }
+            result => result?,
+        }
+    }
+    Ok(())
+}
+
+/// Draws `doc` (with the baselines) into the SVG file `path`; `--early-exit` picks the rows.
+fn write_plot(
+    args: &BenchArgs,
+    path: &Path,
+    doc: &Value,
+    baselines: Option<&Value>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let figure = plot::figure(doc, baselines, &args.early_exit).map_err(|e| {
+        let what = match (&args.from_json, &args.baselines) {
+            (Some(f), Some(b)) => format!("`{}` with the baselines `{}`", f.display(), b.display()),
+            (Some(f), None) => format!("`{}`", f.display()),
+            (None, Some(b)) => format!("the results with the baselines `{}`", b.display()),
+            (None, None) => "the results".to_string(),
+        };
+        anyhow::Error::new(e).context(format!("cannot plot {what}"))
+    })?;
+    let svg = plot::render_svg(&figure)?;
+    files::write_atomic(path, svg.as_bytes())?;
+    writeln!(out, "wrote `{}` ({} series)", path.display(), figure.series.len())?;
+    Ok(())
 }
 
 #[cfg(test)]

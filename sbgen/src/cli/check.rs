@@ -3,6 +3,7 @@
 //! kernels to PTX on a machine without a GPU (for a GPU machine without a CUDA toolchain).
 
 use super::emit::{PassChoice, ScheduleArgs};
+use super::progress;
 use super::{Outcome, UsageError};
 use crate::artifact::{self, store::PtxDir, Verdict};
 use crate::compile::Compiler;
@@ -314,7 +315,7 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<Outcome> {
         },
         plan.deterministic.iter().map(|&d| if d { "on" } else { "off" }).collect::<Vec<_>>().join(",")
     )?;
-    report_rows(args, seed, out, |sink| check::run(&dev, &builder, &plan, sink))
+    report_rows(args, seed, plan.rows(), out, |sink| check::run(&dev, &builder, &plan, sink))
 }
 
 /// `check --pass decode`: the decode plan on the GPU, or its kernels' PTX with `--emit-ptx`.
@@ -343,28 +344,33 @@ fn run_decode(args: &CheckArgs, seed: u64, out: &mut dyn Write) -> Result<Outcom
         plan.splits.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
         plan.kv_heads.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(","),
     )?;
-    report_rows(args, seed, out, |sink| decode_check::run(&dev, &builder, &plan, sink))
+    report_rows(args, seed, plan.rows(), out, |sink| decode_check::run(&dev, &builder, &plan, sink))
 }
 
 /// Runs a check, printing its table as the rows come (all, or the failing ones with
-/// `--failures-only`), then the failure details and the summary line.
+/// `--failures-only`), then the failure details and the summary line. The progress of the `total`
+/// rows planned is on stderr.
 fn report_rows(
     args: &CheckArgs,
     seed: u64,
+    total: usize,
     out: &mut dyn Write,
     run: impl FnOnce(&mut dyn FnMut(&failure::Row)) -> Result<Vec<failure::Row>, crate::gpu::GpuError>,
 ) -> Result<Outcome> {
     writeln!(out, "{}", failure::header())?;
     out.flush()?;
     let start = Instant::now();
+    let progress = progress::start(total as u64, "kernel runs");
     let mut write_error = None;
     let result = run(&mut |row| {
+        progress.inc(1);
         if (!args.failures_only || !row.passed()) && write_error.is_none() {
-            if let Err(e) = writeln!(out, "{}", failure::format_row(row)).and_then(|_| out.flush()) {
+            if let Err(e) = progress::write_line(&*progress, out, &failure::format_row(row)) {
                 write_error = Some(e);
             }
         }
     });
+    progress.finish();
     if let Some(e) = write_error {
         return Err(e.into());
     }
@@ -405,7 +411,8 @@ fn details(rows: &[failure::Row], out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// Compiles every kernel of the plan for `args.arch` in parallel ([`artifact::build_all`]) and
+/// Compiles every kernel of the plan for `args.arch` in parallel ([`artifact::build`] on
+/// [`crate::pool::map`], counted on the progress bar or lines) and
 /// stores the PTX of each one that compiles without spilling into `dir`; a spilling kernel is
 /// reported as SPILL and not written, as `sbgen tune` refuses it.
 fn emit_ptx(
@@ -428,7 +435,14 @@ fn emit_ptx(
         }
     }
     let mut written = 0;
-    for artifact in artifact::build_all(&lowered, &compiler, threads) {
+    let progress = progress::start(lowered.len() as u64, "kernels compiled");
+    let built = crate::pool::map(&lowered, threads, |l| {
+        let artifact = artifact::build(l, &compiler);
+        progress.inc(1);
+        artifact
+    });
+    progress.finish();
+    for artifact in built {
         let name = &artifact.lowered.name;
         match &artifact.verdict {
             Verdict::Ok => match store.write(&artifact) {

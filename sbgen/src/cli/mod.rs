@@ -20,6 +20,8 @@ mod bench;
 mod cache;
 mod check;
 mod emit;
+pub mod plot;
+mod progress;
 mod run;
 mod tune;
 
@@ -136,6 +138,7 @@ fn is_users_to_fix(e: &anyhow::Error) -> bool {
         c.downcast_ref::<UsageError>().is_some()
             || c.downcast_ref::<crate::cache::CacheError>().is_some_and(|e| e.is_users_to_fix())
             || c.downcast_ref::<crate::files::FileError>().is_some_and(|e| e.is_users_to_fix())
+            || c.downcast_ref::<plot::PlotError>().is_some_and(|e| e.is_users_to_fix())
     })
 }
 

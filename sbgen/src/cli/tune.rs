@@ -8,6 +8,7 @@
 //!   with CUDA events and write the winners to the tuning cache ([`crate::tune`]).
 
 use super::emit::SpecArgs;
+use super::progress::{self, Progress};
 use super::{Outcome, UsageError};
 use crate::artifact::{self, store::PtxDir, Artifact, Verdict};
 use crate::cache::{seq_bucket, TuningCache, DEFAULT_CACHE_FILE};
@@ -120,7 +121,10 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
         Some(dir) => Some(PtxDir::create(dir).map_err(|e| UsageError::new(format!("`--emit-ptx`: {e}")))?),
         None => None,
     };
-    execute(&items, &compiler, jobs, emit.as_ref(), out, &mut tally)?;
+    let compiles = items.iter().filter(|i| matches!(i, Item::Compile(_))).count();
+    let progress = progress::start(compiles as u64, "variants compiled");
+    execute(&items, &compiler, jobs, emit.as_ref(), &*progress, out, &mut tally)?;
+    progress.finish();
     for line in tally.head_dim_lines() {
         writeln!(out, "{line}")?;
     }
@@ -129,7 +133,7 @@ pub fn run(args: &TuneArgs, out: &mut dyn Write) -> Result<Outcome> {
         "pruned {} candidates; {:.1} s with {} parallel jobs",
         tally.pruned,
         start.elapsed().as_secs_f64(),
-        crate::pool::threads_for(jobs, items.iter().filter(|i| matches!(i, Item::Compile(_))).count())
+        crate::pool::threads_for(jobs, compiles)
     )?;
     writeln!(out, "compiled {} variants: {} failed, {} spilling", tally.compiled, tally.failed, tally.spilling)?;
     if let Some(dir) = &args.emit_ptx {
@@ -201,6 +205,19 @@ fn tune_plan(args: &TuneArgs, specs: Vec<Spec>) -> Result<TunePlan, UsageError> 
     Ok(plan)
 }
 
+/// The tuner's log and step count, on the progress bar or lines.
+struct Report<'a>(&'a dyn Progress);
+
+impl tuner::Reporter for Report<'_> {
+    fn say(&mut self, line: &str) {
+        self.0.println(line);
+    }
+
+    fn reached(&mut self, done: usize) {
+        self.0.set_position(done as u64);
+    }
+}
+
 /// Checks and times every variant on the GPU and writes the winners to the cache.
 fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Outcome> {
     let plan = tune_plan(args, specs)?;
@@ -237,10 +254,12 @@ fn gpu_tune(args: &TuneArgs, specs: Vec<Spec>, out: &mut dyn Write) -> Result<Ou
     )?;
     out.flush()?;
     let start = Instant::now();
-    // Progress goes to stderr; a closed stderr must not end a tuning run.
-    let report = tuner::run(&dev, &plan, &mut |line| {
-        let _ = writeln!(std::io::stderr(), "{line}");
-    })?;
+    // Progress goes to stderr (a closed stderr does not end a tuning run): the log lines, under a
+    // bar of the planned checks and timings on a terminal.
+    let steps: usize = tuner::planned_steps(&plan).iter().sum();
+    let progress = progress::start(steps as u64, "checks and timings");
+    let report = tuner::run(&dev, &plan, &mut Report(&*progress))?;
+    progress.finish();
     writeln!(out, "\n{}", summary_header())?;
     for row in &report.summary {
         writeln!(out, "{}", format_summary_row(row))?;
@@ -433,31 +452,33 @@ enum Done<'a> {
 
 /// Compiles the variants on `jobs` threads ([`artifact::build`] on [`crate::pool::stream`]) and
 /// prints every item in order as soon as it and all before it are done; with `emit`, stores the
-/// PTX of every variant judged [`Verdict::Ok`].
+/// PTX of every variant judged [`Verdict::Ok`]. `progress` counts the compilations as they end.
 fn execute(
     items: &[Item],
     compiler: &Compiler,
     jobs: usize,
     emit: Option<&PtxDir>,
+    progress: &dyn Progress,
     out: &mut dyn Write,
     tally: &mut Tally,
 ) -> Result<()> {
-    fn work<'a>(item: &'a Item, compiler: &Compiler) -> Done<'a> {
-        match item {
-            Item::Text(text) => Done::Text(text),
-            Item::Compile(lowered) => Done::Built(Box::new(artifact::build(lowered, compiler))),
-        }
-    }
     crate::pool::stream(
         items,
         jobs,
-        |item| work(item, compiler),
-        |_, done| -> Result<()> {
-            match done {
-                Done::Text(text) => writeln!(out, "{text}")?,
-                Done::Built(artifact) => writeln!(out, "{}", artifact_line(&artifact, emit, tally)?)?,
+        |item| match item {
+            Item::Text(text) => Done::Text(text),
+            Item::Compile(lowered) => {
+                let built = artifact::build(lowered, compiler);
+                progress.inc(1);
+                Done::Built(Box::new(built))
             }
-            out.flush()?;
+        },
+        |_, done| -> Result<()> {
+            let line = match done {
+                Done::Text(text) => text.to_string(),
+                Done::Built(artifact) => artifact_line(&artifact, emit, tally)?,
+            };
+            progress::write_line(progress, out, &line)?;
             Ok(())
         },
     )

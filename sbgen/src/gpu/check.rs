@@ -188,6 +188,19 @@ impl CheckPlan {
         out
     }
 
+    /// The rows [`run`] reports (one per kernel run): per (head_dim, dtype, regime, K/V heads)
+    /// group, each sequence length in every layout, and the packed batch of `varlen` in THD; in
+    /// each, per mask and remainder, a forward per early-exit setting (run also when only the
+    /// backward is asked for: the backward reads its outputs) and a backward per early-exit and
+    /// deterministic setting.
+    pub fn rows(&self) -> usize {
+        let backward = if self.passes.contains(&Pass::Backward) { self.deterministic.len() } else { 0 };
+        let per_layout = self.masks.len() * self.remainders.len() * self.early_exits.len() * (1 + backward);
+        let packed = self.layouts.contains(&Layout::Thd) && !self.varlen.is_empty();
+        let per_group = self.seqs.len() * self.layouts.len() * per_layout + usize::from(packed) * per_layout;
+        self.head_dims.len() * self.dtypes.len() * self.regimes.len() * self.kv_heads.len() * per_group
+    }
+
     /// The deterministic settings a pass runs with (the forward has none).
     pub fn deterministic_for(&self, pass: Pass) -> Vec<bool> {
         match pass {

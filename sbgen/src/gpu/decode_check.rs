@@ -152,6 +152,24 @@ impl DecodeCheckPlan {
     pub fn kernels(&self, builder: &KernelBuilder) -> Vec<Kernel> {
         self.specs().into_iter().map(|s| builder.kernel(s, self.schedule)).collect()
     }
+
+    /// The rows [`run`] reports (one per kernel run): per (head_dim, dtype, regime, K/V heads),
+    /// each cache, mask, remainder, split and early-exit setting.
+    pub fn rows(&self) -> usize {
+        [
+            self.head_dims.len(),
+            self.dtypes.len(),
+            self.regimes.len(),
+            self.kv_heads.len(),
+            self.caches.len(),
+            self.masks.len(),
+            self.remainders.len(),
+            self.splits.len(),
+            self.early_exits.len(),
+        ]
+        .iter()
+        .product()
+    }
 }
 
 /// Query and K/V heads of a checked batch: 4 query heads per K/V head group of 1 on 4 K/V heads,

@@ -73,6 +73,7 @@ pub fn check_candidates(
         if passed_one && s.budget.spent() {
             budget_spent = true;
             cands[i].outcome = Outcome::NotRun { reason: "time budget spent (--budget-s) before its check".into() };
+            s.step();
             continue;
         }
         let rows = match spec.pass {
@@ -93,6 +94,7 @@ pub fn check_candidates(
                 s.say(&format!("ok     {:<26} matches the float64 reference", schedule.to_string()))
             }
         }
+        s.step();
     }
     Ok(budget_spent)
 }

@@ -27,7 +27,7 @@ pub mod record;
 pub mod time;
 
 pub use budget::Budget;
-pub use plan::{Session, TuneError, TunePlan, DEFAULT_BUDGET_S, DEFAULT_SEQS, MAX_SEQ};
+pub use plan::{Reporter, Session, TuneError, TunePlan, DEFAULT_BUDGET_S, DEFAULT_SEQS, MAX_SEQ};
 pub use record::{format_summary_row, summary_header, SummaryRow, TuneReport};
 
 use crate::artifact::store::{PtxDir, ScratchDir};
@@ -39,9 +39,24 @@ use crate::gpu::device::{self, Device, GpuError};
 use crate::gpu::kernels::KernelBuilder;
 use crate::ir::{Kernel, Spec};
 
-/// The checked-and-timed pipeline for every spec of `plan` on `dev`. Progress lines go to
-/// `progress` (the CLI prints them on stderr).
-pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Result<TuneReport, TuneError> {
+/// The steps a run of `plan` takes, per spec: for each candidate the search space keeps, its check
+/// and its timing at each sequence length. [`run`] reports how many are done
+/// ([`Reporter::reached`]); those of a candidate that fails to compile, or that the budget leaves
+/// out, count as done when its spec is over.
+pub fn planned_steps(plan: &TunePlan) -> Vec<usize> {
+    plan.specs
+        .iter()
+        .map(|&spec| {
+            let (cands, _) = enumerate::candidates(spec, plan.arch);
+            let kept = cands.iter().filter(|c| !matches!(c.outcome, Outcome::Pruned { .. })).count();
+            kept * (1 + plan.seqs.len())
+        })
+        .collect()
+}
+
+/// The checked-and-timed pipeline for every spec of `plan` on `dev`. Progress lines and the count
+/// of [`planned_steps`] done go to `progress` (the CLI prints them on stderr).
+pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn Reporter) -> Result<TuneReport, TuneError> {
     if dev.arch != plan.arch {
         return Err(TuneError::ArchMismatch { requested: plan.arch, found: dev.arch, device: dev.describe() });
     }
@@ -67,10 +82,15 @@ pub fn run(dev: &Device, plan: &TunePlan, progress: &mut dyn FnMut(&str)) -> Res
         budget: Budget::start(plan.budget),
         driver,
         progress,
+        done: 0,
     };
     let mut report = TuneReport::default();
-    for &spec in &plan.specs {
-        match tune_spec(&mut s, spec, &mut report) {
+    let mut end = 0;
+    for (&spec, steps) in plan.specs.iter().zip(planned_steps(plan)) {
+        end += steps;
+        let result = tune_spec(&mut s, spec, &mut report);
+        s.reach(end);
+        match result {
             Ok(()) => {}
             Err(TuneError::Gpu(e @ (GpuError::ContextLost { .. } | GpuError::Hung { .. }))) => {
                 report.aborted = Some(e.to_string());

@@ -91,6 +91,21 @@ impl From<cudarc::driver::DriverError> for TuneError {
     }
 }
 
+/// Where a run reports as it goes (the CLI: on stderr, under a progress bar on a terminal). A
+/// closure taking each line is one.
+pub trait Reporter {
+    /// A line of the run's log.
+    fn say(&mut self, line: &str);
+    /// `done` of the run's planned steps ([`super::planned_steps`]) are done; never decreases.
+    fn reached(&mut self, _done: usize) {}
+}
+
+impl<F: FnMut(&str)> Reporter for F {
+    fn say(&mut self, line: &str) {
+        self(line)
+    }
+}
+
 /// What every phase of one run shares: the device, the plan, where kernels come from, the budget
 /// and the progress sink (the CLI prints its lines on stderr).
 pub struct Session<'a> {
@@ -103,11 +118,28 @@ pub struct Session<'a> {
     pub budget: Budget,
     /// The driver's CUDA version, recorded in each cache entry.
     pub driver: String,
-    pub progress: &'a mut dyn FnMut(&str),
+    pub progress: &'a mut dyn Reporter,
+    /// Planned steps done so far (a check, or a timing at one sequence length, of one candidate).
+    pub done: usize,
 }
 
 impl Session<'_> {
     pub fn say(&mut self, line: &str) {
-        (self.progress)(line);
+        self.progress.say(line);
+    }
+
+    /// One more planned step is done.
+    pub fn step(&mut self) {
+        self.done += 1;
+        self.progress.reached(self.done);
+    }
+
+    /// The steps up to `done` are over (done, or skipped: a candidate that failed to compile is
+    /// neither checked nor timed).
+    pub fn reach(&mut self, done: usize) {
+        if done > self.done {
+            self.done = done;
+            self.progress.reached(done);
+        }
     }
 }

@@ -130,6 +130,7 @@ pub fn time_candidates(
     let mut timed = 0;
     let budget = s.budget;
     let progress = &mut *s.progress;
+    let mut done = s.done;
     let (results, not_run) = measure_within_budget(cands, &mut || budget.spent(), &mut |schedule| {
         if fatal.is_some() {
             return Outcome::NotRun { reason: "the CUDA context was lost".into() };
@@ -144,14 +145,17 @@ pub fn time_candidates(
             Err(e) => Outcome::Failed { reason: short(&e) },
         };
         timed += 1;
-        progress(&format!(
+        progress.say(&format!(
             "[{timed:>2}/{total}] {} N={seq:<6} {:<26} {outcome}  ({})",
             spec.slug(),
             schedule.to_string(),
             budget.progress()
         ));
+        done += 1;
+        progress.reached(done);
         outcome
     });
+    s.done = done;
     Ok(Timed { shape, results, not_run, fatal })
 }
 
