@@ -12,13 +12,13 @@
 //! dRem and runs sbgen's backward once, for both outputs.
 
 use super::device::{stream_state, StreamState};
+use super::storage::{cuda_parts, not_cuda, output, tensor, view};
 use crate::error::SbCandleError;
 use crate::options::{Remainder, SbOptions};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, ValidAsZeroBits};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use sbgen_runtime::launcher::{BackwardArgs, ForwardArgs, SbElement, Varlen};
 use sbgen_runtime::reference::Shape as SbShape;
 use sbgen_runtime::spec::{Dtype, Layout as SbLayout, Mask, Pass, Remainder as SbRemainder, Spec};
@@ -120,27 +120,6 @@ impl Shared {
 pub struct SbCudaAttention(pub Arc<Shared>);
 pub struct SbCudaRemainder(pub Arc<Shared>);
 
-fn no_cpu(op: &'static str) -> candle_core::Error {
-    SbCandleError::Device { device: "the CPU".into(), reason: op }.into()
-}
-
-/// A contiguous device view of one argument.
-fn view<'a, T: CudaDType>(name: &'static str, s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| SbCandleError::Shape {
-        tensor: name,
-        got: l.dims().to_vec(),
-        expected: "a contiguous tensor (the wrapper makes it one)".into(),
-    })?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-/// Device memory for a kernel output that the kernel writes in full (sbgen's checks poison outputs
-/// to prove it), so it is not zeroed first.
-fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> candle_core::Result<CudaSlice<T>> {
-    // SAFETY: every element is written by the launch that follows before anything reads it.
-    unsafe { dev.cuda_stream().alloc::<T>(len.max(1)) }.map_err(candle_core::Error::wrap)
-}
-
 fn launch_error(e: sbgen_runtime::launcher::LaunchError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
@@ -159,7 +138,7 @@ impl CustomOp3 for SbCudaAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu("the GPU op was given CPU tensors"))
+        Err(not_cuda("the GPU op was given CPU tensors"))
     }
 
     fn cuda_fwd(
@@ -261,12 +240,7 @@ impl SbCudaAttention {
         };
         let guards = [q, k, v, o, &d_o].map(|t| t.storage_and_layout());
         let d_rem_guard = d_rem.as_ref().map(|t| t.storage_and_layout());
-        let cuda = |i: usize| -> candle_core::Result<(&CudaStorage, &Layout)> {
-            match &*guards[i].0 {
-                Storage::Cuda(s) => Ok((s, guards[i].1)),
-                _ => Err(no_cpu("the backward was given CPU tensors")),
-            }
-        };
+        let cuda = |i: usize| cuda_parts("the backward was given CPU tensors", &guards[i]);
         let (sq, lq) = cuda(0)?;
         let dev = sq.device().clone();
         let state: Arc<StreamState> = stream_state(&dev)?;
@@ -276,10 +250,10 @@ impl SbCudaAttention {
         let (so, lo) = cuda(3)?;
         let (sdo, ldo) = cuda(4)?;
         let d_rem_view = match &d_rem_guard {
-            Some((st, l)) => match &**st {
-                Storage::Cuda(s) => Some(view::<f32>("d_rem", s, l)?),
-                _ => return Err(no_cpu("the backward was given CPU tensors")),
-            },
+            Some(guard) => {
+                let (s, l) = cuda_parts("the backward was given CPU tensors", guard)?;
+                Some(view::<f32>("d_rem", s, l)?)
+            }
             None => None,
         };
         let (nq, nk) = (lq.shape().elem_count(), lk.shape().elem_count());
@@ -302,15 +276,7 @@ impl SbCudaAttention {
             varlen: p.varlen(&cu_seqlens),
         };
         state.launcher.backward(&kernel, p.shape, args, p.scale()).map_err(launch_error)?;
-        let wrap = |x: CudaSlice<T>, like: &Tensor| {
-            Tensor::from_storage(
-                Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())),
-                like.shape().clone(),
-                BackpropOp::none(),
-                false,
-            )
-        };
-        Ok((wrap(dq, q), wrap(dk, k), wrap(dv, v)))
+        Ok((tensor(dq, &dev, q.dims()), tensor(dk, &dev, k.dims()), tensor(dv, &dev, v.dims())))
     }
 }
 
@@ -320,7 +286,7 @@ impl CustomOp1 for SbCudaRemainder {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu("the GPU op was given CPU tensors"))
+        Err(not_cuda("the GPU op was given CPU tensors"))
     }
 
     fn cuda_fwd(&self, o: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {

@@ -4,13 +4,12 @@
 
 use super::attention::dtype_error;
 use super::device::stream_state;
-use crate::error::SbCandleError;
+use super::storage::{cuda_parts, output, tensor, view};
 use crate::kv_cache::SbKvCache;
 use crate::options::{Remainder, SbOptions};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Layout, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use sbgen_runtime::launcher::{DecodeArgs, DecodeShape, DecodeSplit, KvCacheGeometry, SbElement};
 use sbgen_runtime::spec::{Layout as SbLayout, Mask, Pass, Remainder as SbRemainder, Spec};
 
@@ -20,29 +19,6 @@ pub fn decode(cache: &SbKvCache, q: &Tensor, opts: &SbOptions) -> Result<(Tensor
         DType::F16 => decode_typed::<half::f16>(cache, q, opts),
         other => Err(dtype_error("q", other)),
     }
-}
-
-fn cuda_parts<'a>(
-    name: &'static str,
-    guard: &'a (candle_core::StorageRef<'a>, &'a Layout),
-) -> Result<(&'a CudaStorage, &'a Layout)> {
-    match &*guard.0 {
-        Storage::Cuda(s) => Ok((s, guard.1)),
-        _ => Err(SbCandleError::Device { device: "the CPU".into(), reason: name }.into()),
-    }
-}
-
-fn contiguous_view<'a, T: CudaDType>(
-    name: &'static str,
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| SbCandleError::Shape {
-        tensor: name,
-        got: l.dims().to_vec(),
-        expected: "a contiguous tensor".into(),
-    })?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 fn upload<T: DeviceRepr>(s: &CudaStorage, host: &[T]) -> Result<CudaSlice<T>> {
@@ -84,13 +60,12 @@ fn decode_typed<T: SbElement + CudaDType>(cache: &SbKvCache, q: &Tensor, opts: &
     let kernel = state.kernel(spec, longest)?;
     let seqlens_k = upload(sq, &lens)?;
     let block_table = cache.block_table().map(|t| upload(sq, t)).transpose()?;
-    // SAFETY: the decode writes every element of o and rem (sbgen's checks poison them to prove it).
-    let mut o = unsafe { dev.cuda_stream().alloc::<T>(b * h * d) }.map_err(candle_core::Error::wrap)?;
-    let mut rem = unsafe { dev.cuda_stream().alloc::<f32>(b * h) }.map_err(candle_core::Error::wrap)?;
+    let mut o = output::<T>(&dev, b * h * d)?;
+    let mut rem = output::<f32>(&dev, b * h)?;
     let args = DecodeArgs {
-        q: contiguous_view::<T>("q", sq, lq)?,
-        k_cache: contiguous_view::<T>("k_cache", sk, lk)?,
-        v_cache: contiguous_view::<T>("v_cache", sv, lv)?,
+        q: view::<T>("q", sq, lq)?,
+        k_cache: view::<T>("k_cache", sk, lk)?,
+        v_cache: view::<T>("v_cache", sv, lv)?,
         cache: geometry,
         seqlens_k: seqlens_k.slice(..),
         block_table: block_table.as_ref().map(|t| t.slice(..)),
@@ -102,11 +77,5 @@ fn decode_typed<T: SbElement + CudaDType>(cache: &SbKvCache, q: &Tensor, opts: &
         .launcher
         .decode(&kernel, shape, args, DecodeSplit::default(), opts.scale.map(|s| s as f32))
         .map_err(candle_core::Error::wrap)?;
-    let wrap = |storage: CudaStorage, dims: Vec<usize>| {
-        Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)
-    };
-    Ok((
-        wrap(CudaStorage::wrap_cuda_slice(o, dev.clone()), vec![b, h, d]),
-        wrap(CudaStorage::wrap_cuda_slice(rem, dev), vec![b, h]),
-    ))
+    Ok((tensor(o, &dev, &[b, h, d]), tensor(rem, &dev, &[b, h])))
 }
