@@ -27,8 +27,9 @@
 //! `sbgen` (or the file `sbgen tune` wrote, named by env `SBGEN_CACHE` when the first call runs) as
 //! PTX, else NVRTC compiles the default schedule at first use: nothing is compiled when your crate
 //! builds. Early exit takes 8..=60 bits there. On the CPU the same function computes in float32
-//! (f32, bf16 and f16 in, the same dtype out), one task per (sequence, K/V head) on rayon's pool,
-//! so the same model code trains and generates without a GPU. `rem` is always f32. Gradients flow
+//! (f32, bf16 and f16 in, the same dtype out), blocked as the kernels are (a task per 32 query
+//! rows of one K/V head's query heads, keys a block of 64 at a time) on rayon's pool, so the same
+//! model code trains and generates without a GPU (`examples/cpu_throughput.rs` times it). `rem` is always f32. Gradients flow
 //! to q, k and v from both o and rem through candle's backprop on both paths.
 //!
 //! **Generation.** [`SbKvCache`] (contiguous or paged) holds each layer's keys and values;

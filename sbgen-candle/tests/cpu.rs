@@ -12,7 +12,7 @@ use sbgen_runtime::reference::{self, Shape};
 
 #[test]
 fn forward_and_gradients_match_the_float64_reference() {
-    let (b, n, h, hk, d) = (2, 37, 4, 2, 16);
+    let (b, n, h, hk, d) = (2, 77, 4, 2, 16);
     let cases = [
         SbOptions::default(),
         SbOptions { attend_current: true, remainder: Remainder::Fuse, ..SbOptions::default() },
