@@ -234,9 +234,15 @@ mod tests {
             e.check_lowering().unwrap();
             assert!(!e.ptx.is_empty(), "{} has no PTX", e.kernel_name);
         }
-        // The specs it was tuned for: BHND with a returned remainder, and BNHD (candle, flash-attn)
-        // with the remainder fused (the paper's models), both with the strict mask.
-        let variants = [(Layout::Bhnd, Remainder::Return), (Layout::Bnhd, Remainder::Fuse)];
+        // The specs it was tuned for, all with the strict mask: BHND with a returned remainder, BNHD
+        // (candle, flash-attn) with the remainder fused (the paper's models) and returned (sbgen-candle's
+        // dense path), and THD with it returned (sbgen-candle's packed batches).
+        let variants = [
+            (Layout::Bhnd, Remainder::Return),
+            (Layout::Bnhd, Remainder::Fuse),
+            (Layout::Bnhd, Remainder::Return),
+            (Layout::Thd, Remainder::Return),
+        ];
         for pass in [Pass::Forward, Pass::Backward] {
             for dtype in [Dtype::Bf16, Dtype::F16] {
                 for (head_dim, (layout, remainder)) in [64, 128].into_iter().flat_map(|d| variants.map(|v| (d, v))) {
