@@ -12,4 +12,7 @@ pub enum DistError {
     /// A rank of the ring stopped or sent what the protocol did not expect.
     #[error("ring transport, rank {rank}: {reason}")]
     Transport { rank: usize, reason: String },
+    /// A CUDA driver call on a rank's GPU failed (feature `nccl`).
+    #[error("CUDA on rank {rank}: {reason}")]
+    Device { rank: usize, reason: String },
 }

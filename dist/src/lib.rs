@@ -7,6 +7,9 @@
 //! - [`Transport`]: the ring's shifts; [`SimRing`] runs P ranks as threads of one process.
 //! - [`ring::forward`] and [`ring::backward`]: one rank's part, in float64 on the CPU, dK and dV
 //!   returned to their owners by a ring reduce-scatter.
+//! - `nccl` (feature `nccl`): the ring's shifts between the GPUs of one host over NCCL, on a stream
+//!   of their own. The GPU kernels that walk a segment pair from a carried state are not written
+//!   yet, so the driver runs on the CPU only.
 //!
 //! ```
 //! use sbgen_dist::{ring, Heads, Partition, Scheme, SimRing, Transport};
@@ -26,6 +29,8 @@
 //! ```
 
 mod error;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod partition;
 pub mod ring;
 pub mod schedule;
