@@ -257,11 +257,11 @@ mod tests {
                 }
             }
         }
-        // The decode: contiguous (BHND) and paged caches, returned remainder, at 8192 and 32768 cached
-        // tokens.
+        // The decode: contiguous (BHND, and BNHD for sbgen-candle's SbKvCache) and paged caches,
+        // returned remainder, at 8192 and 32768 cached tokens.
         for dtype in [Dtype::Bf16, Dtype::F16] {
             for head_dim in [64, 128] {
-                for layout in [Layout::Bhnd, Layout::Paged] {
+                for layout in [Layout::Bhnd, Layout::Bnhd, Layout::Paged] {
                     let spec = Spec { layout, ..Spec::new(head_dim, dtype, Pass::Decode) };
                     let (k, _) = pick(&c, &spec, None, None).unwrap();
                     let buckets: Vec<_> = k.iter().map(|k| (k.arch, k.seq_bucket)).collect();
