@@ -11,7 +11,7 @@
 
 use crate::error::SbCandleError;
 use crate::options::SbOptions;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 /// Page sizes must be a multiple of this (the decode kernels gather a page in runs of 16 tokens).
 pub const PAGE_ALIGN: usize = 16;
@@ -295,32 +295,35 @@ impl SbKvCache {
     }
 
     fn decode_cpu(&self, q: &Tensor, heads: usize, opts: &SbOptions) -> Result<(Tensor, Tensor)> {
-        let host = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (qh, kh, vh) = (host(q)?, host(&self.k)?, host(&self.v)?);
-        let (o, rem) = match &self.geometry {
-            Geometry::Contiguous { capacity } => {
-                let cap = *capacity;
-                let cache = crate::cpu::DecodeCache {
-                    k: &kh,
-                    v: &vh,
-                    kv_heads: self.kv_heads,
-                    lens: &self.lens,
-                    token_row: |b, t| b * cap + t,
-                };
-                crate::cpu::decode(opts, heads, self.head_dim, &qh, &cache)
-            }
-            Geometry::Paged { page_size, max_pages, block_table, .. } => {
-                let (ps, mp) = (*page_size, *max_pages);
-                let cache = crate::cpu::DecodeCache {
-                    k: &kh,
-                    v: &vh,
-                    kv_heads: self.kv_heads,
-                    lens: &self.lens,
-                    token_row: |b, t| block_table[b * mp + t / ps] as usize * ps + t % ps,
-                };
-                crate::cpu::decode(opts, heads, self.head_dim, &qh, &cache)
-            }
-        };
+        let qh = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (o, rem) = with_f32(&self.k, |kh| {
+            with_f32(&self.v, |vh| {
+                Ok(match &self.geometry {
+                    Geometry::Contiguous { capacity } => {
+                        let cap = *capacity;
+                        let cache = crate::cpu::DecodeCache {
+                            k: kh,
+                            v: vh,
+                            kv_heads: self.kv_heads,
+                            lens: &self.lens,
+                            token_row: |b, t| b * cap + t,
+                        };
+                        crate::cpu::decode(opts, heads, self.head_dim, &qh, &cache)
+                    }
+                    Geometry::Paged { page_size, max_pages, block_table, .. } => {
+                        let (ps, mp) = (*page_size, *max_pages);
+                        let cache = crate::cpu::DecodeCache {
+                            k: kh,
+                            v: vh,
+                            kv_heads: self.kv_heads,
+                            lens: &self.lens,
+                            token_row: |b, t| block_table[b * mp + t / ps] as usize * ps + t % ps,
+                        };
+                        crate::cpu::decode(opts, heads, self.head_dim, &qh, &cache)
+                    }
+                })
+            })
+        })?;
         let b = self.batch();
         let o = Tensor::from_vec(o, (b, heads, self.head_dim), q.device())?.to_dtype(q.dtype())?;
         Ok((o, Tensor::from_vec(rem, (b, heads), q.device())?))
@@ -363,4 +366,16 @@ impl SbKvCache {
         }
         .into()
     }
+}
+
+/// `f` on a CPU tensor's elements as f32: the tensor's own storage when it is contiguous f32 (an f32
+/// cache is read in place at every decode step), else a converted copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&data[start..end]);
+        }
+    }
+    f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
