@@ -107,9 +107,9 @@ impl Walk {
     }
 }
 
-/// log2(1 + 2^x) without overflow. `log2(1 + e)` is libm's fast log2 except for tiny e, where 1 + e
-/// would round the e away (e log2(e) to first order, as `ln_1p` would give, at a third of the
-/// cost).
+/// log2(1 + 2^x) without overflow, as `max(x, 0) + log2(1 + e)` with `e = 2^-|x|`. libm's log2 is
+/// a third of the cost of its `ln_1p`; where 1 + e would round e away (e < 1e-4) the series
+/// `e (1 - e/2) / ln 2` takes its place.
 fn softplus2(x: f32) -> f32 {
     let e = exp2_or_zero(-x.abs());
     let tail = if e < 1e-4 { e * (1.0 - 0.5 * e) * std::f32::consts::LOG2_E } else { (1.0 + e).log2() };
