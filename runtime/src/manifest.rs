@@ -208,6 +208,65 @@ pub struct DecodeParams {
     pub scale_log2: f32,
 }
 
+/// The segment pass's parameter block (docs/math.md#context-parallelism), fields in order with their
+/// C types. Every pointer addresses the segment's token 0; tokens of a head (BHND) or of a sequence
+/// (BNHD) lie `q_seq` (q-shaped) or `kv_seq` (K/V-shaped) tokens apart, so a segment can sit inside
+/// a rank's longer local tensor.
+pub const SEGMENT_PARAM_FIELDS: &[(&str, &str)] = &[
+    ("q", "const T*"),
+    ("k", "const T*"),
+    ("v", "const T*"),
+    // the row state, q-shaped, f32, read and written in place by the walk: o (weights already
+    // scaled by the stick the nearer segments left) and, per row (`[B, H, q_seq]`), log2 of the
+    // stick left
+    ("o_state", "float*"),
+    ("l_state", "float*"),
+    // the finishing entry point's outputs: o (q-shaped; plus rem * v_own with a fused remainder,
+    // v_own being the query tokens' own values, K/V-shaped with `kv_seq` = `q_seq`), rem, log2_rem
+    ("o", "T*"),
+    ("rem", "float*"),
+    ("log2_rem", "float*"),
+    ("v_own", "const T*"),
+    ("batch", "int"),
+    ("heads", "int"),
+    ("kv_heads", "int"),
+    // rows of the query segment and keys of the key segment
+    ("q_len", "int"),
+    ("kv_len", "int"),
+    // token spacing of the q-shaped and K/V-shaped tensors (>= q_len, kv_len)
+    ("q_seq", "int"),
+    ("kv_seq", "int"),
+    // position of query row 0 minus position of key 0: key j is allowed for row i when j < i +
+    // offset (j <= i + offset attending the current token); the diagonal has 0, a key segment
+    // wholly before the queries at least kv_len
+    ("offset", "int"),
+    ("scale_log2", "float"),
+];
+
+/// The segment pass's parameter block; mirrors [`SEGMENT_PARAM_FIELDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SegmentParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o_state: u64,
+    pub l_state: u64,
+    pub o: u64,
+    pub rem: u64,
+    pub log2_rem: u64,
+    pub v_own: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub q_len: i32,
+    pub kv_len: i32,
+    pub q_seq: i32,
+    pub kv_seq: i32,
+    pub offset: i32,
+    pub scale_log2: f32,
+}
+
 /// The parameter block passed by value to every entry point; mirrors [`PARAM_FIELDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -283,6 +342,33 @@ mod tests {
         ];
         assert_eq!(c_offsets, rust_offsets);
         assert_eq!(size_of::<DecodeParams>(), size);
+    }
+
+    #[test]
+    fn segment_params_struct_matches_its_field_table() {
+        let (c_offsets, size) = c_layout(SEGMENT_PARAM_FIELDS);
+        let rust_offsets = [
+            offset_of!(SegmentParams, q),
+            offset_of!(SegmentParams, k),
+            offset_of!(SegmentParams, v),
+            offset_of!(SegmentParams, o_state),
+            offset_of!(SegmentParams, l_state),
+            offset_of!(SegmentParams, o),
+            offset_of!(SegmentParams, rem),
+            offset_of!(SegmentParams, log2_rem),
+            offset_of!(SegmentParams, v_own),
+            offset_of!(SegmentParams, batch),
+            offset_of!(SegmentParams, heads),
+            offset_of!(SegmentParams, kv_heads),
+            offset_of!(SegmentParams, q_len),
+            offset_of!(SegmentParams, kv_len),
+            offset_of!(SegmentParams, q_seq),
+            offset_of!(SegmentParams, kv_seq),
+            offset_of!(SegmentParams, offset),
+            offset_of!(SegmentParams, scale_log2),
+        ];
+        assert_eq!(c_offsets, rust_offsets);
+        assert_eq!(size_of::<SegmentParams>(), size);
     }
 
     #[test]

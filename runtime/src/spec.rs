@@ -75,6 +75,11 @@ pub enum Pass {
     /// q `[B, H, D]` against cached k, v of `seqlens_k[b]` tokens per sequence, the new token's own
     /// key and value last: the forward's last row of each sequence (docs/math.md#decode).
     Decode,
+    /// Context parallelism's forward step: the rows of one query segment walk the keys of one key
+    /// segment (nearest first), starting from the (o, log2 rem) state the nearer segments left, kept
+    /// in f32 and updated in place; a second entry point turns the final state into o, rem and
+    /// log2 rem (docs/math.md#context-parallelism).
+    Segment,
 }
 
 /// What the caller needs, fixed by the model.
@@ -143,6 +148,13 @@ impl Spec {
                     layout: self.layout,
                     pass: self.pass,
                     allowed: "a decode's cache is bhnd, bnhd or paged",
+                })
+            }
+            (Pass::Segment, Layout::Thd | Layout::Paged) => {
+                return Err(SpecError::LayoutForPass {
+                    layout: self.layout,
+                    pass: self.pass,
+                    allowed: "a segment of a sharded sequence is bhnd or bnhd",
                 })
             }
             (Pass::Forward | Pass::Backward, Layout::Paged) => {
@@ -242,6 +254,7 @@ impl Pass {
             Pass::Forward => "fwd",
             Pass::Backward => "bwd",
             Pass::Decode => "dec",
+            Pass::Segment => "seg",
         }
     }
 }
@@ -270,7 +283,7 @@ text_enum!(Dtype, "dtype", "bf16, f16", { Bf16 => ["bf16", "bfloat16"], F16 => [
 text_enum!(Mask, "mask", "strict, attend_current", { Strict => ["strict"], AttendCurrent => ["attend_current", "current"] });
 text_enum!(Layout, "layout", "bhnd, bnhd, thd, paged", { Bhnd => ["bhnd"], Bnhd => ["bnhd"], Thd => ["thd", "varlen"], Paged => ["paged"] });
 text_enum!(Remainder, "remainder", "return, fuse", { Return => ["return"], Fuse => ["fuse"] });
-text_enum!(Pass, "pass", "fwd, bwd, decode", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"], Decode => ["decode", "dec"] });
+text_enum!(Pass, "pass", "fwd, bwd, decode, segment", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"], Decode => ["decode", "dec"], Segment => ["segment", "seg"] });
 
 #[cfg(test)]
 mod tests {

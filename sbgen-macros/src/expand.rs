@@ -390,6 +390,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
         Pass::Forward => quote!(Forward),
         Pass::Backward => quote!(Backward),
         Pass::Decode => quote!(Decode),
+        Pass::Segment => quote!(Segment),
     };
     let early_exit_bits = match spec.early_exit_bits {
         Some(t) => quote!(::core::option::Option::Some(#t)),

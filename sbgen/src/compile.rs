@@ -640,6 +640,36 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
         assert!(err.to_string().contains("`other`"), "{err}");
     }
 
+    /// Context parallelism's segment walk at its default schedules (the forward's) compiles without
+    /// spills for both arches, both layouts, with and without the fused remainder and early exit, at
+    /// the register edges (tiles 64, 128 and 256; 80 padded to 96). Skipped without the toolchain.
+    #[test]
+    fn segment_kernels_compile_without_spills() {
+        use crate::ir::{Arch, Dtype, Kernel, Layout, Pass, Remainder, Schedule, Spec};
+        let compiler = match Compiler::discover() {
+            Ok(c) => c,
+            Err(e) => return eprintln!("skipped: {e}"),
+        };
+        let variants = [
+            (64, Dtype::Bf16, Layout::Bhnd, Remainder::Return, None),
+            (128, Dtype::Bf16, Layout::Bnhd, Remainder::Fuse, Some(24)),
+            (128, Dtype::F16, Layout::Bhnd, Remainder::Return, Some(24)),
+            (256, Dtype::Bf16, Layout::Bnhd, Remainder::Return, None),
+            (80, Dtype::F16, Layout::Bhnd, Remainder::Fuse, Some(16)),
+        ];
+        for arch in Arch::ALL {
+            for (head_dim, dtype, layout, remainder, early_exit_bits) in variants {
+                let spec = Spec { layout, remainder, early_exit_bits, ..Spec::new(head_dim, dtype, Pass::Segment) };
+                let kernel = Kernel::new(spec, Schedule::default_on(&spec, arch), arch);
+                let lowered = crate::lower::lower(&kernel).unwrap();
+                let c = compiler.compile(&lowered).unwrap_or_else(|e| panic!("{}: {e}", lowered.name));
+                assert_eq!(c.functions.len(), 2, "{}", c.ptxas_log);
+                assert_eq!(c.spill_bytes(), 0, "{} on {arch} spills:\n{}", lowered.name, c.ptxas_log);
+                eprintln!("{arch} {}: {} registers", lowered.name, c.main().registers);
+            }
+        }
+    }
+
     #[test]
     fn toolchain_at_a_folder_without_headers_is_none() {
         assert!(Toolchain::at(Path::new("/nonexistent/sbgen"), "test").is_none());

@@ -3,7 +3,9 @@
 //! it. The templates only fill slots; the algorithm lives in the `.cuh` partials they include.
 
 use crate::ir::{IrError, Kernel, Layout, Mask, Pass, Remainder, Softplus};
-use sbgen_runtime::manifest::{GridRule, KernelManifest, LaunchStep, DECODE_PARAM_FIELDS, PARAM_FIELDS};
+use sbgen_runtime::manifest::{
+    GridRule, KernelManifest, LaunchStep, DECODE_PARAM_FIELDS, PARAM_FIELDS, SEGMENT_PARAM_FIELDS,
+};
 use serde::Serialize;
 use std::sync::OnceLock;
 
@@ -19,7 +21,8 @@ const TEMPLATES: &[(&str, &str)] = &[
 const COMMON_CUH: &str = include_str!("../../templates/sb_common.cuh");
 const WALK_CUH: &str = include_str!("../../templates/sb_walk.cuh");
 
-/// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype).
+/// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype); the
+/// segment pass's finishing step takes one element per thread.
 const FINISH_THREADS: u32 = 256;
 const FINISH_ELEMENTS_PER_THREAD: u32 = 8;
 
@@ -66,6 +69,8 @@ struct TemplateContext {
     early_exit: bool,
     early_exit_bits: u32,
     poly_exp2: bool,
+    /// The forward template's segment variant (context parallelism).
+    segment: bool,
     min_blocks: u32,
     smem: crate::ir::SmemLayout,
     params: Vec<(String, String)>,
@@ -97,7 +102,9 @@ fn engine() -> &'static Result<tera::Tera, String> {
 fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir::Schedule) -> bool {
     match pass {
         Pass::Decode => tile_head_dim <= 128,
-        Pass::Forward | Pass::Backward => tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32),
+        Pass::Forward | Pass::Backward | Pass::Segment => {
+            tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32)
+        }
     }
 }
 
@@ -133,10 +140,12 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit: spec.early_exit_bits.is_some(),
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
+        segment: spec.pass == Pass::Segment,
         min_blocks: 1,
         smem: kernel.smem_layout(),
         params: match spec.pass {
             Pass::Decode => DECODE_PARAM_FIELDS,
+            Pass::Segment => SEGMENT_PARAM_FIELDS,
             Pass::Forward | Pass::Backward => PARAM_FIELDS,
         }
         .iter()
@@ -148,7 +157,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         sb_walk_cuh: WALK_CUH,
     };
     let template = match spec.pass {
-        Pass::Forward => "sb_fwd.cu.tera",
+        Pass::Forward | Pass::Segment => "sb_fwd.cu.tera",
         Pass::Backward => "sb_bwd.cu.tera",
         Pass::Decode => "sb_decode.cu.tera",
     };
@@ -162,7 +171,8 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         function: name.clone(),
         grid: match spec.pass {
             Pass::Decode => GridRule::DecodeSplits { warps: s.warps, tile_heads: s.block_m },
-            Pass::Forward | Pass::Backward => GridRule::QueryBlocks { block_m: s.block_m },
+            // The segment pass: N is the query segment's length.
+            Pass::Forward | Pass::Backward | Pass::Segment => GridRule::QueryBlocks { block_m: s.block_m },
         },
         threads: s.threads(),
         dynamic_smem_bytes: ctx.smem.total,
@@ -170,6 +180,17 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     let steps = match spec.pass {
         // The decode merges in its last CTA per unit: one step.
         Pass::Forward | Pass::Decode => vec![main],
+        // The walk runs once per key segment; the finishing step once after the last (over the elements
+        // of o, not of K/V: the launcher gives the grid o's element count).
+        Pass::Segment => vec![
+            main,
+            LaunchStep {
+                function: format!("{name}_finish"),
+                grid: GridRule::Elements { per_cta: FINISH_THREADS },
+                threads: FINISH_THREADS,
+                dynamic_smem_bytes: 0,
+            },
+        ],
         Pass::Backward => vec![
             main,
             LaunchStep {

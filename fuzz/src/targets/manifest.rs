@@ -8,7 +8,8 @@ use super::{Target, Verdict, SPEC_WORDS};
 use crate::mutate::InputKind;
 use sbgen_runtime::launcher::plan::MAX_THREADS;
 use sbgen_runtime::launcher::{
-    plan_backward, plan_forward, BackwardLens, ForwardLens, KernelBinary, LaunchPlan, Shape,
+    plan_backward, plan_forward, plan_segment, BackwardLens, ForwardLens, KernelBinary, LaunchPlan, SegmentLens,
+    SegmentPlan, SegmentShape, Shape,
 };
 use sbgen_runtime::manifest::KernelManifest;
 use sbgen_runtime::spec::{Layout, Pass};
@@ -63,7 +64,40 @@ pub fn run(data: &[u8]) -> Verdict {
             (elements(shape, heads), elements(shape, kv_heads), batch.saturating_mul(heads).saturating_mul(seq));
         let packed = manifest.spec.layout == Layout::Thd;
         let (total_tokens, cu_seqlens) = (packed.then(|| batch.saturating_mul(seq)), packed.then_some(batch + 1));
+        if manifest.spec.pass == Pass::Segment {
+            // A segment of `seq` queries against `seq` keys just before them, in tensors of `seq` tokens.
+            let shape = SegmentShape {
+                batch,
+                heads,
+                kv_heads,
+                head_dim: shape.head_dim,
+                q_len: seq,
+                kv_len: seq,
+                q_seq: seq,
+                kv_seq: seq,
+                offset: seq,
+            };
+            let lens = SegmentLens {
+                q: Some(e),
+                k: Some(kv),
+                v: Some(kv),
+                o_state: e,
+                l_state: r,
+                o: Some(e),
+                rem: Some(r),
+                log2_rem: Some(r),
+                v_own: Some(kv),
+            };
+            match plan_segment(&manifest, manifest.spec.dtype, shape, &lens, None) {
+                Ok(plan) => check_segment_plan(&plan),
+                Err(err) if verdict.is_none() => verdict = Some(Verdict::Refused(err.to_string())),
+                Err(_) => {}
+            }
+            verdict.get_or_insert(Verdict::Accepted);
+            continue;
+        }
         let planned = match manifest.spec.pass {
+            Pass::Segment => continue, // planned above
             // The launcher plans the forward and backward only so far.
             Pass::Decode => return Verdict::Refused("a decode manifest: the launcher has no decode plan yet".into()),
             Pass::Forward => {
@@ -112,6 +146,14 @@ fn check_plan(manifest: &KernelManifest, plan: &LaunchPlan) {
         let (x, y, z) = step.grid;
         assert!((1..1 << 31).contains(&x) && (1..65_536).contains(&y) && (1..65_536).contains(&z), "{step:?}");
         assert!((1..=MAX_THREADS).contains(&step.threads), "{step:?}");
+    }
+    assert!(plan.scale_log2.is_finite() && plan.scale_log2 != 0.0, "{plan:?}");
+}
+
+/// As [`check_plan`], for the segment pass's two grids.
+fn check_segment_plan(plan: &SegmentPlan) {
+    for (x, y, z) in [plan.walk_grid, plan.finish_grid] {
+        assert!((1..1 << 31).contains(&x) && (1..65_536).contains(&y) && (1..65_536).contains(&z), "{plan:?}");
     }
     assert!(plan.scale_log2.is_finite() && plan.scale_log2 != 0.0, "{plan:?}");
 }

@@ -7,7 +7,7 @@
 //! * block_n)` keys, so long sequences get longer chunks, never more of them.
 
 use super::error::LaunchError;
-use super::plan::{PlannedStep, MAX_GRID_YZ, MAX_SEQ, MAX_THREADS};
+use super::plan::{check_kernel_types, PlannedStep, MAX_GRID_YZ, MAX_SEQ, MAX_THREADS};
 use crate::kv_cache::KvCacheGeometry;
 use crate::manifest::{GridDims, GridRule, KernelManifest};
 use crate::reference::DecodeShape;
@@ -121,16 +121,7 @@ pub fn plan_decode(
     if block_n == 0 {
         return Err(malformed("block_n = 0: allowed 16, 32 or 64".into()));
     }
-    if dtype != spec.dtype {
-        return Err(LaunchError::Dtype { kernel: kernel.clone(), expected: spec.dtype, got: dtype });
-    }
-    if shape.head_dim != spec.head_dim as usize {
-        return Err(LaunchError::HeadDim {
-            kernel: kernel.clone(),
-            expected: spec.head_dim as usize,
-            got: shape.head_dim,
-        });
-    }
+    check_kernel_types(manifest, dtype, shape.head_dim)?;
     for (dim, value) in [("batch", shape.batch), ("heads", shape.heads), ("kv_heads", shape.kv_heads)] {
         if value == 0 {
             return Err(LaunchError::EmptyDim { dim });

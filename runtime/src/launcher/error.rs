@@ -62,6 +62,10 @@ pub enum LaunchError {
     #[error("decode split: `{what}` = {got} is not allowed: {allowed}")]
     Split { what: &'static str, got: usize, allowed: String },
 
+    /// A segment launch's geometry or arguments are inconsistent.
+    #[error("segment: `{what}` = {got} is not allowed: {allowed}")]
+    Segment { what: &'static str, got: usize, allowed: String },
+
     /// `scale` is NaN, infinite or zero.
     #[error("`scale` = {got} is not allowed: it must be finite and non-zero")]
     Scale { got: f32 },

@@ -164,6 +164,22 @@ pub fn check_alignment(tensors: &[(&'static str, u64, u64)]) -> Result<(), Launc
     Ok(())
 }
 
+/// The tensors' element type and head_dim must be the kernel's.
+pub(super) fn check_kernel_types(manifest: &KernelManifest, dtype: Dtype, head_dim: usize) -> Result<(), LaunchError> {
+    let spec = &manifest.spec;
+    if dtype != spec.dtype {
+        return Err(LaunchError::Dtype { kernel: manifest.name.clone(), expected: spec.dtype, got: dtype });
+    }
+    if head_dim != spec.head_dim as usize {
+        return Err(LaunchError::HeadDim {
+            kernel: manifest.name.clone(),
+            expected: spec.head_dim as usize,
+            got: head_dim,
+        });
+    }
+    Ok(())
+}
+
 fn check_len(tensor: &'static str, needed: usize, got: usize) -> Result<(), LaunchError> {
     if got < needed {
         return Err(LaunchError::TooShort { tensor, needed, got });
@@ -189,7 +205,7 @@ fn plan_common(
     }
     let expected_steps = match pass {
         Pass::Forward | Pass::Decode => 1,
-        Pass::Backward => 2,
+        Pass::Backward | Pass::Segment => 2,
     };
     if manifest.steps.len() != expected_steps {
         return Err(LaunchError::Manifest {
@@ -213,16 +229,7 @@ fn plan_common(
             ),
         });
     }
-    if dtype != spec.dtype {
-        return Err(LaunchError::Dtype { kernel: kernel.clone(), expected: spec.dtype, got: dtype });
-    }
-    if shape.head_dim != spec.head_dim as usize {
-        return Err(LaunchError::HeadDim {
-            kernel: kernel.clone(),
-            expected: spec.head_dim as usize,
-            got: shape.head_dim,
-        });
-    }
+    check_kernel_types(manifest, dtype, shape.head_dim)?;
     for (dim, value) in
         [("batch", shape.batch), ("heads", shape.heads), ("kv_heads", shape.kv_heads), ("seq", shape.seq)]
     {
@@ -333,7 +340,7 @@ mod tests {
         };
         let steps = match pass {
             Pass::Forward | Pass::Decode => vec![main],
-            Pass::Backward => vec![
+            Pass::Backward | Pass::Segment => vec![
                 main,
                 LaunchStep {
                     function: "sb_test_finish".into(),

@@ -55,7 +55,8 @@ pub struct TuneArgs {
     /// Passes, comma-separated (fwd, bwd, decode). A decode is timed on 8 sequences of each `--seq`
     /// cached tokens, 32 query heads on 8 K/V heads, in the `--layout`'s cache (bhnd, bnhd, or paged
     /// with 16-token pages); tune it apart from the forward and backward, whose layouts differ.
-    #[arg(long, value_delimiter = ',', default_values_t = [Pass::Forward, Pass::Backward])]
+    #[arg(long, value_delimiter = ',', default_values_t = [Pass::Forward, Pass::Backward],
+          value_parser = parse_tunable_pass)]
     pub pass: Vec<Pass>,
     /// Mask, layout (`--varlen` = thd), remainder, early exit and `--deterministic` (backward) of
     /// every spec tuned (the cache keys on them).
@@ -717,5 +718,17 @@ mod tests {
         let err = tune_plan(&args, specs(&args).unwrap()).unwrap_err().to_string();
         assert!(err.contains("`--ptx-dir`") && err.contains("/nonexistent/sbgen-ptx"), "{err}");
         assert!(parse(&["--gpu", "sm_90", "--compile-only", "--emit-ptx", "dir"]).is_ok());
+    }
+}
+
+/// A pass `tune` can time: the segment pass is context parallelism's (sbgen-dist launches it) and
+/// runs the forward's schedules, so it is tuned as the forward.
+fn parse_tunable_pass(s: &str) -> Result<Pass, String> {
+    match s.parse::<Pass>().map_err(|e| e.to_string())? {
+        Pass::Segment => {
+            Err("`pass` = `segment` is not tuned on its own: it runs the forward's schedules; allowed fwd, bwd, decode"
+                .into())
+        }
+        pass => Ok(pass),
     }
 }

@@ -204,7 +204,7 @@ impl CheckPlan {
     /// The deterministic settings a pass runs with (the forward has none).
     pub fn deterministic_for(&self, pass: Pass) -> Vec<bool> {
         match pass {
-            Pass::Forward | Pass::Decode => vec![false],
+            Pass::Forward | Pass::Decode | Pass::Segment => vec![false],
             Pass::Backward => self.deterministic.clone(),
         }
     }
@@ -217,7 +217,7 @@ impl CheckPlan {
     /// The schedule `spec`'s kernel runs with (`None`: the spec's default).
     pub fn schedule_for(&self, spec: &Spec) -> Option<Schedule> {
         match spec.pass {
-            Pass::Forward => self.forward_schedule.or(self.schedule),
+            Pass::Forward | Pass::Segment => self.forward_schedule.or(self.schedule),
             Pass::Backward | Pass::Decode => self.schedule,
         }
     }

@@ -79,9 +79,10 @@ impl Schedule {
         match (spec.pass, spec.tile_head_dim()) {
             // Wider than 128: 16 rows per warp and 32-key blocks are what fits in 255 registers
             // (64 x 64 spills 44 bytes in the forward at 256).
-            (Pass::Forward, d) if d > 128 => n32,
-            (Pass::Forward, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
-            (Pass::Forward, _) => n32,
+            // The segment pass walks as the forward does.
+            (Pass::Forward | Pass::Segment, d) if d > 128 => n32,
+            (Pass::Forward | Pass::Segment, d) if d > 64 => Schedule { stages: 3, ..Schedule::DEFAULT },
+            (Pass::Forward | Pass::Segment, _) => n32,
             // Wider than 128: 128 rows on 8 warps, the faster at 256 (`sbgen tune`, 2026-11-30);
             // sm_80 has shared memory for 64 rows only (`default_on`).
             (Pass::Backward, d) if d > 128 => Schedule { block_m: 128, warps: 8, ..n32 },

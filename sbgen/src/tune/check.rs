@@ -83,6 +83,11 @@ pub fn check_candidates(
             Pass::Forward | Pass::Backward => {
                 check::run(s.dev, &s.builder, &candidate_plan(spec, schedule, s.plan.seed), &mut |_| {})?
             }
+            Pass::Segment => {
+                return Err(GpuError::Input(
+                    "pass `segment` is not tuned on its own: it runs the forward's schedules".into(),
+                ))
+            }
         };
         match check_verdict(&rows) {
             Some(outcome) => {
