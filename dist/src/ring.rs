@@ -22,7 +22,7 @@ pub struct Heads {
 }
 
 impl Heads {
-    fn check(&self) -> Result<(), DistError> {
+    pub(crate) fn check(&self) -> Result<(), DistError> {
         let bad = |field, got: usize, allowed: &str| {
             Err(DistError::Invalid { field, got: got.to_string(), allowed: allowed.to_string() })
         };
