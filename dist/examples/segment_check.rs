@@ -5,6 +5,11 @@
 //!     on rows spread over the sequence and around every segment boundary, and
 //!   - the single-GPU forward kernel on the whole sequence (every element).
 //!
+//! With `--backward` the same for dq, dk and dv: every rank's segment backward launches, the
+//! dK/dV partials summed at their owners (on the host here; the ring's reduce-scatter on GPUs), each
+//! rank's finishing launches; checked against the float64 reference backward (up to N = 8192) and
+//! the single-GPU backward kernel.
+//!
 //! With `--time` it also times each rank's launches and the single-GPU forward (CUDA events, median
 //! of `--reps`): the slowest rank against the single GPU bounds what P GPUs can gain when the K/V
 //! shifts hide behind the compute.
@@ -13,14 +18,14 @@
 //! cargo run --release -p sbgen-dist --features cuda --example segment_check -- \
 //!     --seq 4097 --ranks 2 --scheme zigzag --batch 1 --heads 4 --kv-heads 2 --head-dim 128 \
 //!     --dtype bf16 --layout bhnd --mask strict --remainder return --early-exit off --data long \
-//!     --rows 256 --seed 1 [--time --reps 5]
+//!     --rows 256 --seed 1 [--backward] [--time --reps 5]
 //! ```
 //! Exit status 1 when a check fails, 2 on bad usage.
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use rand::{Rng, SeedableRng};
 use sbgen::ir::{Kernel, Schedule};
-use sbgen_dist::gpu::{device_arch, segment_kernel, RankForward};
+use sbgen_dist::gpu::{device_arch, segment_kernel, BackwardInputs, RankBackward, RankForward};
 use sbgen_dist::{Heads, Partition, Scheme};
 use sbgen_runtime::launcher::{ForwardArgs, KernelBinary, Launcher, SbElement, Shape};
 use sbgen_runtime::reference::softplus2;
@@ -40,17 +45,19 @@ struct Args {
     rows: usize,
     seed: u64,
     time: bool,
+    backward: bool,
     reps: usize,
 }
 
 fn parse() -> Result<Args, String> {
     let mut m: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
-    let mut time = false;
+    let (mut time, mut backward) = (false, false);
     while let Some(k) = it.next() {
         let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument `{k}`"))?.to_string();
-        if key == "time" {
-            time = true;
+        if key == "time" || key == "backward" {
+            time |= key == "time";
+            backward |= key == "backward";
             continue;
         }
         let v = it.next().ok_or_else(|| format!("`--{key}` needs a value"))?;
@@ -95,6 +102,7 @@ fn parse() -> Result<Args, String> {
         rows: num("rows", "256")?,
         seed: num("seed", "1")? as u64,
         time,
+        backward,
         reps: num("reps", "5")?.max(1),
     })
 }
@@ -254,7 +262,7 @@ fn run<T: SbElement>(a: &Args) -> Result<bool, Error> {
     let stream = ctx.default_stream();
     let launcher = Arc::new(Launcher::new(stream.clone())?);
     let arch = device_arch(&launcher)?;
-    let kernel = Arc::new(segment_kernel(a.spec, arch)?);
+    let kernel = Arc::new(segment_kernel(a.spec, Pass::Segment, arch)?);
     println!(
         "{} ranks ({:?}) on one GPU, B,H,Hkv,N,D = {},{},{},{},{}, {} {} {} {} early exit {:?}, data {}",
         a.ranks,
@@ -450,7 +458,287 @@ fn run<T: SbElement>(a: &Args) -> Result<bool, Error> {
             (total / t_single - 1.0) * 100.0
         );
     }
+    if a.backward {
+        ok &= backward::<T>(a, &part, &launcher, arch, &local, &ranks, (&q, &k, &v))?;
+    }
     println!("{}", if ok { "PASSED" } else { "FAILED" });
+    Ok(ok)
+}
+
+/// One head's (sequence b, head h of `heads`) N x D values as float64.
+fn head(a: &Args, x: &[f32], heads: usize, b: usize, h: usize) -> Vec<f64> {
+    let d = a.heads.head_dim;
+    (0..a.seq).flat_map(|n| x[at(a.spec.layout, heads, a.seq, d, b, h, n)..][..d].iter().map(|&v| v as f64)).collect()
+}
+
+/// The float64 reference backward: dq, dk, dv in the inputs' layout (each query head on its K/V head,
+/// one thread per head; dk and dv summed over a group).
+#[allow(clippy::type_complexity)]
+fn reference_grads(
+    a: &Args,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    d_o: &[f32],
+    d_rem: &[f32],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    use sbgen_runtime::reference::{backward, Options};
+    let h = a.heads;
+    let d = h.head_dim;
+    let opts = Options {
+        mask: a.spec.mask,
+        remainder: a.spec.remainder,
+        early_exit_bits: a.spec.early_exit_bits,
+        scale: None,
+    };
+    let jobs: Vec<(usize, usize)> = (0..h.batch).flat_map(|b| (0..h.heads).map(move |hh| (b, hh))).collect();
+    let grads: Vec<_> = std::thread::scope(|sc| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(b, hh)| {
+                let hk = hh / (h.heads / h.kv_heads);
+                sc.spawn(move || {
+                    let one = Shape::new(1, 1, a.seq, d);
+                    let rows: Vec<f64> = (0..a.seq).map(|n| d_rem[(b * h.heads + hh) * a.seq + n] as f64).collect();
+                    backward(
+                        one,
+                        &opts,
+                        &head(a, q, h.heads, b, hh),
+                        &head(a, k, h.kv_heads, b, hk),
+                        &head(a, v, h.kv_heads, b, hk),
+                        &head(a, d_o, h.heads, b, hh),
+                        Some(&rows),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().expect("reference thread")).collect()
+    });
+    let mut dq = vec![0.0; q.len()];
+    let (mut dk, mut dv) = (vec![0.0; k.len()], vec![0.0; k.len()]);
+    for (&(b, hh), g) in jobs.iter().zip(&grads) {
+        let hk = hh / (h.heads / h.kv_heads);
+        for n in 0..a.seq {
+            let (qa, ka) =
+                (at(a.spec.layout, h.heads, a.seq, d, b, hh, n), at(a.spec.layout, h.kv_heads, a.seq, d, b, hk, n));
+            for c in 0..d {
+                dq[qa + c] = g.dq[n * d + c];
+                dk[ka + c] += g.dk[n * d + c];
+                dv[ka + c] += g.dv[n * d + c];
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// The backward over every rank on the one GPU, checked; timed with `--time`.
+#[allow(clippy::type_complexity)]
+fn backward<T: SbElement>(
+    a: &Args,
+    part: &Partition,
+    launcher: &Arc<Launcher>,
+    arch: sbgen::ir::Arch,
+    local: &[(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)],
+    fwd: &[RankForward<T>],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> Result<bool, Error> {
+    let h = a.heads;
+    let d = h.head_dim;
+    let stream = launcher.stream().clone();
+    let kernel = Arc::new(segment_kernel(a.spec, Pass::SegmentBackward, arch)?);
+    let d_o = normals(q.len(), 3 * a.seed + 7).into_iter().map(|x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let d_rem: Vec<f32> = normals(h.batch * h.heads * a.seq, 3 * a.seed + 8).into_iter().map(|x| 0.3 * x).collect();
+    let t0 = std::time::Instant::now();
+    let (outer_q, inner_q) = outer_inner(a, h.heads, d);
+    let (outer_kv, inner_kv) = outer_inner(a, h.kv_heads, d);
+    let mut d_o_local = Vec::new();
+    let mut d_rem_local = Vec::new();
+    let mut ranks = Vec::new();
+    for r in 0..a.ranks {
+        d_o_local.push(upload::<T>(&stream, &part.scatter(r, &d_o, outer_q, inner_q))?);
+        d_rem_local.push(stream.clone_htod(&part.scatter(r, &d_rem, h.batch * h.heads, 1))?);
+        ranks.push(RankBackward::<T>::new(launcher.clone(), kernel.clone(), part, r, h, None)?);
+    }
+    let inputs = |r: usize| {
+        let (o_saved, log2_rem) = fwd[r].state();
+        BackwardInputs {
+            q: &local[r].0,
+            d_o: &d_o_local[r],
+            o_saved,
+            log2_rem,
+            d_rem: Some(&d_rem_local[r]),
+            v: &local[r].2,
+        }
+    };
+    let kv = |owner: usize| local.get(owner).map(|(_, k, v)| (k.slice(..), v.slice(..)));
+    for (r, rb) in ranks.iter_mut().enumerate() {
+        for step in 0..a.ranks {
+            rb.step(step, &inputs(r), &kv)?;
+        }
+    }
+    // The reduce-scatter, on the host: each owner's dK/dV partials summed over the ranks.
+    let mut sums = Vec::new();
+    for owner in 0..a.ranks {
+        let n = h.batch * h.kv_heads * part.local_len(owner) * d;
+        let (mut dk, mut dv) = (vec![0f32; n], vec![0f32; n]);
+        for rb in &ranks {
+            if let Some((pk, pv)) = rb.partial(owner) {
+                if pk.len() >= n && n > 0 {
+                    for (x, y) in dk.iter_mut().zip(stream.clone_dtoh(pk)?) {
+                        *x += y;
+                    }
+                    for (x, y) in dv.iter_mut().zip(stream.clone_dtoh(pv)?) {
+                        *x += y;
+                    }
+                }
+            }
+        }
+        sums.push((stream.clone_htod(&dk)?, stream.clone_htod(&dv)?));
+    }
+    let (mut dq_l, mut dk_l, mut dv_l) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, rb) in ranks.iter().enumerate() {
+        let n = part.local_len(r);
+        let poison = |len: usize| vec![T::from_bits(T::NAN_BITS); len.max(1)];
+        let mut dq = stream.clone_htod(&poison(outer_q * n * inner_q))?;
+        let mut dk = stream.clone_htod(&poison(outer_kv * n * inner_kv))?;
+        let mut dv = stream.clone_htod(&poison(outer_kv * n * inner_kv))?;
+        rb.finish(&sums[r].0, &sums[r].1, &inputs(r), &mut dq, &mut dk, &mut dv)?;
+        let take = |x: &CudaSlice<T>, len: usize| -> Result<Vec<f32>, Error> {
+            let mut h = download(&stream, x)?;
+            h.truncate(len);
+            Ok(h)
+        };
+        dq_l.push(take(&dq, outer_q * n * inner_q)?);
+        dk_l.push(take(&dk, outer_kv * n * inner_kv)?);
+        dv_l.push(take(&dv, outer_kv * n * inner_kv)?);
+    }
+    let launched: usize = ranks.iter().map(|r| r.launched).sum();
+    let dq = part.gather(&dq_l, outer_q, inner_q);
+    let dk = part.gather(&dk_l, outer_kv, inner_kv);
+    let dv = part.gather(&dv_l, outer_kv, inner_kv);
+    println!("backward: segment launches {launched} ({:.1} s with the host's reduction)", t0.elapsed().as_secs_f64());
+    let bad = |x: &[f32]| x.iter().filter(|v| !v.is_finite()).count();
+    let (nq, nk, nv) = (bad(&dq), bad(&dk), bad(&dv));
+    println!("non-finite: dq {nq}, dk {nk}, dv {nv}");
+    let mut ok = nq + nk + nv == 0;
+    // Gradient tolerance of `sbgen check` (docs/checking.md#tolerances).
+    let tol = 1e-2 + a.spec.early_exit_bits.map_or(0.0, |t| 4.0 * 2f64.powi(-(t as i32)));
+    if a.seq <= 8192 {
+        let (rq, rk, rv) = reference_grads(a, (q, k, v), &d_o, &d_rem);
+        let (eq, ek, ev) = (rel_l2(&dq, &rq), rel_l2(&dk, &rk), rel_l2(&dv, &rv));
+        let pass = eq <= tol && ek <= tol && ev <= tol;
+        ok &= pass;
+        println!(
+            "float64 backward: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e} (tolerance {tol:.0e}) {}",
+            if pass { "ok" } else { "FAILED" }
+        );
+    } else {
+        println!("float64 backward: skipped above N = 8192 (the reference is O(N^2) on the host)");
+    }
+
+    // The single-GPU backward on the whole sequence.
+    let shape = Shape::new(h.batch, h.heads, a.seq, d).with_kv_heads(h.kv_heads);
+    let lower = |spec: Spec| -> Result<Arc<KernelBinary>, Error> {
+        let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_on(&spec, arch), arch))?;
+        Ok(Arc::new(KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source))))
+    };
+    let fwd1 = lower(a.spec)?;
+    let bwd1 = lower(Spec { pass: Pass::Backward, ..a.spec })?;
+    let (qd, kd, vd) = (upload::<T>(&stream, q)?, upload::<T>(&stream, k)?, upload::<T>(&stream, v)?);
+    let (dod, dremd) = (upload::<T>(&stream, &d_o)?, stream.clone_htod(&d_rem)?);
+    let mut od = stream.alloc_zeros::<T>(q.len())?;
+    let mut o_saved = stream.alloc_zeros::<f32>(q.len())?;
+    let mut remd = stream.alloc_zeros::<f32>(d_rem.len())?;
+    let mut lremd = stream.alloc_zeros::<f32>(d_rem.len())?;
+    launcher.forward(
+        &fwd1,
+        shape,
+        ForwardArgs {
+            q: qd.slice(..),
+            k: kd.slice(..),
+            v: vd.slice(..),
+            o: od.slice_mut(..),
+            rem: remd.slice_mut(..),
+            log2_rem: lremd.slice_mut(..),
+            o_saved: Some(o_saved.slice_mut(..)),
+            varlen: None,
+        },
+        None,
+    )?;
+    let (mut dq1, mut dk1, mut dv1) =
+        (stream.alloc_zeros::<T>(q.len())?, stream.alloc_zeros::<T>(k.len())?, stream.alloc_zeros::<T>(k.len())?);
+    let single = |dq1: &mut CudaSlice<T>, dk1: &mut CudaSlice<T>, dv1: &mut CudaSlice<T>| {
+        launcher.backward(
+            &bwd1,
+            shape,
+            sbgen_runtime::launcher::BackwardArgs {
+                q: qd.slice(..),
+                k: kd.slice(..),
+                v: vd.slice(..),
+                o: od.slice(..),
+                o_saved: o_saved.slice(..),
+                d_o: dod.slice(..),
+                d_rem: Some(dremd.slice(..)),
+                log2_rem: lremd.slice(..),
+                dq: dq1.slice_mut(..),
+                dk: dk1.slice_mut(..),
+                dv: dv1.slice_mut(..),
+                varlen: None,
+            },
+            None,
+        )
+    };
+    single(&mut dq1, &mut dk1, &mut dv1)?;
+    let to64 = |x: &CudaSlice<T>| -> Result<Vec<f64>, Error> {
+        Ok(download(&stream, x)?.into_iter().map(|v| v as f64).collect())
+    };
+    let (eq, ek, ev) = (rel_l2(&dq, &to64(&dq1)?), rel_l2(&dk, &to64(&dk1)?), rel_l2(&dv, &to64(&dv1)?));
+    let same = eq <= tol && ek <= tol && ev <= tol;
+    ok &= same;
+    println!(
+        "against the single-GPU backward, every element: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e} {}",
+        if same { "ok" } else { "FAILED" }
+    );
+
+    if a.time {
+        let ctx = stream.context().clone();
+        let ms = |f: &mut dyn FnMut() -> Result<(), Error>| -> Result<f64, Error> {
+            f()?;
+            let mut t = Vec::new();
+            for _ in 0..a.reps {
+                let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
+                let (e0, e1) = (event()?, event()?);
+                e0.record(&stream)?;
+                f()?;
+                e1.record(&stream)?;
+                e1.synchronize()?;
+                t.push(e0.elapsed_ms(&e1)? as f64);
+            }
+            t.sort_by(f64::total_cmp);
+            Ok(t[t.len() / 2])
+        };
+        let t_single = ms(&mut || Ok(single(&mut dq1, &mut dk1, &mut dv1)?))?;
+        let flops = 2.5 * 2.0 * (h.batch * h.heads) as f64 * (a.seq as f64).powi(2) * d as f64;
+        println!("single GPU backward: {t_single:.3} ms ({:.1} TFLOP/s-equivalent)", flops / t_single / 1e9);
+        let (mut worst, mut total) = (0f64, 0.0);
+        for (r, rb) in ranks.iter_mut().enumerate() {
+            let t = ms(&mut || {
+                rb.reset()?;
+                for step in 0..a.ranks {
+                    rb.step(step, &inputs(r), &kv)?;
+                }
+                Ok(())
+            })?;
+            println!("rank {r}: {t:.3} ms for its {} pairs and state zeroing (backward walk)", rb.launched);
+            worst = worst.max(t);
+            total += t;
+        }
+        println!(
+            "backward: slowest rank {worst:.3} ms, all ranks {total:.3} ms: {} GPUs would run at most {:.2}x one GPU \
+             (the compute alone, before the reduce-scatter; overhead of the pieces {:+.1}%)",
+            a.ranks,
+            t_single / worst,
+            (total / t_single - 1.0) * 100.0
+        );
+    }
     Ok(ok)
 }
 

@@ -1,7 +1,10 @@
-//! One rank's context-parallel forward on its GPU (feature `cuda`): each segment pair of the rank's
-//! [`Schedule`] is one launch of the segment pass (`Pass::Segment`), whose rows continue from the
-//! f32 state (o, log2 of the stick left) the nearer key segments left; after the last step one
-//! finishing launch writes o, rem and log2_rem (docs/math.md#context-parallelism).
+//! One rank's context-parallel forward and backward on its GPU (feature `cuda`): each segment pair of
+//! the rank's [`Schedule`] is one launch of the segment pass (`Pass::Segment`, [`RankForward`]),
+//! whose rows continue from the f32 state (o, log2 of the stick left) the nearer key segments left;
+//! after the last step one finishing launch writes o, rem and log2_rem. The backward
+//! ([`RankBackward`], `Pass::SegmentBackward`) walks the same pairs in the same order carrying
+//! (dQ, log2 of the stick, sum of g), adds dK and dV into a partial per owner of the K/V, and after
+//! the partials are summed at their owners writes dQ, dK and dV (docs/math.md#context-parallelism).
 //!
 //! Local tensors are the rank's segments one after another, in the spec's layout: BHND
 //! `[batch, heads, local_len, head_dim]` or BNHD `[batch, local_len, heads, head_dim]` (k and v with
@@ -14,15 +17,21 @@ use crate::ring::Heads;
 use crate::schedule::{Pair, Schedule};
 use cudarc::driver::{CudaSlice, CudaView};
 use sbgen::ir::{Arch, Kernel, Schedule as KernelSchedule};
-use sbgen_runtime::launcher::{KernelBinary, Launcher, SbElement, SegmentFinishArgs, SegmentShape, SegmentWalkArgs};
+use sbgen_runtime::launcher::{
+    KernelBinary, Launcher, LocalShape, SbElement, SegmentBwdFinishArgs, SegmentBwdWalkArgs, SegmentFinishArgs,
+    SegmentShape, SegmentWalkArgs,
+};
 use sbgen_runtime::spec::{Layout, Pass, Remainder, Spec};
 use std::sync::Arc;
 
-/// The segment-pass kernel for a forward `spec` (its mask, remainder, early exit, dtype, head dim and
-/// layout) at the forward's default schedule, lowered for `arch`; the launcher compiles its source with
-/// NVRTC at the first launch.
-pub fn segment_kernel(spec: Spec, arch: Arch) -> Result<KernelBinary, DistError> {
-    let spec = Spec { pass: Pass::Segment, deterministic: false, ..spec };
+/// The segment-pass kernel (`pass` `Segment` or `SegmentBackward`) for a forward `spec` (its mask,
+/// remainder, early exit, dtype, head dim and layout) at the forward's or backward's default
+/// schedule, lowered for `arch`; the launcher compiles its source with NVRTC at the first launch.
+pub fn segment_kernel(spec: Spec, pass: Pass, arch: Arch) -> Result<KernelBinary, DistError> {
+    if !matches!(pass, Pass::Segment | Pass::SegmentBackward) {
+        return Err(invalid("pass", pass, "segment or segment_bwd"));
+    }
+    let spec = Spec { pass, deterministic: false, ..spec };
     spec.validate().map_err(|e| invalid("spec", spec.slug(), &e.to_string()))?;
     let kernel = Kernel::new(spec, KernelSchedule::default_on(&spec, arch), arch);
     let lowered = sbgen::lower::lower(&kernel).map_err(|e| invalid("spec", spec.slug(), &e.to_string()))?;
@@ -34,6 +43,34 @@ pub fn device_arch(launcher: &Launcher) -> Result<Arch, DistError> {
     let (major, minor) = launcher.store().compute_capability();
     Arch::for_device(major, minor)
         .ok_or_else(|| invalid("device", format!("compute capability {major}.{minor}"), "8.0 or newer (sm_80, sm_90)"))
+}
+
+/// A rank's arguments against its kernel: `rank` in the partition, `kernel` of `pass`, head_dim the
+/// kernel's and a multiple of 8 (a segment's views start inside the local tensors: 16-byte aligned
+/// only when a token's row is). Returns the kernel's spec.
+fn check_rank(
+    kernel: &KernelBinary,
+    pass: Pass,
+    part: &Partition,
+    rank: usize,
+    heads: Heads,
+) -> Result<Spec, DistError> {
+    heads.check()?;
+    if rank >= part.ranks() {
+        return Err(invalid("rank", rank, &format!("0..{}", part.ranks())));
+    }
+    let spec = kernel.manifest().spec;
+    if spec.pass != pass {
+        return Err(invalid("kernel", &kernel.manifest().name, &format!("a {pass} kernel (segment_kernel)")));
+    }
+    if spec.head_dim as usize != heads.head_dim || heads.head_dim % 8 != 0 {
+        return Err(invalid(
+            "head_dim",
+            heads.head_dim,
+            &format!("the kernel's ({}), a multiple of 8 (segments start on 16-byte rows)", spec.head_dim),
+        ));
+    }
+    Ok(spec)
 }
 
 fn invalid(field: &'static str, got: impl ToString, allowed: &str) -> DistError {
@@ -67,21 +104,7 @@ impl<T: SbElement> RankForward<T> {
         heads: Heads,
         scale: Option<f32>,
     ) -> Result<Self, DistError> {
-        heads.check()?;
-        if rank >= part.ranks() {
-            return Err(invalid("rank", rank, &format!("0..{}", part.ranks())));
-        }
-        let spec = kernel.manifest().spec;
-        if spec.pass != Pass::Segment {
-            return Err(invalid("kernel", &kernel.manifest().name, "a segment-pass kernel (segment_kernel)"));
-        }
-        if spec.head_dim as usize != heads.head_dim {
-            return Err(invalid("head_dim", heads.head_dim, &format!("the kernel's, {}", spec.head_dim)));
-        }
-        // A segment's views start inside the local tensors: 16-byte aligned only when a token's row is.
-        if heads.head_dim % 8 != 0 {
-            return Err(invalid("head_dim", heads.head_dim, "a multiple of 8 (segments start on 16-byte rows)"));
-        }
+        let spec = check_rank(&kernel, Pass::Segment, part, rank, heads)?;
         let n = part.local_len(rank);
         let rows = heads.batch * heads.heads * n;
         let stream = launcher.stream().clone();
@@ -118,14 +141,6 @@ impl<T: SbElement> RankForward<T> {
         Ok(())
     }
 
-    /// Elements from a local tensor's start to token `token` of its first head or sequence.
-    fn token_offset(&self, token: usize, heads: usize) -> usize {
-        match self.layout {
-            Layout::Bnhd => token * heads * self.heads.head_dim,
-            _ => token * self.heads.head_dim,
-        }
-    }
-
     /// Launches ring step `step`'s pairs on the launcher's stream. `q` is this rank's local q;
     /// `kv(owner)` gives the local k and v of rank `owner` (every owner this step reads: the one held
     /// at this step, and for zig-zag over more than two ranks the ones kept from earlier steps).
@@ -137,40 +152,21 @@ impl<T: SbElement> RankForward<T> {
     ) -> Result<(), DistError> {
         let rank = self.schedule.rank;
         let pairs: Vec<Pair> = self.schedule.steps.get(step).cloned().unwrap_or_default();
-        let h = self.heads;
         for pair in pairs {
-            let (qs, ks) = (self.part.segment(pair.query), self.part.segment(pair.key));
-            let owner = self.part.owner(pair.key);
-            let (k, v) = kv(owner).ok_or_else(|| DistError::Transport {
+            let pv = pair_views(&self.part, self.layout, self.heads, rank, pair);
+            let (k, v) = kv(pv.owner).ok_or_else(|| DistError::Transport {
                 rank,
-                reason: format!("step {step} needs the K/V of rank {owner}, which is not at hand"),
+                reason: format!("step {step} needs the K/V of rank {}, which is not at hand", pv.owner),
             })?;
-            let n_q = self.part.local_len(rank);
-            let n_kv = self.part.local_len(owner);
-            let shape = SegmentShape {
-                batch: h.batch,
-                heads: h.heads,
-                kv_heads: h.kv_heads,
-                head_dim: h.head_dim,
-                q_len: qs.len(),
-                kv_len: ks.len(),
-                q_seq: n_q,
-                kv_seq: n_kv,
-                offset: qs.start - ks.start,
-            };
-            let (q_at, kv_at) = (self.part.local_offset(pair.query), self.part.local_offset(pair.key));
-            let q_off = self.token_offset(q_at, h.heads);
-            let kv_off = self.token_offset(kv_at, h.kv_heads);
-            let o_off = self.token_offset(q_at, h.heads);
             let args = SegmentWalkArgs {
-                q: q.slice(q_off..),
-                k: k.slice(kv_off..),
-                v: v.slice(kv_off..),
-                o_state: self.o_state.slice_mut(o_off..),
-                l_state: self.l_state.slice_mut(q_at..),
+                q: q.slice(pv.q_off..),
+                k: k.slice(pv.kv_off..),
+                v: v.slice(pv.kv_off..),
+                o_state: self.o_state.slice_mut(pv.q_off..),
+                l_state: self.l_state.slice_mut(pv.row_off..),
             };
             self.launcher
-                .segment_walk(&self.kernel, shape, args, self.scale)
+                .segment_walk(&self.kernel, pv.shape, args, self.scale)
                 .map_err(|e| DistError::Device { rank, reason: e.to_string() })?;
             self.launched += 1;
         }
@@ -226,8 +222,231 @@ impl<T: SbElement> RankForward<T> {
         (h.batch * h.heads * n * h.head_dim, h.batch * h.kv_heads * n * h.head_dim, h.batch * h.heads * n)
     }
 
-    /// The state's f32 elements (for a caller that checks how much memory a rank holds).
-    pub fn state_len(&self) -> usize {
-        self.o_state.len() + self.l_state.len()
+    /// The state after the last step: o before any fused remainder (f32, the local q-shaped tensor)
+    /// and log2 of the stick left per row: what the backward reads as `o_saved` and `log2_rem`.
+    pub fn state(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
+        (&self.o_state, &self.l_state)
+    }
+}
+
+/// Where one pair's views start and how they are spaced.
+struct PairViews {
+    shape: SegmentShape,
+    /// Element offsets of the query segment in q-shaped local tensors, of its rows in per-row ones,
+    /// and of the key segment in its owner's K/V-shaped local tensors.
+    q_off: usize,
+    row_off: usize,
+    kv_off: usize,
+    owner: usize,
+}
+
+fn pair_views(part: &Partition, layout: Layout, h: Heads, rank: usize, pair: Pair) -> PairViews {
+    let (qs, ks) = (part.segment(pair.query), part.segment(pair.key));
+    let owner = part.owner(pair.key);
+    let token = |t: usize, heads: usize| match layout {
+        Layout::Bnhd => t * heads * h.head_dim,
+        _ => t * h.head_dim,
+    };
+    let (q_at, kv_at) = (part.local_offset(pair.query), part.local_offset(pair.key));
+    PairViews {
+        shape: SegmentShape {
+            batch: h.batch,
+            heads: h.heads,
+            kv_heads: h.kv_heads,
+            head_dim: h.head_dim,
+            q_len: qs.len(),
+            kv_len: ks.len(),
+            q_seq: part.local_len(rank),
+            kv_seq: part.local_len(owner),
+            offset: qs.start - ks.start,
+        },
+        q_off: token(q_at, h.heads),
+        row_off: q_at,
+        kv_off: token(kv_at, h.kv_heads),
+        owner,
+    }
+}
+
+/// What a rank's backward reads besides the K/V it is handed: its local q, dO, the forward's final
+/// f32 o and log2 of the stick (`RankForward::state`), dRem (`None`: no gradient into rem) and, with a
+/// fused remainder, its local v.
+pub struct BackwardInputs<'a, T> {
+    pub q: &'a CudaSlice<T>,
+    pub d_o: &'a CudaSlice<T>,
+    pub o_saved: &'a CudaSlice<f32>,
+    pub log2_rem: &'a CudaSlice<f32>,
+    pub d_rem: Option<&'a CudaSlice<f32>>,
+    pub v: &'a CudaSlice<T>,
+}
+
+/// One rank's backward: its row state (dQ, log2 of the stick, sum of g) between launches, and an f32
+/// dK/dV partial for each rank's K/V (K/V-shaped like that rank's local tensors), which the ring's
+/// reduce-scatter sums at their owners.
+pub struct RankBackward<T> {
+    launcher: Arc<Launcher>,
+    kernel: Arc<KernelBinary>,
+    part: Partition,
+    schedule: Schedule,
+    heads: Heads,
+    layout: Layout,
+    scale: Option<f32>,
+    dq_state: CudaSlice<f32>,
+    l_state: CudaSlice<f32>,
+    s_state: CudaSlice<f32>,
+    partials: Vec<(CudaSlice<f32>, CudaSlice<f32>)>,
+    pub launched: usize,
+    _element: std::marker::PhantomData<T>,
+}
+
+impl<T: SbElement> RankBackward<T> {
+    /// Allocates rank `rank`'s state and partials for `kernel` (a `SegmentBackward` kernel from
+    /// [`segment_kernel`]).
+    pub fn new(
+        launcher: Arc<Launcher>,
+        kernel: Arc<KernelBinary>,
+        part: &Partition,
+        rank: usize,
+        heads: Heads,
+        scale: Option<f32>,
+    ) -> Result<Self, DistError> {
+        let spec = check_rank(&kernel, Pass::SegmentBackward, part, rank, heads)?;
+        let stream = launcher.stream().clone();
+        let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
+        let n = part.local_len(rank);
+        let rows = heads.batch * heads.heads * n;
+        let dq_state = stream.alloc_zeros::<f32>((rows * heads.head_dim).max(1)).map_err(device)?;
+        let l_state = stream.alloc_zeros::<f32>(rows.max(1)).map_err(device)?;
+        let s_state = stream.alloc_zeros::<f32>(rows.max(1)).map_err(device)?;
+        let schedule = Schedule::new(part, rank);
+        let mut partials = Vec::with_capacity(part.ranks());
+        for owner in 0..part.ranks() {
+            // Only the owners whose K/V this rank walks need a partial.
+            let walked = schedule.steps.iter().flatten().any(|p| part.owner(p.key) == owner);
+            let len = if walked { heads.batch * heads.kv_heads * part.local_len(owner) * heads.head_dim } else { 0 };
+            let dk = stream.alloc_zeros::<f32>(len.max(1)).map_err(device)?;
+            let dv = stream.alloc_zeros::<f32>(len.max(1)).map_err(device)?;
+            partials.push((dk, dv));
+        }
+        Ok(RankBackward {
+            launcher,
+            kernel,
+            part: part.clone(),
+            schedule,
+            heads,
+            layout: spec.layout,
+            scale,
+            dq_state,
+            l_state,
+            s_state,
+            partials,
+            launched: 0,
+            _element: std::marker::PhantomData,
+        })
+    }
+
+    /// Zeroes the state and the partials for a new backward.
+    pub fn reset(&mut self) -> Result<(), DistError> {
+        let rank = self.schedule.rank;
+        let stream = self.launcher.stream().clone();
+        let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
+        stream.memset_zeros(&mut self.dq_state).map_err(device)?;
+        stream.memset_zeros(&mut self.l_state).map_err(device)?;
+        stream.memset_zeros(&mut self.s_state).map_err(device)?;
+        for (dk, dv) in &mut self.partials {
+            stream.memset_zeros(dk).map_err(device)?;
+            stream.memset_zeros(dv).map_err(device)?;
+        }
+        self.launched = 0;
+        Ok(())
+    }
+
+    /// Launches ring step `step`'s pairs, in the forward's order, adding into the partials of the
+    /// K/V's owners. `kv(owner)` as in [`RankForward::step`].
+    pub fn step<'a>(
+        &mut self,
+        step: usize,
+        x: &BackwardInputs<'_, T>,
+        kv: &dyn Fn(usize) -> Option<(CudaView<'a, T>, CudaView<'a, T>)>,
+    ) -> Result<(), DistError> {
+        let rank = self.schedule.rank;
+        let fuse = self.kernel.manifest().spec.remainder == Remainder::Fuse;
+        let pairs: Vec<Pair> = self.schedule.steps.get(step).cloned().unwrap_or_default();
+        for pair in pairs {
+            let pv = pair_views(&self.part, self.layout, self.heads, rank, pair);
+            let (k, v) = kv(pv.owner).ok_or_else(|| DistError::Transport {
+                rank,
+                reason: format!("step {step} needs the K/V of rank {}, which is not at hand", pv.owner),
+            })?;
+            // The query tokens' own values: this rank's v at the query segment, K/V-shaped.
+            let own_off = match self.layout {
+                Layout::Bnhd => pv.row_off * self.heads.kv_heads * self.heads.head_dim,
+                _ => pv.row_off * self.heads.head_dim,
+            };
+            let (dk_acc, dv_acc) = &mut self.partials[pv.owner];
+            let args = SegmentBwdWalkArgs {
+                q: x.q.slice(pv.q_off..),
+                k: k.slice(pv.kv_off..),
+                v: v.slice(pv.kv_off..),
+                o_saved: x.o_saved.slice(pv.q_off..),
+                log2_rem: x.log2_rem.slice(pv.row_off..),
+                d_o: x.d_o.slice(pv.q_off..),
+                d_rem: x.d_rem.map(|d| d.slice(pv.row_off..)),
+                v_own: fuse.then(|| x.v.slice(own_off..)),
+                dq_state: self.dq_state.slice_mut(pv.q_off..),
+                l_state: self.l_state.slice_mut(pv.row_off..),
+                s_state: self.s_state.slice_mut(pv.row_off..),
+                dk_accum: dk_acc.slice_mut(pv.kv_off..),
+                dv_accum: dv_acc.slice_mut(pv.kv_off..),
+            };
+            self.launcher
+                .segment_backward_walk(&self.kernel, pv.shape, args, self.scale)
+                .map_err(|e| DistError::Device { rank, reason: e.to_string() })?;
+            self.launched += 1;
+        }
+        Ok(())
+    }
+
+    /// This rank's f32 dK, dV partials for the K/V of `owner` (what the reduce-scatter sends).
+    pub fn partial(&self, owner: usize) -> Option<&(CudaSlice<f32>, CudaSlice<f32>)> {
+        self.partials.get(owner)
+    }
+
+    /// Writes dK and dV from `dk_sum`, `dv_sum` (the sums over every rank of the partials for this
+    /// rank's K/V) and dQ from the state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        &self,
+        dk_sum: &CudaSlice<f32>,
+        dv_sum: &CudaSlice<f32>,
+        x: &BackwardInputs<'_, T>,
+        dq: &mut CudaSlice<T>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
+    ) -> Result<(), DistError> {
+        let rank = self.schedule.rank;
+        let h = self.heads;
+        let local = LocalShape {
+            batch: h.batch,
+            heads: h.heads,
+            kv_heads: h.kv_heads,
+            head_dim: h.head_dim,
+            seq: self.part.local_len(rank),
+        };
+        if local.seq == 0 {
+            return Ok(());
+        }
+        let args = SegmentBwdFinishArgs {
+            dk_accum: dk_sum.slice(..),
+            dv_accum: dv_sum.slice(..),
+            log2_rem: x.log2_rem.slice(..),
+            d_o: x.d_o.slice(..),
+            dq_state: self.dq_state.slice(..),
+            dk: dk.slice_mut(..),
+            dv: dv.slice_mut(..),
+            dq: dq.slice_mut(..),
+        };
+        self.launcher
+            .segment_backward_finish(&self.kernel, local, args)
+            .map_err(|e| DistError::Device { rank, reason: e.to_string() })
     }
 }

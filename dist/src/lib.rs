@@ -7,12 +7,12 @@
 //! - [`Transport`]: the ring's shifts; [`SimRing`] runs P ranks as threads of one process.
 //! - [`ring::forward`] and [`ring::backward`]: one rank's part, in float64 on the CPU, dK and dV
 //!   returned to their owners by a ring reduce-scatter.
-//! - `gpu` (feature `cuda`): one rank's forward on its GPU, a segment-pass launch per pair of its
-//!   schedule carrying the f32 row state between them; `examples/segment_check.rs` runs every rank
-//!   on one GPU against the float64 reference and the single-GPU kernel.
+//! - `gpu` (feature `cuda`): one rank's forward and backward on its GPU, a segment-pass launch per
+//!   pair of its schedule carrying the f32 row state between them; `examples/segment_check.rs` runs
+//!   every rank on one GPU against float64 and the single-GPU kernels.
 //! - `nccl` (feature `nccl`): the ring's shifts between the GPUs of one host over NCCL, on a stream
-//!   of their own. Driving `gpu`'s steps from them (compute overlapping the shift) and the backward
-//!   on the GPU are not written yet.
+//!   of their own. Driving `gpu`'s steps from them (compute overlapping the shift, dK/dV returned by
+//!   a reduce-scatter) is not written yet.
 //!
 //! ```
 //! use sbgen_dist::{ring, Heads, Partition, Scheme, SimRing, Transport};

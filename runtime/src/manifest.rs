@@ -267,6 +267,81 @@ pub struct SegmentParams {
     pub scale_log2: f32,
 }
 
+/// The segment backward's parameter block (docs/math.md#context-parallelism). The walk's pointers
+/// are placed as in [`SEGMENT_PARAM_FIELDS`]; the finishing entry points read the rank's whole local
+/// tensors (`seq` tokens, pointers at token 0).
+pub const SEGMENT_BWD_PARAM_FIELDS: &[(&str, &str)] = &[
+    ("q", "const T*"),
+    ("k", "const T*"),
+    ("v", "const T*"),
+    // per query row, from the forward (final): o before any fused remainder in f32 (q-shaped),
+    // log2 of the stick left (`[B, H, q_seq]`); the gradients flowing in: dO, dRem (may be null); and
+    // the query tokens' own values (K/V-shaped, q_seq spacing) for a fused remainder's share
+    ("o_saved", "const float*"),
+    ("log2_rem", "const float*"),
+    ("d_o", "const T*"),
+    ("d_rem", "const float*"),
+    ("v_own", "const T*"),
+    // the row state, read and written in place: f32 dQ (q-shaped, scaled), log2 of the stick left
+    // and the sum of g over the keys walked (`[B, H, q_seq]`; zero before a query segment's first
+    // pair)
+    ("dq_state", "float*"),
+    ("l_state", "float*"),
+    ("s_state", "float*"),
+    // the key segment's f32 dK, dV partials (K/V-shaped, kv_seq spacing), added to
+    ("dk_accum", "float*"),
+    ("dv_accum", "float*"),
+    // the finishing entry points' outputs (the rank's local tensors)
+    ("dq", "T*"),
+    ("dk", "T*"),
+    ("dv", "T*"),
+    ("batch", "int"),
+    ("heads", "int"),
+    ("kv_heads", "int"),
+    ("q_len", "int"),
+    ("kv_len", "int"),
+    ("q_seq", "int"),
+    ("kv_seq", "int"),
+    ("offset", "int"),
+    // the finishing entry points: tokens of the local tensors (`total_tokens` is always 0)
+    ("seq", "int"),
+    ("total_tokens", "int"),
+    ("scale_log2", "float"),
+];
+
+/// The segment backward's parameter block; mirrors [`SEGMENT_BWD_PARAM_FIELDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SegmentBwdParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o_saved: u64,
+    pub log2_rem: u64,
+    pub d_o: u64,
+    pub d_rem: u64,
+    pub v_own: u64,
+    pub dq_state: u64,
+    pub l_state: u64,
+    pub s_state: u64,
+    pub dk_accum: u64,
+    pub dv_accum: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub q_len: i32,
+    pub kv_len: i32,
+    pub q_seq: i32,
+    pub kv_seq: i32,
+    pub offset: i32,
+    pub seq: i32,
+    pub total_tokens: i32,
+    pub scale_log2: f32,
+}
+
 /// The parameter block passed by value to every entry point; mirrors [`PARAM_FIELDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -369,6 +444,42 @@ mod tests {
         ];
         assert_eq!(c_offsets, rust_offsets);
         assert_eq!(size_of::<SegmentParams>(), size);
+    }
+
+    #[test]
+    fn segment_bwd_params_struct_matches_its_field_table() {
+        let (c_offsets, size) = c_layout(SEGMENT_BWD_PARAM_FIELDS);
+        let rust_offsets = [
+            offset_of!(SegmentBwdParams, q),
+            offset_of!(SegmentBwdParams, k),
+            offset_of!(SegmentBwdParams, v),
+            offset_of!(SegmentBwdParams, o_saved),
+            offset_of!(SegmentBwdParams, log2_rem),
+            offset_of!(SegmentBwdParams, d_o),
+            offset_of!(SegmentBwdParams, d_rem),
+            offset_of!(SegmentBwdParams, v_own),
+            offset_of!(SegmentBwdParams, dq_state),
+            offset_of!(SegmentBwdParams, l_state),
+            offset_of!(SegmentBwdParams, s_state),
+            offset_of!(SegmentBwdParams, dk_accum),
+            offset_of!(SegmentBwdParams, dv_accum),
+            offset_of!(SegmentBwdParams, dq),
+            offset_of!(SegmentBwdParams, dk),
+            offset_of!(SegmentBwdParams, dv),
+            offset_of!(SegmentBwdParams, batch),
+            offset_of!(SegmentBwdParams, heads),
+            offset_of!(SegmentBwdParams, kv_heads),
+            offset_of!(SegmentBwdParams, q_len),
+            offset_of!(SegmentBwdParams, kv_len),
+            offset_of!(SegmentBwdParams, q_seq),
+            offset_of!(SegmentBwdParams, kv_seq),
+            offset_of!(SegmentBwdParams, offset),
+            offset_of!(SegmentBwdParams, seq),
+            offset_of!(SegmentBwdParams, total_tokens),
+            offset_of!(SegmentBwdParams, scale_log2),
+        ];
+        assert_eq!(c_offsets, rust_offsets);
+        assert_eq!(size_of::<SegmentBwdParams>(), size);
     }
 
     #[test]

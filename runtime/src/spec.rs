@@ -80,6 +80,11 @@ pub enum Pass {
     /// in f32 and updated in place; a second entry point turns the final state into o, rem and
     /// log2 rem (docs/math.md#context-parallelism).
     Segment,
+    /// Context parallelism's backward step: the rows of one query segment walk one key segment as
+    /// the segment pass did, from the (log2 rem, sum of g) state the nearer segments left, adding dQ
+    /// into an f32 state and dK, dV into the key segment's f32 partials; further entry points write
+    /// dK, dV and dQ in the element type (docs/math.md#context-parallelism).
+    SegmentBackward,
 }
 
 /// What the caller needs, fixed by the model.
@@ -110,7 +115,7 @@ fn is_false(x: &bool) -> bool {
 pub enum SpecError {
     #[error("`head_dim` = {got} is not supported: allowed {}..={}", .range.start(), .range.end())]
     HeadDim { got: u32, range: std::ops::RangeInclusive<u32> },
-    #[error("`deterministic` = true is for the backward only: the forward and the decode are always deterministic")]
+    #[error("`deterministic` = true is for the backward pass only: the forward and the decode are always deterministic, the segment backward has no deterministic variant")]
     DeterministicForward,
     #[error("`layout` = `{layout}` does not go with `pass` = `{pass}`: {allowed}")]
     LayoutForPass { layout: Layout, pass: Pass, allowed: &'static str },
@@ -150,7 +155,7 @@ impl Spec {
                     allowed: "a decode's cache is bhnd, bnhd or paged",
                 })
             }
-            (Pass::Segment, Layout::Thd | Layout::Paged) => {
+            (Pass::Segment | Pass::SegmentBackward, Layout::Thd | Layout::Paged) => {
                 return Err(SpecError::LayoutForPass {
                     layout: self.layout,
                     pass: self.pass,
@@ -255,6 +260,7 @@ impl Pass {
             Pass::Backward => "bwd",
             Pass::Decode => "dec",
             Pass::Segment => "seg",
+            Pass::SegmentBackward => "segb",
         }
     }
 }
@@ -283,7 +289,7 @@ text_enum!(Dtype, "dtype", "bf16, f16", { Bf16 => ["bf16", "bfloat16"], F16 => [
 text_enum!(Mask, "mask", "strict, attend_current", { Strict => ["strict"], AttendCurrent => ["attend_current", "current"] });
 text_enum!(Layout, "layout", "bhnd, bnhd, thd, paged", { Bhnd => ["bhnd"], Bnhd => ["bnhd"], Thd => ["thd", "varlen"], Paged => ["paged"] });
 text_enum!(Remainder, "remainder", "return, fuse", { Return => ["return"], Fuse => ["fuse"] });
-text_enum!(Pass, "pass", "fwd, bwd, decode, segment", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"], Decode => ["decode", "dec"], Segment => ["segment", "seg"] });
+text_enum!(Pass, "pass", "fwd, bwd, decode, segment, segment_bwd", { Forward => ["fwd", "forward"], Backward => ["bwd", "backward"], Decode => ["decode", "dec"], Segment => ["segment", "seg"], SegmentBackward => ["segment_bwd", "segb"] });
 
 #[cfg(test)]
 mod tests {

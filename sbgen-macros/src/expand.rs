@@ -391,6 +391,7 @@ fn spec_tokens(spec: &Spec) -> TokenStream {
         Pass::Backward => quote!(Backward),
         Pass::Decode => quote!(Decode),
         Pass::Segment => quote!(Segment),
+        Pass::SegmentBackward => quote!(SegmentBackward),
     };
     let early_exit_bits = match spec.early_exit_bits {
         Some(t) => quote!(::core::option::Option::Some(#t)),

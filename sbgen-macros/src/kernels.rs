@@ -113,7 +113,7 @@ pub fn pick(
         // (A decode's default at head_dim 256 needs 2 warps to fit sm_80: `default_on` says so.)
         let schedule = match spec.pass {
             Pass::Decode => Schedule::default_on(spec, Arch::Sm80),
-            Pass::Forward | Pass::Backward | Pass::Segment => Schedule::default_for(spec),
+            Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => Schedule::default_for(spec),
         };
         let kernel = Kernel::new(*spec, schedule, Arch::Sm80);
         let lowered = sbgen::lower::lower(&kernel).map_err(|e| format!("lowering the default schedule: {e}"))?;

@@ -640,7 +640,8 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
         assert!(err.to_string().contains("`other`"), "{err}");
     }
 
-    /// Context parallelism's segment walk at its default schedules (the forward's) compiles without
+    /// Context parallelism's segment walks, forward and backward, at their default schedules (the
+    /// forward's and the backward's) compile without
     /// spills for both arches, both layouts, with and without the fused remainder and early exit, at
     /// the register edges (tiles 64, 128 and 256; 80 padded to 96). Skipped without the toolchain.
     #[test]
@@ -657,13 +658,13 @@ ptxas info    : Used 255 registers, used 16 barriers, 1 bytes smem
             (256, Dtype::Bf16, Layout::Bnhd, Remainder::Return, None),
             (80, Dtype::F16, Layout::Bhnd, Remainder::Fuse, Some(16)),
         ];
-        for arch in Arch::ALL {
+        for (arch, pass) in Arch::ALL.into_iter().flat_map(|a| [Pass::Segment, Pass::SegmentBackward].map(|p| (a, p))) {
             for (head_dim, dtype, layout, remainder, early_exit_bits) in variants {
-                let spec = Spec { layout, remainder, early_exit_bits, ..Spec::new(head_dim, dtype, Pass::Segment) };
+                let spec = Spec { layout, remainder, early_exit_bits, ..Spec::new(head_dim, dtype, pass) };
                 let kernel = Kernel::new(spec, Schedule::default_on(&spec, arch), arch);
                 let lowered = crate::lower::lower(&kernel).unwrap();
                 let c = compiler.compile(&lowered).unwrap_or_else(|e| panic!("{}: {e}", lowered.name));
-                assert_eq!(c.functions.len(), 2, "{}", c.ptxas_log);
+                assert_eq!(c.functions.len(), if pass == Pass::Segment { 2 } else { 3 }, "{}", c.ptxas_log);
                 assert_eq!(c.spill_bytes(), 0, "{} on {arch} spills:\n{}", lowered.name, c.ptxas_log);
                 eprintln!("{arch} {}: {} registers", lowered.name, c.main().registers);
             }

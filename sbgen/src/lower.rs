@@ -4,7 +4,8 @@
 
 use crate::ir::{IrError, Kernel, Layout, Mask, Pass, Remainder, Softplus};
 use sbgen_runtime::manifest::{
-    GridRule, KernelManifest, LaunchStep, DECODE_PARAM_FIELDS, PARAM_FIELDS, SEGMENT_PARAM_FIELDS,
+    GridRule, KernelManifest, LaunchStep, DECODE_PARAM_FIELDS, PARAM_FIELDS, SEGMENT_BWD_PARAM_FIELDS,
+    SEGMENT_PARAM_FIELDS,
 };
 use serde::Serialize;
 use std::sync::OnceLock;
@@ -20,6 +21,7 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// `{%0, %1}` would read as template tags).
 const COMMON_CUH: &str = include_str!("../../templates/sb_common.cuh");
 const WALK_CUH: &str = include_str!("../../templates/sb_walk.cuh");
+const SEGMENT_CUH: &str = include_str!("../../templates/sb_segment.cuh");
 
 /// Threads and elements per CTA of the backward's finishing step (f32 accumulators -> dtype); the
 /// segment pass's finishing step takes one element per thread.
@@ -69,7 +71,7 @@ struct TemplateContext {
     early_exit: bool,
     early_exit_bits: u32,
     poly_exp2: bool,
-    /// The forward template's segment variant (context parallelism).
+    /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
     min_blocks: u32,
     smem: crate::ir::SmemLayout,
@@ -78,6 +80,7 @@ struct TemplateContext {
     finish_elements_per_thread: u32,
     sb_common_cuh: &'static str,
     sb_walk_cuh: &'static str,
+    sb_segment_cuh: &'static str,
 }
 
 fn engine() -> &'static Result<tera::Tera, String> {
@@ -102,7 +105,7 @@ fn engine() -> &'static Result<tera::Tera, String> {
 fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir::Schedule) -> bool {
     match pass {
         Pass::Decode => tile_head_dim <= 128,
-        Pass::Forward | Pass::Backward | Pass::Segment => {
+        Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => {
             tile_head_dim < 128 || (tile_head_dim == 128 && schedule.block_n <= 32)
         }
     }
@@ -140,12 +143,13 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit: spec.early_exit_bits.is_some(),
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
-        segment: spec.pass == Pass::Segment,
+        segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         min_blocks: 1,
         smem: kernel.smem_layout(),
         params: match spec.pass {
             Pass::Decode => DECODE_PARAM_FIELDS,
             Pass::Segment => SEGMENT_PARAM_FIELDS,
+            Pass::SegmentBackward => SEGMENT_BWD_PARAM_FIELDS,
             Pass::Forward | Pass::Backward => PARAM_FIELDS,
         }
         .iter()
@@ -155,10 +159,11 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         finish_elements_per_thread: FINISH_ELEMENTS_PER_THREAD,
         sb_common_cuh: COMMON_CUH,
         sb_walk_cuh: WALK_CUH,
+        sb_segment_cuh: SEGMENT_CUH,
     };
     let template = match spec.pass {
         Pass::Forward | Pass::Segment => "sb_fwd.cu.tera",
-        Pass::Backward => "sb_bwd.cu.tera",
+        Pass::Backward | Pass::SegmentBackward => "sb_bwd.cu.tera",
         Pass::Decode => "sb_decode.cu.tera",
     };
     let tera = engine().as_ref().map_err(|message| LowerError::Template { template, message: message.clone() })?;
@@ -172,7 +177,9 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         grid: match spec.pass {
             Pass::Decode => GridRule::DecodeSplits { warps: s.warps, tile_heads: s.block_m },
             // The segment pass: N is the query segment's length.
-            Pass::Forward | Pass::Backward | Pass::Segment => GridRule::QueryBlocks { block_m: s.block_m },
+            Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => {
+                GridRule::QueryBlocks { block_m: s.block_m }
+            }
         },
         threads: s.threads(),
         dynamic_smem_bytes: ctx.smem.total,
@@ -186,6 +193,23 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             main,
             LaunchStep {
                 function: format!("{name}_finish"),
+                grid: GridRule::Elements { per_cta: FINISH_THREADS },
+                threads: FINISH_THREADS,
+                dynamic_smem_bytes: 0,
+            },
+        ],
+        // The walk once per key segment; after the last, dK/dV (over the rank's K/V-shaped partials,
+        // as the backward's finishing step) and dQ (over q's elements, one per thread).
+        Pass::SegmentBackward => vec![
+            main,
+            LaunchStep {
+                function: format!("{name}_finish"),
+                grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
+                threads: FINISH_THREADS,
+                dynamic_smem_bytes: 0,
+            },
+            LaunchStep {
+                function: format!("{name}_dq"),
                 grid: GridRule::Elements { per_cta: FINISH_THREADS },
                 threads: FINISH_THREADS,
                 dynamic_smem_bytes: 0,

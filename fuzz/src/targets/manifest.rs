@@ -8,8 +8,8 @@ use super::{Target, Verdict, SPEC_WORDS};
 use crate::mutate::InputKind;
 use sbgen_runtime::launcher::plan::MAX_THREADS;
 use sbgen_runtime::launcher::{
-    plan_backward, plan_forward, plan_segment, BackwardLens, ForwardLens, KernelBinary, LaunchPlan, SegmentLens,
-    SegmentPlan, SegmentShape, Shape,
+    plan_backward, plan_forward, plan_segment, plan_segment_backward, BackwardLens, ForwardLens, KernelBinary,
+    LaunchPlan, SegmentBwdLens, SegmentLens, SegmentPlan, SegmentShape, Shape,
 };
 use sbgen_runtime::manifest::KernelManifest;
 use sbgen_runtime::spec::{Layout, Pass};
@@ -64,6 +64,43 @@ pub fn run(data: &[u8]) -> Verdict {
             (elements(shape, heads), elements(shape, kv_heads), batch.saturating_mul(heads).saturating_mul(seq));
         let packed = manifest.spec.layout == Layout::Thd;
         let (total_tokens, cu_seqlens) = (packed.then(|| batch.saturating_mul(seq)), packed.then_some(batch + 1));
+        if manifest.spec.pass == Pass::SegmentBackward {
+            let shape = SegmentShape {
+                batch,
+                heads,
+                kv_heads,
+                head_dim: shape.head_dim,
+                q_len: seq,
+                kv_len: seq,
+                q_seq: seq,
+                kv_seq: seq,
+                offset: seq,
+            };
+            let lens = SegmentBwdLens {
+                q: e,
+                k: kv,
+                v: kv,
+                o_saved: e,
+                log2_rem: r,
+                d_o: e,
+                d_rem: Some(r),
+                v_own: (manifest.spec.remainder == sbgen_runtime::spec::Remainder::Fuse).then_some(kv),
+                dq_state: e,
+                l_state: r,
+                s_state: r,
+                dk_accum: kv,
+                dv_accum: kv,
+            };
+            match plan_segment_backward(&manifest, manifest.spec.dtype, shape, &lens, None) {
+                Ok((grid, scale_log2)) => {
+                    check_segment_plan(&SegmentPlan { walk_grid: grid, finish_grid: grid, scale_log2 })
+                }
+                Err(err) if verdict.is_none() => verdict = Some(Verdict::Refused(err.to_string())),
+                Err(_) => {}
+            }
+            verdict.get_or_insert(Verdict::Accepted);
+            continue;
+        }
         if manifest.spec.pass == Pass::Segment {
             // A segment of `seq` queries against `seq` keys just before them, in tensors of `seq` tokens.
             let shape = SegmentShape {
@@ -97,7 +134,7 @@ pub fn run(data: &[u8]) -> Verdict {
             continue;
         }
         let planned = match manifest.spec.pass {
-            Pass::Segment => continue, // planned above
+            Pass::Segment | Pass::SegmentBackward => continue, // planned above
             // The launcher plans the forward and backward only so far.
             Pass::Decode => return Verdict::Refused("a decode manifest: the launcher has no decode plan yet".into()),
             Pass::Forward => {

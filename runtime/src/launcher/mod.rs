@@ -13,7 +13,8 @@
 //! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
 //! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
 //! - [`decode_plan`]: the decode's input checks and split-K plan; [`decode`]: [`Launcher::decode`].
-//! - [`segment`]: context parallelism's segment walk and its finishing step.
+//! - [`segment`]: context parallelism's segment walk and its finishing step; [`segment_bwd`]: its
+//!   backward.
 //!
 //! This crate does not pick cudarc's CUDA version or linking mode: the final binary does, e.g.
 //! `cudarc = { version = "0.19", features = ["cuda-13000", "dynamic-loading"] }`.
@@ -29,6 +30,7 @@ pub mod modules;
 pub mod nvrtc;
 pub mod plan;
 pub mod segment;
+pub mod segment_bwd;
 
 pub use crate::kv_cache::KvCacheGeometry;
 pub use crate::reference::DecodeShape;
@@ -46,3 +48,7 @@ pub use modules::{CodeOrigin, LoadedKernel, ModuleStore};
 pub use nvrtc::{NvrtcError, NvrtcOptions};
 pub use plan::{plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan, PlannedStep};
 pub use segment::{plan_segment, SegmentFinishArgs, SegmentLens, SegmentPlan, SegmentShape, SegmentWalkArgs};
+pub use segment_bwd::{
+    plan_segment_backward, plan_segment_backward_finish, LocalShape, SegmentBwdFinishArgs, SegmentBwdFinishLens,
+    SegmentBwdLens, SegmentBwdWalkArgs,
+};

@@ -206,6 +206,7 @@ fn plan_common(
     let expected_steps = match pass {
         Pass::Forward | Pass::Decode => 1,
         Pass::Backward | Pass::Segment => 2,
+        Pass::SegmentBackward => 3,
     };
     if manifest.steps.len() != expected_steps {
         return Err(LaunchError::Manifest {
@@ -340,15 +341,19 @@ mod tests {
         };
         let steps = match pass {
             Pass::Forward | Pass::Decode => vec![main],
-            Pass::Backward | Pass::Segment => vec![
-                main,
-                LaunchStep {
+            Pass::Backward | Pass::Segment | Pass::SegmentBackward => {
+                let finish = LaunchStep {
                     function: "sb_test_finish".into(),
                     grid: GridRule::Elements { per_cta: 2048 },
                     threads: 256,
                     dynamic_smem_bytes: 0,
-                },
-            ],
+                };
+                let mut steps = vec![main, finish.clone()];
+                if pass == Pass::SegmentBackward {
+                    steps.push(finish);
+                }
+                steps
+            }
         };
         KernelManifest { name: "sb_test".into(), spec, block_m: 64, block_n: 64, steps }
     }

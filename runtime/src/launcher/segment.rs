@@ -9,7 +9,7 @@ use super::error::{KernelContext, LaunchError};
 use super::launch::{same_context, Launcher};
 use super::modules::LoadedKernel;
 use super::plan::{check_alignment, check_kernel_types, MAX_GRID_YZ, MAX_SEQ};
-use crate::manifest::{GridRule, SegmentParams};
+use crate::manifest::{GridRule, KernelManifest, SegmentParams};
 use crate::spec::{Dtype, Layout, Pass, Remainder};
 use cudarc::driver::{
     CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
@@ -73,40 +73,45 @@ fn span(layout: Layout, batch: usize, heads: usize, head_dim: usize, seq: usize,
     }
 }
 
-/// Checks a segment launch of `manifest` on tensors of element type `dtype`: the kernel, the shape
-/// (`q_seq >= q_len`, `kv_seq >= kv_len`, every count within the kernels' 32-bit indexing) and each
-/// view's length. The finishing step needs `o`, `rem`, `log2_rem` and, with a fused remainder, `v_own`
-/// (K/V-shaped, `q_seq` spacing, `q_len` tokens).
+/// What every segment launch checks, and the walk's grid.
+pub(super) struct PairPlan {
+    /// Elements a view must hold: q-shaped, K/V-shaped, K/V-shaped with the query segment's
+    /// spacing (the query tokens' own values), and per-row (`[batch, heads, q_seq]`).
+    pub q: u128,
+    pub kv: u128,
+    pub own: u128,
+    pub rows: u128,
+    pub walk_grid: (u32, u32, u32),
+    pub scale_log2: f32,
+}
+
+/// The checks shared by the segment passes: the kernel (`pass`, `steps` launch steps, the walk's
+/// grid rule, dtype and head_dim), the shape (every count non-zero and within the kernels' 32-bit
+/// indexing, `q_seq >= q_len`, `kv_seq >= kv_len`) and the scale.
 // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
 #[allow(clippy::manual_is_multiple_of)]
-pub fn plan_segment(
-    manifest: &crate::manifest::KernelManifest,
+pub(super) fn check_pair(
+    manifest: &KernelManifest,
+    pass: Pass,
+    steps: usize,
     dtype: Dtype,
     shape: SegmentShape,
-    lens: &SegmentLens,
     scale: Option<f32>,
-) -> Result<SegmentPlan, LaunchError> {
+) -> Result<PairPlan, LaunchError> {
     let kernel = &manifest.name;
     let spec = &manifest.spec;
-    if spec.pass != Pass::Segment {
-        return Err(LaunchError::WrongPass { kernel: kernel.clone(), expected: Pass::Segment, got: spec.pass });
+    if spec.pass != pass {
+        return Err(LaunchError::WrongPass { kernel: kernel.clone(), expected: pass, got: spec.pass });
     }
-    let (walk_rule, finish_rule, threads) = match manifest.steps.as_slice() {
-        [walk, finish] => (walk.grid, finish.grid, finish.threads),
-        steps => {
-            return Err(LaunchError::Manifest {
-                kernel: kernel.clone(),
-                reason: format!("a segment kernel has 2 steps, this one has {}", steps.len()),
-            })
-        }
-    };
-    let block_m = match walk_rule {
+    if manifest.steps.len() != steps {
+        return Err(LaunchError::Manifest {
+            kernel: kernel.clone(),
+            reason: format!("a {pass:?} kernel has {steps} steps, this one has {}", manifest.steps.len()),
+        });
+    }
+    let block_m = match manifest.steps[0].grid {
         GridRule::QueryBlocks { block_m } if block_m > 0 => block_m as usize,
         _ => return Err(LaunchError::Manifest { kernel: kernel.clone(), reason: "the walk's grid rule".into() }),
-    };
-    let per_cta = match finish_rule {
-        GridRule::Elements { per_cta } if per_cta == threads && per_cta > 0 => per_cta as usize,
-        _ => return Err(LaunchError::Manifest { kernel: kernel.clone(), reason: "the finishing grid rule".into() }),
     };
     check_kernel_types(manifest, dtype, shape.head_dim)?;
     for (dim, value) in [
@@ -141,49 +146,91 @@ pub fn plan_segment(
         }
     }
     let (b, d) = (shape.batch, shape.head_dim);
-    let q_span = span(spec.layout, b, shape.heads, d, shape.q_seq, shape.q_len);
-    let kv_span = span(spec.layout, b, shape.kv_heads, d, shape.kv_seq, shape.kv_len);
-    let own_span = span(spec.layout, b, shape.kv_heads, d, shape.q_seq, shape.q_len);
-    let row_span = span(Layout::Bhnd, b, shape.heads, 1, shape.q_seq, shape.q_len);
+    let plan_q = span(spec.layout, b, shape.heads, d, shape.q_seq, shape.q_len);
+    let plan_kv = span(spec.layout, b, shape.kv_heads, d, shape.kv_seq, shape.kv_len);
     let max_elements = (isize::MAX as u128) / 4;
-    for (what, got) in [("q-shaped elements", q_span), ("K/V-shaped elements", kv_span)] {
+    for (what, got) in [("q-shaped elements", plan_q), ("K/V-shaped elements", plan_kv)] {
         if got > max_elements {
             return Err(LaunchError::TooLarge { what, got, max: max_elements });
         }
     }
-    let need = |tensor: &'static str, needed: u128, got: Option<usize>| match got {
-        Some(got) if (got as u128) < needed => Err(LaunchError::TooShort { tensor, needed: needed as usize, got }),
-        _ => Ok(()),
-    };
-    need("q", q_span, lens.q)?;
-    need("k", kv_span, lens.k)?;
-    need("v", kv_span, lens.v)?;
-    need("o_state", q_span, Some(lens.o_state))?;
-    need("l_state", row_span, Some(lens.l_state))?;
-    need("o", q_span, lens.o)?;
-    need("rem", row_span, lens.rem)?;
-    need("log2_rem", row_span, lens.log2_rem)?;
-    need("v_own", own_span, lens.v_own)?;
-
-    let group = shape.heads / shape.kv_heads;
-    let blocks = shape.q_len.div_ceil(block_m) as u128 * group as u128;
-    let elements = (b * shape.heads) as u128 * shape.q_len as u128 * d as u128;
-    let finish_blocks = elements.div_ceil(per_cta as u128);
-    for (what, got) in [("grid x (query blocks x group)", blocks), ("grid x (elements of o / threads)", finish_blocks)]
-    {
-        if got >= 1 << 31 {
-            return Err(LaunchError::TooLarge { what, got, max: (1u128 << 31) - 1 });
-        }
-    }
+    let blocks = shape.q_len.div_ceil(block_m) as u128 * (shape.heads / shape.kv_heads) as u128;
+    check_grid_x("grid x (query blocks x group)", blocks)?;
     let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
     if !scale.is_finite() || scale == 0.0 {
         return Err(LaunchError::Scale { got: scale });
     }
-    Ok(SegmentPlan {
+    Ok(PairPlan {
+        q: plan_q,
+        kv: plan_kv,
+        own: span(spec.layout, b, shape.kv_heads, d, shape.q_seq, shape.q_len),
+        rows: span(Layout::Bhnd, b, shape.heads, 1, shape.q_seq, shape.q_len),
         walk_grid: (blocks as u32, shape.kv_heads as u32, b as u32),
-        finish_grid: (finish_blocks as u32, 1, 1),
         scale_log2: scale * std::f32::consts::LOG2_E,
     })
+}
+
+pub(super) fn check_grid_x(what: &'static str, blocks: u128) -> Result<(), LaunchError> {
+    if blocks >= 1 << 31 {
+        return Err(LaunchError::TooLarge { what, got: blocks, max: (1u128 << 31) - 1 });
+    }
+    Ok(())
+}
+
+/// Refuses a passed view shorter than `needed` elements.
+pub(super) fn need(tensor: &'static str, needed: u128, got: Option<usize>) -> Result<(), LaunchError> {
+    match got {
+        Some(got) if (got as u128) < needed => Err(LaunchError::TooShort { tensor, needed: needed as usize, got }),
+        _ => Ok(()),
+    }
+}
+
+/// The grid of an elementwise step of `manifest` (step `step`, `GridRule::Elements`) over
+/// `elements`.
+pub(super) fn elements_grid(
+    manifest: &KernelManifest,
+    step: usize,
+    elements: u128,
+    what: &'static str,
+) -> Result<(u32, u32, u32), LaunchError> {
+    let per_cta = match manifest.steps.get(step).map(|s| s.grid) {
+        Some(GridRule::Elements { per_cta }) if per_cta > 0 => per_cta as u128,
+        _ => {
+            return Err(LaunchError::Manifest {
+                kernel: manifest.name.clone(),
+                reason: format!("step {step}'s grid rule: elementwise expected"),
+            })
+        }
+    };
+    let blocks = elements.div_ceil(per_cta);
+    check_grid_x(what, blocks)?;
+    Ok((blocks.max(1) as u32, 1, 1))
+}
+
+/// Checks a segment launch of `manifest` on tensors of element type `dtype`: the kernel, the shape
+/// (`q_seq >= q_len`, `kv_seq >= kv_len`, every count within the kernels' 32-bit indexing) and each
+/// view's length. The finishing step needs `o`, `rem`, `log2_rem` and, with a fused remainder, `v_own`
+/// (K/V-shaped, `q_seq` spacing, `q_len` tokens).
+pub fn plan_segment(
+    manifest: &KernelManifest,
+    dtype: Dtype,
+    shape: SegmentShape,
+    lens: &SegmentLens,
+    scale: Option<f32>,
+) -> Result<SegmentPlan, LaunchError> {
+    let p = check_pair(manifest, Pass::Segment, 2, dtype, shape, scale)?;
+    need("q", p.q, lens.q)?;
+    need("k", p.kv, lens.k)?;
+    need("v", p.kv, lens.v)?;
+    need("o_state", p.q, Some(lens.o_state))?;
+    need("l_state", p.rows, Some(lens.l_state))?;
+    need("o", p.q, lens.o)?;
+    need("rem", p.rows, lens.rem)?;
+    need("log2_rem", p.rows, lens.log2_rem)?;
+    need("v_own", p.own, lens.v_own)?;
+    let elements = (shape.batch * shape.heads) as u128 * shape.q_len as u128 * shape.head_dim as u128;
+    let finish_grid = elements_grid(manifest, 1, elements, "grid x (elements of o / threads)")?;
+    Ok(SegmentPlan { walk_grid: p.walk_grid, finish_grid, scale_log2: p.scale_log2 })
 }
 
 /// The walk's tensors: q of the query segment, k and v of the key segment, and the row state (f32,
@@ -321,14 +368,15 @@ fn params(shape: SegmentShape, plan: &SegmentPlan) -> SegmentParams {
     }
 }
 
-fn launch(
+/// Launches entry point `step` of a segment module with its parameter block `params` by value.
+pub(super) fn launch<P: DeviceRepr>(
     launcher: &Launcher,
     loaded: &LoadedKernel,
     step: usize,
     grid: (u32, u32, u32),
     threads: u32,
     smem: u32,
-    params: &SegmentParams,
+    params: &P,
 ) -> Result<(), LaunchError> {
     let function = loaded.functions.get(step).ok_or_else(|| LaunchError::Manifest {
         kernel: loaded.name.clone(),
@@ -337,10 +385,11 @@ fn launch(
     let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     let mut launch = launcher.stream().launch_builder(function);
     launch.arg(params);
-    // SAFETY: both entry points of a segment module take one `SegmentParams` by value (the C struct
-    // is rendered from `SEGMENT_PARAM_FIELDS`). `plan_segment` checked every passed view's length
-    // against the shape and the grid against CUDA's limits; the module store checked threads and
-    // shared memory against the device. The caller's pointer guards outlive this call.
+    // SAFETY: every entry point of a segment module takes one parameter block by value, and callers
+    // pass the pass's own (`SegmentParams` or `SegmentBwdParams`, each rendered from its field
+    // table). The planners checked every passed view's length against the shape and the grid against
+    // CUDA's limits; the module store checked threads and shared memory against the device. The
+    // caller's pointer guards outlive this call.
     unsafe { launch.launch(cfg) }.kernel_ctx(&loaded.name, "launching")?;
     Ok(())
 }
@@ -348,7 +397,7 @@ fn launch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{KernelManifest, LaunchStep};
+    use crate::manifest::LaunchStep;
     use crate::spec::Spec;
 
     fn manifest(layout: Layout) -> KernelManifest {

@@ -81,7 +81,7 @@ impl StreamState {
         }
         let schedule = match spec.pass {
             Pass::Decode => Schedule::default_on(&spec, self.arch),
-            Pass::Forward | Pass::Backward | Pass::Segment => Schedule::default_for(&spec),
+            Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => Schedule::default_for(&spec),
         };
         let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, self.arch))
             .map_err(|e| SbCandleError::Kernel { reason: format!("lowering the default schedule: {e}") })?;

@@ -543,6 +543,17 @@ fn failure_line(name: &str, schedule: &Schedule, message: &str) -> String {
     text
 }
 
+/// A pass `tune` can time: the segment passes are context parallelism's (sbgen-dist launches them)
+/// and run the forward's and backward's schedules, so they are tuned as those.
+fn parse_tunable_pass(s: &str) -> Result<Pass, String> {
+    match s.parse::<Pass>().map_err(|e| e.to_string())? {
+        Pass::Segment | Pass::SegmentBackward => Err(format!(
+            "`pass` = `{s}` is not tuned on its own: it runs the forward's or backward's schedules; allowed fwd, bwd, decode"
+        )),
+        pass => Ok(pass),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,17 +729,5 @@ mod tests {
         let err = tune_plan(&args, specs(&args).unwrap()).unwrap_err().to_string();
         assert!(err.contains("`--ptx-dir`") && err.contains("/nonexistent/sbgen-ptx"), "{err}");
         assert!(parse(&["--gpu", "sm_90", "--compile-only", "--emit-ptx", "dir"]).is_ok());
-    }
-}
-
-/// A pass `tune` can time: the segment pass is context parallelism's (sbgen-dist launches it) and
-/// runs the forward's schedules, so it is tuned as the forward.
-fn parse_tunable_pass(s: &str) -> Result<Pass, String> {
-    match s.parse::<Pass>().map_err(|e| e.to_string())? {
-        Pass::Segment => {
-            Err("`pass` = `segment` is not tuned on its own: it runs the forward's schedules; allowed fwd, bwd, decode"
-                .into())
-        }
-        pass => Ok(pass),
     }
 }

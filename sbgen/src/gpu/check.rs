@@ -204,7 +204,7 @@ impl CheckPlan {
     /// The deterministic settings a pass runs with (the forward has none).
     pub fn deterministic_for(&self, pass: Pass) -> Vec<bool> {
         match pass {
-            Pass::Forward | Pass::Decode | Pass::Segment => vec![false],
+            Pass::Forward | Pass::Decode | Pass::Segment | Pass::SegmentBackward => vec![false],
             Pass::Backward => self.deterministic.clone(),
         }
     }
@@ -218,7 +218,7 @@ impl CheckPlan {
     pub fn schedule_for(&self, spec: &Spec) -> Option<Schedule> {
         match spec.pass {
             Pass::Forward | Pass::Segment => self.forward_schedule.or(self.schedule),
-            Pass::Backward | Pass::Decode => self.schedule,
+            Pass::Backward | Pass::Decode | Pass::SegmentBackward => self.schedule,
         }
     }
 }

@@ -150,7 +150,8 @@ impl Kernel {
         }
         let q_tile = s.block_m * d * elem;
         let kv_tile = s.block_n * d * elem;
-        let backward = self.spec.pass == Pass::Backward;
+        // The segment backward stages the same tiles as the backward.
+        let backward = matches!(self.spec.pass, Pass::Backward | Pass::SegmentBackward);
         let q = 0;
         let d_o = q + q_tile;
         let k = d_o + if backward { q_tile } else { 0 };
@@ -230,6 +231,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(error(k).contains("393216 bytes per block, over the 166912-byte limit of sm_80"));
+    }
+
+    #[test]
+    fn segment_passes_stage_what_their_base_passes_stage() {
+        for (segment, base) in [(Pass::Segment, Pass::Forward), (Pass::SegmentBackward, Pass::Backward)] {
+            for head_dim in [64, 128, 256] {
+                let (s, b) = (Spec::new(head_dim, Dtype::Bf16, segment), Spec::new(head_dim, Dtype::Bf16, base));
+                assert_eq!(Schedule::default_for(&s), Schedule::default_for(&b));
+                let schedule = Schedule::default_for(&b);
+                assert_eq!(
+                    Kernel::new(s, schedule, Arch::Sm90).smem_layout(),
+                    Kernel::new(b, schedule, Arch::Sm90).smem_layout(),
+                    "{segment:?} at head_dim {head_dim}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -85,9 +85,10 @@ impl Schedule {
             (Pass::Forward | Pass::Segment, _) => n32,
             // Wider than 128: 128 rows on 8 warps, the faster at 256 (`sbgen tune`, 2026-11-30);
             // sm_80 has shared memory for 64 rows only (`default_on`).
-            (Pass::Backward, d) if d > 128 => Schedule { block_m: 128, warps: 8, ..n32 },
-            (Pass::Backward, d) if d > 64 => n32,
-            (Pass::Backward, _) => Schedule::DEFAULT,
+            // The segment backward walks as the backward does.
+            (Pass::Backward | Pass::SegmentBackward, d) if d > 128 => Schedule { block_m: 128, warps: 8, ..n32 },
+            (Pass::Backward | Pass::SegmentBackward, d) if d > 64 => n32,
+            (Pass::Backward | Pass::SegmentBackward, _) => Schedule::DEFAULT,
             // Decode: 16 query heads per tile (a group of up to 16 in one m-tile), 16-key blocks
             // (they divide every page size of a paged cache), 4 warps walking chunks on their own
             // with 3 stages each. Not yet timed (session 10): `sbgen tune` will decide.

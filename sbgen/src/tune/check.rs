@@ -83,9 +83,10 @@ pub fn check_candidates(
             Pass::Forward | Pass::Backward => {
                 check::run(s.dev, &s.builder, &candidate_plan(spec, schedule, s.plan.seed), &mut |_| {})?
             }
-            Pass::Segment => {
+            Pass::Segment | Pass::SegmentBackward => {
                 return Err(GpuError::Input(
-                    "pass `segment` is not tuned on its own: it runs the forward's schedules".into(),
+                    "the segment passes are not tuned on their own: they run the forward's and backward's schedules"
+                        .into(),
                 ))
             }
         };

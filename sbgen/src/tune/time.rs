@@ -51,7 +51,7 @@ pub fn pass_flops(pass: Pass, shape: Shape) -> f64 {
     match pass {
         // A segment pass over a whole causal sequence is the forward's work.
         Pass::Forward | Pass::Segment => fwd,
-        Pass::Backward => 2.5 * fwd,
+        Pass::Backward | Pass::SegmentBackward => 2.5 * fwd,
         // One query row per sequence and head: q . k and A v over N keys.
         Pass::Decode => 4.0 * (shape.batch * shape.heads * shape.seq * shape.head_dim) as f64,
     }
@@ -112,7 +112,9 @@ pub fn time_candidates(
     let shape = match spec.pass {
         // The decode's problem: DECODE_BATCH sequences of `seq` cached tokens on 32 query heads.
         Pass::Decode => Shape::new(DECODE_BATCH, 32, seq, spec.head_dim as usize).with_kv_heads(8),
-        Pass::Forward | Pass::Backward | Pass::Segment => problem_shape(seq, spec.head_dim, TOKENS),
+        Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => {
+            problem_shape(seq, spec.head_dim, TOKENS)
+        }
     };
     let plan = s.plan;
     let bench_plan = BenchPlan {
