@@ -320,9 +320,9 @@ impl<T: SbElement> RankBackward<T> {
         let schedule = Schedule::new(part, rank);
         let mut partials = Vec::with_capacity(part.ranks());
         for owner in 0..part.ranks() {
-            // Only the owners whose K/V this rank walks need a partial.
-            let walked = schedule.steps.iter().flatten().any(|p| part.owner(p.key) == owner);
-            let len = if walked { heads.batch * heads.kv_heads * part.local_len(owner) * heads.head_dim } else { 0 };
+            // Full size for every owner, walked or not: a collective reduce takes the same count on
+            // every rank.
+            let len = heads.batch * heads.kv_heads * part.local_len(owner) * heads.head_dim;
             let dk = stream.alloc_zeros::<f32>(len.max(1)).map_err(device)?;
             let dv = stream.alloc_zeros::<f32>(len.max(1)).map_err(device)?;
             partials.push((dk, dv));
@@ -409,6 +409,11 @@ impl<T: SbElement> RankBackward<T> {
     /// This rank's f32 dK, dV partials for the K/V of `owner` (what the reduce-scatter sends).
     pub fn partial(&self, owner: usize) -> Option<&(CudaSlice<f32>, CudaSlice<f32>)> {
         self.partials.get(owner)
+    }
+
+    /// Every owner's partials, for a collective that sums them in place at their owners.
+    pub fn partials_mut(&mut self) -> &mut [(CudaSlice<f32>, CudaSlice<f32>)] {
+        &mut self.partials
     }
 
     /// Writes dK and dV from `dk_sum`, `dv_sum` (the sums over every rank of the partials for this
