@@ -10,9 +10,10 @@
 //! - `gpu` (feature `cuda`): one rank's forward and backward on its GPU, a segment-pass launch per
 //!   pair of its schedule carrying the f32 row state between them; `examples/segment_check.rs` runs
 //!   every rank on one GPU against float64 and the single-GPU kernels.
-//! - `nccl` (feature `nccl`): the ring's shifts between the GPUs of one host over NCCL, on a stream
-//!   of their own. Driving `gpu`'s steps from them (compute overlapping the shift, dK/dV returned by
-//!   a reduce-scatter) is not written yet.
+//! - `nccl` (feature `nccl`): the ring over NCCL between the GPUs of one host: the shifts on a
+//!   stream of their own, and `NcclRank::ring_forward` / `ring_backward`, which drive `gpu`'s steps
+//!   with each shift hidden behind a step's compute and sum the dK/dV partials at their owners;
+//!   `examples/ring_check.rs` checks and times them.
 //!
 //! ```
 //! use sbgen_dist::{ring, Heads, Partition, Scheme, SimRing, Transport};
