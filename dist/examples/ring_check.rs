@@ -108,7 +108,7 @@ fn run<T: SbElement + NcclType>(a: &Args) -> Result<bool, Error> {
         let fk = Arc::new(segment_kernel(a.spec, Pass::Segment, arch)?);
         let mut fwd = RankForward::<T>::new(launcher.clone(), fk, &part, rank, h, None)?;
         let mut forward = |o: &mut CudaSlice<T>, rem: &mut CudaSlice<f32>, lrem: &mut CudaSlice<f32>| {
-            r.ring_forward(&mut fwd, &part, h, (&ql, &kl, &vl), o, rem, lrem)
+            r.ring_forward(&mut fwd, (&ql, &kl, &vl), o, rem, lrem)
         };
         forward(&mut o, &mut rem, &mut lrem)?;
         let fwd_ms = if reps > 0 {
@@ -136,7 +136,7 @@ fn run<T: SbElement + NcclType>(a: &Args) -> Result<bool, Error> {
             let mut dk = stream.clone_htod(&poison(outer_kv * n * inner_kv)).map_err(dev)?;
             let mut dv = stream.clone_htod(&poison(outer_kv * n * inner_kv)).map_err(dev)?;
             let mut backward = |dq: &mut CudaSlice<T>, dk: &mut CudaSlice<T>, dv: &mut CudaSlice<T>| {
-                r.ring_backward(&mut bwd, &part, h, (&kl, &vl), &x, dq, dk, dv)
+                r.ring_backward(&mut bwd, (&kl, &vl), &x, dq, dk, dv)
             };
             backward(&mut dq, &mut dk, &mut dv)?;
             if reps > 0 {

@@ -151,13 +151,12 @@ impl<T: SbElement> RankForward<T> {
         kv: &dyn Fn(usize) -> Option<(CudaView<'a, T>, CudaView<'a, T>)>,
     ) -> Result<(), DistError> {
         let rank = self.schedule.rank;
+        let (q_len, _, _) = local_elements(&self.part, self.heads, rank);
+        need(rank, "q", q.len(), q_len)?;
         let pairs: Vec<Pair> = self.schedule.steps.get(step).cloned().unwrap_or_default();
         for pair in pairs {
             let pv = pair_views(&self.part, self.layout, self.heads, rank, pair);
-            let (k, v) = kv(pv.owner).ok_or_else(|| DistError::Transport {
-                rank,
-                reason: format!("step {step} needs the K/V of rank {}, which is not at hand", pv.owner),
-            })?;
+            let (k, v) = kv_of(kv, &self.part, self.heads, rank, step, pv.owner)?;
             let args = SegmentWalkArgs {
                 q: q.slice(pv.q_off..),
                 k: k.slice(pv.kv_off..),
@@ -217,9 +216,19 @@ impl<T: SbElement> RankForward<T> {
 
     /// Elements of this rank's local q-shaped and K/V-shaped tensors, and its rows.
     pub fn local_elements(&self) -> (usize, usize, usize) {
-        let n = self.part.local_len(self.schedule.rank);
-        let h = self.heads;
-        (h.batch * h.heads * n * h.head_dim, h.batch * h.kv_heads * n * h.head_dim, h.batch * h.heads * n)
+        local_elements(&self.part, self.heads, self.schedule.rank)
+    }
+
+    pub fn partition(&self) -> &Partition {
+        &self.part
+    }
+
+    pub fn heads(&self) -> Heads {
+        self.heads
+    }
+
+    pub fn launcher(&self) -> &Arc<Launcher> {
+        &self.launcher
     }
 
     /// The state after the last step: o before any fused remainder (f32, the local q-shaped tensor)
@@ -227,6 +236,44 @@ impl<T: SbElement> RankForward<T> {
     pub fn state(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
         (&self.o_state, &self.l_state)
     }
+}
+
+/// Elements of rank `rank`'s local q-shaped and K/V-shaped tensors, and its rows.
+fn local_elements(part: &Partition, h: Heads, rank: usize) -> (usize, usize, usize) {
+    let n = part.local_len(rank);
+    (h.batch * h.heads * n * h.head_dim, h.batch * h.kv_heads * n * h.head_dim, h.batch * h.heads * n)
+}
+
+/// Refuses a view shorter than `needed` elements before it is cut (cudarc's `slice` panics past the
+/// end; the launcher's own checks come after the cut).
+fn need(rank: usize, tensor: &'static str, got: usize, needed: usize) -> Result<(), DistError> {
+    if got < needed {
+        return Err(DistError::Length {
+            tensor,
+            got,
+            expected: format!("at least {needed} (rank {rank}'s local tensor)"),
+        });
+    }
+    Ok(())
+}
+
+/// The K/V of `owner` from the caller, checked to be there and long enough.
+fn kv_of<'a, T>(
+    kv: &dyn Fn(usize) -> Option<(CudaView<'a, T>, CudaView<'a, T>)>,
+    part: &Partition,
+    heads: Heads,
+    rank: usize,
+    step: usize,
+    owner: usize,
+) -> Result<(CudaView<'a, T>, CudaView<'a, T>), DistError> {
+    let (k, v) = kv(owner).ok_or_else(|| DistError::Transport {
+        rank,
+        reason: format!("step {step} needs the K/V of rank {owner}, which is not at hand"),
+    })?;
+    let (_, kv_len, _) = local_elements(part, heads, owner);
+    need(rank, "k", k.len(), kv_len)?;
+    need(rank, "v", v.len(), kv_len)?;
+    Ok((k, v))
 }
 
 /// Where one pair's views start and how they are spaced.
@@ -280,8 +327,8 @@ pub struct BackwardInputs<'a, T> {
 }
 
 /// One rank's backward: its row state (dQ, log2 of the stick, sum of g) between launches, and an f32
-/// dK/dV partial for each rank's K/V (K/V-shaped like that rank's local tensors), which the ring's
-/// reduce-scatter sums at their owners.
+/// dK/dV partial for each rank's K/V (K/V-shaped like that rank's local tensors), which the ring sums
+/// at their owners (one NCCL reduce per owner).
 pub struct RankBackward<T> {
     launcher: Arc<Launcher>,
     kernel: Arc<KernelBinary>,
@@ -370,13 +417,21 @@ impl<T: SbElement> RankBackward<T> {
     ) -> Result<(), DistError> {
         let rank = self.schedule.rank;
         let fuse = self.kernel.manifest().spec.remainder == Remainder::Fuse;
+        let (q_len, kv_len, rows) = local_elements(&self.part, self.heads, rank);
+        need(rank, "q", x.q.len(), q_len)?;
+        need(rank, "d_o", x.d_o.len(), q_len)?;
+        need(rank, "o_saved", x.o_saved.len(), q_len)?;
+        need(rank, "log2_rem", x.log2_rem.len(), rows)?;
+        if let Some(d_rem) = x.d_rem {
+            need(rank, "d_rem", d_rem.len(), rows)?;
+        }
+        if fuse {
+            need(rank, "v", x.v.len(), kv_len)?;
+        }
         let pairs: Vec<Pair> = self.schedule.steps.get(step).cloned().unwrap_or_default();
         for pair in pairs {
             let pv = pair_views(&self.part, self.layout, self.heads, rank, pair);
-            let (k, v) = kv(pv.owner).ok_or_else(|| DistError::Transport {
-                rank,
-                reason: format!("step {step} needs the K/V of rank {}, which is not at hand", pv.owner),
-            })?;
+            let (k, v) = kv_of(kv, &self.part, self.heads, rank, step, pv.owner)?;
             // The query tokens' own values: this rank's v at the query segment, K/V-shaped.
             let own_off = match self.layout {
                 Layout::Bnhd => pv.row_off * self.heads.kv_heads * self.heads.head_dim,
@@ -406,7 +461,7 @@ impl<T: SbElement> RankBackward<T> {
         Ok(())
     }
 
-    /// This rank's f32 dK, dV partials for the K/V of `owner` (what the reduce-scatter sends).
+    /// This rank's f32 dK, dV partials for the K/V of `owner` (what the reduce at `owner` sums).
     pub fn partial(&self, owner: usize) -> Option<&(CudaSlice<f32>, CudaSlice<f32>)> {
         self.partials.get(owner)
     }
@@ -414,6 +469,18 @@ impl<T: SbElement> RankBackward<T> {
     /// Every owner's partials, for a collective that sums them in place at their owners.
     pub fn partials_mut(&mut self) -> &mut [(CudaSlice<f32>, CudaSlice<f32>)] {
         &mut self.partials
+    }
+
+    pub fn partition(&self) -> &Partition {
+        &self.part
+    }
+
+    pub fn heads(&self) -> Heads {
+        self.heads
+    }
+
+    pub fn launcher(&self) -> &Arc<Launcher> {
+        &self.launcher
     }
 
     /// Writes dK and dV from `dk_sum`, `dv_sum` (the sums over every rank of the partials for this
@@ -451,7 +518,7 @@ impl<T: SbElement> RankBackward<T> {
             dq: dq.slice_mut(..),
         };
         self.launcher
-            .segment_backward_finish(&self.kernel, local, args)
+            .segment_backward_finish(&self.kernel, local, args, self.scale)
             .map_err(|e| DistError::Device { rank, reason: e.to_string() })
     }
 }

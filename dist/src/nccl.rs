@@ -14,7 +14,7 @@ use crate::schedule::Schedule;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, DeviceRepr};
 use cudarc::nccl::result::{group_end, group_start};
 use cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
-use sbgen_runtime::launcher::SbElement;
+use sbgen_runtime::launcher::{Launcher, SbElement};
 use std::sync::Arc;
 
 /// One rank of a ring of GPUs in this process.
@@ -144,6 +144,15 @@ impl NcclRank {
         let half = (0..self.ranks).map(|o| Self::kv_len(part, heads, o)).max().unwrap_or(0).max(1);
         let mut own = s.alloc_zeros::<T>(2 * half).map_err(dev)?;
         let n = Self::kv_len(part, heads, self.rank);
+        for (tensor, x) in [("k", k), ("v", v)] {
+            if x.len() < n {
+                return Err(DistError::Length {
+                    tensor,
+                    got: x.len(),
+                    expected: format!("at least {n} (rank {}'s local tensor)", self.rank),
+                });
+            }
+        }
         s.memcpy_dtod(&k.slice(..n), &mut own.slice_mut(..n)).map_err(dev)?;
         s.memcpy_dtod(&v.slice(..n), &mut own.slice_mut(half..half + n)).map_err(dev)?;
         let other = s.alloc_zeros::<T>(2 * half).map_err(dev)?;
@@ -203,47 +212,58 @@ impl NcclRank {
         Ok(())
     }
 
+    /// The rank's launches must go to this rank's compute stream.
+    fn check_stream(&self, launcher: &Launcher) -> Result<(), DistError> {
+        if !Arc::ptr_eq(launcher.stream(), &self.compute) {
+            return Err(DistError::Invalid {
+                field: "launcher",
+                got: "a launcher on another stream".into(),
+                allowed: "a launcher on this rank's compute stream (NcclRank::compute_stream)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// This rank's part of the forward over the ring: its local q, k, v (the spec's layout; see
-    /// [`crate::gpu`]) in, its local o, rem and log2_rem out. `fwd` must launch on this rank's
-    /// compute stream. Asynchronous: the compute stream holds the work when this returns.
-    #[allow(clippy::too_many_arguments)]
+    /// [`crate::gpu`]) in, its local o, rem and log2_rem out, for the partition and heads `fwd` was
+    /// made for; `fwd` must launch on this rank's compute stream. Asynchronous: the compute stream
+    /// holds the work when this returns.
     pub fn ring_forward<T: SbElement + NcclType>(
         &self,
         fwd: &mut RankForward<T>,
-        part: &Partition,
-        heads: Heads,
         qkv: (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
         o: &mut CudaSlice<T>,
         rem: &mut CudaSlice<f32>,
         log2_rem: &mut CudaSlice<f32>,
     ) -> Result<(), DistError> {
+        self.check_stream(fwd.launcher())?;
         let (q, k, v) = qkv;
+        let (part, heads) = (fwd.partition().clone(), fwd.heads());
         fwd.reset()?;
-        let mut ring = self.new_ring(part, heads, fwd.schedule(), k, v)?;
-        self.walk_ring(part, heads, &mut ring, (k, v), |s, kv| fwd.step(s, q, kv))?;
+        let mut ring = self.new_ring(&part, heads, fwd.schedule(), k, v)?;
+        self.walk_ring(&part, heads, &mut ring, (k, v), |s, kv| fwd.step(s, q, kv))?;
         fwd.finish(v, o, rem, log2_rem)
     }
 
     /// This rank's part of the backward over the ring: the K/V travel again, every rank adds into
     /// its partials, NCCL sums each owner's partials at its owner (one reduce per owner, grouped),
     /// and the rank writes its dq, dk, dv. Asynchronous as [`NcclRank::ring_forward`].
-    #[allow(clippy::too_many_arguments)]
     pub fn ring_backward<T: SbElement + NcclType>(
         &self,
         bwd: &mut RankBackward<T>,
-        part: &Partition,
-        heads: Heads,
         kv: (&CudaSlice<T>, &CudaSlice<T>),
         x: &BackwardInputs<'_, T>,
         dq: &mut CudaSlice<T>,
         dk: &mut CudaSlice<T>,
         dv: &mut CudaSlice<T>,
     ) -> Result<(), DistError> {
+        self.check_stream(bwd.launcher())?;
         let (k, v) = kv;
+        let (part, heads) = (bwd.partition().clone(), bwd.heads());
         bwd.reset()?;
-        let schedule = Schedule::new(part, self.rank);
-        let mut ring = self.new_ring(part, heads, &schedule, k, v)?;
-        self.walk_ring(part, heads, &mut ring, (k, v), |s, kv| bwd.step(s, x, kv))?;
+        let schedule = Schedule::new(&part, self.rank);
+        let mut ring = self.new_ring(&part, heads, &schedule, k, v)?;
+        self.walk_ring(&part, heads, &mut ring, (k, v), |s, kv| bwd.step(s, x, kv))?;
         // The partials: summed at their owners, on the communication stream after the walk.
         let comm_stream = self.comm.stream();
         comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;

@@ -151,15 +151,17 @@ pub struct LocalShape {
     pub seq: usize,
 }
 
-/// Checks a rank's finishing step: the grids of the dK/dV and the dQ steps and `scale * log2(e)`.
+/// Checks a rank's finishing step: the grids of the dK/dV and the dQ steps and `scale * log2(e)`
+/// (`scale` must be the walk's: dK is scaled here).
 pub fn plan_segment_backward_finish(
     manifest: &KernelManifest,
     dtype: Dtype,
     local: LocalShape,
     lens: &SegmentBwdFinishLens,
+    scale: Option<f32>,
 ) -> Result<(Grid, Grid, f32), LaunchError> {
     let shape = local_shape(local.batch, local.heads, local.kv_heads, local.head_dim, local.seq);
-    let p = check_pair(manifest, Pass::SegmentBackward, 3, dtype, shape, None)?;
+    let p = check_pair(manifest, Pass::SegmentBackward, 3, dtype, shape, scale)?;
     for (tensor, needed, got) in [
         ("dk_accum", p.kv, lens.dk_accum),
         ("dv_accum", p.kv, lens.dv_accum),
@@ -250,6 +252,9 @@ impl Launcher {
             ("v_own", v_own, e),
             ("o_saved", o_saved, 4),
             ("dq_state", dq_state, 4),
+            // dK and dV are added two f32 at a time (8-byte vector reductions on sm_90).
+            ("dk_accum", dk_accum, 4),
+            ("dv_accum", dv_accum, 4),
         ])?;
         let params = SegmentBwdParams {
             q,
@@ -271,12 +276,14 @@ impl Launcher {
         launch(self, &loaded, 0, grid, step.threads, step.dynamic_smem_bytes, &params)
     }
 
-    /// Writes a rank's dK, dV and dQ in the element type. Asynchronous on the launcher's stream.
+    /// Writes a rank's dK, dV and dQ in the element type; `scale` is the walks' (dK is scaled here).
+    /// Asynchronous on the launcher's stream.
     pub fn segment_backward_finish<T: SbElement>(
         &self,
         kernel: &KernelBinary,
         local: LocalShape,
         mut a: SegmentBwdFinishArgs<'_, T>,
+        scale: Option<f32>,
     ) -> Result<(), LaunchError> {
         let lens = SegmentBwdFinishLens {
             dk_accum: a.dk_accum.len(),
@@ -289,7 +296,7 @@ impl Launcher {
             dq: a.dq.len(),
         };
         let (finish_grid, dq_grid, scale_log2) =
-            plan_segment_backward_finish(kernel.manifest(), T::DTYPE, local, &lens)?;
+            plan_segment_backward_finish(kernel.manifest(), T::DTYPE, local, &lens, scale)?;
         let ctx = self.stream().context();
         for (tensor, stream) in [
             ("dk_accum", a.dk_accum.stream()),
@@ -466,12 +473,15 @@ mod tests {
             dv: kv,
             dq: q,
         };
-        let (finish, dq, _) = plan_segment_backward_finish(&m, Dtype::Bf16, local, &lens).unwrap();
+        let (finish, dq, _) = plan_segment_backward_finish(&m, Dtype::Bf16, local, &lens, None).unwrap();
         assert_eq!(finish, ((kv as u32).div_ceil(2048), 1, 1));
         assert_eq!(dq, ((q as u32).div_ceil(256), 1, 1));
+        // The walk's scale reaches the finishing step (dK is scaled there).
+        let (_, _, scaled) = plan_segment_backward_finish(&m, Dtype::Bf16, local, &lens, Some(0.5)).unwrap();
+        assert_eq!(scaled, 0.5 * std::f32::consts::LOG2_E);
         let short = SegmentBwdFinishLens { dq: q - 1, ..lens };
         assert!(matches!(
-            plan_segment_backward_finish(&m, Dtype::Bf16, local, &short),
+            plan_segment_backward_finish(&m, Dtype::Bf16, local, &short, None),
             Err(LaunchError::TooShort { tensor: "dq", .. })
         ));
     }
