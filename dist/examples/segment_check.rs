@@ -26,11 +26,10 @@ mod common;
 
 use common::*;
 use cudarc::driver::{CudaContext, CudaSlice};
-use sbgen::ir::{Kernel, Schedule};
 use sbgen_dist::gpu::{device_arch, segment_kernel, BackwardInputs, RankBackward, RankForward};
 use sbgen_dist::Partition;
-use sbgen_runtime::launcher::{ForwardArgs, KernelBinary, Launcher, SbElement, Shape};
-use sbgen_runtime::spec::{Dtype, Pass, Spec};
+use sbgen_runtime::launcher::{Launcher, SbElement};
+use sbgen_runtime::spec::{Dtype, Pass};
 use std::sync::Arc;
 
 fn main() {
@@ -132,59 +131,15 @@ fn run<T: SbElement>(a: &Args) -> Result<bool, Error> {
     let tol = forward_tolerance(a);
     let d = h.head_dim;
 
-    // The single-GPU forward on the whole sequence.
-    let fwd_spec = a.spec;
-    let fwd = {
-        let lowered = sbgen::lower::lower(&Kernel::new(fwd_spec, Schedule::default_on(&fwd_spec, arch), arch))?;
-        Arc::new(KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source)))
-    };
-    let shape = Shape::new(h.batch, h.heads, a.seq, d).with_kv_heads(h.kv_heads);
-    let (qd, kd, vd) = (upload::<T>(&stream, &q)?, upload::<T>(&stream, &k)?, upload::<T>(&stream, &v)?);
-    let mut od = stream.alloc_zeros::<T>(q.len())?;
-    let mut remd = stream.alloc_zeros::<f32>(h.batch * h.heads * a.seq)?;
-    let mut lremd = stream.alloc_zeros::<f32>(h.batch * h.heads * a.seq)?;
-    let single = |od: &mut CudaSlice<T>, remd: &mut CudaSlice<f32>, lremd: &mut CudaSlice<f32>| {
-        let args = ForwardArgs {
-            q: qd.slice(..),
-            k: kd.slice(..),
-            v: vd.slice(..),
-            o: od.slice_mut(..),
-            rem: remd.slice_mut(..),
-            log2_rem: lremd.slice_mut(..),
-            o_saved: None,
-            varlen: None,
-        };
-        launcher.forward(&fwd, shape, args, None)
-    };
-    single(&mut od, &mut remd, &mut lremd)?;
-    let o1 = download(&stream, &od)?;
-    let rem1 = stream.clone_dtoh(&remd)?;
-    let to64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-    let (d_o, d_rem) = (rel_l2(&o, &to64(&o1)), rel_l2(&rem, &to64(&rem1)));
-    let same = d_o <= tol && d_rem <= tol;
-    ok &= same;
-    println!(
-        "against the single-GPU forward, every element: o rel L2 {d_o:.2e}, rem {d_rem:.2e} {}",
-        if same { "ok" } else { "FAILED" }
+    // The single-GPU forward on the whole sequence (timed with `--time`).
+    let single = single_gpu::<T>(a, &launcher, arch, (&q, &k, &v), None, if a.time { a.reps } else { 0 })?;
+    ok &= judge(
+        "against the single-GPU forward, every element",
+        &[("o", &o, &widen(&single.o)), ("rem", &rem, &widen(&single.rem))],
+        tol,
     );
 
-    if a.time {
-        let ms = |f: &mut dyn FnMut() -> Result<(), Error>| -> Result<f64, Error> {
-            f()?; // warm-up
-            let mut t = Vec::new();
-            for _ in 0..a.reps {
-                let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
-                let (e0, e1) = (event()?, event()?);
-                e0.record(&stream)?;
-                f()?;
-                e1.record(&stream)?;
-                e1.synchronize()?;
-                t.push(e0.elapsed_ms(&e1)? as f64);
-            }
-            t.sort_by(f64::total_cmp);
-            Ok(t[t.len() / 2])
-        };
-        let t_single = ms(&mut || Ok(single(&mut od, &mut remd, &mut lremd)?))?;
+    if let Some(t_single) = single.fwd_ms {
         let flops = 2.0 * (h.batch * h.heads) as f64 * (a.seq as f64).powi(2) * d as f64;
         println!("single GPU forward: {t_single:.3} ms ({:.1} TFLOP/s-equivalent)", flops / t_single / 1e9);
         let mut worst: f64 = 0.0;
@@ -192,7 +147,7 @@ fn run<T: SbElement>(a: &Args) -> Result<bool, Error> {
         for r in 0..a.ranks {
             let (o, rem, lrem) = &mut outs[r];
             let rf = &mut ranks[r];
-            let t = ms(&mut || {
+            let t = median_ms(&stream, a.reps, &mut || {
                 rf.reset()?;
                 forward_rank(rf, a.ranks, &local, r)?;
                 rf.finish(&local[r].2, o, rem, lrem)?;
@@ -307,108 +262,29 @@ fn backward<T: SbElement>(
     let (nq, nk, nv) = (bad(&dq), bad(&dk), bad(&dv));
     println!("non-finite: dq {nq}, dk {nk}, dv {nv}");
     let mut ok = nq + nk + nv == 0;
-    // Gradient tolerance of `sbgen check` (docs/checking.md#tolerances).
-    let tol = 1e-2 + a.spec.early_exit_bits.map_or(0.0, |t| 4.0 * 2f64.powi(-(t as i32)));
+    let tol = grad_tolerance(a);
     if a.seq <= 8192 {
         let (rq, rk, rv) = reference_grads(a, (q, k, v), &d_o, &d_rem);
-        let (eq, ek, ev) = (rel_l2(&dq, &rq), rel_l2(&dk, &rk), rel_l2(&dv, &rv));
-        let pass = eq <= tol && ek <= tol && ev <= tol;
-        ok &= pass;
-        println!(
-            "float64 backward: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e} (tolerance {tol:.0e}) {}",
-            if pass { "ok" } else { "FAILED" }
-        );
+        ok &= judge("float64 backward", &[("dq", &dq, &rq), ("dk", &dk, &rk), ("dv", &dv, &rv)], tol);
     } else {
         println!("float64 backward: skipped above N = 8192 (the reference is O(N^2) on the host)");
     }
 
-    // The single-GPU backward on the whole sequence.
-    let shape = Shape::new(h.batch, h.heads, a.seq, d).with_kv_heads(h.kv_heads);
-    let lower = |spec: Spec| -> Result<Arc<KernelBinary>, Error> {
-        let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_on(&spec, arch), arch))?;
-        Ok(Arc::new(KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source))))
-    };
-    let fwd1 = lower(a.spec)?;
-    let bwd1 = lower(Spec { pass: Pass::Backward, ..a.spec })?;
-    let (qd, kd, vd) = (upload::<T>(&stream, q)?, upload::<T>(&stream, k)?, upload::<T>(&stream, v)?);
-    let (dod, dremd) = (upload::<T>(&stream, &d_o)?, stream.clone_htod(&d_rem)?);
-    let mut od = stream.alloc_zeros::<T>(q.len())?;
-    let mut o_saved = stream.alloc_zeros::<f32>(q.len())?;
-    let mut remd = stream.alloc_zeros::<f32>(d_rem.len())?;
-    let mut lremd = stream.alloc_zeros::<f32>(d_rem.len())?;
-    launcher.forward(
-        &fwd1,
-        shape,
-        ForwardArgs {
-            q: qd.slice(..),
-            k: kd.slice(..),
-            v: vd.slice(..),
-            o: od.slice_mut(..),
-            rem: remd.slice_mut(..),
-            log2_rem: lremd.slice_mut(..),
-            o_saved: Some(o_saved.slice_mut(..)),
-            varlen: None,
-        },
-        None,
-    )?;
-    let (mut dq1, mut dk1, mut dv1) =
-        (stream.alloc_zeros::<T>(q.len())?, stream.alloc_zeros::<T>(k.len())?, stream.alloc_zeros::<T>(k.len())?);
-    let single = |dq1: &mut CudaSlice<T>, dk1: &mut CudaSlice<T>, dv1: &mut CudaSlice<T>| {
-        launcher.backward(
-            &bwd1,
-            shape,
-            sbgen_runtime::launcher::BackwardArgs {
-                q: qd.slice(..),
-                k: kd.slice(..),
-                v: vd.slice(..),
-                o: od.slice(..),
-                o_saved: o_saved.slice(..),
-                d_o: dod.slice(..),
-                d_rem: Some(dremd.slice(..)),
-                log2_rem: lremd.slice(..),
-                dq: dq1.slice_mut(..),
-                dk: dk1.slice_mut(..),
-                dv: dv1.slice_mut(..),
-                varlen: None,
-            },
-            None,
-        )
-    };
-    single(&mut dq1, &mut dk1, &mut dv1)?;
-    let to64 = |x: &CudaSlice<T>| -> Result<Vec<f64>, Error> {
-        Ok(download(&stream, x)?.into_iter().map(|v| v as f64).collect())
-    };
-    let (eq, ek, ev) = (rel_l2(&dq, &to64(&dq1)?), rel_l2(&dk, &to64(&dk1)?), rel_l2(&dv, &to64(&dv1)?));
-    let same = eq <= tol && ek <= tol && ev <= tol;
-    ok &= same;
-    println!(
-        "against the single-GPU backward, every element: dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e} {}",
-        if same { "ok" } else { "FAILED" }
+    // The single-GPU backward on the whole sequence (timed with `--time`).
+    let single = single_gpu::<T>(a, launcher, arch, (q, k, v), Some((&d_o, &d_rem)), if a.time { a.reps } else { 0 })?;
+    let (sq, sk, sv) = single.grads.as_ref().expect("asked for the gradients");
+    ok &= judge(
+        "against the single-GPU backward, every element",
+        &[("dq", &dq, &widen(sq)), ("dk", &dk, &widen(sk)), ("dv", &dv, &widen(sv))],
+        tol,
     );
 
-    if a.time {
-        let ctx = stream.context().clone();
-        let ms = |f: &mut dyn FnMut() -> Result<(), Error>| -> Result<f64, Error> {
-            f()?;
-            let mut t = Vec::new();
-            for _ in 0..a.reps {
-                let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
-                let (e0, e1) = (event()?, event()?);
-                e0.record(&stream)?;
-                f()?;
-                e1.record(&stream)?;
-                e1.synchronize()?;
-                t.push(e0.elapsed_ms(&e1)? as f64);
-            }
-            t.sort_by(f64::total_cmp);
-            Ok(t[t.len() / 2])
-        };
-        let t_single = ms(&mut || Ok(single(&mut dq1, &mut dk1, &mut dv1)?))?;
+    if let Some(t_single) = single.bwd_ms {
         let flops = 2.5 * 2.0 * (h.batch * h.heads) as f64 * (a.seq as f64).powi(2) * d as f64;
         println!("single GPU backward: {t_single:.3} ms ({:.1} TFLOP/s-equivalent)", flops / t_single / 1e9);
         let (mut worst, mut total) = (0f64, 0.0);
         for (r, rb) in ranks.iter_mut().enumerate() {
-            let t = ms(&mut || {
+            let t = median_ms(&stream, a.reps, &mut || {
                 rb.reset()?;
                 for step in 0..a.ranks {
                     rb.step(step, &inputs(r), &kv)?;
