@@ -26,7 +26,7 @@ mod common;
 
 use common::*;
 use cudarc::driver::{CudaContext, CudaSlice};
-use sbgen_dist::gpu::{device_arch, segment_kernel, BackwardInputs, RankBackward, RankForward};
+use sbgen_dist::gpu::{BackwardInputs, RankBackward, RankForward};
 use sbgen_dist::Partition;
 use sbgen_runtime::launcher::{Launcher, SbElement};
 use sbgen_runtime::spec::{Dtype, Pass};

@@ -16,34 +16,12 @@ use crate::partition::Partition;
 use crate::ring::Heads;
 use crate::schedule::{Pair, Schedule};
 use cudarc::driver::{CudaSlice, CudaView};
-use sbgen::ir::{Arch, Kernel, Schedule as KernelSchedule};
 use sbgen_runtime::launcher::{
     KernelBinary, Launcher, LocalShape, SbElement, SegmentBwdFinishArgs, SegmentBwdWalkArgs, SegmentFinishArgs,
     SegmentShape, SegmentWalkArgs,
 };
 use sbgen_runtime::spec::{Layout, Pass, Remainder, Spec};
 use std::sync::Arc;
-
-/// The segment-pass kernel (`pass` `Segment` or `SegmentBackward`) for a forward `spec` (its mask,
-/// remainder, early exit, dtype, head dim and layout) at the forward's or backward's default
-/// schedule, lowered for `arch`; the launcher compiles its source with NVRTC at the first launch.
-pub fn segment_kernel(spec: Spec, pass: Pass, arch: Arch) -> Result<KernelBinary, DistError> {
-    if !matches!(pass, Pass::Segment | Pass::SegmentBackward) {
-        return Err(invalid("pass", pass, "segment or segment_bwd"));
-    }
-    let spec = Spec { pass, deterministic: false, ..spec };
-    spec.validate().map_err(|e| invalid("spec", spec.slug(), &e.to_string()))?;
-    let kernel = Kernel::new(spec, KernelSchedule::default_on(&spec, arch), arch);
-    let lowered = sbgen::lower::lower(&kernel).map_err(|e| invalid("spec", spec.slug(), &e.to_string()))?;
-    Ok(KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source)))
-}
-
-/// The device's arch as sbgen names it.
-pub fn device_arch(launcher: &Launcher) -> Result<Arch, DistError> {
-    let (major, minor) = launcher.store().compute_capability();
-    Arch::for_device(major, minor)
-        .ok_or_else(|| invalid("device", format!("compute capability {major}.{minor}"), "8.0 or newer (sm_80, sm_90)"))
-}
 
 /// A rank's arguments against its kernel: `rank` in the partition, `kernel` of `pass`, head_dim the
 /// kernel's and a multiple of 8 (a segment's views start inside the local tensors: 16-byte aligned
@@ -61,7 +39,7 @@ fn check_rank(
     }
     let spec = kernel.manifest().spec;
     if spec.pass != pass {
-        return Err(invalid("kernel", &kernel.manifest().name, &format!("a {pass} kernel (segment_kernel)")));
+        return Err(invalid("kernel", &kernel.manifest().name, &format!("a {pass} kernel")));
     }
     if spec.head_dim as usize != heads.head_dim || heads.head_dim % 8 != 0 {
         return Err(invalid(
@@ -94,7 +72,8 @@ pub struct RankForward<T> {
 }
 
 impl<T: SbElement> RankForward<T> {
-    /// Allocates rank `rank`'s state for `kernel` (from [`segment_kernel`]). `scale` defaults to
+    /// Allocates rank `rank`'s state for `kernel`, a `Pass::Segment` kernel (sbgen lowers it from the
+    /// forward's spec with the pass changed, at the forward's default schedule). `scale` defaults to
     /// 1/sqrt(head_dim).
     pub fn new(
         launcher: Arc<Launcher>,
@@ -109,8 +88,8 @@ impl<T: SbElement> RankForward<T> {
         let rows = heads.batch * heads.heads * n;
         let stream = launcher.stream().clone();
         let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
-        let o_state = stream.alloc_zeros::<f32>((rows * heads.head_dim).max(1)).map_err(device)?;
-        let l_state = stream.alloc_zeros::<f32>(rows.max(1)).map_err(device)?;
+        let o_state = nan_filled(&stream, rows * heads.head_dim).map_err(device)?;
+        let l_state = nan_filled(&stream, rows).map_err(device)?;
         Ok(RankForward {
             launcher,
             kernel,
@@ -130,13 +109,10 @@ impl<T: SbElement> RankForward<T> {
         &self.schedule
     }
 
-    /// Zeroes the state for a new forward (a fresh [`RankForward`] starts zeroed).
+    /// Starts a new forward. The state needs no zeroing: each query segment's first pair is its
+    /// diagonal (the schedule walks nearest first), launched `fresh`, which writes every row's state
+    /// without reading it.
     pub fn reset(&mut self) -> Result<(), DistError> {
-        let rank = self.schedule.rank;
-        let stream = self.launcher.stream();
-        let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
-        stream.memset_zeros(&mut self.o_state).map_err(device)?;
-        stream.memset_zeros(&mut self.l_state).map_err(device)?;
         self.launched = 0;
         Ok(())
     }
@@ -163,6 +139,7 @@ impl<T: SbElement> RankForward<T> {
                 v: v.slice(pv.kv_off..),
                 o_state: self.o_state.slice_mut(pv.q_off..),
                 l_state: self.l_state.slice_mut(pv.row_off..),
+                fresh: pair.is_diagonal(),
             };
             self.launcher
                 .segment_walk(&self.kernel, pv.shape, args, self.scale)
@@ -236,6 +213,16 @@ impl<T: SbElement> RankForward<T> {
     pub fn state(&self) -> (&CudaSlice<f32>, &CudaSlice<f32>) {
         (&self.o_state, &self.l_state)
     }
+}
+
+/// A row state of `len` f32 (at least one) filled with NaN: each pass writes it before reading it
+/// (the first pair of a query segment is launched `fresh`), and any row that were read unwritten
+/// would show as NaN in the outputs.
+fn nan_filled(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<f32>, cudarc::driver::DriverError> {
+    stream.clone_htod(&vec![f32::NAN; len.max(1)])
 }
 
 /// Elements of rank `rank`'s local q-shaped and K/V-shaped tensors, and its rows.
@@ -346,8 +333,7 @@ pub struct RankBackward<T> {
 }
 
 impl<T: SbElement> RankBackward<T> {
-    /// Allocates rank `rank`'s state and partials for `kernel` (a `SegmentBackward` kernel from
-    /// [`segment_kernel`]).
+    /// Allocates rank `rank`'s state and partials for `kernel` (a `Pass::SegmentBackward` kernel).
     pub fn new(
         launcher: Arc<Launcher>,
         kernel: Arc<KernelBinary>,
@@ -361,9 +347,9 @@ impl<T: SbElement> RankBackward<T> {
         let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
         let n = part.local_len(rank);
         let rows = heads.batch * heads.heads * n;
-        let dq_state = stream.alloc_zeros::<f32>((rows * heads.head_dim).max(1)).map_err(device)?;
-        let l_state = stream.alloc_zeros::<f32>(rows.max(1)).map_err(device)?;
-        let s_state = stream.alloc_zeros::<f32>(rows.max(1)).map_err(device)?;
+        let dq_state = nan_filled(&stream, rows * heads.head_dim).map_err(device)?;
+        let l_state = nan_filled(&stream, rows).map_err(device)?;
+        let s_state = nan_filled(&stream, rows).map_err(device)?;
         let schedule = Schedule::new(part, rank);
         let mut partials = Vec::with_capacity(part.ranks());
         for owner in 0..part.ranks() {
@@ -391,14 +377,12 @@ impl<T: SbElement> RankBackward<T> {
         })
     }
 
-    /// Zeroes the state and the partials for a new backward.
+    /// Zeroes the partials for a new backward (the row state is written by each query segment's
+    /// first pair, its diagonal, launched `fresh`).
     pub fn reset(&mut self) -> Result<(), DistError> {
         let rank = self.schedule.rank;
         let stream = self.launcher.stream().clone();
         let device = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
-        stream.memset_zeros(&mut self.dq_state).map_err(device)?;
-        stream.memset_zeros(&mut self.l_state).map_err(device)?;
-        stream.memset_zeros(&mut self.s_state).map_err(device)?;
         for (dk, dv) in &mut self.partials {
             stream.memset_zeros(dk).map_err(device)?;
             stream.memset_zeros(dv).map_err(device)?;
@@ -452,6 +436,7 @@ impl<T: SbElement> RankBackward<T> {
                 s_state: self.s_state.slice_mut(pv.row_off..),
                 dk_accum: dk_acc.slice_mut(pv.kv_off..),
                 dv_accum: dv_acc.slice_mut(pv.kv_off..),
+                fresh: pair.is_diagonal(),
             };
             self.launcher
                 .segment_backward_walk(&self.kernel, pv.shape, args, self.scale)

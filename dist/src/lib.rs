@@ -14,6 +14,8 @@
 //!   stream of their own, and `NcclRank::ring_forward` / `ring_backward`, which drive `gpu`'s steps
 //!   with each shift hidden behind a step's compute and sum the dK/dV partials at their owners;
 //!   `examples/ring_check.rs` checks and times them.
+//! - `driver` (feature `nccl`): the whole ring on this host's GPUs in one call, from full tensors to
+//!   gathered outputs and per-rank times (`sbgen bench --gpus N`).
 //!
 //! ```
 //! use sbgen_dist::{ring, Heads, Partition, Scheme, SimRing, Transport};
@@ -32,6 +34,8 @@
 //! assert_eq!(o.len(), 2 * 10 * 4);
 //! ```
 
+#[cfg(feature = "nccl")]
+pub mod driver;
 mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;

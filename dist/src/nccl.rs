@@ -15,6 +15,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, DeviceRepr};
 use cudarc::nccl::result::{group_end, group_start};
 use cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use sbgen_runtime::launcher::{Launcher, SbElement};
+use std::any::Any;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// One rank of a ring of GPUs in this process.
@@ -23,11 +25,15 @@ pub struct NcclRank {
     ranks: usize,
     comm: Comm,
     compute: Arc<CudaStream>,
+    /// The ring buffers of the last pass (a `KvRing<T>`), reused by the next one that fits.
+    ring: RefCell<Option<Box<dyn Any>>>,
 }
 
 impl NcclRank {
     /// Runs `body` on `ranks` threads, rank r on GPU r with its communicator, and returns the
     /// results in rank order. Fails before starting when the host has fewer GPUs than `ranks`.
+    /// With cudarc's `dynamic-loading`, a missing `libnccl.so` is a panic in cudarc at the first
+    /// NCCL call: binaries check `cudarc::nccl::sys::is_culib_present()` first (`sbgen bench` does).
     pub fn run<R: Send>(
         ranks: usize,
         body: impl Fn(&mut NcclRank) -> Result<R, DistError> + Sync,
@@ -53,7 +59,7 @@ impl NcclRank {
                         // Blocks until every rank has joined.
                         let comm = Comm::from_rank(comm_stream, rank, ranks, Id::uninit(id))
                             .map_err(|e| nccl_error(rank, e))?;
-                        body(&mut NcclRank { rank, ranks, comm, compute })
+                        body(&mut NcclRank { rank, ranks, comm, compute, ring: RefCell::new(None) })
                     })
                 })
                 .collect();
@@ -116,9 +122,10 @@ fn halves<T>(b: &CudaSlice<T>, n: usize, half: usize) -> (CudaView<'_, T>, CudaV
     (b.slice(..n), b.slice(half..half + n))
 }
 
-/// A rank's K/V on the move: two buffers of K then V (each sized for the largest rank's local K/V,
-/// so every rank sends and receives the same count), and copies of the K/V a zig-zag schedule over
-/// more than two ranks reads after it has passed on.
+/// A rank's K/V on the move: two buffers of K then V (each with room for the largest rank's local
+/// K/V; a shift sends the exact count of the K/V it carries), and copies of the K/V a zig-zag
+/// schedule over more than two ranks reads after it has passed on. Kept by the rank between ring
+/// passes ([`NcclRank`]'s cache), so a pass allocates and zeroes nothing.
 struct KvRing<T> {
     bufs: [CudaSlice<T>; 2],
     kept: Vec<Option<CudaSlice<T>>>,
@@ -131,46 +138,75 @@ impl NcclRank {
         heads.batch * heads.kv_heads * part.local_len(owner) * heads.head_dim
     }
 
-    fn new_ring<T: SbElement>(
+    /// The rank's ring buffers for `part` and `heads`: the cached ones when they fit (same element
+    /// type, size and kept owners), else new ones.
+    fn take_ring<T: SbElement + 'static>(
         &self,
         part: &Partition,
         heads: Heads,
         schedule: &Schedule,
-        k: &CudaSlice<T>,
-        v: &CudaSlice<T>,
     ) -> Result<KvRing<T>, DistError> {
-        let s = &self.compute;
-        let dev = |e| device_error(self.rank, e);
         let half = (0..self.ranks).map(|o| Self::kv_len(part, heads, o)).max().unwrap_or(0).max(1);
-        let mut own = s.alloc_zeros::<T>(2 * half).map_err(dev)?;
-        let n = Self::kv_len(part, heads, self.rank);
-        for (tensor, x) in [("k", k), ("v", v)] {
-            if x.len() < n {
-                return Err(DistError::Length {
-                    tensor,
-                    got: x.len(),
-                    expected: format!("at least {n} (rank {}'s local tensor)", self.rank),
-                });
+        let kept = schedule.kept();
+        if let Some(cached) = self.ring.borrow_mut().take() {
+            if let Ok(ring) = cached.downcast::<KvRing<T>>() {
+                let fits = ring.half == half
+                    && ring.kept.len() == self.ranks
+                    && (0..self.ranks).all(|o| ring.kept[o].is_some() == kept.contains(&o));
+                if fits {
+                    return Ok(*ring);
+                }
             }
         }
-        s.memcpy_dtod(&k.slice(..n), &mut own.slice_mut(..n)).map_err(dev)?;
-        s.memcpy_dtod(&v.slice(..n), &mut own.slice_mut(half..half + n)).map_err(dev)?;
-        let other = s.alloc_zeros::<T>(2 * half).map_err(dev)?;
-        let mut kept = (0..self.ranks).map(|_| None).collect::<Vec<_>>();
-        for o in schedule.kept() {
-            kept[o] = Some(s.alloc_zeros::<T>(2 * half).map_err(dev)?);
+        let s = &self.compute;
+        let dev = |e| device_error(self.rank, e);
+        // Zeroed once, when allocated: the room past a rank's K/V is never read.
+        let bufs = [s.alloc_zeros::<T>(2 * half).map_err(dev)?, s.alloc_zeros::<T>(2 * half).map_err(dev)?];
+        let mut slots = (0..self.ranks).map(|_| None).collect::<Vec<_>>();
+        for o in kept {
+            slots[o] = Some(s.alloc_zeros::<T>(2 * half).map_err(dev)?);
         }
-        Ok(KvRing { bufs: [own, other], kept, half })
+        Ok(KvRing { bufs, kept: slots, half })
     }
 
-    /// Walks the ring's P steps: at step s the buffer in hand holds the K/V of rank (rank - s) mod P;
-    /// its shift to the next rank runs on the communication stream while `step` launches the step's
-    /// pairs on the compute stream; the compute stream waits for the shift before the next step.
-    fn walk_ring<T: SbElement + NcclType>(
+    /// Sends `send` (K then V, the K/V in hand) to rank + 1 and receives the K/V of `n_in` elements
+    /// each from rank - 1 into `recv` (K from 0, V from `half`), on the communication stream once the
+    /// compute stream's work so far is done (so the K/V sent is written and `recv` no longer read).
+    fn shift_kv<T: NcclType + DeviceRepr>(
+        &self,
+        send: (CudaView<'_, T>, CudaView<'_, T>),
+        recv: &mut CudaSlice<T>,
+        n_in: usize,
+        half: usize,
+    ) -> Result<(), DistError> {
+        let comm_stream = self.comm.stream();
+        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
+        let next = ((self.rank + 1) % self.ranks) as i32;
+        let prev = ((self.rank + self.ranks - 1) % self.ranks) as i32;
+        group_start().map_err(|e| nccl_error(self.rank, e))?;
+        // Point-to-point operations between two ranks match in the order they are issued.
+        let mut result = self.comm.send(&send.0, next).and_then(|()| self.comm.send(&send.1, next));
+        if result.is_ok() {
+            result = self.comm.recv(&mut recv.slice_mut(..n_in), prev).map(|_| ());
+        }
+        if result.is_ok() {
+            result = self.comm.recv(&mut recv.slice_mut(half..half + n_in), prev).map(|_| ());
+        }
+        // The group must be closed whatever happened inside it.
+        group_end().map_err(|e| nccl_error(self.rank, e))?;
+        result.map_err(|e| nccl_error(self.rank, e))
+    }
+
+    /// Walks the ring's P steps: at step s the rank holds the K/V of rank (rank - s) mod P (step 0:
+    /// its own `k` and `v`, sent from where they are; later steps: the buffer received last). The
+    /// shift of what it holds to the next rank runs on the communication stream while `step`
+    /// launches the step's pairs on the compute stream; the compute stream waits for the shift
+    /// before the next step.
+    fn walk_ring<T: SbElement + NcclType + 'static>(
         &self,
         part: &Partition,
         heads: Heads,
-        ring: &mut KvRing<T>,
+        schedule: &Schedule,
         own: (&CudaSlice<T>, &CudaSlice<T>),
         mut step: impl for<'k> FnMut(
             usize,
@@ -178,38 +214,64 @@ impl NcclRank {
         ) -> Result<(), DistError>,
     ) -> Result<(), DistError> {
         let ranks = self.ranks;
-        for s in 0..ranks {
-            let holder = crate::schedule::holder_at(ranks, self.rank, s);
-            let cur = s % 2;
-            if s + 1 < ranks {
-                let [a, b] = &mut ring.bufs;
-                let (send, recv) = if cur == 0 { (&*a, b) } else { (&*b, a) };
-                self.start_shift(send, recv)?;
-            }
-            {
-                let half = ring.half;
-                let bufs = &ring.bufs;
-                let kept = &ring.kept;
-                let kv = |owner: usize| {
-                    let n = Self::kv_len(part, heads, owner);
-                    if owner == holder {
-                        Some(halves(&bufs[cur], n, half))
-                    } else if owner == self.rank {
-                        Some((own.0.slice(..n), own.1.slice(..n)))
-                    } else {
-                        kept.get(owner).and_then(|k| k.as_ref()).map(|b| halves(b, n, half))
-                    }
-                };
-                step(s, &kv)?;
-            }
-            if let Some(Some(slot)) = ring.kept.get_mut(holder) {
-                self.compute.memcpy_dtod(&ring.bufs[cur], slot).map_err(|e| device_error(self.rank, e))?;
-            }
-            if s + 1 < ranks {
-                self.finish_shift()?;
+        let n_own = Self::kv_len(part, heads, self.rank);
+        for (tensor, x) in [("k", own.0), ("v", own.1)] {
+            if x.len() < n_own {
+                return Err(DistError::Length {
+                    tensor,
+                    got: x.len(),
+                    expected: format!("at least {n_own} (rank {}'s local tensor)", self.rank),
+                });
             }
         }
-        Ok(())
+        let mut ring = self.take_ring::<T>(part, heads, schedule)?;
+        let half = ring.half;
+        let mut walk = || -> Result<(), DistError> {
+            for s in 0..ranks {
+                let holder = crate::schedule::holder_at(ranks, self.rank, s);
+                let n_hold = Self::kv_len(part, heads, holder);
+                // In hand from step 1 on: the buffer received at step s - 1, bufs[(s - 1) % 2].
+                let hand = (s + 1) % 2;
+                if s + 1 < ranks {
+                    let n_in = Self::kv_len(part, heads, crate::schedule::holder_at(ranks, self.rank, s + 1));
+                    let [b0, b1] = &mut ring.bufs;
+                    let (in_hand, recv) = if hand == 1 { (&*b1, b0) } else { (&*b0, b1) };
+                    let send = if s == 0 {
+                        (own.0.slice(..n_own), own.1.slice(..n_own))
+                    } else {
+                        halves(in_hand, n_hold, half)
+                    };
+                    self.shift_kv(send, recv, n_in, half)?;
+                }
+                {
+                    let bufs = &ring.bufs;
+                    let kept = &ring.kept;
+                    let kv = |owner: usize| {
+                        let n = Self::kv_len(part, heads, owner);
+                        if owner == self.rank {
+                            Some((own.0.slice(..n), own.1.slice(..n)))
+                        } else if owner == holder {
+                            Some(halves(&bufs[hand], n, half))
+                        } else {
+                            kept.get(owner).and_then(|k| k.as_ref()).map(|b| halves(b, n, half))
+                        }
+                    };
+                    step(s, &kv)?;
+                }
+                if holder != self.rank {
+                    if let Some(Some(slot)) = ring.kept.get_mut(holder) {
+                        self.compute.memcpy_dtod(&ring.bufs[hand], slot).map_err(|e| device_error(self.rank, e))?;
+                    }
+                }
+                if s + 1 < ranks {
+                    self.finish_shift()?;
+                }
+            }
+            Ok(())
+        };
+        let result = walk();
+        *self.ring.borrow_mut() = Some(Box::new(ring));
+        result
     }
 
     /// The rank's launches must go to this rank's compute stream.
@@ -228,7 +290,7 @@ impl NcclRank {
     /// [`crate::gpu`]) in, its local o, rem and log2_rem out, for the partition and heads `fwd` was
     /// made for; `fwd` must launch on this rank's compute stream. Asynchronous: the compute stream
     /// holds the work when this returns.
-    pub fn ring_forward<T: SbElement + NcclType>(
+    pub fn ring_forward<T: SbElement + NcclType + 'static>(
         &self,
         fwd: &mut RankForward<T>,
         qkv: (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
@@ -240,15 +302,58 @@ impl NcclRank {
         let (q, k, v) = qkv;
         let (part, heads) = (fwd.partition().clone(), fwd.heads());
         fwd.reset()?;
-        let mut ring = self.new_ring(&part, heads, fwd.schedule(), k, v)?;
-        self.walk_ring(&part, heads, &mut ring, (k, v), |s, kv| fwd.step(s, q, kv))?;
+        let schedule = fwd.schedule().clone();
+        self.walk_ring(&part, heads, &schedule, (k, v), |s, kv| fwd.step(s, q, kv))?;
         fwd.finish(v, o, rem, log2_rem)
+    }
+
+    /// The transfers of a ring pass alone, no kernels: [`NcclRank::ring_forward`]'s K/V shifts (and
+    /// kept copies) for `part` and `heads`, this rank's `k` and `v` sent first, and with `partials`
+    /// (the backward's, [`RankBackward::partials_mut`]) also the reduces that
+    /// [`NcclRank::ring_backward`] ends with. Issued on the compute stream's timeline (it waits for
+    /// them), so events recorded there around the call time the communication alone.
+    pub fn ring_transfers<T: SbElement + NcclType + 'static>(
+        &self,
+        part: &Partition,
+        heads: Heads,
+        kv: (&CudaSlice<T>, &CudaSlice<T>),
+        partials: Option<&mut [(CudaSlice<f32>, CudaSlice<f32>)]>,
+    ) -> Result<(), DistError> {
+        let schedule = Schedule::new(part, self.rank);
+        self.walk_ring(part, heads, &schedule, kv, |_, _| Ok(()))?;
+        if let Some(partials) = partials {
+            self.reduce_partials(partials.iter_mut().map(|(k, v)| (k, v)))?;
+        }
+        Ok(())
+    }
+
+    /// Sums every owner's dK/dV partials at that owner (NCCL reduces, grouped), on the communication
+    /// stream once the compute stream's work so far is done; the compute stream waits for them.
+    fn reduce_partials<'p>(
+        &self,
+        partials: impl Iterator<Item = (&'p mut CudaSlice<f32>, &'p mut CudaSlice<f32>)>,
+    ) -> Result<(), DistError> {
+        let comm_stream = self.comm.stream();
+        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
+        group_start().map_err(|e| nccl_error(self.rank, e))?;
+        let mut result = Ok(());
+        for (owner, (pk, pv)) in partials.enumerate() {
+            for p in [pk, pv] {
+                if let Err(e) = self.comm.reduce_in_place(p, &ReduceOp::Sum, owner as i32) {
+                    result = Err(nccl_error(self.rank, e));
+                }
+            }
+        }
+        // The group must be closed whatever happened inside it.
+        group_end().map_err(|e| nccl_error(self.rank, e))?;
+        result?;
+        self.finish_shift()
     }
 
     /// This rank's part of the backward over the ring: the K/V travel again, every rank adds into
     /// its partials, NCCL sums each owner's partials at its owner (one reduce per owner, grouped),
     /// and the rank writes its dq, dk, dv. Asynchronous as [`NcclRank::ring_forward`].
-    pub fn ring_backward<T: SbElement + NcclType>(
+    pub fn ring_backward<T: SbElement + NcclType + 'static>(
         &self,
         bwd: &mut RankBackward<T>,
         kv: (&CudaSlice<T>, &CudaSlice<T>),
@@ -262,23 +367,9 @@ impl NcclRank {
         let (part, heads) = (bwd.partition().clone(), bwd.heads());
         bwd.reset()?;
         let schedule = Schedule::new(&part, self.rank);
-        let mut ring = self.new_ring(&part, heads, &schedule, k, v)?;
-        self.walk_ring(&part, heads, &mut ring, (k, v), |s, kv| bwd.step(s, x, kv))?;
+        self.walk_ring(&part, heads, &schedule, (k, v), |s, kv| bwd.step(s, x, kv))?;
         // The partials: summed at their owners, on the communication stream after the walk.
-        let comm_stream = self.comm.stream();
-        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
-        group_start().map_err(|e| nccl_error(self.rank, e))?;
-        let mut result = Ok(());
-        for (owner, (pk, pv)) in bwd.partials_mut().iter_mut().enumerate() {
-            for p in [pk, pv] {
-                if let Err(e) = self.comm.reduce_in_place(p, &ReduceOp::Sum, owner as i32) {
-                    result = Err(nccl_error(self.rank, e));
-                }
-            }
-        }
-        group_end().map_err(|e| nccl_error(self.rank, e))?;
-        result?;
-        self.finish_shift()?;
+        self.reduce_partials(bwd.partials_mut().iter_mut().map(|(k, v)| (k, v)))?;
         let (sk, sv) = bwd
             .partial(self.rank)
             .ok_or_else(|| DistError::Transport { rank: self.rank, reason: "no partial for its own K/V".into() })?;

@@ -121,6 +121,8 @@ fn schedules_cover_each_pair_once_nearest_first_and_zigzag_balances_the_work() {
                 let pairs: Vec<_> = s.steps.iter().flatten().copied().collect();
                 for q in part.local_segments(rank) {
                     let keys: Vec<usize> = pairs.iter().filter(|p| p.query == q).map(|p| p.key).collect();
+                    // Nearest first, so the diagonal first: the GPU ranks launch it `fresh` (the
+                    // row state is written, not read, and needs no zeroing).
                     assert_eq!(keys, (0..=q).rev().collect::<Vec<_>>(), "{scheme:?} rank {rank} segment {q}");
                 }
                 seen.extend(pairs.iter().map(|p| (p.query, p.key)));

@@ -240,6 +240,9 @@ pub const SEGMENT_PARAM_FIELDS: &[(&str, &str)] = &[
     // offset (j <= i + offset attending the current token); the diagonal has 0, a key segment
     // wholly before the queries at least kv_len
     ("offset", "int"),
+    // 1: the query segment's first pair (its own keys, walked first): the walk starts from a spent-
+    // nothing state (o = 0, log2 of the stick = 0) without reading the state, and writes it
+    ("fresh", "int"),
     ("scale_log2", "float"),
 ];
 
@@ -264,6 +267,7 @@ pub struct SegmentParams {
     pub q_seq: i32,
     pub kv_seq: i32,
     pub offset: i32,
+    pub fresh: i32,
     pub scale_log2: f32,
 }
 
@@ -303,6 +307,8 @@ pub const SEGMENT_BWD_PARAM_FIELDS: &[(&str, &str)] = &[
     ("q_seq", "int"),
     ("kv_seq", "int"),
     ("offset", "int"),
+    // 1: the query segment's first pair: the row state starts at zero (not read) and is written
+    ("fresh", "int"),
     // the finishing entry points: tokens of the local tensors (`total_tokens` is always 0)
     ("seq", "int"),
     ("total_tokens", "int"),
@@ -337,6 +343,7 @@ pub struct SegmentBwdParams {
     pub q_seq: i32,
     pub kv_seq: i32,
     pub offset: i32,
+    pub fresh: i32,
     pub seq: i32,
     pub total_tokens: i32,
     pub scale_log2: f32,
@@ -440,6 +447,7 @@ mod tests {
             offset_of!(SegmentParams, q_seq),
             offset_of!(SegmentParams, kv_seq),
             offset_of!(SegmentParams, offset),
+            offset_of!(SegmentParams, fresh),
             offset_of!(SegmentParams, scale_log2),
         ];
         assert_eq!(c_offsets, rust_offsets);
@@ -474,6 +482,7 @@ mod tests {
             offset_of!(SegmentBwdParams, q_seq),
             offset_of!(SegmentBwdParams, kv_seq),
             offset_of!(SegmentBwdParams, offset),
+            offset_of!(SegmentBwdParams, fresh),
             offset_of!(SegmentBwdParams, seq),
             offset_of!(SegmentBwdParams, total_tokens),
             offset_of!(SegmentBwdParams, scale_log2),

@@ -678,6 +678,29 @@ fn decode_flags_are_checked_before_the_gpu() {
     assert!(err.contains("--decode"), "{err}");
 }
 
+#[test]
+fn bench_over_several_gpus_refuses_what_the_ring_cannot_run_before_any_gpu_work() {
+    let cases: [(&[&str], &str); 8] = [
+        (&["--gpus", "0"], "`gpus` = 0"),
+        (&["--scheme", "contiguous"], "`--scheme` applies to `--gpus` only"),
+        (&["--gpus", "2", "--scheme", "diagonal"], "allowed zigzag, contiguous"),
+        (&["--gpus", "2", "--layout", "thd"], "allowed bhnd, bnhd"),
+        (&["--gpus", "2", "--shapes", "1,4,3,128"], "`N` = 3"),
+        (&["--gpus", "2", "--shapes", "1,4,1024,100"], "`head_dim` = 100"),
+        (&["--gpus", "2", "--block-m", "64"], "default schedule"),
+        (&["--gpus", "2", "--kv-heads", "3"], "`--kv-heads` = 3"),
+    ];
+    for (args, want) in cases {
+        let err = usage_error(&[&["bench"][..], args].concat());
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // Flags of other modes conflict with `--gpus` (clap's own usage error).
+    for other in [&["--decode"][..], &["--varlen-lens", "5,7"], &["--deterministic"]] {
+        let out = sbgen(&[&["bench", "--gpus", "2"][..], other].concat());
+        assert_eq!(out.status.code(), Some(2), "{other:?}: {}", text(&out.stderr));
+    }
+}
+
 /// The committed results of an H200 run, plotted without a GPU.
 #[test]
 fn bench_plot_from_json_draws_the_results_and_baselines_without_a_gpu() {

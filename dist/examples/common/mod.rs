@@ -462,3 +462,24 @@ pub fn judge(what: &str, pairs: &[(&str, &[f32], &[f64])], tol: f64) -> bool {
 pub fn widen(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
+
+/// The segment-pass kernel (`pass` `Segment` or `SegmentBackward`) for the forward `spec`, at the
+/// forward's or backward's default schedule on `arch`; the launcher compiles its source with NVRTC.
+pub fn segment_kernel(
+    spec: Spec,
+    pass: Pass,
+    arch: sbgen::ir::Arch,
+) -> Result<sbgen_runtime::launcher::KernelBinary, Error> {
+    use sbgen::ir::{Kernel, Schedule};
+    let spec = Spec { pass, deterministic: false, ..spec };
+    spec.validate()?;
+    let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_on(&spec, arch), arch))?;
+    Ok(sbgen_runtime::launcher::KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source)))
+}
+
+/// The device's arch as sbgen names it.
+pub fn device_arch(launcher: &sbgen_runtime::launcher::Launcher) -> Result<sbgen::ir::Arch, Error> {
+    let (major, minor) = launcher.store().compute_capability();
+    sbgen::ir::Arch::for_device(major, minor)
+        .ok_or_else(|| format!("compute capability {major}.{minor}: sbgen needs 8.0 or newer (sm_80, sm_90)").into())
+}

@@ -234,14 +234,17 @@ pub fn plan_segment(
 }
 
 /// The walk's tensors: q of the query segment, k and v of the key segment, and the row state (f32,
-/// q-shaped `o_state` and `[batch, heads, q_seq]` `l_state`), read and written in place. Before a
-/// query segment's first key segment the state is zero (o = 0, log2 of the stick = 0).
+/// q-shaped `o_state` and `[batch, heads, q_seq]` `l_state`), read and written in place.
 pub struct SegmentWalkArgs<'a, T> {
     pub q: CudaView<'a, T>,
     pub k: CudaView<'a, T>,
     pub v: CudaView<'a, T>,
     pub o_state: CudaViewMut<'a, f32>,
     pub l_state: CudaViewMut<'a, f32>,
+    /// The query segment's first key segment: the walk starts from the state of no key walked
+    /// (o = 0, log2 of the stick = 0) without reading `o_state` and `l_state`, and writes every row
+    /// of them, so they need no zeroing. Otherwise the walk continues from the state there.
+    pub fresh: bool,
 }
 
 /// The finishing step's tensors: the final state in, o (the spec's element type), rem and log2_rem
@@ -290,7 +293,8 @@ impl Launcher {
         let (l_state, _l_state) = args.l_state.device_ptr_mut(s);
         let e = T::DTYPE.size_bytes() as u64;
         check_alignment(&[("q", q, e), ("k", k, e), ("v", v, e), ("o_state", o_state, 4)])?;
-        let params = SegmentParams { q, k, v, o_state, l_state, ..params(shape, &plan) };
+        let fresh = i32::from(args.fresh);
+        let params = SegmentParams { q, k, v, o_state, l_state, fresh, ..params(shape, &plan) };
         let step = &kernel.manifest().steps[0];
         launch(self, &loaded, 0, plan.walk_grid, step.threads, step.dynamic_smem_bytes, &params)?;
         Ok(plan)

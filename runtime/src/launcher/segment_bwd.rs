@@ -108,8 +108,10 @@ fn local_shape(batch: usize, heads: usize, kv_heads: usize, head_dim: usize, seq
 /// The backward walk's tensors (see [`SegmentShape`] for where each view starts). `o_saved` and
 /// `log2_rem` are the forward's final f32 o (before any fused remainder) and log2 of the stick left;
 /// `d_rem` may be `None` (no gradient flows into rem); `v_own` is passed exactly with a fused
-/// remainder. The state (`dq_state` q-shaped, `l_state` and `s_state` per row) is zero before a query
-/// segment's first pair; `dk_accum` and `dv_accum` are the key segment's f32 partials, added to.
+/// remainder. The state (`dq_state` q-shaped, `l_state` and `s_state` per row) is read and written
+/// in place, except for the query segment's first pair (`fresh`), which starts from zero without
+/// reading it and writes every row; `dk_accum` and `dv_accum` are the key segment's f32 partials,
+/// added to.
 pub struct SegmentBwdWalkArgs<'a, T> {
     pub q: CudaView<'a, T>,
     pub k: CudaView<'a, T>,
@@ -124,6 +126,8 @@ pub struct SegmentBwdWalkArgs<'a, T> {
     pub s_state: CudaViewMut<'a, f32>,
     pub dk_accum: CudaViewMut<'a, f32>,
     pub dv_accum: CudaViewMut<'a, f32>,
+    /// The query segment's first pair (see above).
+    pub fresh: bool,
 }
 
 /// A rank's finishing step over its whole local tensors (`seq` tokens): `dk_accum` and `dv_accum`
@@ -270,6 +274,7 @@ impl Launcher {
             s_state,
             dk_accum,
             dv_accum,
+            fresh: i32::from(a.fresh),
             ..pair_params(shape, scale_log2)
         };
         let step = &kernel.manifest().steps[0];

@@ -9,12 +9,14 @@ use crate::gpu::bench::{self, BenchPlan, Problem};
 use crate::gpu::decode::CacheKind;
 use crate::gpu::decode_bench::{self, DecodeBenchPlan, DecodeProblem};
 use crate::gpu::l2_flush::FlushMode;
+use crate::gpu::ring_bench::{self, RingBenchPlan};
 use crate::gpu::{Device, KernelBuilder};
-use crate::ir::{Arch, Dtype, Layout, Mask};
+use crate::ir::{Arch, Dtype, Layout, Mask, Pass};
 use anyhow::{Context, Result};
 use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sbgen_dist::Scheme;
 use sbgen_runtime::launcher::DecodeSplit;
 use sbgen_runtime::reference::Shape;
 use serde_json::Value;
@@ -139,12 +141,34 @@ pub struct BenchArgs {
     /// Seed of the random inputs (and of `--varlen-random`'s lengths).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CUDA device ordinal.
+    /// Time context parallelism instead: each problem's one sequence split over GPUs 0..N of this
+    /// host (the K/V ring over NCCL, docs/math.md#context-parallelism), against one GPU (`--device`)
+    /// in the same run; default problem 1,16,131072,128. The ring is checked against float64 on a
+    /// small problem and against the single GPU on the timed one before its times count. Reports the
+    /// slowest rank's time, the speedup, the parallel efficiency, the transfers' time alone and each
+    /// rank's time. Needs libnccl.so on the library path.
+    #[arg(long, value_name = "N",
+          conflicts_with_all = ["decode", "varlen", "separate", "deterministic", "plot", "from_json"])]
+    pub gpus: Option<usize>,
+    /// With `--gpus`: how the tokens are dealt out: zigzag (2N segments, GPU r holds r and 2N-1-r, so
+    /// each has the same causal work) or contiguous (N segments in order).
+    #[arg(long, default_value = "zigzag", value_parser = parse_scheme)]
+    pub scheme: Scheme,
+    /// CUDA device ordinal (with `--gpus`: the single GPU the ring is compared with).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
     /// Folder of prebuilt PTX (from `sbgen check --emit-ptx`); default `$SBGEN_PTX_DIR`.
     #[arg(long, value_name = "DIR")]
     pub ptx_dir: Option<PathBuf>,
+}
+
+/// `zigzag` or `contiguous`.
+pub fn parse_scheme(s: &str) -> Result<Scheme, String> {
+    match s {
+        "zigzag" | "zig-zag" => Ok(Scheme::ZigZag),
+        "contiguous" => Ok(Scheme::Contiguous),
+        _ => Err(format!("`{s}` is not a scheme: allowed zigzag, contiguous")),
+    }
 }
 
 /// `B,H,H_kv,N,D` of a decode problem.
@@ -242,7 +266,7 @@ fn varlen_lens(args: &BenchArgs) -> Result<Option<Vec<usize>>, UsageError> {
 
 /// The problems to time: the packed batch, or the dense shapes; each with `--kv-heads` K/V heads,
 /// which must divide its H.
-fn problems(args: &BenchArgs, lens: Option<Vec<usize>>) -> Result<Vec<Problem>, UsageError> {
+fn problems(args: &BenchArgs, lens: Option<Vec<usize>>, defaults: &[Problem]) -> Result<Vec<Problem>, UsageError> {
     let mut problems = match lens {
         Some(lens) => {
             if args.heads == 0 {
@@ -250,7 +274,7 @@ fn problems(args: &BenchArgs, lens: Option<Vec<usize>>) -> Result<Vec<Problem>, 
             }
             vec![Problem::packed(args.heads, args.heads, args.head_dim, lens)]
         }
-        None if args.shapes.is_empty() => BenchPlan::new(args.seed).problems,
+        None if args.shapes.is_empty() => defaults.to_vec(),
         None => args.shapes.iter().map(|&s| Problem::dense(s)).collect(),
     };
     if let Some(kv) = args.kv_heads {
@@ -294,7 +318,7 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan> {
         (l, false) => l.unwrap_or(Layout::Bhnd),
     };
     let mut plan = BenchPlan::new(args.seed);
-    plan.problems = problems(args, lens)?;
+    plan.problems = problems(args, lens, &BenchPlan::new(args.seed).problems)?;
     if !args.early_exit.is_empty() {
         plan.early_exits = args.early_exit.clone();
     }
@@ -448,6 +472,12 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     if let Some(problems) = &args.decode {
         return run_decode(args, problems, baselines.as_ref(), out);
     }
+    if let Some(gpus) = args.gpus {
+        return run_gpus(args, gpus, out);
+    }
+    if args.scheme != Scheme::ZigZag {
+        return Err(UsageError::new("`--scheme` applies to `--gpus` only").into());
+    }
     let plan = plan(args)?;
     // A PTX folder that is not there is the user's to fix, before the GPU is opened.
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
@@ -499,6 +529,147 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
             "results": results,
         });
         write_outputs(args, &doc, baselines.as_ref(), out)?;
+    }
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })
+}
+
+/// The plan of `bench --gpus`, validated before any GPU work.
+pub fn ring_plan(args: &BenchArgs, gpus: usize) -> Result<RingBenchPlan> {
+    if gpus == 0 {
+        return Err(UsageError::new("`gpus` = 0 is not allowed: at least 1 (GPUs 0..N of this host)").into());
+    }
+    let layout = match args.layout.unwrap_or(Layout::Bhnd) {
+        l @ (Layout::Bhnd | Layout::Bnhd) => l,
+        l => return Err(UsageError::new(format!("`--layout {l}` with `--gpus`: allowed bhnd, bnhd")).into()),
+    };
+    if super::check::schedule_override(&args.schedule).is_some() {
+        return Err(UsageError::new(
+            "schedule flags with `--gpus`: the ring and the single GPU run each pass's default schedule",
+        )
+        .into());
+    }
+    if args.reps < 20 {
+        return Err(UsageError::new(format!("`reps` = {} is not allowed: at least 20", args.reps)).into());
+    }
+    let (b, h, n, d) = ring_bench::DEFAULT_SHAPE;
+    let problems = problems(args, None, &[Problem::dense(Shape::new(b, h, n, d))])?;
+    let plan = RingBenchPlan {
+        problems: problems.iter().map(|p| p.shape).collect(),
+        gpus,
+        scheme: args.scheme,
+        dtype: args.dtype,
+        mask: args.mask,
+        layout,
+        early_exits: if args.early_exit.is_empty() { vec![None, Some(24)] } else { args.early_exit.clone() },
+        backward: !args.fwd_only,
+        reps: args.reps,
+        warmup: args.warmup,
+        seed: args.seed,
+    };
+    for &shape in &plan.problems {
+        let name = format!("{},{},{},{}", shape.batch, shape.heads, shape.seq, shape.head_dim);
+        if shape.head_dim % 8 != 0 {
+            return Err(UsageError::new(format!(
+                "`head_dim` = {} ({name}) with `--gpus`: allowed a multiple of 8 (a GPU's segments start on \
+                 16-byte rows)",
+                shape.head_dim
+            ))
+            .into());
+        }
+        if shape.seq < 2 * gpus {
+            return Err(UsageError::new(format!(
+                "`N` = {} ({name}) with `--gpus {gpus}`: allowed at least {} (a token per segment)",
+                shape.seq,
+                2 * gpus
+            ))
+            .into());
+        }
+        for &ee in &plan.early_exits {
+            let mut passes = vec![Pass::Forward, Pass::Segment];
+            if plan.backward {
+                passes.extend([Pass::Backward, Pass::SegmentBackward]);
+            }
+            for pass in passes {
+                KernelBuilder::new(Arch::Sm90, None)
+                    .kernel(plan.spec(shape.head_dim as u32, pass, ee), None)
+                    .validate()
+                    .map_err(UsageError::new)?;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// `bench --gpus N`.
+fn run_gpus(args: &BenchArgs, gpus: usize, out: &mut dyn Write) -> Result<Outcome> {
+    let plan = ring_plan(args, gpus)?;
+    let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
+    let dev = Device::open(args.device)?;
+    // SAFETY: only tries to load the library (cudarc panics at the first NCCL call without it).
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        anyhow::bail!(
+            "`--gpus` needs NCCL: libnccl.so cannot be loaded (put a folder holding libnccl.so, a link to \
+             libnccl.so.2 will do, on LD_LIBRARY_PATH)"
+        );
+    }
+    let builder = KernelBuilder::new(dev.arch, ptx_dir);
+    writeln!(out, "device: {} (one GPU); ring over GPUs 0..{}", dev.describe(), gpus)?;
+    writeln!(
+        out,
+        "{} {} {}, {} GPUs ({}), default schedules; median of {} reps ({} warm-up) per rank; ring ms = the \
+         slowest rank's, transfers ms = the same passes' NCCL transfers alone (slowest rank)",
+        plan.dtype,
+        plan.mask,
+        plan.layout,
+        gpus,
+        ring_bench::scheme_name(plan.scheme),
+        plan.reps,
+        plan.warmup
+    )?;
+    writeln!(out, "{}", ring_bench::header())?;
+    out.flush()?;
+    let mut write_error = None;
+    let result = ring_bench::run(
+        &dev,
+        &builder,
+        &plan,
+        &mut |r| {
+            let mut text = ring_bench::format_result(r);
+            if r.pass == "fwd" {
+                for c in &r.checks {
+                    text.push_str(&format!("\n    check: {c}"));
+                }
+            }
+            if write_error.is_none() {
+                if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
+                    write_error = Some(e);
+                }
+            }
+        },
+        &mut |what| eprintln!("... {what}"),
+    );
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    let results = result?;
+    if args.json.is_some() {
+        let doc = serde_json::json!({
+            "gpu": dev.name,
+            "device": dev.describe(),
+            "gpus": gpus,
+            "scheme": ring_bench::scheme_name(plan.scheme),
+            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "sbgen_version": env!("CARGO_PKG_VERSION"),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "dtype": plan.dtype.to_string(),
+            "mask": plan.mask.to_string(),
+            "layout": plan.layout.to_string(),
+            "reps": plan.reps,
+            "flops": "fwd 4*B*H*N^2*D/2, fwd+bwd 3.5x that, over the slowest rank's median time",
+            "results": results,
+        });
+        write_outputs(args, &doc, None, out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })

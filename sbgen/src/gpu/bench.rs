@@ -365,14 +365,14 @@ fn length_counts(lens: &[usize]) -> Vec<(usize, usize)> {
 
 /// The outcome of checking the forward and the backward kernel before timing them.
 #[derive(Clone, Debug)]
-struct Verdict {
-    fwd: Result<(), String>,
-    bwd: Result<(), String>,
+pub(crate) struct Verdict {
+    pub(crate) fwd: Result<(), String>,
+    pub(crate) bwd: Result<(), String>,
 }
 
 /// What a check is run for: the kernels depend on (head_dim, early exit, layout) only; the K/V
 /// grouping is checked as the problem has it.
-type VerifyKey = (u32, Option<u32>, usize, Layout);
+pub(crate) type VerifyKey = (u32, Option<u32>, usize, Layout);
 
 /// The device, the kernels and the verdicts found so far (each key is checked once).
 struct Bench<'a> {
@@ -422,7 +422,12 @@ impl Bench<'_> {
 
 /// Checks the forward and backward kernels of `key` on N = 256 (and the packed batch
 /// [`CHECK_VARLEN`] for THD).
-fn verify(dev: &Device, builder: &KernelBuilder, plan: &BenchPlan, key: VerifyKey) -> Result<Verdict, GpuError> {
+pub(crate) fn verify(
+    dev: &Device,
+    builder: &KernelBuilder,
+    plan: &BenchPlan,
+    key: VerifyKey,
+) -> Result<Verdict, GpuError> {
     let (head_dim, ee, group, layout) = key;
     let mut check = CheckPlan::full(plan.seed);
     check.head_dims = vec![head_dim];

@@ -7,7 +7,8 @@
 //!   and error metrics.
 //! - [`oracle`]: the float64 reference run in parallel over heads.
 //! - [`check`]: every supported spec against the reference; [`failure`]: why a row failed, typed;
-//!   [`run`]: one kernel on safetensors tensors; [`bench`]: timings with CUDA events.
+//!   [`run`]: one kernel on safetensors tensors; [`bench`]: timings with CUDA events; [`ring_bench`]:
+//!   one sequence over several GPUs (`bench --gpus`) against one GPU.
 //! - [`decode`]: KV caches on the device and the decode reference; [`decode_check`]: `check --pass decode`.
 
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod failure;
 pub mod kernels;
 pub mod l2_flush;
 pub mod oracle;
+pub mod ring_bench;
 pub mod run;
 pub mod run_decode;
 
