@@ -103,7 +103,7 @@ pub fn run(target: &Target, corpus: &[Vec<u8>], config: &Config, mut progress: i
     let start = Instant::now();
     let mut last_progress = start;
     let mut mutated = 0u64;
-    let mut queue = corpus.to_vec().into_iter();
+    let mut queue = corpus.iter().cloned();
     loop {
         let input = match queue.next() {
             Some(seed_input) => seed_input,

@@ -17,9 +17,18 @@ pub fn pick<T>(entries: impl IntoIterator<Item = (T, u64)>, seq_len: usize) -> O
     let mut nearest: Option<(T, u64)> = None;
     let mut largest: Option<(T, u64)> = None;
     for (item, bucket) in entries {
-        if bucket >= wanted && nearest.as_ref().map_or(true, |(_, b)| bucket < *b) {
+        // `match` rather than `is_none_or`: the workspace's rust-version (1.80) predates it.
+        let nearer = match &nearest {
+            Some((_, b)) => bucket < *b,
+            None => true,
+        };
+        let larger = match &largest {
+            Some((_, b)) => bucket >= *b,
+            None => true,
+        };
+        if bucket >= wanted && nearer {
             nearest = Some((item, bucket));
-        } else if nearest.is_none() && largest.as_ref().map_or(true, |(_, b)| bucket >= *b) {
+        } else if nearest.is_none() && larger {
             largest = Some((item, bucket));
         }
     }

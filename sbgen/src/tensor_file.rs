@@ -239,7 +239,7 @@ impl TensorFile {
         // `read` may return fewer bytes than asked; only the file's end makes it too short.
         let mut n = 0;
         while n < 8 {
-            match (&mut file).read(&mut head[n..]) {
+            match file.read(&mut head[n..]) {
                 Ok(0) => return Err(TensorFileError::TooShort { len: n }),
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
