@@ -89,18 +89,26 @@ impl NcclRank {
         send: &CudaSlice<T>,
         recv: &mut CudaSlice<T>,
     ) -> Result<(), DistError> {
-        let comm_stream = self.comm.stream();
-        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
+        self.grouped(|comm, next, prev| {
+            comm.send(send, next)?;
+            comm.recv(recv, prev).map(|_| ())
+        })
+    }
+
+    /// Issues `ops` (given the communicator and the next and previous ranks) as one NCCL group on
+    /// the communication stream, once the compute stream's work so far is done.
+    fn grouped(
+        &self,
+        ops: impl FnOnce(&Comm, i32, i32) -> Result<(), cudarc::nccl::result::NcclError>,
+    ) -> Result<(), DistError> {
+        self.comm.stream().join(&self.compute).map_err(|e| device_error(self.rank, e))?;
         let next = ((self.rank + 1) % self.ranks) as i32;
         let prev = ((self.rank + self.ranks - 1) % self.ranks) as i32;
         group_start().map_err(|e| nccl_error(self.rank, e))?;
-        let sent = self.comm.send(send, next);
-        let received = self.comm.recv(recv, prev);
+        let result = ops(&self.comm, next, prev);
         // The group must be closed whatever happened inside it.
         group_end().map_err(|e| nccl_error(self.rank, e))?;
-        sent.map_err(|e| nccl_error(self.rank, e))?;
-        received.map_err(|e| nccl_error(self.rank, e))?;
-        Ok(())
+        result.map_err(|e| nccl_error(self.rank, e))
     }
 
     /// Makes the compute stream wait for the shift started last (the host does not wait).
@@ -179,22 +187,13 @@ impl NcclRank {
         n_in: usize,
         half: usize,
     ) -> Result<(), DistError> {
-        let comm_stream = self.comm.stream();
-        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
-        let next = ((self.rank + 1) % self.ranks) as i32;
-        let prev = ((self.rank + self.ranks - 1) % self.ranks) as i32;
-        group_start().map_err(|e| nccl_error(self.rank, e))?;
-        // Point-to-point operations between two ranks match in the order they are issued.
-        let mut result = self.comm.send(&send.0, next).and_then(|()| self.comm.send(&send.1, next));
-        if result.is_ok() {
-            result = self.comm.recv(&mut recv.slice_mut(..n_in), prev).map(|_| ());
-        }
-        if result.is_ok() {
-            result = self.comm.recv(&mut recv.slice_mut(half..half + n_in), prev).map(|_| ());
-        }
-        // The group must be closed whatever happened inside it.
-        group_end().map_err(|e| nccl_error(self.rank, e))?;
-        result.map_err(|e| nccl_error(self.rank, e))
+        self.grouped(|comm, next, prev| {
+            // Point-to-point operations between two ranks match in the order they are issued.
+            comm.send(&send.0, next)?;
+            comm.send(&send.1, next)?;
+            comm.recv(&mut recv.slice_mut(..n_in), prev)?;
+            comm.recv(&mut recv.slice_mut(half..half + n_in), prev).map(|_| ())
+        })
     }
 
     /// Walks the ring's P steps: at step s the rank holds the K/V of rank (rank - s) mod P (step 0:
@@ -333,20 +332,13 @@ impl NcclRank {
         &self,
         partials: impl Iterator<Item = (&'p mut CudaSlice<f32>, &'p mut CudaSlice<f32>)>,
     ) -> Result<(), DistError> {
-        let comm_stream = self.comm.stream();
-        comm_stream.join(&self.compute).map_err(|e| device_error(self.rank, e))?;
-        group_start().map_err(|e| nccl_error(self.rank, e))?;
-        let mut result = Ok(());
-        for (owner, (pk, pv)) in partials.enumerate() {
-            for p in [pk, pv] {
-                if let Err(e) = self.comm.reduce_in_place(p, &ReduceOp::Sum, owner as i32) {
-                    result = Err(nccl_error(self.rank, e));
-                }
+        self.grouped(|comm, _, _| {
+            for (owner, (pk, pv)) in partials.enumerate() {
+                comm.reduce_in_place(pk, &ReduceOp::Sum, owner as i32)?;
+                comm.reduce_in_place(pv, &ReduceOp::Sum, owner as i32)?;
             }
-        }
-        // The group must be closed whatever happened inside it.
-        group_end().map_err(|e| nccl_error(self.rank, e))?;
-        result?;
+            Ok(())
+        })?;
         self.finish_shift()
     }
 

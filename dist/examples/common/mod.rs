@@ -24,18 +24,22 @@ pub struct Args {
     pub seed: u64,
     pub time: bool,
     pub backward: bool,
+    /// Check the gradients against float64 above N = 8192 too (`--f64-backward`; the blocked
+    /// reference on every host thread: minutes at N = 65536).
+    pub f64_backward: bool,
     pub reps: usize,
 }
 
 pub fn parse() -> Result<Args, String> {
     let mut m: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
-    let (mut time, mut backward) = (false, false);
+    let (mut time, mut backward, mut f64_backward) = (false, false, false);
     while let Some(k) = it.next() {
         let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument `{k}`"))?.to_string();
-        if key == "time" || key == "backward" {
+        if key == "time" || key == "backward" || key == "f64-backward" {
             time |= key == "time";
             backward |= key == "backward";
+            f64_backward |= key == "f64-backward";
             continue;
         }
         let v = it.next().ok_or_else(|| format!("`--{key}` needs a value"))?;
@@ -81,6 +85,7 @@ pub fn parse() -> Result<Args, String> {
         seed: num("seed", "1")? as u64,
         time,
         backward,
+        f64_backward,
         reps: num("reps", "5")?.max(1),
     })
 }
@@ -217,8 +222,9 @@ pub fn head(a: &Args, x: &[f32], heads: usize, b: usize, h: usize) -> Vec<f64> {
     (0..a.seq).flat_map(|n| x[at(a.spec.layout, heads, a.seq, d, b, h, n)..][..d].iter().map(|&v| v as f64)).collect()
 }
 
-/// The float64 reference backward: dq, dk, dv in the inputs' layout (each query head on its K/V head,
-/// one thread per head; dk and dv summed over a group).
+/// The float64 reference backward: dq, dk, dv in the inputs' layout (each query head on its K/V head;
+/// dk and dv summed over a group). Up to N = 8192 the row-by-row reference, one thread per head;
+/// beyond, the blocked one (`reference::blocked`, rows in blocks on every host thread).
 #[allow(clippy::type_complexity)]
 pub fn reference_grads(
     a: &Args,
@@ -226,7 +232,7 @@ pub fn reference_grads(
     d_o: &[f32],
     d_rem: &[f32],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    use sbgen_runtime::reference::{backward, Options};
+    use sbgen_runtime::reference::{backward, blocked, Options};
     let h = a.heads;
     let d = h.head_dim;
     let opts = Options {
@@ -236,28 +242,32 @@ pub fn reference_grads(
         scale: None,
     };
     let jobs: Vec<(usize, usize)> = (0..h.batch).flat_map(|b| (0..h.heads).map(move |hh| (b, hh))).collect();
-    let grads: Vec<_> = std::thread::scope(|sc| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|&(b, hh)| {
-                let hk = hh / (h.heads / h.kv_heads);
-                sc.spawn(move || {
-                    let one = Shape::new(1, 1, a.seq, d);
-                    let rows: Vec<f64> = (0..a.seq).map(|n| d_rem[(b * h.heads + hh) * a.seq + n] as f64).collect();
-                    backward(
-                        one,
-                        &opts,
-                        &head(a, q, h.heads, b, hh),
-                        &head(a, k, h.kv_heads, b, hk),
-                        &head(a, v, h.kv_heads, b, hk),
-                        &head(a, d_o, h.heads, b, hh),
-                        Some(&rows),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|t| t.join().expect("reference thread")).collect()
-    });
+    let one_head = |b: usize, hh: usize| {
+        let hk = hh / (h.heads / h.kv_heads);
+        let one = Shape::new(1, 1, a.seq, d);
+        let rows: Vec<f64> = (0..a.seq).map(|n| d_rem[(b * h.heads + hh) * a.seq + n] as f64).collect();
+        let (q, k, v, d_o) = (
+            head(a, q, h.heads, b, hh),
+            head(a, k, h.kv_heads, b, hk),
+            head(a, v, h.kv_heads, b, hk),
+            head(a, d_o, h.heads, b, hh),
+        );
+        if a.seq <= 8192 {
+            backward(one, &opts, &q, &k, &v, &d_o, Some(&rows))
+        } else {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let (_, g) = blocked::forward_backward(one, &opts, &q, &k, &v, Some(&d_o), Some(&rows), threads);
+            g.expect("gradients asked for")
+        }
+    };
+    let grads: Vec<_> = if a.seq <= 8192 {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = jobs.iter().map(|&(b, hh)| sc.spawn(move || one_head(b, hh))).collect();
+            handles.into_iter().map(|t| t.join().expect("reference thread")).collect()
+        })
+    } else {
+        jobs.iter().map(|&(b, hh)| one_head(b, hh)).collect()
+    };
     let mut dq = vec![0.0; q.len()];
     let (mut dk, mut dv) = (vec![0.0; k.len()], vec![0.0; k.len()]);
     for (&(b, hh), g) in jobs.iter().zip(&grads) {

@@ -31,6 +31,7 @@
 
 use crate::spec::{Mask, Remainder, Spec};
 
+pub mod blocked;
 mod decode;
 pub use decode::{chunk_state, decode, ChunkState, DecodeShape, Decoded};
 

@@ -444,18 +444,15 @@ fn run_decode(
     }
     let results = result?;
     if args.json.is_some() || args.plot.is_some() {
-        let doc = serde_json::json!({
+        let doc = stamped(serde_json::json!({
             "gpu": dev.name,
             "device": dev.describe(),
-            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            "sbgen_version": env!("CARGO_PKG_VERSION"),
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "dtype": plan.dtype.to_string(),
             "mask": plan.mask.to_string(),
             "reps": plan.reps,
             "bytes": "B * H_kv * N * D * 2 (K and V) * element bytes per decode step, over the median time",
             "results": results,
-        });
+        }));
         write_outputs(args, &doc, baselines, out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
@@ -511,13 +508,10 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     let results = result?;
     if args.json.is_some() || args.plot.is_some() {
-        let doc = serde_json::json!({
+        let doc = stamped(serde_json::json!({
             "gpu": dev.name,
             "device": dev.describe(),
             "compute_capability": format!("{}.{}", dev.compute_capability.0, dev.compute_capability.1),
-            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            "sbgen_version": env!("CARGO_PKG_VERSION"),
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "dtype": plan.dtype.to_string(),
             "mask": plan.mask.to_string(),
             "layout": plan.layout.to_string(),
@@ -527,7 +521,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
             "flops": "fwd 4*H*n^2*D/2 summed over the sequences (4*B*H*N^2*D/2 dense), fwd+bwd 3.5x that; \
                       separate and padded rows are credited with the packed batch's work",
             "results": results,
-        });
+        }));
         write_outputs(args, &doc, baselines.as_ref(), out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
@@ -654,25 +648,33 @@ fn run_gpus(args: &BenchArgs, gpus: usize, out: &mut dyn Write) -> Result<Outcom
     }
     let results = result?;
     if args.json.is_some() {
-        let doc = serde_json::json!({
+        let doc = stamped(serde_json::json!({
             "gpu": dev.name,
             "device": dev.describe(),
             "gpus": gpus,
             "scheme": ring_bench::scheme_name(plan.scheme),
-            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            "sbgen_version": env!("CARGO_PKG_VERSION"),
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "dtype": plan.dtype.to_string(),
             "mask": plan.mask.to_string(),
             "layout": plan.layout.to_string(),
             "reps": plan.reps,
             "flops": "fwd 4*B*H*N^2*D/2, fwd+bwd 3.5x that, over the slowest rank's median time",
             "results": results,
-        });
+        }));
         write_outputs(args, &doc, None, out)?;
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
     Ok(if failed == 0 { Outcome::Success } else { Outcome::Failure })
+}
+
+/// `doc` with when, by which sbgen and with which command it was measured.
+fn stamped(mut doc: Value) -> Value {
+    if let Some(fields) = doc.as_object_mut() {
+        fields
+            .insert("unix_time".into(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()).into());
+        fields.insert("sbgen_version".into(), env!("CARGO_PKG_VERSION").into());
+        fields.insert("command".into(), std::env::args().collect::<Vec<_>>().join(" ").into());
+    }
+    doc
 }
 
 /// Checks the `--plot` file's path and reads the `--baselines` document, before any GPU time is
