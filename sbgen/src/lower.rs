@@ -73,6 +73,16 @@ struct TemplateContext {
     poly_exp2: bool,
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
+    /// Q K^T on the warpgroup's `wgmma` (sm_90a forward; docs/performance.md#wgmma).
+    wgmma: bool,
+    /// With `wgmma`: the PTX type of the inputs, the accumulator registers' operand list (`%0, ..`)
+    /// and their C++ operands (`"+f"(s[0][0][0]), ..`), written here because `{%` in a template
+    /// would read as a tag.
+    wgmma_type: &'static str,
+    wgmma_d_regs: String,
+    wgmma_d_operands: String,
+    /// The operand number of the first A register (the descriptor follows the four).
+    wgmma_a0: u32,
     min_blocks: u32,
     smem: crate::ir::SmemLayout,
     params: Vec<(String, String)>,
@@ -144,6 +154,14 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
+        wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
+        wgmma_type: if spec.dtype == crate::ir::Dtype::Bf16 { "bf16" } else { "f16" },
+        wgmma_d_regs: (0..s.block_n / 2).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", "),
+        wgmma_d_operands: (0..s.block_n / 8)
+            .flat_map(|nt| (0..4).map(move |e| format!("\"+f\"(s[0][{nt}][{e}])")))
+            .collect::<Vec<_>>()
+            .join(", "),
+        wgmma_a0: s.block_n / 2,
         min_blocks: 1,
         smem: kernel.smem_layout(),
         params: match spec.pass {

@@ -152,7 +152,8 @@ pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
         || args.block_n.is_some()
         || args.warps.is_some()
         || args.stages.is_some()
-        || args.softplus.is_some();
+        || args.softplus.is_some()
+        || args.mma.is_some();
     any.then(|| args.schedule())
 }
 

@@ -2,7 +2,7 @@
 //! `manifest.json`, touching only files whose content changed.
 
 use super::{Outcome, UsageError};
-use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Remainder, Schedule, Softplus, Spec};
+use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
 use crate::lower::{lower, LowerError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -106,6 +106,10 @@ pub struct ScheduleArgs {
     /// How exp2 of the weights is evaluated: mufu or poly.
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
+    /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T,
+    /// docs/performance.md#wgmma).
+    #[arg(long, value_parser = parse_mma)]
+    pub mma: Option<MmaFamily>,
 }
 
 /// `emit`'s passes: those of [`PassChoice`] and the decode.
@@ -153,6 +157,14 @@ fn parse_softplus(s: &str) -> Result<Softplus, String> {
     }
 }
 
+fn parse_mma(s: &str) -> Result<MmaFamily, String> {
+    match s.to_ascii_lowercase().replace('-', "_").as_str() {
+        "mma_sync" => Ok(MmaFamily::MmaSync),
+        "wgmma" => Ok(MmaFamily::Wgmma),
+        _ => Err(format!("`mma` = `{s}` is not a valid value: allowed mma_sync, wgmma")),
+    }
+}
+
 impl ScheduleArgs {
     pub fn schedule(&self) -> Schedule {
         let mut s = Schedule::DEFAULT;
@@ -177,6 +189,9 @@ impl ScheduleArgs {
         }
         if let Some(sp) = self.softplus {
             s.softplus = sp;
+        }
+        if let Some(m) = self.mma {
+            s.mma = m;
         }
         s
     }
@@ -248,7 +263,8 @@ mod tests {
 
     #[test]
     fn block_m_alone_sets_16_rows_per_warp() {
-        let args = ScheduleArgs { block_m: Some(128), block_n: None, warps: None, stages: None, softplus: None };
+        let args =
+            ScheduleArgs { block_m: Some(128), block_n: None, warps: None, stages: None, softplus: None, mma: None };
         let s = args.schedule();
         assert_eq!((s.block_m, s.warps), (128, 8));
         let args = ScheduleArgs { block_m: Some(256), ..args };

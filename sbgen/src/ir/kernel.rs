@@ -75,14 +75,9 @@ impl Kernel {
             });
         }
         if s.mma == MmaFamily::Wgmma {
-            return Err(IrError::Unsupported {
-                field: "mma",
-                value: "wgmma".into(),
-                reason: match self.arch {
-                    Arch::Sm80 => "wgmma needs sm_90a",
-                    Arch::Sm90 => "the templates implement `mma_sync` only so far",
-                },
-            });
+            if let Some(reason) = self.wgmma_refusal() {
+                return Err(IrError::Unsupported { field: "mma", value: "wgmma".into(), reason });
+            }
         }
         let layout = self.smem_layout();
         let limit = self.arch.max_smem_per_block();
@@ -90,6 +85,31 @@ impl Kernel {
             return Err(IrError::SharedMemory { needed: layout.total, limit, arch: self.arch });
         }
         Ok(())
+    }
+
+    /// Why `mma = wgmma` cannot lower for this kernel, if it cannot: the templates run the
+    /// forward's Q K^T on wgmma (one warpgroup per 64 query rows, the K tile in 128-byte-swizzled
+    /// panels of 64 columns; docs/performance.md#wgmma).
+    // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+    #[allow(clippy::manual_is_multiple_of)]
+    fn wgmma_refusal(&self) -> Option<&'static str> {
+        let s = &self.schedule;
+        if self.arch != Arch::Sm90 {
+            return Some("wgmma needs sm_90a");
+        }
+        if self.spec.pass != Pass::Forward {
+            return Some("the templates run the forward's Q K^T on wgmma only so far (not the backward, decode or segment passes)");
+        }
+        if self.spec.head_dim % 64 != 0 || s.threads() % (self.spec.head_dim / 8) != 0 {
+            return Some(
+                "wgmma's K tile is in panels of 64 columns, each row copied by whole groups of threads: \
+                 head_dim 64, 128 or 256",
+            );
+        }
+        if s.rows_per_warp() != 16 {
+            return Some("a warpgroup of 4 warps takes 64 rows: 16 rows per warp (block_m = 16 * warps)");
+        }
+        None
     }
 
     /// The forward's and backward's tiles: `block_m` query rows on `warps` warps, `block_n` keys per
@@ -205,7 +225,10 @@ mod tests {
             (Schedule { stages: 5, ..d }, "`stages` = 5 is not allowed: 2 to 4"),
             (Schedule { stages: 1, ..d }, "`stages` = 1 is not allowed: 2 to 4"),
             (Schedule { cumsum: Cumsum::TensorCore, ..d }, "`cumsum` = tensor_core is not supported"),
-            (Schedule { mma: MmaFamily::Wgmma, ..d }, "`mma` = wgmma is not supported"),
+            (
+                Schedule { mma: MmaFamily::Wgmma, block_m: 128, ..d },
+                "`mma` = wgmma is not supported: a warpgroup of 4 warps takes 64 rows",
+            ),
         ];
         for (schedule, expected) in cases {
             let text = error(kernel(Pass::Forward, schedule));
@@ -214,6 +237,12 @@ mod tests {
         let wgmma80 =
             Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule { mma: MmaFamily::Wgmma, ..d }, Arch::Sm80);
         assert!(error(wgmma80).contains("wgmma needs sm_90a"));
+        for (head_dim, pass) in [(96, Pass::Forward), (64, Pass::Backward), (64, Pass::Decode)] {
+            let wgmma =
+                Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(&Spec::new(head_dim, Dtype::Bf16, pass)) };
+            let k = Kernel::new(Spec::new(head_dim, Dtype::Bf16, pass), wgmma, Arch::Sm90);
+            assert!(error(k).starts_with("`mma` = wgmma is not supported"), "{head_dim} {pass:?}");
+        }
         let spec_error = Kernel::new(Spec::new(300, Dtype::Bf16, Pass::Forward), d, Arch::Sm90);
         assert!(matches!(spec_error.validate(), Err(IrError::Spec(SpecError::HeadDim { got: 300, .. }))));
     }
