@@ -133,29 +133,65 @@ pub fn run_ring<T: SbElement + NcclType + DeviceRepr + Default + 'static>(
         grads: Option<(Vec<T>, Vec<T>, Vec<T>)>,
         times: RankTimes,
     }
+    /// What a rank's backward reads and writes beside the forward's state.
+    struct Grads<T> {
+        bwd: RankBackward<T>,
+        d_o: CudaSlice<T>,
+        d_rem: Option<CudaSlice<f32>>,
+        dq: CudaSlice<T>,
+        dk: CudaSlice<T>,
+        dv: CudaSlice<T>,
+    }
     let outs = NcclRank::run(part.ranks(), |r| {
         let rank = r.rank();
         let dev = |e: cudarc::driver::DriverError| DistError::Device { rank, reason: e.to_string() };
         let stream = r.compute_stream().clone();
-        let launcher =
-            Arc::new(Launcher::new(stream.clone()).map_err(|e| DistError::Device { rank, reason: e.to_string() })?);
         let n = part.local_len(rank);
+        let local_rows = heads.batch * heads.heads * n;
+        let (q_local, kv_local) = (outer_q * n * inner_q, outer_kv * n * inner_kv);
         let up =
             |x: &[T], outer: usize, inner: usize| stream.clone_htod(&part.scatter(rank, x, outer, inner)).map_err(dev);
-        let (ql, kl, vl) =
-            (up(inputs.q, outer_q, inner_q)?, up(inputs.k, outer_kv, inner_kv)?, up(inputs.v, outer_kv, inner_kv)?);
         let poison = |len: usize| stream.clone_htod(&vec![T::from_bits(T::NAN_BITS); len.max(1)]).map_err(dev);
         let nan_rows = |len: usize| stream.clone_htod(&vec![f32::NAN; len.max(1)]).map_err(dev);
-        let local_rows = heads.batch * heads.heads * n;
-        let (mut o, mut rem, mut lrem) = (poison(outer_q * n * inner_q)?, nan_rows(local_rows)?, nan_rows(local_rows)?);
-        let mut fwd = RankForward::<T>::new(launcher.clone(), kernels.forward.clone(), part, rank, heads, None)?;
+        // Everything that can fail on one rank alone, before the first NCCL operation: a rank that
+        // stopped later would leave the others waiting in the ring.
+        let setup = (|| {
+            let launcher =
+                Arc::new(Launcher::new(stream.clone()).map_err(|e| DistError::Device { rank, reason: e.to_string() })?);
+            let qkv =
+                (up(inputs.q, outer_q, inner_q)?, up(inputs.k, outer_kv, inner_kv)?, up(inputs.v, outer_kv, inner_kv)?);
+            let outs = (poison(q_local)?, nan_rows(local_rows)?, nan_rows(local_rows)?);
+            let fwd = RankForward::<T>::new(launcher.clone(), kernels.forward.clone(), part, rank, heads, None)?;
+            let grads = match &gradients {
+                Some((d_o, kernel)) => Some(Grads {
+                    bwd: RankBackward::<T>::new(launcher.clone(), kernel.clone(), part, rank, heads, None)?,
+                    d_o: up(d_o, outer_q, inner_q)?,
+                    d_rem: match inputs.d_rem {
+                        Some(d) => Some(up_rows(&stream, part, rank, heads, d).map_err(dev)?),
+                        None => None,
+                    },
+                    dq: poison(q_local)?,
+                    dk: poison(kv_local)?,
+                    dv: poison(kv_local)?,
+                }),
+                None => None,
+            };
+            Ok::<_, DistError>((qkv, outs, fwd, grads))
+        })();
+        if !r.agree(setup.is_ok())? {
+            return Err(setup.err().unwrap_or(DistError::Transport {
+                rank,
+                reason: "another rank failed to set up; the ring did not start".into(),
+            }));
+        }
+        let ((ql, kl, vl), (mut o, mut rem, mut lrem), mut fwd, mut grads) = setup?;
         r.ring_forward(&mut fwd, (&ql, &kl, &vl), &mut o, &mut rem, &mut lrem)?;
         let take = |x: &CudaSlice<T>, len: usize| -> Result<Vec<T>, DistError> {
             let mut v = stream.clone_dtoh(x).map_err(dev)?;
             v.truncate(len);
             Ok(v)
         };
-        let o_host = take(&o, outer_q * n * inner_q)?;
+        let o_host = take(&o, q_local)?;
         let mut rem_host = stream.clone_dtoh(&rem).map_err(dev)?;
         rem_host.truncate(local_rows);
         let mut times = RankTimes::default();
@@ -166,58 +202,67 @@ pub fn run_ring<T: SbElement + NcclType + DeviceRepr + Default + 'static>(
             times.transfers_forward =
                 time_reps(&stream, timing, rank, &mut || r.ring_transfers::<T>(part, heads, (&kl, &vl), None))?;
         }
-        let mut grads = None;
-        if let Some((d_o, bwd_kernel)) = &gradients {
-            let mut bwd = RankBackward::<T>::new(launcher.clone(), bwd_kernel.clone(), part, rank, heads, None)?;
-            let dol = up(d_o, outer_q, inner_q)?;
-            let dreml = match inputs.d_rem {
-                Some(d) => Some(stream.clone_htod(&part.scatter(rank, d, heads.batch * heads.heads, 1)).map_err(dev)?),
-                None => None,
-            };
-            let (mut dq, mut dk, mut dv) =
-                (poison(outer_q * n * inner_q)?, poison(outer_kv * n * inner_kv)?, poison(outer_kv * n * inner_kv)?);
+        let mut grads_host = None;
+        if let Some(g) = grads.as_mut() {
             {
                 let (o_saved, log2_rem) = fwd.state();
-                let x = BackwardInputs { q: &ql, d_o: &dol, o_saved, log2_rem, d_rem: dreml.as_ref(), v: &vl };
-                r.ring_backward(&mut bwd, (&kl, &vl), &x, &mut dq, &mut dk, &mut dv)?;
+                let x = BackwardInputs { q: &ql, d_o: &g.d_o, o_saved, log2_rem, d_rem: g.d_rem.as_ref(), v: &vl };
+                r.ring_backward(&mut g.bwd, (&kl, &vl), &x, &mut g.dq, &mut g.dk, &mut g.dv)?;
             }
-            grads = Some((
-                take(&dq, outer_q * n * inner_q)?,
-                take(&dk, outer_kv * n * inner_kv)?,
-                take(&dv, outer_kv * n * inner_kv)?,
-            ));
+            grads_host = Some((take(&g.dq, q_local)?, take(&g.dk, kv_local)?, take(&g.dv, kv_local)?));
             if timing.reps > 0 {
                 times.forward_backward = time_reps(&stream, timing, rank, &mut || {
                     r.ring_forward(&mut fwd, (&ql, &kl, &vl), &mut o, &mut rem, &mut lrem)?;
                     let (o_saved, log2_rem) = fwd.state();
-                    let x = BackwardInputs { q: &ql, d_o: &dol, o_saved, log2_rem, d_rem: dreml.as_ref(), v: &vl };
-                    r.ring_backward(&mut bwd, (&kl, &vl), &x, &mut dq, &mut dk, &mut dv)
+                    let x = BackwardInputs { q: &ql, d_o: &g.d_o, o_saved, log2_rem, d_rem: g.d_rem.as_ref(), v: &vl };
+                    r.ring_backward(&mut g.bwd, (&kl, &vl), &x, &mut g.dq, &mut g.dk, &mut g.dv)
                 })?;
+                // The forward's shifts, the backward's (the same), and the backward's reduces.
                 times.transfers_forward_backward = time_reps(&stream, timing, rank, &mut || {
-                    r.ring_transfers::<T>(part, heads, (&kl, &vl), Some(bwd.partials_mut()))
+                    r.ring_transfers::<T>(part, heads, (&kl, &vl), None)?;
+                    r.ring_transfers::<T>(part, heads, (&kl, &vl), Some(g.bwd.partials_mut()))
                 })?;
             }
         }
         stream.synchronize().map_err(dev)?;
-        Ok(RankOut { o: o_host, rem: rem_host, grads, times })
+        Ok(RankOut { o: o_host, rem: rem_host, grads: grads_host, times })
     })?;
-    let outs: Vec<RankOut<T>> = outs.into_iter().collect::<Result<_, _>>()?;
+    let mut outs: Vec<RankOut<T>> = outs.into_iter().collect::<Result<_, _>>()?;
 
-    let o = part.gather(&outs.iter().map(|r| r.o.clone()).collect::<Vec<_>>(), outer_q, inner_q);
-    let rem = part.gather(&outs.iter().map(|r| r.rem.clone()).collect::<Vec<_>>(), heads.batch * heads.heads, 1);
+    // Moved out of the ranks' outputs, not copied (at 1,16,131072,128 each is 512 MiB on the host).
+    let mut gather = |pick: &mut dyn FnMut(&mut RankOut<T>) -> Vec<T>, outer: usize, inner: usize| {
+        let locals: Vec<Vec<T>> = outs.iter_mut().map(&mut *pick).collect();
+        part.gather(&locals, outer, inner)
+    };
+    let o = gather(&mut |r| std::mem::take(&mut r.o), outer_q, inner_q);
     let grads = if gradients.is_some() {
-        let pick = |i: usize| -> Vec<Vec<T>> {
-            outs.iter().map(|r| r.grads.as_ref().map(|g| [&g.0, &g.1, &g.2][i].clone()).unwrap_or_default()).collect()
+        let grads_of = |i: usize| {
+            move |r: &mut RankOut<T>| {
+                r.grads.as_mut().map(|g| std::mem::take([&mut g.0, &mut g.1, &mut g.2][i])).unwrap_or_default()
+            }
         };
         Some((
-            part.gather(&pick(0), outer_q, inner_q),
-            part.gather(&pick(1), outer_kv, inner_kv),
-            part.gather(&pick(2), outer_kv, inner_kv),
+            gather(&mut grads_of(0), outer_q, inner_q),
+            gather(&mut grads_of(1), outer_kv, inner_kv),
+            gather(&mut grads_of(2), outer_kv, inner_kv),
         ))
     } else {
         None
     };
+    let rems: Vec<Vec<f32>> = outs.iter_mut().map(|r| std::mem::take(&mut r.rem)).collect();
+    let rem = part.gather(&rems, heads.batch * heads.heads, 1);
     Ok(RingOutputs { o, rem, grads, times: outs.into_iter().map(|r| r.times).collect() })
+}
+
+/// Rank `rank`'s rows of a `[batch, heads, seq]` tensor, on the device.
+fn up_rows(
+    stream: &Arc<CudaStream>,
+    part: &Partition,
+    rank: usize,
+    heads: Heads,
+    rows: &[f32],
+) -> Result<CudaSlice<f32>, cudarc::driver::DriverError> {
+    stream.clone_htod(&part.scatter(rank, rows, heads.batch * heads.heads, 1))
 }
 
 /// `timing.warmup` untimed runs of `f`, then `timing.reps` timed ones, each between its own pair

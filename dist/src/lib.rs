@@ -4,6 +4,8 @@
 //!
 //! - [`Partition`]: which tokens each rank holds (contiguous, or zig-zag to balance the causal work).
 //! - [`Schedule`]: which (query segment, key segment) pairs a rank computes at each ring step.
+//! - [`shifts::shift_plan`]: which buffer holds the K/V in hand at each step and where each shift
+//!   lands (what `nccl` follows).
 //! - [`Transport`]: the ring's shifts; [`SimRing`] runs P ranks as threads of one process.
 //! - [`ring::forward`] and [`ring::backward`]: one rank's part, in float64 on the CPU, dK and dV
 //!   returned to their owners by a ring reduce-scatter.
@@ -44,6 +46,7 @@ pub mod nccl;
 pub mod partition;
 pub mod ring;
 pub mod schedule;
+pub mod shifts;
 pub mod transport;
 
 pub use error::DistError;

@@ -11,6 +11,7 @@ use crate::gpu::{BackwardInputs, RankBackward, RankForward};
 use crate::partition::Partition;
 use crate::ring::Heads;
 use crate::schedule::Schedule;
+use crate::shifts::{shift_plan, Held};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, DeviceRepr};
 use cudarc::nccl::result::{group_end, group_start};
 use cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
@@ -109,6 +110,18 @@ impl NcclRank {
         // The group must be closed whatever happened inside it.
         group_end().map_err(|e| nccl_error(self.rank, e))?;
         result.map_err(|e| nccl_error(self.rank, e))
+    }
+
+    /// Whether every rank is ready: each says `ok`, and all learn whether all said so (an NCCL
+    /// all-reduce of one integer, min; the host waits for it). A rank whose setup failed calls it
+    /// too, so that the others stop rather than wait for it in the ring.
+    pub fn agree(&self, ok: bool) -> Result<bool, DistError> {
+        let dev = |e| device_error(self.rank, e);
+        let mut flag = self.compute.clone_htod(&[i32::from(ok)]).map_err(dev)?;
+        self.grouped(|comm, _, _| comm.all_reduce_in_place(&mut flag, &ReduceOp::Min).map(|_| ()))?;
+        self.finish_shift()?;
+        let all = self.compute.clone_dtoh(&flag).map_err(dev)?;
+        Ok(all.first() == Some(&1))
     }
 
     /// Makes the compute stream wait for the shift started last (the host does not wait).
@@ -225,20 +238,18 @@ impl NcclRank {
         }
         let mut ring = self.take_ring::<T>(part, heads, schedule)?;
         let half = ring.half;
+        let plan = shift_plan(ranks, self.rank, &schedule.kept());
         let mut walk = || -> Result<(), DistError> {
-            for s in 0..ranks {
-                let holder = crate::schedule::holder_at(ranks, self.rank, s);
-                let n_hold = Self::kv_len(part, heads, holder);
-                // In hand from step 1 on: the buffer received at step s - 1, bufs[(s - 1) % 2].
-                let hand = (s + 1) % 2;
-                if s + 1 < ranks {
-                    let n_in = Self::kv_len(part, heads, crate::schedule::holder_at(ranks, self.rank, s + 1));
+            for (s, st) in plan.iter().enumerate() {
+                let n_hold = Self::kv_len(part, heads, st.holder);
+                if let Some((from, into)) = st.receive {
+                    let n_in = Self::kv_len(part, heads, from);
                     let [b0, b1] = &mut ring.bufs;
-                    let (in_hand, recv) = if hand == 1 { (&*b1, b0) } else { (&*b0, b1) };
-                    let send = if s == 0 {
-                        (own.0.slice(..n_own), own.1.slice(..n_own))
-                    } else {
-                        halves(in_hand, n_hold, half)
+                    let (other, recv) = if into == 0 { (&*b1, b0) } else { (&*b0, b1) };
+                    let send = match st.held {
+                        Held::Own => (own.0.slice(..n_own), own.1.slice(..n_own)),
+                        // The plan never receives into the buffer it sends from.
+                        Held::Buffer(_) => halves(other, n_hold, half),
                     };
                     self.shift_kv(send, recv, n_in, half)?;
                 }
@@ -247,22 +258,27 @@ impl NcclRank {
                     let kept = &ring.kept;
                     let kv = |owner: usize| {
                         let n = Self::kv_len(part, heads, owner);
-                        if owner == self.rank {
-                            Some((own.0.slice(..n), own.1.slice(..n)))
-                        } else if owner == holder {
-                            Some(halves(&bufs[hand], n, half))
-                        } else {
-                            kept.get(owner).and_then(|k| k.as_ref()).map(|b| halves(b, n, half))
+                        match st.held {
+                            _ if owner == self.rank => Some((own.0.slice(..n), own.1.slice(..n))),
+                            Held::Buffer(b) if owner == st.holder => Some(halves(&bufs[b], n, half)),
+                            _ => kept.get(owner).and_then(|k| k.as_ref()).map(|b| halves(b, n, half)),
                         }
                     };
                     step(s, &kv)?;
                 }
-                if holder != self.rank {
-                    if let Some(Some(slot)) = ring.kept.get_mut(holder) {
-                        self.compute.memcpy_dtod(&ring.bufs[hand], slot).map_err(|e| device_error(self.rank, e))?;
+                if let (true, Held::Buffer(b)) = (st.keep, st.held) {
+                    let dev = |e| device_error(self.rank, e);
+                    let [b0, b1] = &ring.bufs;
+                    let from = if b == 0 { b0 } else { b1 };
+                    if let Some(Some(slot)) = ring.kept.get_mut(st.holder) {
+                        // K and V, the holder's counts only.
+                        self.compute.memcpy_dtod(&from.slice(..n_hold), &mut slot.slice_mut(..n_hold)).map_err(dev)?;
+                        self.compute
+                            .memcpy_dtod(&from.slice(half..half + n_hold), &mut slot.slice_mut(half..half + n_hold))
+                            .map_err(dev)?;
                     }
                 }
-                if s + 1 < ranks {
+                if st.receive.is_some() {
                     self.finish_shift()?;
                 }
             }

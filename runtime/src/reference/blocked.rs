@@ -13,6 +13,9 @@ use std::sync::Mutex;
 /// Query rows walking the keys together.
 const ROWS: usize = 16;
 
+/// At most this many threads (see [`forward_backward`]).
+pub const MAX_THREADS: usize = 64;
+
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     // Four partial sums: the compiler vectorises them (one sum is a chain of dependent adds).
     let mut s = [0.0f64; 4];
@@ -34,7 +37,8 @@ fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
 }
 
 /// The forward and, with `d_o`, the backward of q, k, v (BHND; `d_rem` as in [`super::backward`])
-/// on `threads` threads. Results equal the row-by-row reference's up to float64 rounding.
+/// on `threads` threads (at most [`MAX_THREADS`]; each holds a dK/dV partial of 2 N D f64). Results
+/// equal the row-by-row reference's up to float64 rounding.
 ///
 /// # Panics
 /// When a slice's length does not match `shape`.
@@ -66,6 +70,9 @@ pub fn forward_backward(
         d_o.map(|_| Grads { dq: vec![0.0; shape.len()], dk: vec![0.0; shape.kv_len()], dv: vec![0.0; shape.kv_len()] });
     let group = shape.group();
     let blocks = n.div_ceil(ROWS);
+    // Each thread keeps its own dK/dV partial (2 N D f64): cap the threads so that a large host does
+    // not multiply that memory without end (64 x 134 MB at N = 65536, D = 128).
+    let threads = threads.clamp(1, MAX_THREADS);
     for kv_head in 0..shape.batch * shape.kv_heads {
         let b = kv_head / shape.kv_heads;
         let heads: Vec<usize> = (0..group).map(|g| b * shape.heads + (kv_head % shape.kv_heads) * group + g).collect();
@@ -78,7 +85,7 @@ pub fn forward_backward(
         let results: Mutex<Vec<BlockOut>> = Mutex::new(Vec::new());
         let partials: Mutex<Vec<(Vec<f64>, Vec<f64>)>> = Mutex::new(Vec::new());
         std::thread::scope(|scope| {
-            for _ in 0..threads.max(1) {
+            for _ in 0..threads {
                 scope.spawn(|| {
                     let mut acc = d_o.map(|_| (vec![0.0; n * d], vec![0.0; n * d]));
                     let mut outs = Vec::new();

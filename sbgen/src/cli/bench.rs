@@ -117,8 +117,8 @@ pub struct BenchArgs {
     /// Untimed launches before timing.
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
-    /// Input sets rotated through.
-    #[arg(long, default_value_t = 3)]
+    /// Input sets rotated through (not with `--gpus`: the ring and the single GPU time one set).
+    #[arg(long, default_value_t = 3, conflicts_with = "gpus")]
     pub sets: usize,
     /// Time the forward only.
     #[arg(long)]
@@ -143,7 +143,7 @@ pub struct BenchArgs {
     pub seed: u64,
     /// Time context parallelism instead: each problem's one sequence split over GPUs 0..N of this
     /// host (the K/V ring over NCCL, docs/math.md#context-parallelism), against one GPU (`--device`)
-    /// in the same run; default problem 1,16,131072,128. The ring is checked against float64 on a
+    /// in the same run; default problem 1,16,131072,128 (about 10 GB of host memory). The ring is checked against float64 on a
     /// small problem and against the single GPU on the timed one before its times count. Reports the
     /// slowest rank's time, the speedup, the parallel efficiency, the transfers' time alone and each
     /// rank's time. Needs libnccl.so on the library path.
@@ -460,6 +460,9 @@ fn run_decode(
 }
 
 pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
+    if args.scheme != Scheme::ZigZag && args.gpus.is_none() {
+        return Err(UsageError::new("`--scheme` applies to `--gpus` only").into());
+    }
     let baselines = plot_inputs(args)?;
     if let (Some(from), Some(path)) = (&args.from_json, &args.plot) {
         let doc = read_json(from, "--from-json")?;
@@ -471,9 +474,6 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Outcome> {
     }
     if let Some(gpus) = args.gpus {
         return run_gpus(args, gpus, out);
-    }
-    if args.scheme != Scheme::ZigZag {
-        return Err(UsageError::new("`--scheme` applies to `--gpus` only").into());
     }
     let plan = plan(args)?;
     // A PTX folder that is not there is the user's to fix, before the GPU is opened.
@@ -600,6 +600,12 @@ fn run_gpus(args: &BenchArgs, gpus: usize, out: &mut dyn Write) -> Result<Outcom
     let plan = ring_plan(args, gpus)?;
     let ptx_dir = super::ptx_dir(args.ptx_dir.as_deref())?;
     let dev = Device::open(args.device)?;
+    let count = cudarc::driver::CudaContext::device_count()?;
+    if gpus > count.max(0) as usize {
+        return Err(
+            UsageError::new(format!("`gpus` = {gpus} is not allowed: 1..={count}, the GPUs of this host")).into()
+        );
+    }
     // SAFETY: only tries to load the library (cudarc panics at the first NCCL call without it).
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
         anyhow::bail!(

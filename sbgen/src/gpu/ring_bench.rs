@@ -8,11 +8,13 @@
 //!    between segments decides the result), forward and gradients against the float64 reference
 //!    with `sbgen check`'s tolerances. A failing ring is reported and not timed.
 //! 2. The single-GPU kernels are checked as `sbgen bench` checks them (N = 256).
-//! 3. N(0, 1) inputs of the problem are made once; the ring runs them (outputs poisoned first),
-//!    then GPU 0 runs the single-GPU kernels on the same inputs, and every element of the ring's
-//!    o, rem (and dq, dk, dv) must be within the tolerances of the single GPU's.
+//! 3. N(0, 1) inputs of the problem are made once per shape; the ring runs them (outputs poisoned
+//!    first), then the single GPU (`--device`, GPU 0 by default) runs the single-GPU kernels on the
+//!    same inputs, and every element of the ring's o, rem (and dq, dk, dv) must be within the
+//!    tolerances of the single GPU's.
 //! 4. Each rank times its ring passes with CUDA events (median of `reps`, after `warmup`), and the
-//!    same passes' transfers alone (no kernels); GPU 0 times the single-GPU kernels. The ring's time
+//!    same passes' transfers alone (the K/V shifts, the copies kept for later steps and the
+//!    backward's reduces, no kernels); the single GPU times the single-GPU kernels. The ring's time
 //!    is its slowest rank's; speedup = one GPU's time / the ring's, efficiency = speedup / N.
 
 use super::bench::{self, fwd_flops, stats, BenchPlan};
@@ -91,11 +93,12 @@ pub struct RingBenchResult {
     /// `fwd` or `fwd+bwd`.
     pub pass: &'static str,
     pub early_exit_bits: Option<u32>,
-    /// Median milliseconds on GPU 0 alone.
+    /// Median milliseconds on the single GPU (`--device`).
     pub one_gpu_ms: Option<f64>,
     /// Each rank's median milliseconds for the ring pass(es).
     pub rank_ms: Vec<f64>,
-    /// Each rank's median milliseconds for the same passes' transfers alone (no kernels).
+    /// Each rank's median milliseconds for the same passes' transfers alone (shifts, kept copies,
+    /// the backward's reduces; no kernels).
     pub transfers_ms: Vec<f64>,
     /// The slowest rank's median.
     pub ring_ms: Option<f64>,
@@ -122,18 +125,36 @@ pub fn run(
 ) -> Result<Vec<RingBenchResult>, GpuError> {
     let mut results = Vec::new();
     for &shape in &plan.problems {
-        for &ee in &plan.early_exits {
-            let rows = match plan.dtype {
-                Dtype::Bf16 => one_problem::<half::bf16>(dev, builder, plan, shape, ee, progress)?,
-                Dtype::F16 => one_problem::<half::f16>(dev, builder, plan, shape, ee, progress)?,
-            };
-            for r in rows {
+        match plan.dtype {
+            Dtype::Bf16 => one_shape::<half::bf16>(dev, builder, plan, shape, progress, &mut |r| {
                 sink(&r);
                 results.push(r);
-            }
+            })?,
+            Dtype::F16 => one_shape::<half::f16>(dev, builder, plan, shape, progress, &mut |r| {
+                sink(&r);
+                results.push(r);
+            })?,
         }
     }
     Ok(results)
+}
+
+/// Every early-exit setting of one shape, the inputs made once (when the first setting needs them).
+fn one_shape<T: SbElement + cudarc::nccl::safe::NcclType + Default>(
+    dev: &Device,
+    builder: &KernelBuilder,
+    plan: &RingBenchPlan,
+    shape: Shape,
+    progress: &mut dyn FnMut(&str),
+    emit: &mut dyn FnMut(RingBenchResult),
+) -> Result<(), GpuError> {
+    let mut inputs = None;
+    for &ee in &plan.early_exits {
+        for r in one_problem::<T>(dev, builder, plan, shape, ee, &mut inputs, progress)? {
+            emit(r);
+        }
+    }
+    Ok(())
 }
 
 /// The report rows of one problem and early-exit setting: `fwd`, and `fwd+bwd` with the backward.
@@ -143,6 +164,7 @@ fn one_problem<T: SbElement + cudarc::nccl::safe::NcclType + Default>(
     plan: &RingBenchPlan,
     shape: Shape,
     ee: Option<u32>,
+    inputs: &mut Option<ProblemInputs<T>>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<RingBenchResult>, GpuError> {
     let row = |pass: &'static str| RingBenchResult {
@@ -199,11 +221,13 @@ fn one_problem<T: SbElement + cudarc::nccl::safe::NcclType + Default>(
     checks.push("single-GPU kernels vs float64 (N = 256) ok".into());
 
     // 3. The problem itself: the ring, then one GPU on the same inputs.
-    progress(&format!(
-        "making N(0, 1) inputs for {},{},{},{} (H_kv {})",
-        shape.batch, shape.heads, shape.seq, shape.head_dim, shape.kv_heads
-    ));
-    let inputs = problem_inputs::<T>(shape, plan.seed);
+    let inputs = inputs.get_or_insert_with(|| {
+        progress(&format!(
+            "making N(0, 1) inputs for {},{},{},{} (H_kv {})",
+            shape.batch, shape.heads, shape.seq, shape.head_dim, shape.kv_heads
+        ));
+        problem_inputs::<T>(shape, plan.seed)
+    });
     let part = match Partition::new(shape.seq, plan.gpus, plan.scheme) {
         Ok(p) => p,
         Err(e) => {
@@ -233,7 +257,7 @@ fn one_problem<T: SbElement + cudarc::nccl::safe::NcclType + Default>(
         }
     };
     progress("running and timing one GPU on the same inputs");
-    let single = single_gpu::<T>(dev, builder, &bench_plan, shape, ee, &inputs)?;
+    let single = single_gpu::<T>(dev, builder, &bench_plan, shape, ee, inputs)?;
     let single = match single {
         Ok(s) => s,
         Err(e) => {
