@@ -81,7 +81,7 @@ struct TemplateContext {
     wgmma_type: &'static str,
     wgmma_d_regs: String,
     wgmma_d_operands: String,
-    /// The operand number of the first A register (the descriptor follows the four).
+    /// The operand number of the A descriptor (B's and the accumulate flag follow).
     wgmma_a0: u32,
     min_blocks: u32,
     smem: crate::ir::SmemLayout,
@@ -147,7 +147,8 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             Layout::Thd => 2,
             Layout::Paged => 3,
         },
-        q_in_regs: q_fragments_in_registers(spec.pass, spec.tile_head_dim(), s),
+        // wgmma reads Q from shared memory through a descriptor.
+        q_in_regs: s.mma != crate::ir::MmaFamily::Wgmma && q_fragments_in_registers(spec.pass, spec.tile_head_dim(), s),
         deterministic: spec.deterministic,
         fuse: spec.remainder == Remainder::Fuse,
         early_exit: spec.early_exit_bits.is_some(),

@@ -156,6 +156,16 @@ pub const EXCLUSIONS: &[Exclusion] = &[
                  32-key blocks)",
         applies: |k| k.schedule.mma == MmaFamily::Wgmma && k.spec.tile_head_dim() > 128,
     },
+    Exclusion {
+        reason: "spills registers (ptxas 13.0): the overlapped wgmma forward (3 or more stages) at 128 wide \
+                 with 64-key blocks, two score buffers beside the outputs (16-40 bytes)",
+        applies: |k| {
+            k.schedule.mma == MmaFamily::Wgmma
+                && k.spec.tile_head_dim() == 128
+                && k.schedule.block_n == 64
+                && k.schedule.stages >= 3
+        },
+    },
 ];
 
 /// Why a candidate is not compiled.

@@ -96,10 +96,24 @@ impl Schedule {
         }
     }
 
-    /// [`Schedule::default_for`] on `arch`: where that schedule needs more shared memory than the
-    /// arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4 warps;
-    /// a decode keeps its tiles on 2 warps instead (each warp has its own K/V stages).
+    /// The sm_90a forward's schedule where `wgmma` takes it: 64 x 64 on 4 warps, double-buffered, Q K^T
+    /// on wgmma (docs/performance.md#wgmma: 1.19x the `mma.sync` default at 2,16,8192,128 and 1.10x at
+    /// 4,16,4096,64 on the H200, session 16). Three stages would overlap the next block's Q K^T and
+    /// spill at 128 wide with 64-key blocks.
+    pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
+
+    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward takes [`Schedule::WGMMA_FORWARD`]
+    /// where wgmma lowers (head_dim 64 and 128; 256 spills); where the schedule needs more shared memory
+    /// than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4
+    /// warps; a decode keeps its tiles on 2 warps instead (each warp has its own K/V stages).
     pub fn default_on(spec: &sbgen_runtime::spec::Spec, arch: super::Arch) -> Schedule {
+        if arch == super::Arch::Sm90
+            && spec.pass == sbgen_runtime::spec::Pass::Forward
+            && spec.tile_head_dim() <= 128
+            && super::Kernel::new(*spec, Schedule::WGMMA_FORWARD, arch).validate().is_ok()
+        {
+            return Schedule::WGMMA_FORWARD;
+        }
         let schedule = Schedule::default_for(spec);
         if super::Kernel::new(*spec, schedule, arch).smem_layout().total <= arch.max_smem_per_block() {
             schedule

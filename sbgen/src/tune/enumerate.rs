@@ -87,7 +87,7 @@ mod tests {
         for pass in [Pass::Forward, Pass::Backward] {
             let spec = Spec::new(128, Dtype::Bf16, pass);
             let (list, checksum) = candidates(spec, Arch::Sm90);
-            assert_eq!(list[0].schedule, Schedule::default_for(&spec));
+            assert_eq!(list[0].schedule, Schedule::default_on(&spec, Arch::Sm90));
             assert_eq!(list.iter().filter(|c| c.schedule == list[0].schedule).count(), 1);
             assert!(list.iter().any(|c| matches!(&c.outcome, Outcome::Pruned { reason } if !reason.is_empty())));
             let pending = list.iter().filter(|c| matches!(c.outcome, Outcome::NotRun { .. })).count();
@@ -117,7 +117,7 @@ mod tests {
         let kernels = [Kernel::new(bwd, Schedule::DEFAULT, Arch::Sm90), Kernel::new(bwd, other, Arch::Sm90)];
         let got = helpers(bwd, &kernels);
         assert!(got.iter().all(|k| k.spec == fwd && k.arch == Arch::Sm90));
-        let mut want = vec![Schedule::DEFAULT, other, Schedule::default_for(&fwd)];
+        let mut want = vec![Schedule::DEFAULT, other, Schedule::default_on(&fwd, Arch::Sm90)];
         want.sort();
         want.dedup();
         assert_eq!(got.iter().map(|k| k.schedule).collect::<Vec<_>>(), want);
