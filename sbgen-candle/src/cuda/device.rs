@@ -79,10 +79,8 @@ impl StreamState {
         if let Some(k) = self.lock().get(&key) {
             return Ok(k.clone());
         }
-        let schedule = match spec.pass {
-            Pass::Decode => Schedule::default_on(&spec, self.arch),
-            Pass::Forward | Pass::Backward | Pass::Segment | Pass::SegmentBackward => Schedule::default_for(&spec),
-        };
+        // The arch's default: on sm_90a the forward's Q K^T on wgmma (docs/performance.md#wgmma).
+        let schedule = Schedule::default_on(&spec, self.arch);
         let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, self.arch))
             .map_err(|e| SbCandleError::Kernel { reason: format!("lowering the default schedule: {e}") })?;
         let binary = Arc::new(KernelBinary::new(lowered.manifest, Vec::new(), Some(lowered.cuda_source)));

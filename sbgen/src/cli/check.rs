@@ -161,7 +161,7 @@ pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
 pub fn describe_schedule(schedule: Option<Schedule>) -> String {
     match schedule {
         Some(s) => s.to_string(),
-        None => "per-spec defaults (Schedule::default_for)".to_string(),
+        None => "per-spec defaults (Schedule::default_on)".to_string(),
     }
 }
 

@@ -109,7 +109,7 @@ pub struct BenchPlan {
     pub mask: Mask,
     pub layout: Layout,
     pub early_exits: Vec<Option<u32>>,
-    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    /// `None`: each spec's default schedule on the device's arch ([`Schedule::default_on`]).
     pub schedule: Option<Schedule>,
     /// The backward kernels are the deterministic ones.
     pub deterministic: bool,

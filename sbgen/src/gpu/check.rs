@@ -115,7 +115,7 @@ pub struct CheckPlan {
     pub varlen: Vec<usize>,
     /// Backward variants: `false` the default, `true` the deterministic one.
     pub deterministic: Vec<bool>,
-    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    /// `None`: each spec's default schedule on the device's arch ([`Schedule::default_on`]).
     pub schedule: Option<Schedule>,
     /// The forward kernels' schedule when it is not `schedule`: a backward is then checked on the
     /// saved outputs of another forward (as a tuned forward and a tuned backward pair in training).

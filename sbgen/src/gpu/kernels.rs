@@ -57,7 +57,7 @@ impl KernelBuilder {
     }
 
     /// The kernel for `spec` on this builder's arch, with `schedule` or, when `None`, the spec's
-    /// default ([`Schedule::default_for`]).
+    /// default on this arch ([`Schedule::default_on`]).
     pub fn kernel(&self, spec: Spec, schedule: Option<Schedule>) -> Kernel {
         Kernel::new(spec, schedule.unwrap_or_else(|| Schedule::default_on(&spec, self.arch)), self.arch)
     }

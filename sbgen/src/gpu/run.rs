@@ -59,7 +59,7 @@ pub struct RunRequest {
     pub early_exit_bits: Option<u32>,
     /// A deterministic backward (the forward always is).
     pub deterministic: bool,
-    /// `None`: each spec's default schedule ([`Schedule::default_for`]).
+    /// `None`: each spec's default schedule on the device's arch ([`Schedule::default_on`]).
     pub schedule: Option<Schedule>,
     pub scale: Option<f32>,
 }

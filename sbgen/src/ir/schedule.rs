@@ -97,8 +97,8 @@ impl Schedule {
     }
 
     /// The sm_90a forward's schedule where `wgmma` takes it: 64 x 64 on 4 warps, double-buffered, Q K^T
-    /// on wgmma (docs/performance.md#wgmma: 1.19x the `mma.sync` default at 2,16,8192,128 and 1.10x at
-    /// 4,16,4096,64 on the H200, session 16). Three stages would overlap the next block's Q K^T and
+    /// on wgmma (docs/performance.md#wgmma: 1.18x the `mma.sync` default at 2,16,8192,128 and 1.09x at
+    /// 4,16,4096,64 on the H200, session 16, in one call). Three stages would overlap the next block's Q K^T and
     /// spill at 128 wide with 64-key blocks.
     pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
 
