@@ -73,7 +73,7 @@ struct TemplateContext {
     poly_exp2: bool,
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
-    /// Q K^T on the warpgroup's `wgmma` (sm_90a forward; docs/performance.md#wgmma).
+    /// Q K^T and P V on the warpgroup's `wgmma` (sm_90a forward; docs/performance.md#wgmma).
     wgmma: bool,
     /// With `wgmma`: the PTX type of the inputs, the accumulator registers' operand list (`%0, ..`)
     /// and their C++ operands (`"+f"(s[0][0][0]), ..`), written here because `{%` in a template
@@ -83,6 +83,11 @@ struct TemplateContext {
     wgmma_d_operands: String,
     /// The operand number of the A descriptor (B's and the accumulate flag follow).
     wgmma_a0: u32,
+    /// P V on wgmma: the output accumulators' operand list and C++ operands, and the operand number
+    /// of P's first register (the other three and V's descriptor follow).
+    wgmma_o_regs: String,
+    wgmma_o_operands: String,
+    wgmma_pv_a0: u32,
     min_blocks: u32,
     smem: crate::ir::SmemLayout,
     params: Vec<(String, String)>,
@@ -163,6 +168,12 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             .collect::<Vec<_>>()
             .join(", "),
         wgmma_a0: s.block_n / 2,
+        wgmma_o_regs: (0..spec.tile_head_dim() / 2).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", "),
+        wgmma_o_operands: (0..spec.tile_head_dim() / 8)
+            .flat_map(|dt| (0..4).map(move |e| format!("\"+f\"(o[0][{dt}][{e}])")))
+            .collect::<Vec<_>>()
+            .join(", "),
+        wgmma_pv_a0: spec.tile_head_dim() / 2,
         min_blocks: 1,
         smem: kernel.smem_layout(),
         params: match spec.pass {

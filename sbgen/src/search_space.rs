@@ -151,21 +151,6 @@ pub const EXCLUSIONS: &[Exclusion] = &[
                  backward; 64 x 32 and 128 x 32 on 8 warps do not)",
         applies: |k| k.spec.tile_head_dim() > 128 && k.schedule.block_n > 32,
     },
-    Exclusion {
-        reason: "spills registers (ptxas 13.0): the wgmma forward above 128 wide (16-136 bytes at 256 with \
-                 32-key blocks)",
-        applies: |k| k.schedule.mma == MmaFamily::Wgmma && k.spec.tile_head_dim() > 128,
-    },
-    Exclusion {
-        reason: "spills registers (ptxas 13.0): the overlapped wgmma forward (3 or more stages) at 128 wide \
-                 with 64-key blocks, two score buffers beside the outputs (16-40 bytes)",
-        applies: |k| {
-            k.schedule.mma == MmaFamily::Wgmma
-                && k.spec.tile_head_dim() == 128
-                && k.schedule.block_n == 64
-                && k.schedule.stages >= 3
-        },
-    },
 ];
 
 /// Why a candidate is not compiled.

@@ -79,7 +79,7 @@ impl StreamState {
         if let Some(k) = self.lock().get(&key) {
             return Ok(k.clone());
         }
-        // The arch's default: on sm_90a the forward's Q K^T on wgmma (docs/performance.md#wgmma).
+        // The arch's default: on sm_90a the forward's Q K^T and P V on wgmma (docs/performance.md#wgmma).
         let schedule = Schedule::default_on(&spec, self.arch);
         let lowered = sbgen::lower::lower(&Kernel::new(spec, schedule, self.arch))
             .map_err(|e| SbCandleError::Kernel { reason: format!("lowering the default schedule: {e}") })?;

@@ -106,7 +106,7 @@ pub struct ScheduleArgs {
     /// How exp2 of the weights is evaluated: mufu or poly.
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
-    /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T,
+    /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V,
     /// docs/performance.md#wgmma).
     #[arg(long, value_parser = parse_mma)]
     pub mma: Option<MmaFamily>,

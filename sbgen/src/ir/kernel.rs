@@ -88,8 +88,8 @@ impl Kernel {
     }
 
     /// Why `mma = wgmma` cannot lower for this kernel, if it cannot: the templates run the
-    /// forward's Q K^T on wgmma (one warpgroup per 64 query rows, the K tile in 128-byte-swizzled
-    /// panels of 64 columns; docs/performance.md#wgmma).
+    /// forward's Q K^T and P V on wgmma (one warpgroup per 64 query rows, the K and V tiles in
+    /// 128-byte-swizzled panels of 64 columns; docs/performance.md#wgmma).
     // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
     #[allow(clippy::manual_is_multiple_of)]
     fn wgmma_refusal(&self) -> Option<&'static str> {
@@ -98,7 +98,7 @@ impl Kernel {
             return Some("wgmma needs sm_90a");
         }
         if self.spec.pass != Pass::Forward {
-            return Some("the templates run the forward's Q K^T on wgmma only so far (not the backward, decode or segment passes)");
+            return Some("the templates run the forward's Q K^T and P V on wgmma only so far (not the backward, decode or segment passes)");
         }
         if self.spec.head_dim % 64 != 0 || s.threads() % (self.spec.head_dim / 8) != 0 {
             return Some(
