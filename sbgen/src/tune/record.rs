@@ -3,7 +3,7 @@
 
 use super::plan::{Session, TuneError};
 use crate::cache::{self, seq_bucket, CacheEntry, CandidateResult, Outcome};
-use crate::ir::{Kernel, Schedule, Spec};
+use crate::ir::{Kernel, MmaFamily, Schedule, Spec};
 use sbgen_runtime::reference::Shape;
 
 /// The index of the fastest timed candidate (the first of equals), if any was timed.
@@ -67,6 +67,9 @@ pub struct SummaryRow {
     pub ms: Option<f64>,
     pub tflops: Option<f64>,
     pub default_ms: Option<f64>,
+    /// The `wgmma` family against `mma.sync`: the best time of each, or why no `wgmma` candidate was
+    /// timed (the first such candidate's outcome).
+    pub families: FamilyComparison,
     /// Candidates timed, wrong, failed, not run.
     pub timed: usize,
     pub wrong: usize,
@@ -89,6 +92,7 @@ impl SummaryRow {
                 _ => None,
             }),
             default_ms: candidates.iter().find(|c| c.schedule == *default).and_then(|c| c.outcome.ms()),
+            families: FamilyComparison::from_candidates(candidates),
             timed: count(|o| matches!(o, Outcome::Timed { .. })),
             wrong: count(|o| matches!(o, Outcome::WrongResult { .. })),
             failed: count(|o| matches!(o, Outcome::Failed { .. })),
@@ -105,11 +109,57 @@ impl SummaryRow {
     }
 }
 
+/// How the fastest `wgmma` candidate of one (spec, sequence length) compares with the fastest
+/// `mma.sync` one, so that the summary says where wgmma wins and, where it was not timed, why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FamilyComparison {
+    pub mma_sync_ms: Option<f64>,
+    pub wgmma_ms: Option<f64>,
+    /// Why no wgmma candidate was timed: the first wgmma candidate's outcome (pruned, failed,
+    /// wrong, not run), or that the search space had none.
+    pub wgmma_absent: Option<String>,
+}
+
+impl FamilyComparison {
+    pub fn from_candidates(candidates: &[CandidateResult]) -> Self {
+        let best = |family: MmaFamily| {
+            candidates.iter().filter(|c| c.schedule.mma == family).filter_map(|c| c.outcome.ms()).min_by(f64::total_cmp)
+        };
+        let wgmma_ms = best(MmaFamily::Wgmma);
+        let wgmma_absent = wgmma_ms.is_none().then(|| {
+            candidates
+                .iter()
+                .find(|c| c.schedule.mma == MmaFamily::Wgmma)
+                .map_or("no wgmma candidate in the search space".to_string(), |c| c.outcome.to_string())
+        });
+        FamilyComparison { mma_sync_ms: best(MmaFamily::MmaSync), wgmma_ms, wgmma_absent }
+    }
+
+    /// The summary's cell: the best mma.sync time over the best wgmma time ("1.40x": wgmma is
+    /// faster), or why wgmma was not timed.
+    pub fn cell(&self) -> String {
+        match (self.mma_sync_ms, self.wgmma_ms, &self.wgmma_absent) {
+            (Some(m), Some(w), _) => format!("{:.2}x", m / w),
+            (None, Some(_), _) => "wgmma only".to_string(),
+            (_, None, Some(why)) => format!("none: {why}"),
+            (_, None, None) => "-".to_string(),
+        }
+    }
+}
+
 /// The summary table's header.
 pub fn summary_header() -> String {
     format!(
-        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {}",
-        "spec", "N", "winner", "ms", "TFLOP/s", "default ms", "speedup", "timed/wrong/failed/not run"
+        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {:<26}  {}",
+        "spec",
+        "N",
+        "winner",
+        "ms",
+        "TFLOP/s",
+        "default ms",
+        "speedup",
+        "timed/wrong/failed/not run",
+        "wgmma (best mma.sync / best wgmma, or why none)"
     )
 }
 
@@ -117,7 +167,7 @@ pub fn summary_header() -> String {
 pub fn format_summary_row(r: &SummaryRow) -> String {
     let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
     format!(
-        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {}/{}/{}/{}",
+        "{:<36} {:>6} {:<26} {:>9} {:>8} {:>10} {:>8}  {:<26}  {}",
         r.spec.slug(),
         r.seq,
         r.winner.map_or("(none)".to_string(), |s| s.to_string()),
@@ -125,10 +175,8 @@ pub fn format_summary_row(r: &SummaryRow) -> String {
         f(r.tflops, 1),
         f(r.default_ms, 3),
         r.speedup().map_or("-".to_string(), |s| format!("{s:.2}x")),
-        r.timed,
-        r.wrong,
-        r.failed,
-        r.not_run
+        format!("{}/{}/{}/{}", r.timed, r.wrong, r.failed, r.not_run),
+        r.families.cell()
     )
 }
 
@@ -208,5 +256,29 @@ mod tests {
         let none = SummaryRow::from_candidates(spec, 8192, &default, &list[2..]);
         assert_eq!((none.winner, none.speedup()), (None, None));
         assert!(format_summary_row(&none).contains("(none)"));
+        assert!(format_summary_row(&none).contains("none: no wgmma candidate in the search space"));
+    }
+
+    #[test]
+    fn the_summary_compares_the_best_of_each_mma_family_or_says_why_wgmma_was_not_timed() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let wg = |block_n, stages| Schedule { mma: MmaFamily::Wgmma, ..s(block_n, stages) };
+        let list = vec![
+            timed(s(64, 2), 2.2),
+            timed(s(32, 2), 2.4),
+            timed(wg(64, 2), 1.6),
+            CandidateResult { schedule: wg(32, 2), outcome: Outcome::WrongResult { max_error: 0.3 } },
+            timed(wg(32, 3), 1.76),
+        ];
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &list);
+        assert_eq!((row.families.mma_sync_ms, row.families.wgmma_ms), (Some(2.2), Some(1.6)));
+        assert!(format_summary_row(&row).ends_with("1.38x"), "{}", format_summary_row(&row));
+        // No wgmma timed: the first wgmma candidate's outcome says why.
+        let pruned =
+            CandidateResult { schedule: wg(64, 2), outcome: Outcome::Pruned { reason: "wgmma needs sm_90a".into() } };
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::DEFAULT, &[timed(s(64, 2), 2.2), pruned]);
+        assert_eq!(row.families.cell(), "none: pruned: wgmma needs sm_90a");
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::DEFAULT, &list[2..3]);
+        assert_eq!(row.families.cell(), "wgmma only");
     }
 }
