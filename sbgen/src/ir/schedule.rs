@@ -96,23 +96,29 @@ impl Schedule {
         }
     }
 
-    /// The sm_90a forward's schedule where `wgmma` takes it: 64 x 64 on 4 warps, double-buffered, Q K^T
-    /// on wgmma (docs/performance.md#wgmma: 1.18x the `mma.sync` default at 2,16,8192,128 and 1.09x at
-    /// 4,16,4096,64 on the H200, session 16, in one call). Three stages would overlap the next block's Q K^T and
-    /// spill at 128 wide with 64-key blocks.
+    /// The sm_90a forward's schedule where `wgmma` takes it up to head_dim 128: 64 x 64 on 4 warps,
+    /// double-buffered, Q K^T and P V on wgmma (docs/performance.md#wgmma: 1.40x the `mma.sync` default at
+    /// 2,16,8192,128 and 1.22x at 4,16,4096,64 on the H200, session 17, in one call; `sbgen tune` picks it
+    /// or 64 x 32 at every shipped forward spec of those widths). Three stages, which overlap the next
+    /// block's Q K^T with this block's stick math, measured no faster.
     pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
 
-    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward takes [`Schedule::WGMMA_FORWARD`]
-    /// where wgmma lowers (head_dim 64 and 128; 256 spills); where the schedule needs more shared memory
-    /// than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's 163 KiB), 64 x 32 on 4
-    /// warps; a decode keeps its tiles on 2 warps instead (each warp has its own K/V stages).
+    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward takes wgmma where it lowers (head_dim
+    /// 64 and 128: [`Schedule::WGMMA_FORWARD`]; 256: the 64 x 32 tiles of [`Schedule::default_for`] on
+    /// wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`, session 17); where the schedule
+    /// needs more shared memory than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's
+    /// 163 KiB), 64 x 32 on 4 warps; a decode keeps its tiles on 2 warps instead (each warp has its own
+    /// K/V stages).
     pub fn default_on(spec: &sbgen_runtime::spec::Spec, arch: super::Arch) -> Schedule {
-        if arch == super::Arch::Sm90
-            && spec.pass == sbgen_runtime::spec::Pass::Forward
-            && spec.tile_head_dim() <= 128
-            && super::Kernel::new(*spec, Schedule::WGMMA_FORWARD, arch).validate().is_ok()
-        {
-            return Schedule::WGMMA_FORWARD;
+        if arch == super::Arch::Sm90 && spec.pass == sbgen_runtime::spec::Pass::Forward {
+            let wgmma = if spec.tile_head_dim() <= 128 {
+                Schedule::WGMMA_FORWARD
+            } else {
+                Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) }
+            };
+            if super::Kernel::new(*spec, wgmma, arch).validate().is_ok() {
+                return wgmma;
+            }
         }
         let schedule = Schedule::default_for(spec);
         if super::Kernel::new(*spec, schedule, arch).smem_layout().total <= arch.max_smem_per_block() {
