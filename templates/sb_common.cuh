@@ -92,18 +92,22 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
-// 2^x on the FMA pipe (FlashAttention-4's trick): 2^floor(x) by exponent arithmetic times a degree-5
-// polynomial for 2^frac (relative error 1.7e-7 on [0, 1), fitted for sbgen).
+// 2^x on the FMA and integer pipes (FlashAttention-4's trick): 2^floor(x) by exponent arithmetic times
+// a degree-5 polynomial for 2^frac (relative error 1.7e-7 on [0, 1], fitted for sbgen). floor(x) comes
+// from rounding x - 1/2 by adding 1.5 * 2^23 (the integer lands in the low mantissa bits), not from
+// floorf and a float-to-int conversion: those run on the conversion pipe, at the special-function
+// unit's rate (docs/performance.md#wgmma).
 __device__ __forceinline__ float poly_exp2(float x) {
+    constexpr float ROUND = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
     x = fmaxf(x, -126.0f);
-    float fi = floorf(x);
-    float f = x - fi;
+    const float shifted = __fadd_rn(x - 0.5f, ROUND);
+    const float f = x - __fsub_rn(shifted, ROUND);  // in [0, 1]
     float p = fmaf(f, 0.00186714449f, 0.00901699997f);
     p = fmaf(p, f, 0.055799935f);
     p = fmaf(p, f, 0.240164444f);
     p = fmaf(p, f, 0.693151295f);
     p = fmaf(p, f, 1.0f);
-    return __int_as_float(__float_as_int(p) + ((int)fi << 23));
+    return __int_as_float(__float_as_int(p) + ((__float_as_int(shifted) - 0x4B400000) << 23));
 }
 
 // log2(1 + 2^x), taking x itself when x > 15 (docs/math.md#forward-blocked).

@@ -213,7 +213,7 @@ __device__ __forceinline__ bool key_allowed(int row, int key, int N) {
 // s holds the attention weights A (0 where not allowed) and acc has absorbed the block's
 // sum of log2(1 - beta). With WANT_BETA, beta receives log2-space-free beta = sigmoid(z) (0 where
 // not allowed). `key0` is the block's first key, `row0` the warp's first query row.
-template <bool MASKED, bool WANT_BETA, bool POLY>
+template <bool MASKED, bool WANT_BETA, int POLY>
 __device__ __forceinline__ void stick_step(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
                                            int key0, int row0, int N, float scale_log2, int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -239,7 +239,12 @@ __device__ __forceinline__ void stick_step(float (&s)[MT][NT][4], float (&beta)[
 #pragma unroll
             for (int m = 0; m < KPT; ++m) {
                 float& v = s[mt][m >> 1][2 * hh + (m & 1)];
-                v = POLY ? (v == SB_NEG_INF ? 0.0f : poly_exp2(v + right)) : fast_exp2(v + right);
+                // POLY: 0 MUFU, 1 the polynomial, 2 the polynomial for odd keys (the split between
+                // the pipes). The polynomial is evaluated for masked keys too (2^-126 there) and then
+                // replaced: a select, where `masked ? 0 : poly_exp2(..)` compiles to a branch.
+                const bool poly = POLY == 1 || (POLY == 2 && (m & 1));
+                const float w = poly ? poly_exp2(v + right) : fast_exp2(v + right);
+                v = poly && v == SB_NEG_INF ? 0.0f : w;
             }
             acc[mt][hh] += total;
         }

@@ -70,7 +70,11 @@ struct TemplateContext {
     fuse: bool,
     early_exit: bool,
     early_exit_bits: u32,
+    /// The weights' exp2 as the polynomial: for every key, or (`poly_half`, which emits `POLY_EXP2`
+    /// as the int 2) for every other key. The bool's declaration is kept as it was so that the PTX of
+    /// the other kernels, which shows the constant, stays the same.
     poly_exp2: bool,
+    poly_half: bool,
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
     /// Q K^T and P V on the warpgroup's `wgmma` (sm_90a forward; docs/performance.md#wgmma).
@@ -159,6 +163,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit: spec.early_exit_bits.is_some(),
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
+        poly_half: s.softplus == Softplus::Half,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
         wgmma_type: if spec.dtype == crate::ir::Dtype::Bf16 { "bf16" } else { "f16" },
@@ -257,4 +262,28 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     };
     let manifest = KernelManifest { name: name.clone(), spec: *spec, block_m: s.block_m, block_n: s.block_n, steps };
     Ok(Lowered { kernel: *kernel, name, cuda_source, manifest })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Arch, Dtype, Pass, Schedule, Spec};
+
+    fn source(pass: Pass, softplus: Softplus) -> String {
+        let spec = Spec::new(128, Dtype::Bf16, pass);
+        let kernel = Kernel::new(spec, Schedule { softplus, ..Schedule::default_for(&spec) }, Arch::Sm90);
+        lower(&kernel).expect("lowers").cuda_source
+    }
+
+    /// The exp2 split reaches the stick math of every pass, and the MUFU and all-polynomial kernels
+    /// keep the bool constant they had (it shows in their PTX, which the shipped cache holds).
+    #[test]
+    fn the_exp2_split_is_an_int_constant_only_for_half() {
+        for pass in [Pass::Forward, Pass::Backward, Pass::Decode] {
+            assert!(source(pass, Softplus::Mufu).contains("constexpr bool POLY_EXP2 = false;\n"), "{pass:?}");
+            assert!(source(pass, Softplus::Poly).contains("constexpr bool POLY_EXP2 = true;\n"), "{pass:?}");
+            let half = source(pass, Softplus::Half);
+            assert!(half.contains("constexpr int POLY_EXP2 = 2;") && !half.contains("bool POLY_EXP2"), "{pass:?}");
+        }
+    }
 }

@@ -103,7 +103,8 @@ pub struct ScheduleArgs {
     /// K/V pipeline stages.
     #[arg(long)]
     pub stages: Option<u32>,
-    /// How exp2 of the weights is evaluated: mufu or poly.
+    /// How exp2 of the weights is evaluated: mufu, poly (a polynomial on the FMA pipe) or half (the
+    /// polynomial for every other key).
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
     /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V,
@@ -153,7 +154,8 @@ fn parse_softplus(s: &str) -> Result<Softplus, String> {
     match s.to_ascii_lowercase().as_str() {
         "mufu" => Ok(Softplus::Mufu),
         "poly" => Ok(Softplus::Poly),
-        _ => Err(format!("`softplus` = `{s}` is not a valid value: allowed mufu, poly")),
+        "half" => Ok(Softplus::Half),
+        _ => Err(format!("`softplus` = `{s}` is not a valid value: allowed mufu, poly, half")),
     }
 }
 
@@ -278,6 +280,7 @@ mod tests {
     #[test]
     fn softplus_parse_names_the_field() {
         assert_eq!(parse_softplus("POLY"), Ok(Softplus::Poly));
+        assert_eq!(parse_softplus("half"), Ok(Softplus::Half));
         assert!(parse_softplus("fast").unwrap_err().contains("`softplus`"));
     }
 }

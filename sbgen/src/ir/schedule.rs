@@ -25,6 +25,10 @@ pub enum Softplus {
     /// The weights' exp2 as a degree-5 polynomial on the FMA pipe (FlashAttention-4's trick), so
     /// the special-function unit does two of the three functions per score.
     Poly,
+    /// The polynomial for every other key's weight, the special-function unit for the rest: the
+    /// split between the two pipes (2.5 of the three functions per score on the special-function
+    /// unit).
+    Half,
 }
 
 /// Which tensor-core instructions the matmuls use.
@@ -174,6 +178,7 @@ impl fmt::Display for Schedule {
             match self.softplus {
                 Softplus::Mufu => "mufu",
                 Softplus::Poly => "poly",
+                Softplus::Half => "half",
             },
             match self.mma {
                 MmaFamily::MmaSync => "mma",
