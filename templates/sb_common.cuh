@@ -107,7 +107,8 @@ __device__ __forceinline__ float poly_exp2(float x) {
     p = fmaf(p, f, 0.240164444f);
     p = fmaf(p, f, 0.693151295f);
     p = fmaf(p, f, 1.0f);
-    return __int_as_float(__float_as_int(p) + ((__float_as_int(shifted) - 0x4B400000) << 23));
+    // Unsigned: the exponent step is negative for x < 0 (wraps to the same bits, no signed shift).
+    return __uint_as_float(__float_as_uint(p) + ((__float_as_uint(shifted) - 0x4B400000u) << 23));
 }
 
 // log2(1 + 2^x), taking x itself when x > 15 (docs/math.md#forward-blocked).
