@@ -6,7 +6,7 @@
 //! contiguous and a paged KV cache (docs/math.md#decode), and context parallelism's segment walk
 //! (docs/math.md#context-parallelism), forward and backward; and the sm_90a forward on wgmma, the
 //! default there (docs/performance.md#wgmma), with and without the overlapped next block (three
-//! stages). Grouped-query attention needs
+//! stages), and the segment walk on wgmma (its default there too). Grouped-query attention needs
 //! no kernel of its own: `kv_heads` is a launch parameter that every kernel reads. A change to a
 //! template or to lowering shows up here as a diff to review (`cargo insta review`), named after the
 //! kernel.
@@ -56,6 +56,7 @@ fn canonical() -> Vec<Kernel> {
         (Spec::new(128, Dtype::Bf16, Pass::Forward), wgmma),
         (Spec { mask: Mask::AttendCurrent, ..Spec::new(64, Dtype::F16, Pass::Forward) }, wgmma),
         (Spec::new(128, Dtype::Bf16, Pass::Forward), Schedule { block_n: 32, stages: 3, ..wgmma }),
+        (Spec { layout: Layout::Bnhd, ..Spec::new(128, Dtype::Bf16, Pass::Segment) }, wgmma),
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
@@ -65,7 +66,7 @@ fn canonical() -> Vec<Kernel> {
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 31);
+    assert_eq!(kernels.len(), 32);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -79,5 +80,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 31);
+    assert_eq!(names.len(), 32);
 }

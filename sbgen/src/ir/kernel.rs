@@ -97,8 +97,8 @@ impl Kernel {
         if self.arch != Arch::Sm90 {
             return Some("wgmma needs sm_90a");
         }
-        if self.spec.pass != Pass::Forward {
-            return Some("the templates run the forward's Q K^T and P V on wgmma only so far (not the backward, decode or segment passes)");
+        if !matches!(self.spec.pass, Pass::Forward | Pass::Segment) {
+            return Some("the templates run the forward's (and its segment pass's) Q K^T and P V on wgmma only so far (not the backward, decode or segment backward)");
         }
         if self.spec.head_dim % 64 != 0 || s.threads() % (self.spec.head_dim / 8) != 0 {
             return Some(
@@ -237,7 +237,13 @@ mod tests {
         let wgmma80 =
             Kernel::new(Spec::new(64, Dtype::Bf16, Pass::Forward), Schedule { mma: MmaFamily::Wgmma, ..d }, Arch::Sm80);
         assert!(error(wgmma80).contains("wgmma needs sm_90a"));
-        for (head_dim, pass) in [(96, Pass::Forward), (64, Pass::Backward), (64, Pass::Decode)] {
+        for (head_dim, pass) in [
+            (96, Pass::Forward),
+            (64, Pass::Backward),
+            (64, Pass::Decode),
+            (64, Pass::SegmentBackward),
+            (96, Pass::Segment),
+        ] {
             let wgmma =
                 Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(&Spec::new(head_dim, Dtype::Bf16, pass)) };
             let k = Kernel::new(Spec::new(head_dim, Dtype::Bf16, pass), wgmma, Arch::Sm90);
@@ -263,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn segment_passes_stage_what_their_base_passes_stage() {
+    fn segment_passes_stage_and_schedule_as_their_base_passes() {
         for (segment, base) in [(Pass::Segment, Pass::Forward), (Pass::SegmentBackward, Pass::Backward)] {
             for head_dim in [64, 128, 256] {
                 let (s, b) = (Spec::new(head_dim, Dtype::Bf16, segment), Spec::new(head_dim, Dtype::Bf16, base));
@@ -274,6 +280,15 @@ mod tests {
                     Kernel::new(b, schedule, Arch::Sm90).smem_layout(),
                     "{segment:?} at head_dim {head_dim}"
                 );
+                // On sm_90a the segment walk takes the forward's wgmma tiles (the backward's stay on
+                // mma.sync), so the ring's pieces run as fast as the single-GPU forward.
+                for arch in Arch::ALL {
+                    let schedule = Schedule::default_on(&s, arch);
+                    assert_eq!(schedule, Schedule::default_on(&b, arch), "{segment:?} {head_dim} on {arch}");
+                    assert!(Kernel::new(s, schedule, arch).validate().is_ok(), "{segment:?} {head_dim} on {arch}");
+                    let wgmma = arch == Arch::Sm90 && segment == Pass::Segment;
+                    assert_eq!(schedule.mma == MmaFamily::Wgmma, wgmma, "{segment:?} {head_dim} on {arch}");
+                }
             }
         }
     }

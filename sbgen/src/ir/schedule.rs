@@ -107,14 +107,18 @@ impl Schedule {
     /// block's Q K^T with this block's stick math, measured no faster.
     pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
 
-    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward takes wgmma where it lowers (head_dim
+    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward (and its segment pass, the same walk
+    /// from a carried state) takes wgmma where it lowers (head_dim
     /// 64 and 128: [`Schedule::WGMMA_FORWARD`]; 256: the 64 x 32 tiles of [`Schedule::default_for`] on
     /// wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`, session 17); where the schedule
     /// needs more shared memory than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's
     /// 163 KiB), 64 x 32 on 4 warps; a decode keeps its tiles on 2 warps instead (each warp has its own
     /// K/V stages).
     pub fn default_on(spec: &sbgen_runtime::spec::Spec, arch: super::Arch) -> Schedule {
-        if arch == super::Arch::Sm90 && spec.pass == sbgen_runtime::spec::Pass::Forward {
+        // The segment pass (context parallelism) is the forward's walk from a carried state: the same tiles.
+        if arch == super::Arch::Sm90
+            && matches!(spec.pass, sbgen_runtime::spec::Pass::Forward | sbgen_runtime::spec::Pass::Segment)
+        {
             let wgmma = if spec.tile_head_dim() <= 128 {
                 Schedule::WGMMA_FORWARD
             } else {
