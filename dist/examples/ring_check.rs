@@ -35,6 +35,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(e) = require_libraries(true) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match args.spec.dtype {
         Dtype::Bf16 => run::<half::bf16>(&args),
         Dtype::F16 => run::<half::f16>(&args),
@@ -73,7 +77,7 @@ fn run<T: SbElement + NcclType + DeviceRepr + Default>(a: &Args) -> Result<bool,
     );
     let (q, k, v) = inputs(a);
     let grads_of = a.backward.then(|| {
-        let d_o: Vec<f32> = normals(q.len(), 3 * a.seed + 7).into_iter().map(|x| T::from_f32(x).to_f32()).collect();
+        let d_o: Vec<f32> = par_map(&normals(q.len(), 3 * a.seed + 7), |_, &x| T::from_f32(x).to_f32());
         let d_rem: Vec<f32> = normals(h.batch * h.heads * a.seq, 3 * a.seed + 8).into_iter().map(|x| 0.3 * x).collect();
         (d_o, d_rem)
     });
@@ -85,7 +89,7 @@ fn run<T: SbElement + NcclType + DeviceRepr + Default>(a: &Args) -> Result<bool,
         forward: Arc::new(segment_kernel(a.spec, Pass::Segment, arch)?),
         backward: if a.backward { Some(Arc::new(segment_kernel(a.spec, Pass::SegmentBackward, arch)?)) } else { None },
     };
-    let narrow = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let narrow = |x: &[f32]| par_map(x, |_, &v| T::from_f32(v));
     let (qt, kt, vt) = (narrow(&q), narrow(&k), narrow(&v));
     let dot = grads_of.as_ref().map(|(d_o, _)| narrow(d_o));
     let ring_inputs = RingInputs {
@@ -96,7 +100,7 @@ fn run<T: SbElement + NcclType + DeviceRepr + Default>(a: &Args) -> Result<bool,
         d_rem: grads_of.as_ref().map(|(_, d_rem)| d_rem.as_slice()),
     };
     let out = run_ring(&part, h, &kernels, &ring_inputs, RingTiming { warmup: 1, reps })?;
-    let wide = |x: &[T]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    let wide = |x: &[T]| par_map(x, |_, v| v.to_f32());
     let (o, rem) = (wide(&out.o), out.rem.clone());
     let bad = |x: &[f32]| x.iter().filter(|v| !v.is_finite()).count();
     let mut ok = bad(&o) == 0 && bad(&rem) == 0;

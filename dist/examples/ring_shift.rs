@@ -16,8 +16,27 @@ fn pattern(rank: usize, i: usize) -> f32 {
     (rank * 100_000 + i % 65_521) as f32
 }
 
+/// Bad usage: says why and how, exit status 2.
+fn usage(why: &str) -> ! {
+    eprintln!("error: {why}: usage: ring_shift [RANKS] [MIB] [REPS] (positive integers)");
+    std::process::exit(2)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let parsed: Result<Vec<usize>, String> = std::env::args().skip(1).map(|s| s.parse().map_err(|_| s)).collect();
+    let a = match parsed {
+        Ok(a) if a.len() <= 3 => a,
+        Ok(a) => usage(&format!("{} arguments", a.len())),
+        Err(s) => usage(&format!("`{s}` is not a count")),
+    };
+    // SAFETY: these only probe whether the libraries can be loaded (cudarc panics on first use of
+    // a missing one).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) is not installed".into());
+    }
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err("NCCL (libnccl.so) is not on the library path (see sbgen_dist::nccl)".into());
+    }
     let ranks = a.first().copied().unwrap_or(2);
     let mib = a.get(1).copied().unwrap_or(512).max(1);
     let reps = a.get(2).copied().unwrap_or(20).max(1);

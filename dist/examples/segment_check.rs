@@ -40,6 +40,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(e) = require_libraries(false) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match args.spec.dtype {
         Dtype::Bf16 => run::<half::bf16>(&args),
         Dtype::F16 => run::<half::f16>(&args),
@@ -187,7 +191,7 @@ fn backward<T: SbElement>(
     let d = h.head_dim;
     let stream = launcher.stream().clone();
     let kernel = Arc::new(segment_kernel(a.spec, Pass::SegmentBackward, arch)?);
-    let d_o = normals(q.len(), 3 * a.seed + 7).into_iter().map(|x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let d_o = par_map(&normals(q.len(), 3 * a.seed + 7), |_, &x| T::from_f32(x).to_f32());
     let d_rem: Vec<f32> = normals(h.batch * h.heads * a.seq, 3 * a.seed + 8).into_iter().map(|x| 0.3 * x).collect();
     let t0 = std::time::Instant::now();
     let (outer_q, inner_q) = outer_inner(a, h.heads, d);

@@ -30,6 +30,27 @@ pub struct Args {
     pub reps: usize,
 }
 
+/// The flags that take a value; `--time`, `--backward` and `--f64-backward` take none.
+const VALUE_FLAGS: [&str; 16] = [
+    "seq",
+    "ranks",
+    "scheme",
+    "batch",
+    "heads",
+    "kv-heads",
+    "head-dim",
+    "dtype",
+    "layout",
+    "mask",
+    "remainder",
+    "early-exit",
+    "data",
+    "rows",
+    "seed",
+    "reps",
+];
+
+/// The command line: an unknown or repeated flag is an error (exit status 2 in the examples).
 pub fn parse() -> Result<Args, String> {
     let mut m: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
@@ -42,8 +63,16 @@ pub fn parse() -> Result<Args, String> {
             f64_backward |= key == "f64-backward";
             continue;
         }
+        if !VALUE_FLAGS.contains(&key.as_str()) {
+            return Err(format!(
+                "unknown flag `--{key}`: allowed --{}, --time, --backward, --f64-backward",
+                VALUE_FLAGS.join(", --")
+            ));
+        }
         let v = it.next().ok_or_else(|| format!("`--{key}` needs a value"))?;
-        m.insert(key, v);
+        if m.insert(key.clone(), v).is_some() {
+            return Err(format!("`--{key}` is given twice"));
+        }
     }
     let get = |k: &str, d: &str| m.get(k).cloned().unwrap_or_else(|| d.to_string());
     let num = |k: &str, d: &str| get(k, d).parse::<usize>().map_err(|e| format!("`--{k}`: {e}"));
@@ -90,12 +119,50 @@ pub fn parse() -> Result<Args, String> {
     })
 }
 
+/// Says plainly why there is no GPU to run on (cudarc panics on the first call into a library it
+/// cannot load): the CUDA driver, and with `nccl` NCCL's `libnccl.so`.
+pub fn require_libraries(nccl: bool) -> Result<(), String> {
+    // SAFETY: these only probe whether the libraries can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) is not installed".into());
+    }
+    #[cfg(feature = "nccl")]
+    if nccl && !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err("NCCL (libnccl.so) is not on the library path (see sbgen_dist::nccl)".into());
+    }
+    #[cfg(not(feature = "nccl"))]
+    let _ = nccl;
+    Ok(())
+}
+
 /// Index of element (b, h, n, d) in a tensor of `heads` heads and `seq` tokens in `layout`.
 pub fn at(layout: Layout, heads: usize, seq: usize, dim: usize, b: usize, h: usize, n: usize) -> usize {
     match layout {
         Layout::Bnhd => ((b * seq + n) * heads + h) * dim,
         _ => ((b * heads + h) * seq + n) * dim,
     }
+}
+
+/// `f(i, x[i])` for every element of `x`, in order, computed in chunks on every host thread: at
+/// N = 524288 a tensor of 16 heads holds 2^30 elements, and session 18's two-GPU runs at that length
+/// ran past their time limits on the host side, where these conversions ran on one thread.
+pub fn par_map<A: Sync, B: Send>(x: &[A], f: impl Fn(usize, &A) -> B + Sync) -> Vec<B> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = x.len().div_ceil(threads).max(1 << 16);
+    let parts: Vec<Vec<B>> = std::thread::scope(|sc| {
+        let f = &f;
+        let handles: Vec<_> = x
+            .chunks(chunk)
+            .enumerate()
+            .map(|(c, src)| sc.spawn(move || src.iter().enumerate().map(|(j, x)| f(c * chunk + j, x)).collect()))
+            .collect();
+        handles.into_iter().map(|t| t.join().expect("par_map thread")).collect()
+    });
+    let mut out = Vec::with_capacity(x.len());
+    for part in parts {
+        out.extend(part);
+    }
+    out
 }
 
 /// `len` N(0, 1) values (Box-Muller), generated in parallel chunks seeded from `seed`.
@@ -130,23 +197,29 @@ pub fn inputs(a: &Args) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     };
     let d = h.head_dim;
     let (nq, nkv) = (h.batch * h.heads * a.seq * d, h.batch * h.kv_heads * a.seq * d);
-    let mut q = normals(nq, 3 * a.seed);
-    let mut k = normals(nkv, 3 * a.seed + 1);
-    let mut v = normals(nkv, 3 * a.seed + 2);
-    if a.long {
-        // Scores near -7 (beta about 1e-3, so a row's stick lasts thousands of keys): q's column 0 is
-        // -7 sqrt(d) plus noise, k's column 0 is 1, the other columns small noise.
-        let s = (d as f32).sqrt();
-        for (i, x) in q.iter_mut().enumerate() {
-            *x = if i % d == 0 { -7.0 * s + *x } else { 0.3 * *x };
-        }
-        for (i, x) in k.iter_mut().enumerate() {
-            *x = if i % d == 0 { 1.0 } else { 0.3 * *x };
-        }
-    }
-    for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
-        *x = round(*x);
-    }
+    let (q, k, v) = (normals(nq, 3 * a.seed), normals(nkv, 3 * a.seed + 1), normals(nkv, 3 * a.seed + 2));
+    // "long": scores near -7 (beta about 1e-3, so a row's stick lasts thousands of keys): q's column 0
+    // is -7 sqrt(d) plus noise, k's column 0 is 1, the other columns small noise.
+    let s = (d as f32).sqrt();
+    let q = par_map(&q, |i, &x| {
+        round(if !a.long {
+            x
+        } else if i % d == 0 {
+            -7.0 * s + x
+        } else {
+            0.3 * x
+        })
+    });
+    let k = par_map(&k, |i, &x| {
+        round(if !a.long {
+            x
+        } else if i % d == 0 {
+            1.0
+        } else {
+            0.3 * x
+        })
+    });
+    let v = par_map(&v, |_, &x| round(x));
     (q, k, v)
 }
 
@@ -182,12 +255,12 @@ pub fn row_reference(a: &Args, q: &[f32], k: &[f32], v: &[f32], b: usize, h: usi
 }
 
 pub fn upload<T: SbElement>(s: &Arc<CudaStream>, x: &[f32]) -> Result<CudaSlice<T>, Error> {
-    let host: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let host: Vec<T> = par_map(x, |_, &v| T::from_f32(v));
     Ok(s.clone_htod(&host)?)
 }
 
 pub fn download<T: SbElement>(s: &Arc<CudaStream>, x: &CudaSlice<T>) -> Result<Vec<f32>, Error> {
-    Ok(s.clone_dtoh(x)?.into_iter().map(T::to_f32).collect())
+    Ok(par_map(&s.clone_dtoh(x)?, |_, &v| v.to_f32()))
 }
 
 /// A local tensor of rank `r` ([outer, local, inner] in the partition's terms) cut from the full one.
@@ -203,16 +276,32 @@ pub fn outer_inner(a: &Args, heads: usize, dim: usize) -> (usize, usize) {
     }
 }
 
-/// Relative L2 distance; NaN or infinity anywhere gives NaN.
+/// Relative L2 distance; NaN or infinity anywhere gives NaN. Summed in chunks on every host thread.
 pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (&g, &w) in got.iter().zip(want) {
-        if !g.is_finite() {
-            return f64::NAN;
-        }
-        num += (g as f64 - w).powi(2);
-        den += w * w;
-    }
+    let len = got.len().min(want.len());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = len.div_ceil(threads).max(1 << 16);
+    let sums: Vec<(f64, f64)> = std::thread::scope(|sc| {
+        let parts: Vec<_> = got[..len]
+            .chunks(chunk)
+            .zip(want[..len].chunks(chunk))
+            .map(|(g, w)| {
+                sc.spawn(move || {
+                    let (mut num, mut den) = (0.0, 0.0);
+                    for (&g, &w) in g.iter().zip(w) {
+                        if !g.is_finite() {
+                            return (f64::NAN, 1.0);
+                        }
+                        num += (g as f64 - w).powi(2);
+                        den += w * w;
+                    }
+                    (num, den)
+                })
+            })
+            .collect();
+        parts.into_iter().map(|t| t.join().expect("rel_l2 thread")).collect()
+    });
+    let (num, den) = sums.iter().fold((0.0, 0.0), |(n, d), &(a, b)| (n + a, d + b));
     (num / den.max(1e-300)).sqrt()
 }
 
@@ -470,7 +559,7 @@ pub fn judge(what: &str, pairs: &[(&str, &[f32], &[f64])], tol: f64) -> bool {
 }
 
 pub fn widen(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
+    par_map(x, |_, &v| v as f64)
 }
 
 /// The segment-pass kernel (`pass` `Segment` or `SegmentBackward`) for the forward `spec`, at the
