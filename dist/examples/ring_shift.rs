@@ -16,30 +16,38 @@ fn pattern(rank: usize, i: usize) -> f32 {
     (rank * 100_000 + i % 65_521) as f32
 }
 
+/// No GPU to run on: says why, exit status 1.
+fn fail(why: &str) -> ! {
+    eprintln!("error: {why}");
+    std::process::exit(1)
+}
+
 /// Bad usage: says why and how, exit status 2.
 fn usage(why: &str) -> ! {
-    eprintln!("error: {why}: usage: ring_shift [RANKS] [MIB] [REPS] (positive integers)");
+    eprintln!("error: {why}: usage: ring_shift [RANKS] [MIB] [REPS] (positive integers, MIB at most 1048576)");
     std::process::exit(2)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let parsed: Result<Vec<usize>, String> = std::env::args().skip(1).map(|s| s.parse().map_err(|_| s)).collect();
     let a = match parsed {
-        Ok(a) if a.len() <= 3 => a,
-        Ok(a) => usage(&format!("{} arguments", a.len())),
+        Ok(a) if a.len() > 3 => usage(&format!("{} arguments", a.len())),
+        Ok(a) if a.contains(&0) => usage("0 is not allowed"),
+        Ok(a) if a.get(1).is_some_and(|&mib| mib > 1 << 20) => usage("MIB over 1048576"),
+        Ok(a) => a,
         Err(s) => usage(&format!("`{s}` is not a count")),
     };
     // SAFETY: these only probe whether the libraries can be loaded (cudarc panics on first use of
     // a missing one).
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) is not installed".into());
+        fail("the CUDA driver library (libcuda.so) is not installed");
     }
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err("NCCL (libnccl.so) is not on the library path (see sbgen_dist::nccl)".into());
+        fail("NCCL (libnccl.so) is not on the library path (see sbgen_dist::nccl)");
     }
     let ranks = a.first().copied().unwrap_or(2);
-    let mib = a.get(1).copied().unwrap_or(512).max(1);
-    let reps = a.get(2).copied().unwrap_or(20).max(1);
+    let mib = a.get(1).copied().unwrap_or(512);
+    let reps = a.get(2).copied().unwrap_or(20);
     let n = (mib << 20) / 4;
     let results = NcclRank::run(ranks, |r| {
         let (rank, s) = (r.rank(), r.compute_stream().clone());

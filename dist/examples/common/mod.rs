@@ -58,6 +58,9 @@ pub fn parse() -> Result<Args, String> {
     while let Some(k) = it.next() {
         let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument `{k}`"))?.to_string();
         if key == "time" || key == "backward" || key == "f64-backward" {
+            if (key == "time" && time) || (key == "backward" && backward) || (key == "f64-backward" && f64_backward) {
+                return Err(format!("`--{key}` is given twice"));
+            }
             time |= key == "time";
             backward |= key == "backward";
             f64_backward |= key == "f64-backward";
