@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn default_schedules_validate_for_every_pass_head_dim_and_arch() {
-        for pass in [Pass::Forward, Pass::Backward, Pass::Decode] {
+        for pass in [Pass::Forward, Pass::Backward, Pass::Decode, Pass::Segment, Pass::SegmentBackward] {
             for head_dim in [1, 16, 32, 50, 64, 80, 96, 128, 160, 200, 256] {
                 for arch in Arch::ALL {
                     let spec = Spec::new(head_dim, Dtype::F16, pass);
