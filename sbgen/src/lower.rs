@@ -15,6 +15,8 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("sb_fwd.cu.tera", include_str!("../../templates/sb_fwd.cu.tera")),
     ("sb_bwd.cu.tera", include_str!("../../templates/sb_bwd.cu.tera")),
     ("sb_decode.cu.tera", include_str!("../../templates/sb_decode.cu.tera")),
+    // The wgmma helpers the forward and backward share (included under `{% if wgmma %}`).
+    ("sb_wgmma.cu.tera", include_str!("../../templates/sb_wgmma.cu.tera")),
 ];
 
 /// The CUDA partials, pasted verbatim into the templates (not parsed by tera: inline PTX such as
@@ -77,7 +79,8 @@ struct TemplateContext {
     poly_half: bool,
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
-    /// Q K^T and P V on the warpgroup's `wgmma` (sm_90a forward; docs/performance.md#wgmma).
+    /// The warpgroup's `wgmma` (sm_90a): the forward's Q K^T and P V, the backward's Q K^T, dO V^T
+    /// and dZ K (docs/performance.md#wgmma).
     wgmma: bool,
     /// With `wgmma`: the PTX type of the inputs, the accumulator registers' operand list (`%0, ..`)
     /// and their C++ operands (`"+f"(s[0][0][0]), ..`), written here because `{%` in a template
