@@ -348,6 +348,16 @@ __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
 #endif
 }
 
+// Adds four consecutive floats (16-byte aligned) to global memory: one vector reduction on sm_90.
+__device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+#else
+    red_add2(dst, a, b);
+    red_add2(dst + 2, c, d);
+#endif
+}
+
 // Adds a pair at columns col, col + 1 of a row of an f32 accumulator (columns past DM are padding).
 __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float b) {
     if constexpr (DM % 2 == 0) {
@@ -362,10 +372,19 @@ __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float
 // 16x16 pieces, consecutive ones per warp (when they do not split evenly, as 2 x 14 pieces of a
 // 224-wide tile on 8 warps, the last warp takes fewer); each piece runs over the CTA's BM query rows
 // and is added to the f32 accumulators (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step`
-// apart; keys at or past `len` dropped). (A template for the reason stage_keys is.)
-template <int CHUNKS = PCH>
+// apart; keys at or past `len` dropped). The Q and dO tiles' chunk c of row r is at `rows_offset(r, c)`
+// (the wgmma backward stores them in wgmma's layout). With QUADS (DM == D) the lanes of a quad pair
+// up to add four columns per reduction instead of two: half the requests for the additions that bind
+// the backward in L2 (docs/performance.md#wgmma); no faster measured, but fewer registers (the 256-wide
+// wgmma backward on 128 x 32 tiles spilled 44 bytes without it). (A template for the reason stage_keys is.)
+struct SwizzledRows {
+    __device__ __forceinline__ unsigned operator()(int row, int chunk) const { return swz<DCH>(row, chunk); }
+};
+template <int CHUNKS = PCH, class RowsOffset = SwizzledRows, bool QUADS = false>
 __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
-                                          unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane) {
+                                          unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane,
+                                          RowsOffset rows_offset = {}) {
+    static_assert(!QUADS || DM == D, "four-column reductions need whole 16-byte column groups");
     constexpr int PN = D / 16;
     constexpr int PIECES = (BN / 16) * PN;
     constexpr int PER_WARP = (PIECES + WARPS - 1) / WARPS;
@@ -386,23 +405,48 @@ __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long lon
             ldmatrix_x4_trans(za, dz_tile + swz<CHUNKS>(arow, achunk));
             // B = dO or Q (rows x D), k = rows.
             const int brow = kb + (j & 1) * 8 + (lane & 7), bchunk = (nbase >> 3) + (j >> 1);
-            ldmatrix_x4_trans(ob, do_tile + swz<DCH>(brow, bchunk));
-            ldmatrix_x4_trans(qb, q_tile + swz<DCH>(brow, bchunk));
+            ldmatrix_x4_trans(ob, do_tile + rows_offset(brow, bchunk));
+            ldmatrix_x4_trans(qb, q_tile + rows_offset(brow, bchunk));
             mma_16816(dv[0], pa, ob[0], ob[1]);
             mma_16816(dv[1], pa, ob[2], ob[3]);
             mma_16816(dk[0], za, qb[0], qb[1]);
             mma_16816(dk[1], za, qb[2], qb[3]);
         }
+        if constexpr (QUADS) {
+            // Lanes t and t ^ 1 swap a pair: the even lane then holds row g's columns 2t .. 2t + 3, the
+            // odd one row g + 8's columns 2t - 2 .. 2t + 1.
+            const bool odd = t & 1;
+            const int key = key0 + mbase + g + (odd ? 8 : 0);
+            const long long off = key * step;
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int key = key0 + mbase + g + 8 * hh;
-            if (key < len) {
-                const long long off = key * step;
+            for (int n2 = 0; n2 < 2; ++n2) {
+                const int col = nbase + 8 * n2 + 2 * (t & ~1);
+                const float v0 = __shfl_xor_sync(SB_FULL_MASK, odd ? dv[n2][0] : dv[n2][2], 1);
+                const float v1 = __shfl_xor_sync(SB_FULL_MASK, odd ? dv[n2][1] : dv[n2][3], 1);
+                const float k0 = __shfl_xor_sync(SB_FULL_MASK, odd ? dk[n2][0] : dk[n2][2], 1);
+                const float k1 = __shfl_xor_sync(SB_FULL_MASK, odd ? dk[n2][1] : dk[n2][3], 1);
+                if (key < len) {
+                    if (odd) {
+                        red_add4(dv_acc + off + col, v0, v1, dv[n2][2], dv[n2][3]);
+                        red_add4(dk_acc + off + col, k0, k1, dk[n2][2], dk[n2][3]);
+                    } else {
+                        red_add4(dv_acc + off + col, dv[n2][0], dv[n2][1], v0, v1);
+                        red_add4(dk_acc + off + col, dk[n2][0], dk[n2][1], k0, k1);
+                    }
+                }
+            }
+        } else {
 #pragma unroll
-                for (int n2 = 0; n2 < 2; ++n2) {
-                    const int col = nbase + 8 * n2 + 2 * t;
-                    add_f32_pair(dv_acc + off, col, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
-                    add_f32_pair(dk_acc + off, col, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
+            for (int hh = 0; hh < 2; ++hh) {
+                const int key = key0 + mbase + g + 8 * hh;
+                if (key < len) {
+                    const long long off = key * step;
+#pragma unroll
+                    for (int n2 = 0; n2 < 2; ++n2) {
+                        const int col = nbase + 8 * n2 + 2 * t;
+                        add_f32_pair(dv_acc + off, col, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
+                        add_f32_pair(dk_acc + off, col, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
+                    }
                 }
             }
         }

@@ -138,7 +138,7 @@ mod tests {
     use super::*;
     use crate::attr::Spanned;
     use sbgen::cache::CacheEntry;
-    use sbgen::ir::{Dtype, Layout, Pass, Remainder};
+    use sbgen::ir::{Dtype, Layout, MmaFamily, Pass, Remainder};
 
     fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
         let kernel = Kernel::new(spec, Schedule::default_on(&spec, arch), arch);
@@ -280,7 +280,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sbgen-macros-ptx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
-        let lowered = sbgen::lower::lower(&Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90)).unwrap();
+        let lowered =
+            sbgen::lower::lower(&Kernel::new(spec, Schedule::default_on(&spec, Arch::Sm90), Arch::Sm90)).unwrap();
         // Written under the name sbgen's `KernelBuilder::emit_ptx` and `tune --compile-only` give it.
         let file = dir.join(sbgen::artifact::name::ptx_file_name(&lowered));
         std::fs::write(&file, "// ptx").unwrap();
@@ -288,7 +289,13 @@ mod tests {
         let got: Vec<_> = k.iter().map(|k| (k.arch, k.ptx.len(), k.cuda_source.is_some())).collect();
         assert_eq!(got, vec![(Some(Arch::Sm90), 1, false), (None, 0, true)]);
         assert_eq!(k[0].ptx[0], ("sm_90a".to_string(), "// ptx".to_string()));
-        assert_eq!(k[0].name, k[1].name);
+        // sm_90a's default backward is a wgmma kernel; the portable source is `default_for`'s mma.sync one.
+        assert_eq!(k[0].name, lowered.name);
+        let portable = Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm80).name();
+        assert_eq!(
+            (k[1].name.as_str(), Schedule::default_on(&spec, Arch::Sm90).mma),
+            (portable.as_str(), MmaFamily::Wgmma)
+        );
         assert_eq!(files, vec![std::fs::canonicalize(&file).unwrap()]);
 
         // A file of that name that cannot be read is reported, not skipped.

@@ -76,13 +76,10 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
 
 /// The default table with 32- and 64-key blocks only: 128-key blocks spill for the 64-wide forward
 /// and backward (block_n = 128 holds 2 x 64 score accumulators per thread), for the 32-wide
-/// backward (96-144 bytes under ptxas 13.0) and for the 96-wide forward (112-240 bytes).
+/// backward (96-144 bytes under ptxas 13.0) and for the 96-wide forward (112-240 bytes). The 96-
+/// and 128-wide backward take it too, on `mma.sync` without its 64-key blocks, which spill (an
+/// [`EXCLUSIONS`] entry); wgmma's backward fits them (its B operands are read from shared memory).
 pub const NARROW_SPACE: SearchSpace = SearchSpace { block_n: &[32, 64], ..DEFAULT_SPACE };
-
-/// The backward at tile widths 96 and 128 keeps dQ (48 or 64 f32 registers per thread) beside the
-/// scores, the weights' betas and dP: only 32-key blocks fit in 255 registers without spilling
-/// (64-key blocks spill 56-80 bytes at 96 under ptxas 13.0, 8 warps included on sm_80).
-pub const BACKWARD_N32_SPACE: SearchSpace = SearchSpace { block_n: &[32], ..DEFAULT_SPACE };
 
 /// The decode's table (its `block_m` is query heads per m-tile, its warps each walk their own chunks:
 /// docs/math.md#decode): 16 heads on 2, 4 or 8 warps, key blocks of 16, 32 and 64, 2 or 3 stages;
@@ -104,8 +101,7 @@ pub const DECODE_SPACE: SearchSpace = SearchSpace {
 /// why.
 pub const RULES: &[Rule] = &[
     Rule { pass: Some(Pass::Decode), tile_head_dims: None, arch: None, space: &DECODE_SPACE },
-    Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[96, 128]), arch: None, space: &BACKWARD_N32_SPACE },
-    Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[32]), arch: None, space: &NARROW_SPACE },
+    Rule { pass: Some(Pass::Backward), tile_head_dims: Some(&[32, 96, 128]), arch: None, space: &NARROW_SPACE },
     Rule { pass: None, tile_head_dims: Some(&[64]), arch: None, space: &NARROW_SPACE },
     Rule { pass: Some(Pass::Forward), tile_head_dims: Some(&[96]), arch: None, space: &NARROW_SPACE },
     Rule { pass: None, tile_head_dims: None, arch: None, space: &DEFAULT_SPACE },
@@ -128,6 +124,17 @@ pub const EXCLUSIONS: &[Exclusion] = &[
         reason: "32 rows per warp (block_m = 32 * warps) is left out of the default search space until \
                  the templates' two-m-tile path is tuned",
         applies: |k| k.schedule.rows_per_warp() == 32,
+    },
+    Exclusion {
+        reason: "spills registers (ptxas 13.0): the mma.sync backward at tile widths 96 and 128 keeps dQ \
+                 (48 or 64 f32 registers per thread) beside the scores, the betas, dP and the B fragments: \
+                 64-key blocks spill 56-80 bytes (8 warps and sm_80 included); on wgmma they fit",
+        applies: |k| {
+            k.spec.pass == Pass::Backward
+                && matches!(k.spec.tile_head_dim(), 96 | 128)
+                && k.schedule.block_n == 64
+                && k.schedule.mma == MmaFamily::MmaSync
+        },
     },
     Exclusion {
         reason: "spills registers (ptxas 13.0): 128 x 128 tiles hold too many accumulators",

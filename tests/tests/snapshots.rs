@@ -6,7 +6,9 @@
 //! contiguous and a paged KV cache (docs/math.md#decode), and context parallelism's segment walk
 //! (docs/math.md#context-parallelism), forward and backward; and the sm_90a forward on wgmma, the
 //! default there (docs/performance.md#wgmma), with and without the overlapped next block (three
-//! stages), and the segment walk on wgmma (its default there too). Grouped-query attention needs
+//! stages), and the segment walk on wgmma (its default there too); and the sm_90a backward on wgmma,
+//! also the default there, at each of its tilings (64 x 64 at head_dim 64, deterministic with the
+//! attend-current mask; 128 x 64 on 8 warps at 128; 128 x 32 on 8 warps at 256). Grouped-query attention needs
 //! no kernel of its own: `kv_heads` is a launch parameter that every kernel reads. A change to a
 //! template or to lowering shows up here as a diff to review (`cargo insta review`), named after the
 //! kernel.
@@ -60,13 +62,21 @@ fn canonical() -> Vec<Kernel> {
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
+    for spec in [
+        Spec { mask: Mask::AttendCurrent, deterministic: true, ..Spec::new(64, Dtype::F16, Pass::Backward) },
+        Spec::new(128, Dtype::Bf16, Pass::Backward),
+        Spec::new(256, Dtype::Bf16, Pass::Backward),
+    ] {
+        let schedule = Schedule::wgmma_backward(&spec);
+        kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
+    }
     kernels
 }
 
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 32);
+    assert_eq!(kernels.len(), 35);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -80,5 +90,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 32);
+    assert_eq!(names.len(), 35);
 }

@@ -107,8 +107,8 @@ pub struct ScheduleArgs {
     /// polynomial for every other key).
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
-    /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V,
-    /// docs/performance.md#wgmma).
+    /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V, the
+    /// backward's Q K^T, dO V^T and dZ K, docs/performance.md#wgmma).
     #[arg(long, value_parser = parse_mma)]
     pub mma: Option<MmaFamily>,
 }

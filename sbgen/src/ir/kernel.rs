@@ -88,8 +88,8 @@ impl Kernel {
     }
 
     /// Why `mma = wgmma` cannot lower for this kernel, if it cannot: the templates run the
-    /// forward's Q K^T and P V on wgmma (one warpgroup per 64 query rows, the K and V tiles in
-    /// 128-byte-swizzled panels of 64 columns; docs/performance.md#wgmma).
+    /// forward's Q K^T and P V and the backward's Q K^T, dO V^T and dZ K on wgmma (one warpgroup per
+    /// 64 query rows, the tiles in 128-byte-swizzled panels of 64 columns; docs/performance.md#wgmma).
     // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
     #[allow(clippy::manual_is_multiple_of)]
     fn wgmma_refusal(&self) -> Option<&'static str> {
@@ -97,8 +97,8 @@ impl Kernel {
         if self.arch != Arch::Sm90 {
             return Some("wgmma needs sm_90a");
         }
-        if !matches!(self.spec.pass, Pass::Forward | Pass::Segment) {
-            return Some("the templates run the forward's (and its segment pass's) Q K^T and P V on wgmma only so far (not the backward, decode or segment backward)");
+        if !matches!(self.spec.pass, Pass::Forward | Pass::Segment | Pass::Backward) {
+            return Some("the templates have wgmma for the forward, its segment pass and the backward only so far (not the decode or the segment backward)");
         }
         if self.spec.head_dim % 64 != 0 || s.threads() % (self.spec.head_dim / 8) != 0 {
             return Some(
@@ -239,7 +239,7 @@ mod tests {
         assert!(error(wgmma80).contains("wgmma needs sm_90a"));
         for (head_dim, pass) in [
             (96, Pass::Forward),
-            (64, Pass::Backward),
+            (96, Pass::Backward),
             (64, Pass::Decode),
             (64, Pass::SegmentBackward),
             (96, Pass::Segment),
@@ -280,14 +280,20 @@ mod tests {
                     Kernel::new(b, schedule, Arch::Sm90).smem_layout(),
                     "{segment:?} at head_dim {head_dim}"
                 );
-                // On sm_90a the segment walk takes the forward's wgmma tiles (the backward's stay on
-                // mma.sync), so the ring's pieces run as fast as the single-GPU forward.
+                // On sm_90a the segment walk takes the forward's wgmma tiles, so the ring's pieces run
+                // as fast as the single-GPU forward; the segment backward has no wgmma variant yet and
+                // keeps the backward's mma.sync tiles while the backward takes wgmma.
                 for arch in Arch::ALL {
                     let schedule = Schedule::default_on(&s, arch);
-                    assert_eq!(schedule, Schedule::default_on(&b, arch), "{segment:?} {head_dim} on {arch}");
                     assert!(Kernel::new(s, schedule, arch).validate().is_ok(), "{segment:?} {head_dim} on {arch}");
                     let wgmma = arch == Arch::Sm90 && segment == Pass::Segment;
                     assert_eq!(schedule.mma == MmaFamily::Wgmma, wgmma, "{segment:?} {head_dim} on {arch}");
+                    if wgmma || arch != Arch::Sm90 {
+                        assert_eq!(schedule, Schedule::default_on(&b, arch), "{segment:?} {head_dim} on {arch}");
+                    } else {
+                        assert_eq!(schedule, Schedule::default_for(&b), "{segment:?} {head_dim} on {arch}");
+                        assert_eq!(Schedule::default_on(&b, arch).mma, MmaFamily::Wgmma, "{head_dim}");
+                    }
                 }
             }
         }

@@ -107,10 +107,28 @@ impl Schedule {
     /// block's Q K^T with this block's stick math, measured no faster.
     pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
 
+    /// The sm_90a backward's schedule on wgmma (S, dP and dQ on the warpgroup; dK and dV on
+    /// `mma.sync`, added to the f32 accumulators four columns per reduction): 64 x 64 on 4 warps at
+    /// head_dim 64, 128 x 64 on 8 warps (two warpgroups) at 128, 128 x 32 on 8 warps above. The
+    /// backward is bound by those additions in L2 (docs/performance.md#wgmma), which 128 query rows
+    /// halve per row. Measured on the H200 (BENCHMARKS.md, session 19, call C, backward = forward +
+    /// backward less the forward): 7.58 ms at 2,16,8192,128 against 10.58 for the `mma.sync` default
+    /// (1.40x; deterministic 1.59x), 2.43 against 2.62 at 4,16,4096,64, 8.91 against 10.14 at
+    /// 1,16,8192,256.
+    pub fn wgmma_backward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
+        let wgmma = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
+        match spec.tile_head_dim() {
+            d if d <= 64 => wgmma,
+            d if d <= 128 => Schedule { block_m: 128, warps: 8, ..wgmma },
+            _ => Schedule { block_m: 128, block_n: 32, warps: 8, ..wgmma },
+        }
+    }
+
     /// [`Schedule::default_for`] on `arch`: on sm_90a the forward (and its segment pass, the same walk
     /// from a carried state) takes wgmma where it lowers (head_dim
     /// 64 and 128: [`Schedule::WGMMA_FORWARD`]; 256: the 64 x 32 tiles of [`Schedule::default_for`] on
-    /// wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`, session 17); where the schedule
+    /// wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`, session 17), and the backward
+    /// takes [`Schedule::wgmma_backward`] where it lowers (head_dim 64, 128 and 256); where the schedule
     /// needs more shared memory than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's
     /// 163 KiB), 64 x 32 on 4 warps; a decode keeps its tiles on 2 warps instead (each warp has its own
     /// K/V stages).
@@ -124,6 +142,12 @@ impl Schedule {
             } else {
                 Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) }
             };
+            if super::Kernel::new(*spec, wgmma, arch).validate().is_ok() {
+                return wgmma;
+            }
+        }
+        if arch == super::Arch::Sm90 && spec.pass == sbgen_runtime::spec::Pass::Backward {
+            let wgmma = Schedule::wgmma_backward(spec);
             if super::Kernel::new(*spec, wgmma, arch).validate().is_ok() {
                 return wgmma;
             }
