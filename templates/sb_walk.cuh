@@ -209,6 +209,57 @@ __device__ __forceinline__ bool key_allowed(int row, int key, int N) {
     return key < N && (ATTEND_CURRENT ? key <= row : key < row);
 }
 
+// stick_step's linear variant (POLY == 3, `softplus = linear`; docs/math.md#the-stick-in-linear-space):
+// per score 2^x and 1 - beta = 1 / (1 + 2^x) on the special-function unit (two functions where the
+// log-space walk takes three), and inside a thread's run of keys products of (1 - beta) instead of
+// sums of log2(1 - beta). The runs are joined in log space as before: one lg2 per run and one exp2
+// per row-half. A run of KPT factors each above 2^(-120/KPT) stays a normal float, so when a score
+// of the warp's block exceeds LINEAR_MAX_X the whole warp takes the log-space walk for this block
+// (one vote: the branch is warp-uniform, so the row-halves' chains still interleave).
+template <bool MASKED, bool WANT_BETA>
+__device__ __forceinline__ bool stick_step_linear(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
+                                                  int key0, int row0, int N, float scale_log2, int lane) {
+    // Local, not at namespace scope: such constants show in every kernel's PTX.
+    constexpr float LINEAR_MAX_X = 120.0f / KPT;
+    const int g = lane >> 2, t = lane & 3;
+    float top = SB_NEG_INF;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[mt][nt][e] *= scale_log2;
+                top = fmaxf(top, s[mt][nt][e]);
+            }
+    if (!__all_sync(SB_FULL_MASK, top <= LINEAR_MAX_X)) return false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = row0 + mt * 16 + g + 8 * hh;
+            float keep = 1.0f;  // product of (1 - beta) over the run's keys right of key m
+#pragma unroll
+            for (int m = KPT - 1; m >= 0; --m) {
+                float& v = s[mt][m >> 1][2 * hh + (m & 1)];
+                const bool ok = !MASKED || key_allowed(row, key0 + t * KPT + m, N);
+                const float e = fast_exp2(v);
+                const float r = fast_rcp(1.0f + e);  // 1 - beta
+                const float b = ok ? e * r : 0.0f;   // beta
+                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = b;
+                v = b * keep;  // the weight, relative to the stick left at the run's right end
+                keep *= ok ? r : 1.0f;
+            }
+            const float run_log2 = fast_log2(keep);
+            float total;
+            const float stick = fast_exp2(quad_suffix(run_log2, t, total) - run_log2 + acc[mt][hh]);
+#pragma unroll
+            for (int m = 0; m < KPT; ++m) s[mt][m >> 1][2 * hh + (m & 1)] *= stick;
+            acc[mt][hh] += total;
+        }
+    return true;
+}
+
 // One key block of the walk for this thread's rows. On entry s holds raw dot products q.k; on exit
 // s holds the attention weights A (0 where not allowed) and acc has absorbed the block's
 // sum of log2(1 - beta). With WANT_BETA, beta receives log2-space-free beta = sigmoid(z) (0 where
@@ -217,6 +268,11 @@ template <bool MASKED, bool WANT_BETA, int POLY>
 __device__ __forceinline__ void stick_step(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
                                            int key0, int row0, int N, float scale_log2, int lane) {
     const int g = lane >> 2, t = lane & 3;
+    if constexpr (POLY == 3) {
+        // The scores come back scaled when the block needs the log-space walk.
+        if (stick_step_linear<MASKED, WANT_BETA>(s, beta, acc, key0, row0, N, scale_log2, lane)) return;
+        scale_log2 = 1.0f;
+    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

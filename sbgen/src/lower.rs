@@ -77,6 +77,8 @@ struct TemplateContext {
     /// the other kernels, which shows the constant, stays the same.
     poly_exp2: bool,
     poly_half: bool,
+    /// The stick in linear space (`softplus = linear`; emits `POLY_EXP2` as the int 3).
+    stick_linear: bool,
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
     /// The warpgroup's `wgmma` (sm_90a): the forward's Q K^T and P V, the backward's Q K^T, dO V^T
@@ -167,6 +169,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         early_exit_bits: spec.early_exit_bits.unwrap_or(0),
         poly_exp2: s.softplus == Softplus::Poly,
         poly_half: s.softplus == Softplus::Half,
+        stick_linear: s.softplus == Softplus::Linear,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
         wgmma_type: if spec.dtype == crate::ir::Dtype::Bf16 { "bf16" } else { "f16" },
@@ -279,14 +282,20 @@ mod tests {
     }
 
     /// The exp2 split reaches the stick math of every pass, and the MUFU and all-polynomial kernels
-    /// keep the bool constant they had (it shows in their PTX, which the shipped cache holds).
+    /// keep the bool constant they had (it shows in their PTX, which the shipped cache holds); the
+    /// linear stick is an int constant too.
     #[test]
-    fn the_exp2_split_is_an_int_constant_only_for_half() {
+    fn the_exp2_split_and_the_linear_stick_are_int_constants() {
         for pass in [Pass::Forward, Pass::Backward, Pass::Decode] {
             assert!(source(pass, Softplus::Mufu).contains("constexpr bool POLY_EXP2 = false;\n"), "{pass:?}");
             assert!(source(pass, Softplus::Poly).contains("constexpr bool POLY_EXP2 = true;\n"), "{pass:?}");
             let half = source(pass, Softplus::Half);
             assert!(half.contains("constexpr int POLY_EXP2 = 2;") && !half.contains("bool POLY_EXP2"), "{pass:?}");
+        }
+        // The linear stick lowers for the forward and the backward (the decode refuses it).
+        for pass in [Pass::Forward, Pass::Backward] {
+            let linear = source(pass, Softplus::Linear);
+            assert!(linear.contains("constexpr int POLY_EXP2 = 3;") && !linear.contains("bool POLY_EXP2"), "{pass:?}");
         }
     }
 }

@@ -59,6 +59,11 @@ fn canonical() -> Vec<Kernel> {
         (Spec { mask: Mask::AttendCurrent, ..Spec::new(64, Dtype::F16, Pass::Forward) }, wgmma),
         (Spec::new(128, Dtype::Bf16, Pass::Forward), Schedule { block_n: 32, stages: 3, ..wgmma }),
         (Spec { layout: Layout::Bnhd, ..Spec::new(128, Dtype::Bf16, Pass::Segment) }, wgmma),
+        // The sm_90a forward's default at 128: the stick in linear space, three stages.
+        (
+            Spec::new(128, Dtype::Bf16, Pass::Forward),
+            Schedule::wgmma_forward(&Spec::new(128, Dtype::Bf16, Pass::Forward)),
+        ),
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
@@ -76,7 +81,7 @@ fn canonical() -> Vec<Kernel> {
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 35);
+    assert_eq!(kernels.len(), 36);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -90,5 +95,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 35);
+    assert_eq!(names.len(), 36);
 }

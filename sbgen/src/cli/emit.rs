@@ -103,8 +103,10 @@ pub struct ScheduleArgs {
     /// K/V pipeline stages.
     #[arg(long)]
     pub stages: Option<u32>,
-    /// How exp2 of the weights is evaluated: mufu, poly (a polynomial on the FMA pipe) or half (the
-    /// polynomial for every other key).
+    /// How the stick's special functions are evaluated: mufu, poly (the weights' exp2 as a polynomial
+    /// on the FMA pipe), half (the polynomial for every other key) or linear (the stick in linear
+    /// space: 2^x and 1 / (1 + 2^x) per score, two special functions where mufu takes three;
+    /// docs/math.md#the-stick-in-linear-space).
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
     /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V, the
@@ -155,7 +157,8 @@ fn parse_softplus(s: &str) -> Result<Softplus, String> {
         "mufu" => Ok(Softplus::Mufu),
         "poly" => Ok(Softplus::Poly),
         "half" => Ok(Softplus::Half),
-        _ => Err(format!("`softplus` = `{s}` is not a valid value: allowed mufu, poly, half")),
+        "linear" => Ok(Softplus::Linear),
+        _ => Err(format!("`softplus` = `{s}` is not a valid value: allowed mufu, poly, half, linear")),
     }
 }
 
@@ -281,6 +284,7 @@ mod tests {
     fn softplus_parse_names_the_field() {
         assert_eq!(parse_softplus("POLY"), Ok(Softplus::Poly));
         assert_eq!(parse_softplus("half"), Ok(Softplus::Half));
+        assert_eq!(parse_softplus("Linear"), Ok(Softplus::Linear));
         assert!(parse_softplus("fast").unwrap_err().contains("`softplus`"));
     }
 }

@@ -2,7 +2,7 @@
 //! each failure naming the field and what is allowed.
 
 use super::arch::Arch;
-use super::schedule::{Cumsum, MmaFamily, Schedule};
+use super::schedule::{Cumsum, MmaFamily, Schedule, Softplus};
 use sbgen_runtime::spec::{Pass, Spec, SpecError};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,14 @@ impl Kernel {
                 field: "cumsum",
                 value: "tensor_core".into(),
                 reason: "the templates implement `shuffle` only so far",
+            });
+        }
+        if s.softplus == Softplus::Linear && !matches!(self.spec.pass, Pass::Forward | Pass::Backward) {
+            return Err(IrError::Unsupported {
+                field: "softplus",
+                value: "linear".into(),
+                reason: "the stick in linear space is checked on the GPU for the forward and the backward only \
+                         so far (not the decode or the segment passes): mufu, poly or half there",
             });
         }
         if s.mma == MmaFamily::Wgmma {
@@ -288,7 +296,17 @@ mod tests {
                     assert!(Kernel::new(s, schedule, arch).validate().is_ok(), "{segment:?} {head_dim} on {arch}");
                     let wgmma = arch == Arch::Sm90 && segment == Pass::Segment;
                     assert_eq!(schedule.mma == MmaFamily::Wgmma, wgmma, "{segment:?} {head_dim} on {arch}");
-                    if wgmma || arch != Arch::Sm90 {
+                    if wgmma {
+                        // The forward's tiles; the segment walk keeps the MUFU stick math (the linear
+                        // stick is not checked there yet) and its two stages.
+                        let f = Schedule::default_on(&b, arch);
+                        assert_eq!(
+                            (schedule.block_m, schedule.block_n, schedule.warps),
+                            (f.block_m, f.block_n, f.warps),
+                            "{segment:?} {head_dim} on {arch}"
+                        );
+                        assert_eq!(schedule.softplus, Softplus::Mufu, "{segment:?} {head_dim} on {arch}");
+                    } else if arch != Arch::Sm90 {
                         assert_eq!(schedule, Schedule::default_on(&b, arch), "{segment:?} {head_dim} on {arch}");
                     } else {
                         assert_eq!(schedule, Schedule::default_for(&b), "{segment:?} {head_dim} on {arch}");
@@ -296,6 +314,23 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_linear_stick_lowers_for_the_forward_and_backward_only() {
+        let linear = Schedule { softplus: Softplus::Linear, ..Schedule::DEFAULT };
+        for pass in [Pass::Forward, Pass::Backward] {
+            assert_eq!(
+                Kernel::new(Spec::new(128, Dtype::Bf16, pass), linear, Arch::Sm80).validate(),
+                Ok(()),
+                "{pass:?}"
+            );
+        }
+        let decode = Schedule { block_m: 16, block_n: 16, ..linear };
+        for (pass, schedule) in [(Pass::Decode, decode), (Pass::Segment, linear), (Pass::SegmentBackward, linear)] {
+            let err = Kernel::new(Spec::new(128, Dtype::Bf16, pass), schedule, Arch::Sm90).validate().unwrap_err();
+            assert!(err.to_string().starts_with("`softplus` = linear is not supported"), "{pass:?}: {err}");
         }
     }
 

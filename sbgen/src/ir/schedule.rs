@@ -29,6 +29,10 @@ pub enum Softplus {
     /// split between the two pipes (2.5 of the three functions per score on the special-function
     /// unit).
     Half,
+    /// The stick in linear space: per score 2^x and 1 - beta = 1 / (1 + 2^x) (`ex2` and `rcp`, two
+    /// special functions where the log-space walk takes three), products of (1 - beta) inside a
+    /// thread's run of keys, log space between runs and blocks (docs/math.md#the-stick-in-linear-space).
+    Linear,
 }
 
 /// Which tensor-core instructions the matmuls use.
@@ -100,12 +104,27 @@ impl Schedule {
         }
     }
 
-    /// The sm_90a forward's schedule where `wgmma` takes it up to head_dim 128: 64 x 64 on 4 warps,
-    /// double-buffered, Q K^T and P V on wgmma (docs/performance.md#wgmma: 1.40x the `mma.sync` default at
-    /// 2,16,8192,128 and 1.22x at 4,16,4096,64 on the H200, session 17, in one call; `sbgen tune` picks it
-    /// or 64 x 32 at every shipped forward spec of those widths). Three stages, which overlap the next
-    /// block's Q K^T with this block's stick math, measured no faster.
+    /// The sm_90a segment pass's schedule up to head_dim 128 (the forward's walk from a carried state,
+    /// context parallelism): 64 x 64 on 4 warps, double-buffered, Q K^T and P V on wgmma, the MUFU
+    /// log-space stick math (docs/performance.md#wgmma: 1.40x the `mma.sync` default at 2,16,8192,128
+    /// and 1.22x at 4,16,4096,64 on the H200, session 17, in one call). The forward itself takes
+    /// [`Schedule::wgmma_forward`].
     pub const WGMMA_FORWARD: Schedule = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
+
+    /// The sm_90a forward's schedule on wgmma: the stick in linear space ([`Softplus::Linear`]) on
+    /// 64 x 64 tiles, two stages at head_dim 64 and three at 128 (the next block's Q K^T overlaps this
+    /// block's stick math); above 128 the 64 x 32 tiles of [`Schedule::default_for`] with the MUFU walk,
+    /// which the linear stick did not beat there. On the H200 in one call (session 20,
+    /// BENCHMARKS.md): 1.08x the MUFU 64 x 64 x 2 kernel at 2,16,8192,128 and 1.17x at 4,16,4096,64;
+    /// `sbgen tune` picks these at every bf16/f16 BHND spec of those widths.
+    pub fn wgmma_forward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
+        let linear = Schedule { softplus: Softplus::Linear, ..Schedule::WGMMA_FORWARD };
+        match spec.tile_head_dim() {
+            d if d <= 64 => linear,
+            d if d <= 128 => Schedule { stages: 3, ..linear },
+            _ => Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) },
+        }
+    }
 
     /// The sm_90a backward's schedule on wgmma (S, dP and dQ on the warpgroup; dK and dV on
     /// `mma.sync`, added to the f32 accumulators four columns per reduction): 64 x 64 on 4 warps at
@@ -114,20 +133,24 @@ impl Schedule {
     /// halve per row. Measured on the H200 (BENCHMARKS.md, session 19, call C, backward = forward +
     /// backward less the forward): 7.58 ms at 2,16,8192,128 against 10.58 for the `mma.sync` default
     /// (1.40x; deterministic 1.59x), 2.43 against 2.62 at 4,16,4096,64, 8.91 against 10.14 at
-    /// 1,16,8192,256.
+    /// 1,16,8192,256. Up to head_dim 128 with the stick in linear space ([`Softplus::Linear`]; the
+    /// betas come out of it without a third special function): 1.04x the MUFU walk at 2,16,8192,128
+    /// in one call, and `sbgen tune`'s pick at every bf16/f16 BHND spec of width 64 and 128 (session 20).
     pub fn wgmma_backward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         let wgmma = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
+        let linear = Schedule { softplus: Softplus::Linear, ..wgmma };
         match spec.tile_head_dim() {
-            d if d <= 64 => wgmma,
-            d if d <= 128 => Schedule { block_m: 128, warps: 8, ..wgmma },
+            d if d <= 64 => linear,
+            d if d <= 128 => Schedule { block_m: 128, warps: 8, ..linear },
             _ => Schedule { block_m: 128, block_n: 32, warps: 8, ..wgmma },
         }
     }
 
-    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward (and its segment pass, the same walk
-    /// from a carried state) takes wgmma where it lowers (head_dim
-    /// 64 and 128: [`Schedule::WGMMA_FORWARD`]; 256: the 64 x 32 tiles of [`Schedule::default_for`] on
-    /// wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`, session 17), and the backward
+    /// [`Schedule::default_for`] on `arch`: on sm_90a the forward takes [`Schedule::wgmma_forward`] and
+    /// its segment pass (the same walk from a carried state) wgmma with the MUFU walk where they lower
+    /// (head_dim 64 and 128: [`Schedule::WGMMA_FORWARD`] for the segment pass; 256: the 64 x 32 tiles of
+    /// [`Schedule::default_for`] on wgmma, 1.77x the `mma.sync` ones at N = 8192 in `sbgen tune`,
+    /// session 17), and the backward
     /// takes [`Schedule::wgmma_backward`] where it lowers (head_dim 64, 128 and 256); where the schedule
     /// needs more shared memory than the arch has (the 192 and 256 wide backward's 128 rows on sm_80's
     /// 163 KiB), 64 x 32 on 4 warps; a decode keeps its tiles on 2 warps instead (each warp has its own
@@ -137,7 +160,9 @@ impl Schedule {
         if arch == super::Arch::Sm90
             && matches!(spec.pass, sbgen_runtime::spec::Pass::Forward | sbgen_runtime::spec::Pass::Segment)
         {
-            let wgmma = if spec.tile_head_dim() <= 128 {
+            let wgmma = if spec.pass == sbgen_runtime::spec::Pass::Forward {
+                Schedule::wgmma_forward(spec)
+            } else if spec.tile_head_dim() <= 128 {
                 Schedule::WGMMA_FORWARD
             } else {
                 Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) }
@@ -207,6 +232,7 @@ impl fmt::Display for Schedule {
                 Softplus::Mufu => "mufu",
                 Softplus::Poly => "poly",
                 Softplus::Half => "half",
+                Softplus::Linear => "lin",
             },
             match self.mma {
                 MmaFamily::MmaSync => "mma",
