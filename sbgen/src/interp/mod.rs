@@ -29,6 +29,14 @@
 //!   bf16/f16); then `acc_i += sum_j L_ij`.
 //! - Early exit (`early_exit_bits = Some(T)`): after finishing a key block, if the maximum of
 //!   `acc_i` over the CTA's rows with i < N is below -T, the CTA stops its walk.
+//! - With the linear stick (`Walk::linear`, `softplus = linear`; docs/math.md#the-stick-in-linear-space):
+//!   per warp (16 rows of the CTA) and key block, a vote: when no score `X_ij` of the warp's rows
+//!   and the block's keys (below N) exceeds `120 / KPT`, `KPT = block_n / 4`, each row splits the
+//!   block into four runs of KPT keys; inside a run, nearest key first, `r = 1 / (1 + 2^X)`,
+//!   `beta = 2^X r`, `W_j = beta_j * (product of r over the run's allowed keys right of j)`; the runs
+//!   are joined in log space (`P_ij = W_ij * 2^(sum of log2 of the products of the runs right of
+//!   j's run) * 2^acc_i`) and `acc_i` adds the four runs' log2 products. Otherwise the warp walks
+//!   the block as above. The backward takes the same P and beta.
 //! - At the end: `rem_i = 2^acc_i`, `log2_rem_i = acc_i` (both f32); `o_saved_i` = o_i in f32
 //!   (before any fused remainder, kept for the backward); `o_i += rem_i * v_i` with a fused
 //!   remainder, and o is rounded to the dtype.
@@ -83,6 +91,11 @@ pub struct Walk {
     pub mask: Mask,
     pub remainder: Remainder,
     pub early_exit_bits: Option<u32>,
+    /// The stick in linear space (`softplus = linear`, docs/math.md#the-stick-in-linear-space):
+    /// inside each of a row's four runs of `block_n / 4` keys, products of `1 - beta = 1 / (1 +
+    /// 2^X)` instead of sums of their log2, the runs joined in log space; a warp (16 rows of the
+    /// CTA) whose block holds a score above `120 / (block_n / 4)` walks that block in log space.
+    pub linear: bool,
 }
 
 /// Forward outputs, BHND, with the query heads (`shape.heads`).
@@ -116,6 +129,10 @@ pub struct Stats {
     pub key_blocks_processed: u64,
     /// Key blocks the CTAs would process without early exit.
     pub key_blocks_needed: u64,
+    /// With the linear stick: the (warp, key block) pairs that took it, and those whose vote sent
+    /// them through the log-space walk (a score above the bound); both 0 without it.
+    pub linear_warp_blocks: u64,
+    pub log_space_warp_blocks: u64,
 }
 
 /// Deliberate mistakes and superseded designs, for the tests that show the comparison with the
@@ -218,12 +235,33 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Per-row scratch for one key block: X, L, S for each key.
+/// Per-row scratch for one key block: X, L, S for each key; with the linear stick, each key's
+/// weight relative to the stick left before the block, its beta, and the block's sum of log2(1 -
+/// beta).
 struct BlockScratch {
     x: Vec<f32>,
     l: Vec<f32>,
     s: Vec<f32>,
+    w: Vec<f32>,
+    beta: Vec<f32>,
+    linear_sum: f32,
 }
+
+impl BlockScratch {
+    fn new(bn: usize) -> BlockScratch {
+        BlockScratch {
+            x: vec![0.0; bn],
+            l: vec![0.0; bn],
+            s: vec![0.0; bn],
+            w: vec![0.0; bn],
+            beta: vec![0.0; bn],
+            linear_sum: 0.0,
+        }
+    }
+}
+
+/// Rows of a CTA per warp, which share the linear stick's vote: 16 in every walk kernel.
+const ROWS_PER_WARP: usize = 16;
 
 impl Walk {
     /// The walk a kernel performs.
@@ -235,6 +273,7 @@ impl Walk {
             mask: kernel.spec.mask,
             remainder: kernel.spec.remainder,
             early_exit_bits: kernel.spec.early_exit_bits,
+            linear: kernel.schedule.softplus == crate::ir::Softplus::Linear,
         }
     }
 
@@ -300,6 +339,70 @@ impl Walk {
         len
     }
 
+    /// The linear stick's votes of the CTA's warps (16 rows each) for the key block at `k0` (true:
+    /// the linear stick), all false without it. A warp votes for it when no score of its rows and
+    /// the block's keys (allowed or not, below N) exceeds `120 / KPT`, `KPT = block_n / 4`. Counts
+    /// the warp-blocks of each path in `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_votes(
+        &self,
+        seq: usize,
+        d: usize,
+        scale_log2: f32,
+        rows: std::ops::Range<usize>,
+        k0: usize,
+        qh: &[f32],
+        kh: &[f32],
+        stats: &mut Stats,
+    ) -> Vec<bool> {
+        let bound = 120.0 / (self.block_n / 4) as f32;
+        let keys = k0..(k0 + self.block_n).min(seq);
+        let within = |i: usize| {
+            let qi = &qh[i * d..(i + 1) * d];
+            keys.clone().all(|j| scale_log2 * dot(qi, &kh[j * d..(j + 1) * d]) <= bound)
+        };
+        let warps = rows.len().div_ceil(ROWS_PER_WARP);
+        (0..warps)
+            .map(|w| {
+                if !self.linear {
+                    return false;
+                }
+                let start = rows.start + w * ROWS_PER_WARP;
+                let ok = (start..(start + ROWS_PER_WARP).min(rows.end)).all(within);
+                stats.linear_warp_blocks += u64::from(ok);
+                stats.log_space_warp_blocks += u64::from(!ok);
+                ok
+            })
+            .collect()
+    }
+
+    /// The linear stick over the block `scores` just filled (X of its `len` allowed keys): fills
+    /// `w` and `beta` for keys `0..len` and `linear_sum`. Each of the four runs of KPT keys takes
+    /// products of r = 1 / (1 + 2^X); the runs are joined in log space, nearest run first.
+    fn linear_weights(&self, sc: &mut BlockScratch, len: usize) {
+        let kpt = self.block_n / 4;
+        let mut right = 0.0f32; // log2 of the stick spent by the runs right of this one
+        for run in (0..4).rev() {
+            let mut keep = 1.0f32; // product of r over the run's keys right of key t
+            for t in (run * kpt..(run + 1) * kpt).rev() {
+                if t >= len {
+                    continue; // not allowed: r = 1, beta = 0
+                }
+                let e = sc.x[t].exp2();
+                let r = 1.0 / (1.0 + e);
+                sc.beta[t] = e * r;
+                sc.w[t] = e * r * keep;
+                keep *= r;
+            }
+            let stick = right.exp2();
+            for t in run * kpt..((run + 1) * kpt).min(len) {
+                sc.w[t] *= stick;
+            }
+            right += keep.log2();
+        }
+        sc.linear_sum = right;
+    }
+
     /// The row sum of L over the block `scores` just filled (0 when no key is allowed).
     fn row_sum(sc: &BlockScratch, len: usize, faults: Faults) -> f32 {
         match (len, faults.exclusive_cumsum) {
@@ -336,7 +439,7 @@ impl Walk {
         let mut rem = vec![1.0f32; shape.rows()];
         let mut log2_rem = vec![0.0f32; shape.rows()];
         let mut stats = Stats::default();
-        let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
+        let mut sc = BlockScratch::new(bn);
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
             let kv = kv_head(shape, bh);
@@ -350,16 +453,21 @@ impl Walk {
                 let mut acc = vec![0.0f32; rows.len()];
                 for b in (0..blocks).rev() {
                     let k0 = b * bn;
+                    let linear = self.linear_votes(n, d, scale_log2, rows.clone(), k0, qh, kh, &mut stats);
                     for (r, i) in rows.clone().enumerate() {
                         let qi = &qh[i * d..(i + 1) * d];
                         let len = self.scores(n, d, scale_log2, i, k0, qi, kh, &mut sc, faults);
+                        let lin = linear[r / ROWS_PER_WARP];
+                        if lin {
+                            self.linear_weights(&mut sc, len);
+                        }
                         let oi = &mut oh[i * d..(i + 1) * d];
                         for t in 0..len {
                             let j = k0 + t;
-                            let p = (sc.x[t] + sc.s[t] + acc[r]).exp2();
+                            let p = if lin { sc.w[t] * acc[r].exp2() } else { (sc.x[t] + sc.s[t] + acc[r]).exp2() };
                             axpy(oi, self.dtype.round(p), &vh[j * d..(j + 1) * d]);
                         }
-                        acc[r] += Self::row_sum(&sc, len, faults);
+                        acc[r] += if lin { sc.linear_sum } else { Self::row_sum(&sc, len, faults) };
                     }
                     stats.key_blocks_processed += 1;
                     if self.exits(&acc, faults) {
@@ -435,7 +543,7 @@ impl Walk {
         let mut dk = vec![0.0f32; shape.kv_len()];
         let mut dv = vec![0.0f32; shape.kv_len()];
         let mut stats = Stats::default();
-        let mut sc = BlockScratch { x: vec![0.0; bn], l: vec![0.0; bn], s: vec![0.0; bn] };
+        let mut sc = BlockScratch::new(bn);
         for bh in 0..shape.batch * shape.heads {
             let base = bh * n * d;
             let head = base..base + n * d;
@@ -481,17 +589,22 @@ impl Walk {
                 let mut acc = vec![0.0f32; rows.len()];
                 for b in (0..blocks).rev() {
                     let k0 = b * bn;
+                    let linear = self.linear_votes(n, d, scale_log2, rows.clone(), k0, qh, kh, &mut stats);
                     for (r, i) in rows.clone().enumerate() {
                         let qi = &qh[i * d..(i + 1) * d];
                         let doi = &doh[i * d..(i + 1) * d];
                         let len = self.scores(n, d, scale_log2, i, k0, qi, kh, &mut sc, faults);
+                        let lin = linear[r / ROWS_PER_WARP];
+                        if lin {
+                            self.linear_weights(&mut sc, len);
+                        }
                         let mut right = 0.0f32; // sum of g_ik over k > j inside the block
                         for t in (0..len).rev() {
                             let j = k0 + t;
                             let vj = &vh[j * d..(j + 1) * d];
-                            let p = (sc.x[t] + sc.s[t] + acc[r]).exp2();
+                            let p = if lin { sc.w[t] * acc[r].exp2() } else { (sc.x[t] + sc.s[t] + acc[r]).exp2() };
                             let p_mma = self.dtype.round(p);
-                            let beta = (sc.x[t] + sc.l[t]).exp2();
+                            let beta = if lin { sc.beta[t] } else { (sc.x[t] + sc.l[t]).exp2() };
                             // The kernels' rule: past the end of the stick (A < 2^-24 beta) the
                             // beta term is dropped, since C there is only f32 residue.
                             let beta = if p < beta * STICK_END { 0.0 } else { beta };
@@ -508,7 +621,7 @@ impl Walk {
                             axpy(&mut dvh[j * d..(j + 1) * d], p_mma, doi);
                         }
                         g_sum[r] += right;
-                        acc[r] += Self::row_sum(&sc, len, faults);
+                        acc[r] += if lin { sc.linear_sum } else { Self::row_sum(&sc, len, faults) };
                     }
                     stats.key_blocks_processed += 1;
                     if self.exits(&acc, faults) {

@@ -98,7 +98,7 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn walk(tiling: (usize, usize), dtype: Dtype, mask: Mask, remainder: Remainder) -> Walk {
-    Walk { block_m: tiling.0, block_n: tiling.1, dtype, mask, remainder, early_exit_bits: None }
+    Walk { block_m: tiling.0, block_n: tiling.1, dtype, mask, remainder, early_exit_bits: None, linear: false }
 }
 
 /// The float64 reference (exact, no early exit) on the same rounded inputs, and the scores of
@@ -213,7 +213,7 @@ fn errors(r: &Reference, fwd: &ForwardOut, g: &Grads) -> Errors {
 /// Every tiling, sequence length, mask and remainder mode on one data regime, the dtype and
 /// dRem alternating between cases; dq and dk held to `qk_tol` when given, else to the gradient
 /// tolerance. Panics listing the cases over the tolerance; returns the largest errors per dtype.
-fn sweep(regime: Regime, qk_tol: Option<f64>) -> [Errors; 2] {
+fn sweep(regime: Regime, qk_tol: Option<f64>, linear: bool) -> [Errors; 2] {
     let mut worst = [Errors::default(); 2];
     let mut failures = Vec::new();
     for (ni, n) in SEQS.into_iter().enumerate() {
@@ -227,7 +227,7 @@ fn sweep(regime: Regime, qk_tol: Option<f64>) -> [Errors; 2] {
                 let data = data(regime, shape, dtype, (100 * ni + 10 * mi + ri) as u64);
                 let r = reference_for(&walk(TILINGS[0], dtype, mask, remainder), &data, with_d_rem);
                 for tiling in TILINGS {
-                    let w = walk(tiling, dtype, mask, remainder);
+                    let w = Walk { linear, ..walk(tiling, dtype, mask, remainder) };
                     let (fwd, g, _) = run(&w, &data, with_d_rem, Faults::default());
                     let e = errors(&r, &fwd, &g);
                     let (fwd_tol, grad_tol) = tolerances(dtype);
@@ -240,7 +240,7 @@ fn sweep(regime: Regime, qk_tol: Option<f64>) -> [Errors; 2] {
         }
     }
     for (dtype, e) in Dtype::ALL.iter().zip(&worst) {
-        eprintln!("{regime:?} {dtype}: worst {e:?}");
+        eprintln!("{regime:?} {dtype} (linear stick: {linear}): worst {e:?}");
     }
     assert!(failures.is_empty(), "{regime:?}: {} cases over the tolerance:\n{}", failures.len(), failures.join("\n"));
     worst
@@ -248,12 +248,12 @@ fn sweep(regime: Regime, qk_tol: Option<f64>) -> [Errors; 2] {
 
 #[test]
 fn matches_the_reference_on_random_data() {
-    sweep(Regime::Random, None);
+    sweep(Regime::Random, None, false);
 }
 
 #[test]
 fn matches_the_reference_on_long_reach_data() {
-    sweep(Regime::LongReach, None);
+    sweep(Regime::LongReach, None, false);
 }
 
 /// Sharp scores (beta ~ 1, keys sharing a direction): before the 2^-24 rule (`STICK_END`) the
@@ -261,7 +261,44 @@ fn matches_the_reference_on_long_reach_data() {
 /// them (dq 3.4e-2 at N = 257, growing with N). Held to the normal tolerances now.
 #[test]
 fn matches_the_reference_on_sharp_data() {
-    sweep(Regime::Sharp, None);
+    sweep(Regime::Sharp, None, false);
+}
+
+/// The stick in linear space (docs/math.md#the-stick-in-linear-space) on the three regimes, every
+/// tiling: random and long-reach data take it, sharp data (X near 11.5, over the bound of 7.5 at
+/// 64-key blocks and 3.75 at 128) mostly falls back to the log-space walk.
+#[test]
+fn the_linear_stick_matches_the_reference() {
+    for regime in [Regime::Random, Regime::LongReach, Regime::Sharp] {
+        sweep(regime, None, true);
+    }
+}
+
+/// Scores scaled so that some warps' blocks hold a score over the bound and others do not: both
+/// paths run in one walk, next to each other, and the result still matches the reference.
+#[test]
+fn the_linear_stick_and_its_fallback_mix_within_a_walk() {
+    let shape = Shape::new(1, 2, 300, HEAD_DIM);
+    for dtype in Dtype::ALL {
+        let mut data = data(Regime::Random, shape, dtype, 77);
+        for x in &mut data.q {
+            *x = dtype.round(*x * 1.6);
+        }
+        let w = Walk { linear: true, ..walk((64, 64), dtype, Mask::Strict, Remainder::Return) };
+        let r = reference_for(&w, &data, true);
+        let (fwd, g, stats) = run(&w, &data, true, Faults::default());
+        assert!(
+            stats.linear_warp_blocks > 0 && stats.log_space_warp_blocks > 0,
+            "{dtype}: {} warp-blocks linear, {} in log space",
+            stats.linear_warp_blocks,
+            stats.log_space_warp_blocks
+        );
+        let e = errors(&r, &fwd, &g);
+        assert!(e.within(tolerances(dtype)), "{dtype}: {e:?}");
+        // Without the linear stick: the same walk, no vote.
+        let (_, _, log) = run(&Walk { linear: false, ..w }, &data, true, Faults::default());
+        assert_eq!((log.linear_warp_blocks, log.log_space_warp_blocks), (0, 0));
+    }
 }
 
 /// The first design took D_i from the dtype-rounded o and g from the unrounded A: the
@@ -503,7 +540,8 @@ fn kernel_entry_points_run_the_kernels_walk() {
             dtype: Dtype::F16,
             mask: Mask::AttendCurrent,
             remainder: Remainder::Fuse,
-            early_exit_bits: Some(20)
+            early_exit_bits: Some(20),
+            linear: false
         }
     );
     let shape = Shape::new(1, 1, 70, 64);
