@@ -213,14 +213,17 @@ __device__ __forceinline__ bool key_allowed(int row, int key, int N) {
 // per score 2^x and 1 - beta = 1 / (1 + 2^x) on the special-function unit (two functions where the
 // log-space walk takes three), and inside a thread's run of keys products of (1 - beta) instead of
 // sums of log2(1 - beta). The runs are joined in log space as before: one lg2 per run and one exp2
-// per row-half. A run of KPT factors each above 2^(-120/KPT) stays a normal float, so when a score
-// of the warp's block exceeds LINEAR_MAX_X the whole warp takes the log-space walk for this block
-// (one vote: the branch is warp-uniform, so the row-halves' chains still interleave).
+// per row-half. With every score at most LINEAR_MAX_X = 120/KPT, a run's product is at least
+// (1 + 2^(120/KPT))^-KPT: 2^-120.0 for 8 keys, 2^-120.1 for 16, 2^-123.3 for 32, a normal float (an
+// underflow to 0 would make lg2 -inf and the weights NaN). So when a score of the warp's block
+// exceeds the bound, the whole warp takes the log-space walk for this block (one vote: the branch
+// is warp-uniform, so the row-halves' chains still interleave).
 template <bool MASKED, bool WANT_BETA>
 __device__ __forceinline__ bool stick_step_linear(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
                                                   int key0, int row0, int N, float scale_log2, int lane) {
     // Local, not at namespace scope: such constants show in every kernel's PTX.
     constexpr float LINEAR_MAX_X = 120.0f / KPT;
+    static_assert(KPT <= 32, "the bound keeps runs of at most 32 keys normal (64 keys could reach 2^-142)");
     const int g = lane >> 2, t = lane & 3;
     float top = SB_NEG_INF;
 #pragma unroll
