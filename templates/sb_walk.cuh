@@ -241,17 +241,18 @@ __device__ __forceinline__ bool stick_step_linear(float (&s)[MT][NT][4], float (
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int row = row0 + mt * 16 + g + 8 * hh;
-            float keep = 1.0f;  // product of (1 - beta) over the run's keys right of key m
+            float keep = 1.0f;  // product of (1 - beta) over the run's keys from key m rightwards
 #pragma unroll
             for (int m = KPT - 1; m >= 0; --m) {
                 float& v = s[mt][m >> 1][2 * hh + (m & 1)];
                 const bool ok = !MASKED || key_allowed(row, key0 + t * KPT + m, N);
                 const float e = fast_exp2(v);
                 const float r = fast_rcp(1.0f + e);  // 1 - beta
-                const float b = ok ? e * r : 0.0f;   // beta
-                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = b;
-                v = b * keep;  // the weight, relative to the stick left at the run's right end
+                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = ok ? e * r : 0.0f;  // beta
                 keep *= ok ? r : 1.0f;
+                // The weight, relative to the stick left at the run's right end: beta times the
+                // product right of m is e times the product including m's r (one product fewer).
+                v = ok ? e * keep : 0.0f;
             }
             const float run_log2 = fast_log2(keep);
             float total;

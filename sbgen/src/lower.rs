@@ -135,6 +135,37 @@ fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir
     }
 }
 
+/// CTAs per SM that the register allocation must leave room for (`__launch_bounds__`' second
+/// argument; 1 lets a kernel take up to 255 registers). The 4-warp wgmma backward at 64 columns
+/// with the linear stick takes 196-201 registers unbounded, two CTAs per SM; bounded to three (168
+/// registers, which its 64 KiB of shared memory allow) it compiles without spills and measured 1.06x
+/// faster (docs/performance.md#wgmma). The MUFU walk spills 8 bytes at that bound, and so does the
+/// fused remainder in BNHD (bf16): both keep the unbounded allocation. The other kernels are not bounded: the forward at 64 columns fits
+/// three CTAs unbounded (158 registers), and its 3-stage variant bounded to three measured slower
+/// than the 2-stage one.
+fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
+    const BOUNDED: u32 = 3;
+    let (spec, s) = (&kernel.spec, &kernel.schedule);
+    let fits = BOUNDED * (kernel.smem_layout().total + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM_SM90;
+    let bounded = kernel.arch == crate::ir::Arch::Sm90
+        && spec.pass == Pass::Backward
+        && s.mma == crate::ir::MmaFamily::Wgmma
+        && s.threads() == 128
+        && s.softplus == Softplus::Linear
+        && spec.remainder == Remainder::Return
+        && spec.tile_head_dim() == 64
+        && fits;
+    if bounded {
+        BOUNDED
+    } else {
+        1
+    }
+}
+
+/// Shared memory of an sm_90 SM and what the driver reserves per CTA, in bytes.
+const SMEM_PER_SM_SM90: u32 = 228 * 1024;
+const SMEM_RESERVED_PER_CTA: u32 = 1024;
+
 /// Lowers `kernel` to CUDA C++ and a launch manifest.
 pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     kernel.validate()?;
@@ -185,7 +216,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             .collect::<Vec<_>>()
             .join(", "),
         wgmma_pv_a0: spec.tile_head_dim() / 2,
-        min_blocks: 1,
+        min_blocks: min_blocks_per_sm(kernel),
         smem: kernel.smem_layout(),
         params: match spec.pass {
             Pass::Decode => DECODE_PARAM_FIELDS,
@@ -297,5 +328,39 @@ mod tests {
             let linear = source(pass, Softplus::Linear);
             assert!(linear.contains("constexpr int POLY_EXP2 = 3;") && !linear.contains("bool POLY_EXP2"), "{pass:?}");
         }
+    }
+
+    /// Three CTAs per SM are asked of the 4-warp linear wgmma backward at 64 columns on sm_90 with
+    /// the remainder returned, when its shared memory allows three, and of nothing else.
+    #[test]
+    fn only_the_narrow_linear_wgmma_backward_is_bounded_to_three_ctas() {
+        use crate::ir::MmaFamily;
+        let bound = |head_dim: u32, pass: Pass, arch: Arch, edit: &dyn Fn(&mut Schedule)| {
+            let spec = Spec::new(head_dim, Dtype::Bf16, pass);
+            let mut schedule = Schedule::wgmma_backward(&spec);
+            edit(&mut schedule);
+            min_blocks_per_sm(&Kernel::new(spec, schedule, arch))
+        };
+        let keep = |_: &mut Schedule| {};
+        assert_eq!(Schedule::wgmma_backward(&Spec::new(64, Dtype::Bf16, Pass::Backward)).softplus, Softplus::Linear);
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &keep), 3);
+        assert_eq!(bound(50, Pass::Backward, Arch::Sm90, &keep), 3, "64-column tiles of a padded head_dim");
+        let source = lower(&Kernel::new(
+            Spec::new(64, Dtype::Bf16, Pass::Backward),
+            Schedule::wgmma_backward(&Spec::new(64, Dtype::Bf16, Pass::Backward)),
+            Arch::Sm90,
+        ))
+        .expect("lowers")
+        .cuda_source;
+        assert!(source.contains("constexpr int MIN_BLOCKS = 3;"));
+        assert_eq!(bound(128, Pass::Backward, Arch::Sm90, &keep), 1);
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm80, &keep), 1);
+        assert_eq!(bound(64, Pass::Forward, Arch::Sm90, &keep), 1);
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| s.softplus = Softplus::Mufu), 1, "spills at 168");
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| s.mma = MmaFamily::MmaSync), 1);
+        let fused = Spec { remainder: Remainder::Fuse, ..Spec::new(64, Dtype::Bf16, Pass::Backward) };
+        assert_eq!(min_blocks_per_sm(&Kernel::new(fused, Schedule::wgmma_backward(&fused), Arch::Sm90)), 1, "spills");
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| s.stages = 3), 1, "80 KiB: two CTAs");
+        assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| (s.block_m, s.warps) = (128, 8)), 1);
     }
 }

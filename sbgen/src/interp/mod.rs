@@ -383,7 +383,7 @@ impl Walk {
         let kpt = self.block_n / 4;
         let mut right = 0.0f32; // log2 of the stick spent by the runs right of this one
         for run in (0..4).rev() {
-            let mut keep = 1.0f32; // product of r over the run's keys right of key t
+            let mut keep = 1.0f32; // product of r over the run's keys from key t rightwards
             for t in (run * kpt..(run + 1) * kpt).rev() {
                 if t >= len {
                     continue; // not allowed: r = 1, beta = 0
@@ -391,8 +391,10 @@ impl Walk {
                 let e = sc.x[t].exp2();
                 let r = 1.0 / (1.0 + e);
                 sc.beta[t] = e * r;
-                sc.w[t] = e * r * keep;
+                // beta times the product right of t is e times the product including t's r, in
+                // the kernel's order (one product fewer per key).
                 keep *= r;
+                sc.w[t] = e * keep;
             }
             let stick = right.exp2();
             for t in run * kpt..((run + 1) * kpt).min(len) {
