@@ -88,6 +88,12 @@ pub struct CacheEntry {
     /// FNV-1a 64 of the CUDA source the PTX was compiled from (16 hex digits).
     #[serde(default)]
     pub cuda_source_hash: String,
+    /// When the PTX was compiled again from a changed CUDA source of the same schedule without
+    /// timing it (`sbgen cache refresh --recompile`), UTC, RFC 3339: `time_ms`, `tflops` and the
+    /// candidates are then those measured at `tuned_at` with the earlier PTX. Empty when the PTX is
+    /// the one that was timed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recompiled_at: String,
 }
 
 /// One candidate schedule and what became of it.
@@ -440,6 +446,7 @@ impl CacheEntry {
             manifest: lowered.manifest,
             ptx,
             cuda_source_hash: source_hash(&lowered.cuda_source),
+            recompiled_at: String::new(),
         })
     }
 

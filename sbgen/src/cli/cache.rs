@@ -2,7 +2,10 @@
 //! `sbgen cache refresh`: keeps a cache valid across template changes that do not change the code
 //! (a comment, a branch other kernels take): an entry whose CUDA source changed but whose PTX,
 //! compiled again here, is byte-identical to the PTX it holds is the same program, so its timings
-//! stand and only its source hash is updated; every other changed entry is reported stale.
+//! stand and only its source hash is updated; every other changed entry is reported stale. With
+//! `--recompile`, an entry whose PTX changed (its name and launch manifest did not) takes the new
+//! PTX when it compiles without spills, and `recompiled_at` records that its times are the earlier
+//! PTX's: the winners stand until the next `sbgen tune` re-times them.
 
 use super::Outcome;
 use crate::artifact;
@@ -28,8 +31,8 @@ pub enum CacheAction {
     Show(ShowArgs),
     /// Re-check every entry against this sbgen (needs the CUDA toolchain, not a GPU): an entry whose
     /// CUDA source changed is compiled again, and kept (its source hash updated) when the PTX is
-    /// byte-identical to the PTX it holds; otherwise it is listed as stale, to re-tune. Exit 1 when
-    /// any entry is stale.
+    /// byte-identical to the PTX it holds; otherwise it is listed as stale, to re-tune
+    /// (`--recompile`: to store the new PTX untimed). Exit 1 when any entry is stale.
     Refresh(RefreshArgs),
 }
 
@@ -44,6 +47,12 @@ pub struct RefreshArgs {
     /// Compiler threads (default: all cores).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
+    /// Store the new PTX of an entry whose PTX changed (same kernel name and launch manifest, no
+    /// spills), marked `recompiled_at`: its times, TFLOP/s and candidates stay those measured with
+    /// the earlier PTX, so the winner is kept but not re-timed. For a template change that cannot be
+    /// re-tuned at once; `sbgen tune` replaces the entry.
+    #[arg(long)]
+    pub recompile: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +97,8 @@ enum Freshness {
     Current,
     /// The source changed, the PTX compiled from it did not: the hash to store.
     SamePtx(String),
+    /// `--recompile`: the source and the PTX changed; the hash and PTX to store, untimed.
+    Recompiled(String, String),
     /// Anything else, with the reason.
     Stale(String),
 }
@@ -119,11 +130,19 @@ fn refresh(args: &RefreshArgs, out: &mut dyn Write) -> Result<Outcome> {
         let stored = &cache.entries[*i].ptx;
         verdicts[*i] = Some(match &artifact.compiled {
             Some(c) if c.ptx == *stored => Freshness::SamePtx(source_hash(&l.cuda_source)),
-            Some(_) => Freshness::Stale("its CUDA source changed and so did the PTX: re-tune it".into()),
+            Some(c) if args.recompile && matches!(artifact.verdict, artifact::Verdict::Ok) => {
+                Freshness::Recompiled(source_hash(&l.cuda_source), c.ptx.clone())
+            }
+            Some(_) if args.recompile => Freshness::Stale(format!("its new PTX is not stored: {}", artifact.verdict)),
+            Some(_) => Freshness::Stale(
+                "its CUDA source changed and so did the PTX: re-tune it (or `--recompile` to keep the winner untimed)"
+                    .into(),
+            ),
             None => Freshness::Stale(format!("it no longer compiles: {}", artifact.verdict)),
         });
     }
-    let (mut current, mut rehashed, mut stale) = (0, 0, 0);
+    let (mut current, mut rehashed, mut recompiled, mut stale) = (0, 0, 0, 0);
+    let now = crate::cache::now_utc();
     for (e, verdict) in cache.entries.iter_mut().zip(verdicts) {
         let what = format!("{} {} bucket {}", e.arch, e.spec.slug(), e.seq_bucket);
         match verdict {
@@ -133,20 +152,27 @@ fn refresh(args: &RefreshArgs, out: &mut dyn Write) -> Result<Outcome> {
                 e.cuda_source_hash = hash;
                 rehashed += 1;
             }
+            Some(Freshness::Recompiled(hash, ptx)) => {
+                writeln!(out, "recompiled {what}: new PTX, times from {} (untimed)", printable(&e.tuned_at))?;
+                (e.cuda_source_hash, e.ptx, e.recompiled_at) = (hash, ptx, now.clone());
+                recompiled += 1;
+            }
             Some(Freshness::Stale(why)) => {
                 writeln!(out, "STALE     {what}: {why}")?;
                 stale += 1;
             }
         }
     }
-    if rehashed > 0 && !args.dry_run {
+    let changed = rehashed + recompiled > 0;
+    if changed && !args.dry_run {
         cache.save(&args.cache)?;
     }
     writeln!(
         out,
-        "refresh: {} entries: {current} current, {rehashed} with the same PTX from a changed source{}, {stale} stale",
+        "refresh: {} entries: {current} current, {rehashed} with the same PTX from a changed source, {recompiled} \
+         recompiled untimed{}, {stale} stale",
         cache.entries.len(),
-        if rehashed > 0 && args.dry_run { " (not written: --dry-run)" } else { "" }
+        if changed && args.dry_run { " (not written: --dry-run)" } else { "" }
     )?;
     Ok(if stale == 0 { Outcome::Success } else { Outcome::Failure })
 }
@@ -182,7 +208,11 @@ fn format_entry(e: &CacheEntry) -> String {
         e.tflops,
         e.speedup_over_default.map_or("-".to_string(), |s| format!("{s:.2}x")),
         or_dash(&e.gpu_name),
-        or_dash(&e.tuned_at)
+        if e.recompiled_at.is_empty() {
+            or_dash(&e.tuned_at)
+        } else {
+            format!("{} (PTX recompiled {}, untimed)", or_dash(&e.tuned_at), printable(&e.recompiled_at))
+        }
     )
 }
 
@@ -222,5 +252,55 @@ mod tests {
         let line = format_entry(&hostile);
         assert!(line.contains("H200\\u{1b}[2J\\u{202e}") && line.contains("\\r\\n2026"), "{line}");
         assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        let recompiled = CacheEntry { recompiled_at: "2026-12-02T10:00:00Z".into(), ..hostile };
+        assert!(format_entry(&recompiled).contains("(PTX recompiled 2026-12-02T10:00:00Z, untimed)"));
+    }
+
+    /// An entry whose source and PTX changed is stale; `--recompile` stores the new PTX (its times
+    /// kept, `recompiled_at` set), `--dry-run` writes nothing, and the entry is then current.
+    /// Through the real NVRTC and ptxas (skipped without the toolchain).
+    #[test]
+    fn recompile_stores_the_new_ptx_untimed() {
+        if let Err(e) = Compiler::discover() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let dir = crate::files::tests::scratch("cache-recompile");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cache.json");
+        let spec = Spec::new(64, Dtype::Bf16, Pass::Forward);
+        let kernel = Kernel::new(spec, Schedule::default_for(&spec), Arch::Sm90);
+        let old = CacheEntry {
+            time_ms: 0.5,
+            tuned_at: "2026-11-29T02:00:00Z".into(),
+            cuda_source_hash: "0123456789abcdef".into(),
+            ..CacheEntry::untimed(kernel, 2048, "// the PTX of an earlier template".into()).unwrap()
+        };
+        let mut cache = TuningCache::new();
+        cache.insert(old.clone());
+        cache.save(&path).unwrap();
+        let refresh_with = |recompile: bool, dry_run: bool| {
+            let args = RefreshArgs { cache: path.clone(), dry_run, jobs: Some(1), recompile };
+            let mut out = Vec::new();
+            let outcome = refresh(&args, &mut out).unwrap();
+            (outcome, String::from_utf8(out).unwrap(), TuningCache::load(&path).unwrap().entries[0].clone())
+        };
+        let (outcome, text, entry) = refresh_with(false, false);
+        assert!(
+            matches!(outcome, Outcome::Failure) && text.contains("STALE") && text.contains("--recompile"),
+            "{text}"
+        );
+        assert_eq!(entry, old);
+        let (outcome, text, entry) = refresh_with(true, true);
+        assert!(matches!(outcome, Outcome::Success) && text.contains("1 recompiled untimed (not written"), "{text}");
+        assert_eq!(entry, old);
+        let (outcome, text, entry) = refresh_with(true, false);
+        assert!(matches!(outcome, Outcome::Success) && text.contains("recompiled sm_90"), "{text}");
+        assert!(entry.ptx.contains(".entry") && !entry.recompiled_at.is_empty(), "{}", entry.recompiled_at);
+        assert_eq!((entry.time_ms, entry.tuned_at.as_str()), (0.5, "2026-11-29T02:00:00Z"));
+        assert!(entry.check_lowering().is_ok());
+        let (outcome, text, _) = refresh_with(true, false);
+        assert!(matches!(outcome, Outcome::Success) && text.contains("1 current"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -54,6 +54,7 @@ pub fn record(
         manifest: binary.manifest().clone(),
         ptx: binary.ptx().first().map(|(_, p)| p.clone()).unwrap_or_default(),
         cuda_source_hash: binary.cuda_source().map(cache::source_hash).unwrap_or_default(),
+        recompiled_at: String::new(),
     };
     Ok((row, Some(entry)))
 }
