@@ -359,15 +359,18 @@ impl TuningCache {
     /// Adds `entry`, replacing an entry of the same (arch, spec, seq_bucket) unless that one is a
     /// fuller tuning of the same kernels: built from the same CUDA source, chosen from the same
     /// candidate list by the same sbgen, with more candidates timed (the new run's budget ran out
-    /// sooner). A stale entry (any of the three differs) is always replaced.
+    /// sooner). A stale entry (any of the three differs) or one recompiled untimed is always replaced.
     pub fn insert(&mut self, entry: CacheEntry) -> Merge {
         let Some(old) = self.entries.iter_mut().find(|e| e.key() == entry.key()) else {
             self.entries.push(entry);
             return Merge::Added;
         };
+        // An entry whose PTX was recompiled untimed holds times of another PTX: never kept over a
+        // measurement.
         let same_build = old.cuda_source_hash == entry.cuda_source_hash
             && old.candidates_checksum == entry.candidates_checksum
-            && old.sbgen_version == entry.sbgen_version;
+            && old.sbgen_version == entry.sbgen_version
+            && old.recompiled_at.is_empty();
         let (before, now) = (old.timed_candidates(), entry.timed_candidates());
         if same_build && now < before {
             return Merge::Kept {
@@ -602,10 +605,12 @@ mod tests {
             schedule: Schedule { stages: 3, ..full.schedule },
             outcome: Outcome::Timed { ms: 1.7, tflops: 90.0 },
         });
-        let stale: [fn(&mut CacheEntry); 3] = [
+        let stale: [fn(&mut CacheEntry); 4] = [
             |e| e.cuda_source_hash = "0123456789abcdef".into(),
             |e| e.candidates_checksum = "fnv1a64:0000000000000000".into(),
             |e| e.sbgen_version = "0.0.1".into(),
+            // `cache refresh --recompile`: the same source now, the times of another PTX.
+            |e| e.recompiled_at = "2026-12-02T10:00:00Z".into(),
         ];
         for make_stale in stale {
             let mut old = full.clone();

@@ -153,7 +153,8 @@ fn refresh(args: &RefreshArgs, out: &mut dyn Write) -> Result<Outcome> {
                 rehashed += 1;
             }
             Some(Freshness::Recompiled(hash, ptx)) => {
-                writeln!(out, "recompiled {what}: new PTX, times from {} (untimed)", printable(&e.tuned_at))?;
+                let timed = if e.tuned_at.is_empty() { "an earlier PTX" } else { &e.tuned_at };
+                writeln!(out, "recompiled {what}: new PTX, untimed (its times are from {})", printable(timed))?;
                 (e.cuda_source_hash, e.ptx, e.recompiled_at) = (hash, ptx, now.clone());
                 recompiled += 1;
             }
