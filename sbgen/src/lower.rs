@@ -140,9 +140,9 @@ fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir
 /// with the linear stick takes 196-201 registers unbounded, two CTAs per SM; bounded to three (168
 /// registers, which its 64 KiB of shared memory allow) it compiles without spills and measured 1.06x
 /// faster (docs/performance.md#wgmma). The MUFU walk spills 8 bytes at that bound, and so does the
-/// fused remainder in BNHD (bf16): both keep the unbounded allocation. The other kernels are not bounded: the forward at 64 columns fits
-/// three CTAs unbounded (158 registers), and its 3-stage variant bounded to three measured slower
-/// than the 2-stage one.
+/// fused remainder in BNHD (bf16): both keep the unbounded allocation. The other kernels are not
+/// bounded: the forward at 64 columns fits three CTAs unbounded (144 registers), and its 3-stage
+/// variant bounded to three measured slower than the 2-stage one.
 fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
     const BOUNDED: u32 = 3;
     let (spec, s) = (&kernel.spec, &kernel.schedule);
