@@ -210,20 +210,20 @@ __device__ __forceinline__ bool key_allowed(int row, int key, int N) {
 }
 
 // stick_step's linear variant (POLY == 3, `softplus = linear`; docs/math.md#the-stick-in-linear-space):
-// per score 2^x and 1 - beta = 1 / (1 + 2^x) on the special-function unit (two functions where the
-// log-space walk takes three), and inside a thread's run of keys products of (1 - beta) instead of
-// sums of log2(1 - beta). The runs are joined in log space as before: one lg2 per run and one exp2
-// per row-half. With every score at most LINEAR_MAX_X = 120/KPT, a run's product is at least
-// (1 + 2^(120/KPT))^-KPT: 2^-120.0 for 8 keys, 2^-120.1 for 16, 2^-123.3 for 32, a normal float (an
-// underflow to 0 would make lg2 -inf and the weights NaN). So when a score of the warp's block
-// exceeds the bound, the whole warp takes the log-space walk for this block (one vote: the branch
-// is warp-uniform, so the row-halves' chains still interleave).
+// per score 2^x on the special-function unit, and inside a thread's run of keys products of
+// (1 + 2^x) = 1 / (1 - beta) instead of sums of log2(1 - beta): one reciprocal per run rather than
+// per score (the backward's beta takes its own). The runs are joined in log space as before: one
+// lg2 per run and one exp2 per row-half. With every score at most LINEAR_MAX_X = 120/KPT, a run's
+// product is at most (1 + 2^(120/KPT))^KPT: 2^120.0 for 8 keys, 2^120.1 for 16, 2^123.3 for 32, so
+// it and its reciprocal are normal floats (an overflow would make the weights NaN). So when a score
+// of the warp's block exceeds the bound, the whole warp takes the log-space walk for this block
+// (one vote: the branch is warp-uniform, so the row-halves' chains still interleave).
 template <bool MASKED, bool WANT_BETA>
 __device__ __forceinline__ bool stick_step_linear(float (&s)[MT][NT][4], float (&beta)[MT][NT][4], float (&acc)[MT][2],
                                                   int key0, int row0, int N, float scale_log2, int lane) {
     // Local, not at namespace scope: such constants show in every kernel's PTX.
     constexpr float LINEAR_MAX_X = 120.0f / KPT;
-    static_assert(KPT <= 32, "the bound keeps runs of at most 32 keys normal (64 keys could reach 2^-142)");
+    static_assert(KPT <= 32, "the bound keeps runs of at most 32 keys finite (64 keys could reach 2^142)");
     const int g = lane >> 2, t = lane & 3;
     float top = SB_NEG_INF;
 #pragma unroll
@@ -241,24 +241,29 @@ __device__ __forceinline__ bool stick_step_linear(float (&s)[MT][NT][4], float (
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int row = row0 + mt * 16 + g + 8 * hh;
-            float keep = 1.0f;  // product of (1 - beta) over the run's keys from key m rightwards
+            // Farthest key first: left holds the product of (1 + 2^x) over the run's keys left of m.
+            // Key m's weight relative to the stick left at the run's right end is
+            // beta_m prod_{k > m} (1 - beta_k) = 2^x_m left_m / (the whole run's product).
+            float left = 1.0f;
 #pragma unroll
-            for (int m = KPT - 1; m >= 0; --m) {
+            for (int m = 0; m < KPT; ++m) {
                 float& v = s[mt][m >> 1][2 * hh + (m & 1)];
                 const bool ok = !MASKED || key_allowed(row, key0 + t * KPT + m, N);
                 const float e = fast_exp2(v);
-                const float r = fast_rcp(1.0f + e);  // 1 - beta
-                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = ok ? e * r : 0.0f;  // beta
-                keep *= ok ? r : 1.0f;
-                // The weight, relative to the stick left at the run's right end: beta times the
-                // product right of m is e times the product including m's r (one product fewer).
-                v = ok ? e * keep : 0.0f;
+                if (WANT_BETA) beta[mt][m >> 1][2 * hh + (m & 1)] = ok ? e * fast_rcp(1.0f + e) : 0.0f;
+                v = ok ? e * left : 0.0f;
+                left = ok ? fmaf(left, e, left) : left;  // left * (1 + e), without the sum
             }
-            const float run_log2 = fast_log2(keep);
+            const float inv = fast_rcp(left);         // the run's product of (1 - beta)
+            const float run_log2 = -fast_log2(left);  // its log2, beside the reciprocal rather than after
             float total;
             const float stick = fast_exp2(quad_suffix(run_log2, t, total) - run_log2 + acc[mt][hh]);
+            // Two products, not one by inv * stick: that can flush to zero where the weight is not.
 #pragma unroll
-            for (int m = 0; m < KPT; ++m) s[mt][m >> 1][2 * hh + (m & 1)] *= stick;
+            for (int m = 0; m < KPT; ++m) {
+                float& v = s[mt][m >> 1][2 * hh + (m & 1)];
+                v = (v * inv) * stick;
+            }
             acc[mt][hh] += total;
         }
     return true;

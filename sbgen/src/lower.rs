@@ -139,8 +139,10 @@ fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir
 /// argument; 1 lets a kernel take up to 255 registers). The 4-warp wgmma backward at 64 columns
 /// with the linear stick takes 196-201 registers unbounded, two CTAs per SM; bounded to three (168
 /// registers, which its 64 KiB of shared memory allow) it compiles without spills and measured 1.06x
-/// faster (docs/performance.md#wgmma). The MUFU walk spills 8 bytes at that bound, and so does the
-/// fused remainder in BNHD (bf16): both keep the unbounded allocation. The other kernels are not
+/// faster (docs/performance.md#wgmma). The MUFU walk spills 8 bytes at that bound, and so do the
+/// fused remainder in BNHD (bf16) and, since the linear stick takes one reciprocal per run
+/// (session 22), the packed batch (THD) with early exit (bf16): these keep the unbounded
+/// allocation. The other kernels are not
 /// bounded: the forward at 64 columns fits three CTAs unbounded (144 registers), and its 3-stage
 /// variant bounded to three measured slower than the 2-stage one.
 fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
@@ -153,6 +155,7 @@ fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
         && s.threads() == 128
         && s.softplus == Softplus::Linear
         && spec.remainder == Remainder::Return
+        && !(spec.layout == crate::ir::Layout::Thd && spec.early_exit_bits.is_some())
         && spec.tile_head_dim() == 64
         && fits;
     if bounded {
@@ -360,6 +363,15 @@ mod tests {
         let fused = Spec { remainder: Remainder::Fuse, ..Spec::new(64, Dtype::Bf16, Pass::Backward) };
         assert_eq!(min_blocks_per_sm(&Kernel::new(fused, Schedule::wgmma_backward(&fused), Arch::Sm90)), 1, "spills");
         assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| s.stages = 3), 1, "80 KiB: two CTAs");
+        let packed_exit = Spec {
+            layout: crate::ir::Layout::Thd,
+            early_exit_bits: Some(24),
+            ..Spec::new(64, Dtype::Bf16, Pass::Backward)
+        };
+        let packed_exit_bound = min_blocks_per_sm(&Kernel::new(packed_exit, Schedule::wgmma_backward(&packed_exit), Arch::Sm90));
+        assert_eq!(packed_exit_bound, 1, "spills");
+        let packed = Spec { early_exit_bits: None, ..packed_exit };
+        assert_eq!(min_blocks_per_sm(&Kernel::new(packed, Schedule::wgmma_backward(&packed), Arch::Sm90)), 3);
         assert_eq!(bound(64, Pass::Backward, Arch::Sm90, &|s| (s.block_m, s.warps) = (128, 8)), 1);
     }
 }

@@ -105,7 +105,8 @@ pub struct ScheduleArgs {
     pub stages: Option<u32>,
     /// How the stick's special functions are evaluated: mufu, poly (the weights' exp2 as a polynomial
     /// on the FMA pipe), half (the polynomial for every other key) or linear (the stick in linear
-    /// space: 2^x and 1 / (1 + 2^x) per score, two special functions where mufu takes three;
+    /// space: 2^x per score and one reciprocal per run of keys, about one special function per
+    /// score in the forward where mufu takes three;
     /// docs/math.md#the-stick-in-linear-space).
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,

@@ -32,8 +32,10 @@
 //! - With the linear stick (`Walk::linear`, `softplus = linear`; docs/math.md#the-stick-in-linear-space):
 //!   per warp (16 rows of the CTA) and key block, a vote: when no score `X_ij` of the warp's rows
 //!   and the block's keys (below N) exceeds `120 / KPT`, `KPT = block_n / 4`, each row splits the
-//!   block into four runs of KPT keys; inside a run, nearest key first, `r = 1 / (1 + 2^X)`,
-//!   `beta = 2^X r`, `W_j = beta_j * (product of r over the run's allowed keys right of j)`; the runs
+//!   block into four runs of KPT keys; inside a run, `r = 1 / (1 + 2^X)`, `beta = 2^X r`,
+//!   `W_j = beta_j * (product of r over the run's allowed keys right of j)`, formed as `2^X_j` times
+//!   the product of `1 + 2^X` over the allowed keys left of j, times the reciprocal of that product
+//!   over the whole run (one reciprocal per run); the runs
 //!   are joined in log space (`P_ij = W_ij * 2^(sum of log2 of the products of the runs right of
 //!   j's run) * 2^acc_i`) and `acc_i` adds the four runs' log2 products. Otherwise the warp walks
 //!   the block as above. The backward takes the same P and beta.
@@ -378,29 +380,28 @@ impl Walk {
 
     /// The linear stick over the block `scores` just filled (X of its `len` allowed keys): fills
     /// `w` and `beta` for keys `0..len` and `linear_sum`. Each of the four runs of KPT keys takes
-    /// products of r = 1 / (1 + 2^X); the runs are joined in log space, nearest run first.
+    /// products of 1 + 2^X = 1 / (1 - beta), farthest key first, and one reciprocal of the whole
+    /// run's; the runs are joined in log space, nearest run first.
     fn linear_weights(&self, sc: &mut BlockScratch, len: usize) {
         let kpt = self.block_n / 4;
         let mut right = 0.0f32; // log2 of the stick spent by the runs right of this one
         for run in (0..4).rev() {
-            let mut keep = 1.0f32; // product of r over the run's keys from key t rightwards
-            for t in (run * kpt..(run + 1) * kpt).rev() {
-                if t >= len {
-                    continue; // not allowed: r = 1, beta = 0
-                }
+            let keys = run * kpt..((run + 1) * kpt).min(len);
+            // The kernel's order: w_t = 2^X_t (product of 1 + 2^X left of t) / (the run's product)
+            // is beta_t times the product of (1 - beta) right of t.
+            let mut left = 1.0f32; // product of 1 + 2^X over the run's keys left of t
+            for t in keys.clone() {
                 let e = sc.x[t].exp2();
-                let r = 1.0 / (1.0 + e);
-                sc.beta[t] = e * r;
-                // beta times the product right of t is e times the product including t's r, in
-                // the kernel's order (one product fewer per key).
-                keep *= r;
-                sc.w[t] = e * keep;
+                sc.beta[t] = e * (1.0 / (1.0 + e));
+                sc.w[t] = e * left;
+                left = left.mul_add(e, left); // left * (1 + e) in one rounding, as the kernel's fma
             }
+            let inv = 1.0 / left; // the run's product of (1 - beta); 1 when no key is allowed
             let stick = right.exp2();
-            for t in run * kpt..((run + 1) * kpt).min(len) {
-                sc.w[t] *= stick;
+            for t in keys {
+                sc.w[t] = (sc.w[t] * inv) * stick;
             }
-            right += keep.log2();
+            right -= left.log2();
         }
         sc.linear_sum = right;
     }
