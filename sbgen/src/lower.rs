@@ -368,7 +368,8 @@ mod tests {
             early_exit_bits: Some(24),
             ..Spec::new(64, Dtype::Bf16, Pass::Backward)
         };
-        let packed_exit_bound = min_blocks_per_sm(&Kernel::new(packed_exit, Schedule::wgmma_backward(&packed_exit), Arch::Sm90));
+        let packed_exit_bound =
+            min_blocks_per_sm(&Kernel::new(packed_exit, Schedule::wgmma_backward(&packed_exit), Arch::Sm90));
         assert_eq!(packed_exit_bound, 1, "spills");
         let packed = Spec { early_exit_bits: None, ..packed_exit };
         assert_eq!(min_blocks_per_sm(&Kernel::new(packed, Schedule::wgmma_backward(&packed), Arch::Sm90)), 3);
