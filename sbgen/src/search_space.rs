@@ -67,10 +67,10 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     block_n: &[32, 64, 128],
     stages: &[2, 3],
     // The MUFU log-space walk against the stick in linear space (in the forward about one special
-    // function per score instead of three, in the backward two). `Poly` and `Half` are left out: on the wgmma forward they measured 1.63x and
-    // 1.49x slower than the MUFU at 2,16,8192,128 (BENCHMARKS.md, session 17), as the kernel is bound
-    // by dependent-instruction latency more than by the special-function unit; `--softplus poly|half`
-    // times them.
+    // function per score instead of three, in the backward two). `Poly` and `Half` are left out: on
+    // the wgmma forward they measured 1.63x and 1.49x slower than the MUFU at 2,16,8192,128
+    // (BENCHMARKS.md, session 17), as the kernel is bound by dependent-instruction latency more than
+    // by the special-function unit; `--softplus poly|half` times them.
     softplus: &[Softplus::Mufu, Softplus::Linear],
     cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
