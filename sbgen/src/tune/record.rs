@@ -93,7 +93,7 @@ impl SummaryRow {
                 _ => None,
             }),
             default_ms: candidates.iter().find(|c| c.schedule == *default).and_then(|c| c.outcome.ms()),
-            families: FamilyComparison::from_candidates(candidates),
+            families: FamilyComparison::from_candidates(&spec, candidates),
             timed: count(|o| matches!(o, Outcome::Timed { .. })),
             wrong: count(|o| matches!(o, Outcome::WrongResult { .. })),
             failed: count(|o| matches!(o, Outcome::Failed { .. })),
@@ -111,18 +111,25 @@ impl SummaryRow {
 }
 
 /// How the fastest `wgmma` candidate of one (spec, sequence length) compares with the fastest
-/// `mma.sync` one, so that the summary says where wgmma wins and, where it was not timed, why.
+/// `mma.sync` one, so that the summary says where wgmma wins and, where it was not timed, why; and
+/// how the winner compares with the `mma.sync` default ([`Schedule::default_for`], what sbgen ran
+/// before it had wgmma and what sm_80 runs where its shared memory allows).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FamilyComparison {
     pub mma_sync_ms: Option<f64>,
     pub wgmma_ms: Option<f64>,
+    /// The `mma.sync` default's time, when it was timed.
+    pub mma_sync_default_ms: Option<f64>,
     /// Why no wgmma candidate was timed: the first wgmma candidate's outcome (pruned, failed,
     /// wrong, not run), or that the search space had none.
     pub wgmma_absent: Option<String>,
 }
 
 impl FamilyComparison {
-    pub fn from_candidates(candidates: &[CandidateResult]) -> Self {
+    pub fn from_candidates(spec: &Spec, candidates: &[CandidateResult]) -> Self {
+        let mma_sync_default = Schedule::default_for(spec);
+        let mma_sync_default_ms =
+            candidates.iter().find(|c| c.schedule == mma_sync_default).and_then(|c| c.outcome.ms());
         let best = |family: MmaFamily| {
             candidates.iter().filter(|c| c.schedule.mma == family).filter_map(|c| c.outcome.ms()).min_by(f64::total_cmp)
         };
@@ -133,14 +140,19 @@ impl FamilyComparison {
                 .find(|c| c.schedule.mma == MmaFamily::Wgmma)
                 .map_or("no wgmma candidate in the search space".to_string(), |c| c.outcome.to_string())
         });
-        FamilyComparison { mma_sync_ms: best(MmaFamily::MmaSync), wgmma_ms, wgmma_absent }
+        FamilyComparison { mma_sync_ms: best(MmaFamily::MmaSync), wgmma_ms, mma_sync_default_ms, wgmma_absent }
     }
 
     /// The summary's cell: the best mma.sync time over the best wgmma time ("1.40x": wgmma is
-    /// faster), or why wgmma was not timed.
+    /// faster), then the mma.sync default's time over the faster of the two ("1.40x, 1.75x"; "-"
+    /// where the default was not timed), or why wgmma was not timed.
     pub fn cell(&self) -> String {
         match (self.mma_sync_ms, self.wgmma_ms, &self.wgmma_absent) {
-            (Some(m), Some(w), _) => format!("{:.2}x", m / w),
+            (Some(m), Some(w), _) => {
+                let over_default =
+                    self.mma_sync_default_ms.map_or("-".to_string(), |d| format!("{:.2}x", d / m.min(w)));
+                format!("{:.2}x, {over_default}", m / w)
+            }
             (None, Some(_), _) => "wgmma only".to_string(),
             (_, None, Some(why)) => format!("none: {why}"),
             (_, None, None) => "-".to_string(),
@@ -160,7 +172,7 @@ pub fn summary_header() -> String {
         "default ms",
         "speedup",
         "timed/wrong/failed/not run",
-        "wgmma (best mma.sync / best wgmma, or why none)"
+        "wgmma: best mma.sync / best wgmma, mma.sync default / winner (or why none)"
     )
 }
 
@@ -273,7 +285,15 @@ mod tests {
         ];
         let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &list);
         assert_eq!((row.families.mma_sync_ms, row.families.wgmma_ms), (Some(2.2), Some(1.6)));
-        assert!(format_summary_row(&row).ends_with("1.38x"), "{}", format_summary_row(&row));
+        // The mma.sync default (64 x 64 x 3 at head_dim 128) was not among them.
+        assert_eq!(row.families.mma_sync_default_ms, None);
+        assert!(format_summary_row(&row).ends_with("1.38x, -"), "{}", format_summary_row(&row));
+        // With the mma.sync default timed, its time over the winner's follows.
+        let mut with_default = list.clone();
+        with_default.push(timed(Schedule::default_for(&spec), 2.8));
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &with_default);
+        assert_eq!(row.families.mma_sync_default_ms, Some(2.8));
+        assert!(format_summary_row(&row).ends_with("1.38x, 1.75x"), "{}", format_summary_row(&row));
         // No wgmma timed: the first wgmma candidate's outcome says why.
         let pruned =
             CandidateResult { schedule: wg(64, 2), outcome: Outcome::Pruned { reason: "wgmma needs sm_90a".into() } };
