@@ -434,86 +434,136 @@ __device__ __forceinline__ void add_f32_pair(float* row, int col, float a, float
 }
 
 // dV += P^T dO and dK += dZ^T Q for one key block: the [BN x D] tiles are split among the warps in
-// 16x16 pieces, consecutive ones per warp (when they do not split evenly, as 2 x 14 pieces of a
-// 224-wide tile on 8 warps, the last warp takes fewer); each piece runs over the CTA's BM query rows
-// and is added to the f32 accumulators (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step`
-// apart; keys at or past `len` dropped). The Q and dO tiles' chunk c of row r is at `rows_offset(r, c)`
-// (the wgmma backward stores them in wgmma's layout). With QUADS (DM == D) the lanes of a quad pair
-// up to add four columns per reduction instead of two: half the requests for the additions that bind
-// the backward in L2 (docs/performance.md#wgmma); no faster measured, but fewer registers (the 256-wide
-// wgmma backward on 128 x 32 tiles spilled 44 bytes without it). (A template for the reason stage_keys is.)
+// groups of KG_M x KG_N pieces of 16x16 (16 keys by 16 columns), consecutive groups per warp (when they
+// do not split evenly, the last warps take fewer); each group runs over the CTA's BM query rows and its
+// pieces are added to the f32 accumulators (token 0 of the K/V head at `dk_acc`/`dv_acc`, tokens `step`
+// apart; keys at or past `len` dropped). A group's pieces share their fragments: per 16 rows it loads
+// KG_M fragments of P^T and of dZ^T and KG_N of dO and of Q, so 2 x 2 groups take half the ldmatrix
+// traffic of single pieces (the backward's shared-memory pipe was its busiest; docs/performance.md#wgmma).
+// The Q and dO tiles' chunk c of row r is at `rows_offset(r, c)` (the wgmma backward stores them in
+// wgmma's layout). With QUADS (DM == D) the lanes of a quad pair up to add four columns per reduction
+// instead of two: half the requests for the additions in L2; no faster measured, but fewer registers
+// (the 256-wide wgmma backward on 128 x 32 tiles spilled 44 bytes without it). (A template for the
+// reason stage_keys is.)
 struct SwizzledRows {
     __device__ __forceinline__ unsigned operator()(int row, int chunk) const { return swz<DCH>(row, chunk); }
 };
-template <int CHUNKS = PCH, class RowsOffset = SwizzledRows, bool QUADS = false>
+// ldmatrix loads per warp and 16 rows for groups of mg x ng pieces: groups per warp times loads per group.
+constexpr int kg_cost(int mg, int ng) {
+    return ((((BN / 16) / mg) * ((D / 16) / ng) + WARPS - 1) / WARPS) * (2 * mg + 2 * ng);
+}
+// key_grads' group shape, 10 * KG_M + KG_N: the one with the fewest loads among those of at most
+// `max_pieces` pieces that divide the tile (ties: the fewer accumulators).
+constexpr int kg_pick(int max_pieces) {
+    int best = 11, cost = kg_cost(1, 1);
+    const int shapes[3] = {21, 12, 22};
+    for (int i = 0; i < 3; ++i) {
+        const int mg = shapes[i] / 10, ng = shapes[i] % 10;
+        if ((BN / 16) % mg == 0 && (D / 16) % ng == 0 && mg * ng <= max_pieces && kg_cost(mg, ng) < cost) {
+            best = shapes[i];
+            cost = kg_cost(mg, ng);
+        }
+    }
+    return best;
+}
+// Pieces per group the registers allow: each piece holds 16 accumulators per thread beside dQ's
+// MT * DT * 4 (64 at 16 rows by 128 columns per warp); wider dQ keeps single pieces, and a kernel
+// bounded to several CTAs per SM (`min_blocks`, the 64-wide wgmma backward in 168 registers) two.
+// (A function, not a constant of the file: those are emitted into every kernel's PTX.)
+constexpr int key_grads_max_pieces(int min_blocks) { return MT * DT * 4 > 64 ? 1 : min_blocks > 1 ? 2 : 4; }
+// MAX_PIECES: the most pieces per group the caller's registers allow (key_grads_max_pieces).
+template <int CHUNKS = PCH, class RowsOffset = SwizzledRows, bool QUADS = false, int MAX_PIECES = 1>
 __device__ __forceinline__ void key_grads(float* dk_acc, float* dv_acc, long long step, unsigned p_tile, unsigned dz_tile,
                                           unsigned q_tile, unsigned do_tile, int key0, int len, int warp, int lane,
                                           RowsOffset rows_offset = {}) {
     static_assert(!QUADS || DM == D, "four-column reductions need whole 16-byte column groups");
-    constexpr int PN = D / 16;
-    constexpr int PIECES = (BN / 16) * PN;
-    constexpr int PER_WARP = (PIECES + WARPS - 1) / WARPS;
+    constexpr int KG_M = kg_pick(MAX_PIECES) / 10, KG_N = kg_pick(MAX_PIECES) % 10;
+    constexpr int NGROUPS = (D / 16) / KG_N;  // groups across head_dim
+    constexpr int GROUPS = ((BN / 16) / KG_M) * NGROUPS;
+    constexpr int PER_WARP = (GROUPS + WARPS - 1) / WARPS;
     const int g = lane >> 2, t = lane & 3, j = lane >> 3;
 #pragma unroll 1
     for (int i = 0; i < PER_WARP; ++i) {
-        const int piece = warp * PER_WARP + i;
-        if (PIECES % WARPS != 0 && piece >= PIECES) break;  // warp-uniform
-        const int mbase = (piece / PN) * 16, nbase = (piece % PN) * 16;
-        if (nbase >= DM) continue;  // a piece wholly in the head_dim padding (warp-uniform)
-        float dv[2][4] = {}, dk[2][4] = {};
+        const int group = warp * PER_WARP + i;
+        if (GROUPS % WARPS != 0 && group >= GROUPS) break;  // warp-uniform
+        const int mbase = (group / NGROUPS) * (16 * KG_M), nbase = (group % NGROUPS) * (16 * KG_N);
+        if (nbase >= DM) continue;  // a group wholly in the head_dim padding (warp-uniform)
+        float dv[KG_M][KG_N][2][4] = {}, dk[KG_M][KG_N][2][4] = {};
 #pragma unroll
         for (int kb = 0; kb < BM; kb += 16) {
-            unsigned pa[4], za[4], ob[4], qb[4];
+            unsigned pa[KG_M][4], za[KG_M][4], ob[KG_N][4], qb[KG_N][4];
             // A = P^T (keys x rows) from the row-major weight tile, transposed by ldmatrix.
-            const int arow = kb + (j >> 1) * 8 + (lane & 7), achunk = (mbase >> 3) + (j & 1);
-            ldmatrix_x4_trans(pa, p_tile + swz<CHUNKS>(arow, achunk));
-            ldmatrix_x4_trans(za, dz_tile + swz<CHUNKS>(arow, achunk));
-            // B = dO or Q (rows x D), k = rows.
-            const int brow = kb + (j & 1) * 8 + (lane & 7), bchunk = (nbase >> 3) + (j >> 1);
-            ldmatrix_x4_trans(ob, do_tile + rows_offset(brow, bchunk));
-            ldmatrix_x4_trans(qb, q_tile + rows_offset(brow, bchunk));
-            mma_16816(dv[0], pa, ob[0], ob[1]);
-            mma_16816(dv[1], pa, ob[2], ob[3]);
-            mma_16816(dk[0], za, qb[0], qb[1]);
-            mma_16816(dk[1], za, qb[2], qb[3]);
-        }
-        if constexpr (QUADS) {
-            // Lanes t and t ^ 1 swap a pair: the even lane then holds row g's columns 2t .. 2t + 3, the
-            // odd one row g + 8's columns 2t - 2 .. 2t + 1.
-            const bool odd = t & 1;
-            const int key = key0 + mbase + g + (odd ? 8 : 0);
-            const long long off = key * step;
+            const int arow = kb + (j >> 1) * 8 + (lane & 7);
 #pragma unroll
-            for (int n2 = 0; n2 < 2; ++n2) {
-                const int col = nbase + 8 * n2 + 2 * (t & ~1);
-                const float v0 = __shfl_xor_sync(SB_FULL_MASK, odd ? dv[n2][0] : dv[n2][2], 1);
-                const float v1 = __shfl_xor_sync(SB_FULL_MASK, odd ? dv[n2][1] : dv[n2][3], 1);
-                const float k0 = __shfl_xor_sync(SB_FULL_MASK, odd ? dk[n2][0] : dk[n2][2], 1);
-                const float k1 = __shfl_xor_sync(SB_FULL_MASK, odd ? dk[n2][1] : dk[n2][3], 1);
-                if (key < len) {
-                    if (odd) {
-                        red_add4(dv_acc + off + col, v0, v1, dv[n2][2], dv[n2][3]);
-                        red_add4(dk_acc + off + col, k0, k1, dk[n2][2], dk[n2][3]);
-                    } else {
-                        red_add4(dv_acc + off + col, dv[n2][0], dv[n2][1], v0, v1);
-                        red_add4(dk_acc + off + col, dk[n2][0], dk[n2][1], k0, k1);
-                    }
-                }
+            for (int mg = 0; mg < KG_M; ++mg) {
+                const int achunk = ((mbase + 16 * mg) >> 3) + (j & 1);
+                ldmatrix_x4_trans(pa[mg], p_tile + swz<CHUNKS>(arow, achunk));
+                ldmatrix_x4_trans(za[mg], dz_tile + swz<CHUNKS>(arow, achunk));
             }
-        } else {
+            // B = dO or Q (rows x D), k = rows.
+            const int brow = kb + (j & 1) * 8 + (lane & 7);
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int key = key0 + mbase + g + 8 * hh;
-                if (key < len) {
+            for (int ng = 0; ng < KG_N; ++ng) {
+                const int bchunk = ((nbase + 16 * ng) >> 3) + (j >> 1);
+                ldmatrix_x4_trans(ob[ng], do_tile + rows_offset(brow, bchunk));
+                ldmatrix_x4_trans(qb[ng], q_tile + rows_offset(brow, bchunk));
+            }
+#pragma unroll
+            for (int mg = 0; mg < KG_M; ++mg)
+#pragma unroll
+                for (int ng = 0; ng < KG_N; ++ng) {
+                    mma_16816(dv[mg][ng][0], pa[mg], ob[ng][0], ob[ng][1]);
+                    mma_16816(dv[mg][ng][1], pa[mg], ob[ng][2], ob[ng][3]);
+                    mma_16816(dk[mg][ng][0], za[mg], qb[ng][0], qb[ng][1]);
+                    mma_16816(dk[mg][ng][1], za[mg], qb[ng][2], qb[ng][3]);
+                }
+        }
+#pragma unroll
+        for (int mg = 0; mg < KG_M; ++mg)
+#pragma unroll
+            for (int ng = 0; ng < KG_N; ++ng) {
+                const int pm = mbase + 16 * mg, pn = nbase + 16 * ng;
+                if (KG_N > 1 && pn >= DM) continue;  // a piece in the padding (warp-uniform)
+                if constexpr (QUADS) {
+                    // Lanes t and t ^ 1 swap a pair: the even lane then holds row g's columns 2t .. 2t + 3,
+                    // the odd one row g + 8's columns 2t - 2 .. 2t + 1.
+                    const bool odd = t & 1;
+                    const int key = key0 + pm + g + (odd ? 8 : 0);
                     const long long off = key * step;
 #pragma unroll
                     for (int n2 = 0; n2 < 2; ++n2) {
-                        const int col = nbase + 8 * n2 + 2 * t;
-                        add_f32_pair(dv_acc + off, col, dv[n2][2 * hh], dv[n2][2 * hh + 1]);
-                        add_f32_pair(dk_acc + off, col, dk[n2][2 * hh], dk[n2][2 * hh + 1]);
+                        const float* pv = dv[mg][ng][n2];
+                        const float* pk = dk[mg][ng][n2];
+                        const int col = pn + 8 * n2 + 2 * (t & ~1);
+                        const float v0 = __shfl_xor_sync(SB_FULL_MASK, odd ? pv[0] : pv[2], 1);
+                        const float v1 = __shfl_xor_sync(SB_FULL_MASK, odd ? pv[1] : pv[3], 1);
+                        const float k0 = __shfl_xor_sync(SB_FULL_MASK, odd ? pk[0] : pk[2], 1);
+                        const float k1 = __shfl_xor_sync(SB_FULL_MASK, odd ? pk[1] : pk[3], 1);
+                        if (key < len) {
+                            if (odd) {
+                                red_add4(dv_acc + off + col, v0, v1, pv[2], pv[3]);
+                                red_add4(dk_acc + off + col, k0, k1, pk[2], pk[3]);
+                            } else {
+                                red_add4(dv_acc + off + col, pv[0], pv[1], v0, v1);
+                                red_add4(dk_acc + off + col, pk[0], pk[1], k0, k1);
+                            }
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int key = key0 + pm + g + 8 * hh;
+                        if (key < len) {
+                            const long long off = key * step;
+#pragma unroll
+                            for (int n2 = 0; n2 < 2; ++n2) {
+                                const int col = pn + 8 * n2 + 2 * t;
+                                add_f32_pair(dv_acc + off, col, dv[mg][ng][n2][2 * hh], dv[mg][ng][n2][2 * hh + 1]);
+                                add_f32_pair(dk_acc + off, col, dk[mg][ng][n2][2 * hh], dk[mg][ng][n2][2 * hh + 1]);
+                            }
+                        }
                     }
                 }
             }
-        }
     }
 }

@@ -128,9 +128,9 @@ impl Schedule {
 
     /// The sm_90a backward's schedule on wgmma (S, dP and dQ on the warpgroup; dK and dV on
     /// `mma.sync`, added to the f32 accumulators four columns per reduction): 64 x 64 on 4 warps at
-    /// head_dim 64, 128 x 64 on 8 warps (two warpgroups) at 128, 128 x 32 on 8 warps above. The
-    /// backward is bound by those additions in L2 (docs/performance.md#wgmma), which 128 query rows
-    /// halve per row. Measured on the H200 (BENCHMARKS.md, session 19, call C, backward = forward +
+    /// head_dim 64, 128 x 64 on 8 warps (two warpgroups) at 128, 128 x 32 on 8 warps above. 128 query
+    /// rows halve those additions per row; at 64 rows they bound the backward in L2, at 128 (session
+    /// 23's profile) it is latency-bound (docs/performance.md#wgmma). Measured on the H200 (BENCHMARKS.md, session 19, call C, backward = forward +
     /// backward less the forward): 7.58 ms at 2,16,8192,128 against 10.58 for the `mma.sync` default
     /// (1.40x; deterministic 1.59x), 2.43 against 2.62 at 4,16,4096,64, 8.91 against 10.14 at
     /// 1,16,8192,256. Up to head_dim 128 with the stick in linear space ([`Softplus::Linear`]; the
