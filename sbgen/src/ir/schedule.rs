@@ -130,10 +130,10 @@ impl Schedule {
     /// `mma.sync`, added to the f32 accumulators four columns per reduction): 64 x 64 on 4 warps at
     /// head_dim 64, 128 x 64 on 8 warps (two warpgroups) at 128, 128 x 32 on 8 warps above. 128 query
     /// rows halve those additions per row; at 64 rows they bound the backward in L2, at 128 (session
-    /// 23's profile) it is latency-bound (docs/performance.md#wgmma). Measured on the H200 (BENCHMARKS.md, session 19, call C, backward = forward +
-    /// backward less the forward): 7.58 ms at 2,16,8192,128 against 10.58 for the `mma.sync` default
-    /// (1.40x; deterministic 1.59x), 2.43 against 2.62 at 4,16,4096,64, 8.91 against 10.14 at
-    /// 1,16,8192,256. Up to head_dim 128 with the stick in linear space ([`Softplus::Linear`]; the
+    /// 23's profile) it is latency-bound (docs/performance.md#wgmma). Measured on the H200
+    /// (BENCHMARKS.md, session 19, call C, backward = forward + backward less the forward): 7.58 ms
+    /// at 2,16,8192,128 against 10.58 for the `mma.sync` default (1.40x; deterministic 1.59x), 2.43
+    /// against 2.62 at 4,16,4096,64, 8.91 against 10.14 at 1,16,8192,256. Up to head_dim 128 with the stick in linear space ([`Softplus::Linear`]; the
     /// betas come out of it without a third special function): 1.04x the MUFU walk at 2,16,8192,128
     /// in one call, and `sbgen tune`'s pick at every bf16/f16 BHND spec of width 64 and 128 (session 20).
     pub fn wgmma_backward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
