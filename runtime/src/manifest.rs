@@ -30,6 +30,14 @@ pub struct LaunchStep {
     pub grid: GridRule,
     pub threads: u32,
     pub dynamic_smem_bytes: u32,
+    /// The entry point takes two tensor maps after the parameter block, K's then V's, for its TMA
+    /// loads (`crate::tensor_map`). Absent (false) in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kv_tensor_maps: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How a step's grid follows from the problem size.

@@ -84,6 +84,8 @@ struct TemplateContext {
     /// The warpgroup's `wgmma` (sm_90a): the forward's Q K^T and P V, the backward's Q K^T, dO V^T
     /// and dZ K (docs/performance.md#wgmma).
     wgmma: bool,
+    /// K and V by TMA through the two tensor maps the kernel takes (docs/performance.md#tma).
+    tma: bool,
     /// With `wgmma`: the PTX type of the inputs, the accumulator registers' operand list (`%0, ..`)
     /// and their C++ operands (`"+f"(s[0][0][0]), ..`), written here because `{%` in a template
     /// would read as a tag.
@@ -206,6 +208,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         stick_linear: s.softplus == Softplus::Linear,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
+        tma: s.loads == crate::ir::Loads::Tma,
         wgmma_type: if spec.dtype == crate::ir::Dtype::Bf16 { "bf16" } else { "f16" },
         wgmma_d_regs: (0..s.block_n / 2).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", "),
         wgmma_d_operands: (0..s.block_n / 8)
@@ -258,6 +261,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         },
         threads: s.threads(),
         dynamic_smem_bytes: ctx.smem.total,
+        kv_tensor_maps: ctx.tma,
     };
     let steps = match spec.pass {
         // The decode merges in its last CTA per unit: one step.
@@ -271,6 +275,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
                 grid: GridRule::Elements { per_cta: FINISH_THREADS },
                 threads: FINISH_THREADS,
                 dynamic_smem_bytes: 0,
+                kv_tensor_maps: false,
             },
         ],
         // The walk once per key segment; after the last, dK/dV (over the rank's K/V-shaped partials,
@@ -282,12 +287,14 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
                 grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
                 threads: FINISH_THREADS,
                 dynamic_smem_bytes: 0,
+                kv_tensor_maps: false,
             },
             LaunchStep {
                 function: format!("{name}_dq"),
                 grid: GridRule::Elements { per_cta: FINISH_THREADS },
                 threads: FINISH_THREADS,
                 dynamic_smem_bytes: 0,
+                kv_tensor_maps: false,
             },
         ],
         Pass::Backward => vec![
@@ -297,6 +304,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
                 grid: GridRule::Elements { per_cta: FINISH_THREADS * FINISH_ELEMENTS_PER_THREAD },
                 threads: FINISH_THREADS,
                 dynamic_smem_bytes: 0,
+                kv_tensor_maps: false,
             },
         ],
     };
@@ -313,6 +321,26 @@ mod tests {
         let spec = Spec::new(128, Dtype::Bf16, pass);
         let kernel = Kernel::new(spec, Schedule { softplus, ..Schedule::default_for(&spec) }, Arch::Sm90);
         lower(&kernel).expect("lowers").cuda_source
+    }
+
+    /// A TMA kernel takes the two tensor maps after its parameter block and says so in its manifest
+    /// (the walk only); a cp.async kernel's source has none of it.
+    #[test]
+    fn tma_kernels_take_two_tensor_maps_and_their_manifest_says_so() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let wgmma = Schedule::wgmma_forward(&spec);
+        let tma =
+            lower(&Kernel::new(spec, Schedule { loads: crate::ir::Loads::Tma, ..wgmma }, Arch::Sm90)).expect("lowers");
+        assert!(tma
+            .cuda_source
+            .contains("const __grid_constant__ SbTensorMap tmap_k, const __grid_constant__ SbTensorMap tmap_v"));
+        assert!(tma.cuda_source.contains("cp.async.bulk.tensor.5d"));
+        assert_eq!(tma.manifest.steps.iter().map(|s| s.kv_tensor_maps).collect::<Vec<_>>(), [true]);
+        let cp = lower(&Kernel::new(spec, wgmma, Arch::Sm90)).expect("lowers");
+        assert!(!cp.cuda_source.contains("SbTensorMap") && !cp.cuda_source.contains("mbarrier"));
+        assert!(cp.manifest.steps.iter().all(|s| !s.kv_tensor_maps));
+        let json = serde_json::to_string(&cp.manifest).unwrap();
+        assert!(!json.contains("kv_tensor_maps"), "manifests without TMA are written as before: {json}");
     }
 
     /// The exp2 split reaches the stick math of every pass, and the MUFU and all-polynomial kernels

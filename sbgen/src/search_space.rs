@@ -16,7 +16,7 @@
 //! layout (THD included), mask, remainder, early exit and `deterministic` do not choose the space: a
 //! deterministic backward or a THD spec searches what its dense, non-deterministic twin searches.
 
-use crate::ir::{Arch, Cumsum, IrError, Kernel, MmaFamily, Pass, Schedule, Softplus, Spec};
+use crate::ir::{Arch, Cumsum, IrError, Kernel, Loads, MmaFamily, Pass, Schedule, Softplus, Spec};
 use std::fmt;
 
 /// Query rows per CTA and the warps that share them.
@@ -35,6 +35,7 @@ pub struct SearchSpace {
     pub softplus: &'static [Softplus],
     pub cumsum: &'static [Cumsum],
     pub mma: &'static [MmaFamily],
+    pub loads: &'static [Loads],
 }
 
 /// Which specs and arches a [`SearchSpace`] applies to; `None` matches anything.
@@ -55,9 +56,10 @@ pub struct Exclusion {
 }
 
 /// The default table. 16 rows per warp (block_m = 16 * warps) with `mma.sync` and the shuffle
-/// cumsum are what the templates implement: 2 tiles x 3 block_n x 2 stages x 2 softplus = 24
-/// candidates per spec before the shared-memory check. The 32-rows-per-warp tile, the tensor-core
-/// cumsum and `wgmma` are listed so that their pruning is visible.
+/// cumsum are what the templates implement everywhere: 2 tiles x 3 block_n x 2 stages x 2 softplus
+/// = 24 candidates per spec before the shared-memory check; on sm_90a each has a `wgmma` twin where
+/// the tiles lower, and the forward's `wgmma` candidates a TMA twin (`loads`). The
+/// 32-rows-per-warp tile and the tensor-core cumsum are listed so that their pruning is visible.
 pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     tiles: &[
         Tile { block_m: 64, warps: 4 },
@@ -74,6 +76,8 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     softplus: &[Softplus::Mufu, Softplus::Linear],
     cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
+    // TMA loads where the templates have them (the wgmma forward); pruned elsewhere with the reason.
+    loads: &[Loads::CpAsync, Loads::Tma],
 };
 
 /// The default table with 32- and 64-key blocks only: 128-key blocks spill for the 64-wide forward
@@ -96,6 +100,7 @@ pub const DECODE_SPACE: SearchSpace = SearchSpace {
     softplus: &[Softplus::Mufu],
     cumsum: &[Cumsum::Shuffle],
     mma: &[MmaFamily::MmaSync],
+    loads: &[Loads::CpAsync],
 };
 
 /// Which table each (pass, tile width, arch) uses; the first matching rule wins, the last matches
@@ -215,14 +220,17 @@ impl SearchSpace {
                 self.stages.iter().flat_map(move |&stages| {
                     self.softplus.iter().flat_map(move |&softplus| {
                         self.cumsum.iter().flat_map(move |&cumsum| {
-                            self.mma.iter().map(move |&mma| Schedule {
-                                block_m: tile.block_m,
-                                block_n,
-                                warps: tile.warps,
-                                stages,
-                                cumsum,
-                                softplus,
-                                mma,
+                            self.mma.iter().flat_map(move |&mma| {
+                                self.loads.iter().map(move |&loads| Schedule {
+                                    block_m: tile.block_m,
+                                    block_n,
+                                    warps: tile.warps,
+                                    stages,
+                                    cumsum,
+                                    softplus,
+                                    mma,
+                                    loads,
+                                })
                             })
                         })
                     })
@@ -239,6 +247,7 @@ impl SearchSpace {
             * self.softplus.len()
             * self.cumsum.len()
             * self.mma.len()
+            * self.loads.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -283,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn forward_d64_keeps_the_16_schedules_of_its_narrow_table_and_their_wgmma_twins_on_sm90() {
+    fn forward_d64_keeps_the_16_schedules_of_its_narrow_table_and_their_wgmma_and_tma_twins_on_sm90() {
         for arch in Arch::ALL {
             let kept = accepted(Spec::new(64, Dtype::Bf16, Pass::Forward), arch);
             let sync: Vec<_> = kept.iter().filter(|s| s.mma == MmaFamily::MmaSync).collect();
@@ -294,10 +303,16 @@ mod tests {
                 assert_eq!(s.cumsum, Cumsum::Shuffle);
                 if s.mma == MmaFamily::Wgmma {
                     assert_eq!(arch, Arch::Sm90);
-                    assert!(sync.contains(&&Schedule { mma: MmaFamily::MmaSync, ..*s }));
+                    let twin = Schedule { mma: MmaFamily::MmaSync, loads: Loads::CpAsync, ..*s };
+                    assert!(sync.contains(&&twin));
+                }
+                if s.loads == Loads::Tma {
+                    assert_eq!(s.mma, MmaFamily::Wgmma);
+                    assert!(kept.contains(&Schedule { loads: Loads::CpAsync, ..*s }));
                 }
             }
-            assert_eq!(kept.len(), if arch == Arch::Sm90 { 32 } else { 16 }, "{arch}");
+            // On sm_90a each mma.sync schedule has a wgmma twin, with cp.async and with TMA loads.
+            assert_eq!(kept.len(), if arch == Arch::Sm90 { 48 } else { 16 }, "{arch}");
         }
     }
 
@@ -349,6 +364,9 @@ mod tests {
                         let s = &kernel.schedule;
                         if s.cumsum == Cumsum::TensorCore {
                             assert!(text.contains("`cumsum`"), "{text}");
+                        } else if s.loads == Loads::Tma && !(s.mma == MmaFamily::Wgmma && pass == Pass::Forward) {
+                            // TMA is the wgmma forward's; a kernel that cannot take wgmma says so first.
+                            assert!(text.contains("`loads`") || text.contains("`mma`"), "{kernel:?}: {text}");
                         } else if s.mma == MmaFamily::Wgmma {
                             let named = ["`mma`", "shared memory", "spills", "32 rows per warp"];
                             assert!(named.iter().any(|n| text.contains(n)), "{text}");

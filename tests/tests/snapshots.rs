@@ -8,12 +8,13 @@
 //! default there (docs/performance.md#wgmma), with and without the overlapped next block (three
 //! stages), and the segment walk on wgmma (its default there too); and the sm_90a backward on wgmma,
 //! also the default there, at each of its tilings (64 x 64 at head_dim 64, deterministic with the
-//! attend-current mask; 128 x 64 on 8 warps at 128; 128 x 32 on 8 warps at 256). Grouped-query attention needs
+//! attend-current mask; 128 x 64 on 8 warps at 128; 128 x 32 on 8 warps at 256); and the wgmma
+//! forward with K and V loaded by TMA (docs/performance.md#tma) at 64 and 128. Grouped-query attention needs
 //! no kernel of its own: `kv_heads` is a launch parameter that every kernel reads. A change to a
 //! template or to lowering shows up here as a diff to review (`cargo insta review`), named after the
 //! kernel.
 
-use sbgen::ir::{Arch, Dtype, Kernel, Layout, Mask, Pass, Schedule, Spec};
+use sbgen::ir::{Arch, Dtype, Kernel, Layout, Loads, Mask, Pass, Schedule, Spec};
 use sbgen::lower::lower;
 
 fn canonical() -> Vec<Kernel> {
@@ -64,6 +65,16 @@ fn canonical() -> Vec<Kernel> {
             Spec::new(128, Dtype::Bf16, Pass::Forward),
             Schedule::wgmma_forward(&Spec::new(128, Dtype::Bf16, Pass::Forward)),
         ),
+        // K and V by TMA (docs/performance.md#tma): the 2-stage pipeline at 64 (the tuned winner there)
+        // and the 3-stage one with the overlapped next block at 128.
+        (
+            Spec::new(64, Dtype::Bf16, Pass::Forward),
+            Schedule { loads: Loads::Tma, ..Schedule::wgmma_forward(&Spec::new(64, Dtype::Bf16, Pass::Forward)) },
+        ),
+        (
+            Spec::new(128, Dtype::Bf16, Pass::Forward),
+            Schedule { loads: Loads::Tma, ..Schedule::wgmma_forward(&Spec::new(128, Dtype::Bf16, Pass::Forward)) },
+        ),
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
@@ -81,7 +92,7 @@ fn canonical() -> Vec<Kernel> {
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 36);
+    assert_eq!(kernels.len(), 38);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -95,5 +106,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 36);
+    assert_eq!(names.len(), 38);
 }

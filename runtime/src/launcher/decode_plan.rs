@@ -292,6 +292,7 @@ mod tests {
             grid: GridRule::DecodeSplits { warps: 4, tile_heads: 16 },
             threads: 128,
             dynamic_smem_bytes: 102_400,
+            kv_tensor_maps: false,
         }];
         KernelManifest { name: "sb_dec".into(), spec, block_m: 16, block_n: 16, steps }
     }

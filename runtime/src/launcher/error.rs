@@ -54,6 +54,10 @@ pub enum LaunchError {
     )]
     Misaligned { tensor: &'static str, address: u64, required: u64, element_bytes: u64 },
 
+    /// The TMA loads' tensor map of K or V cannot be made for these tensors (docs/performance.md#tma).
+    #[error("kernel `{kernel}`: {reason}")]
+    TensorMap { kernel: String, reason: String },
+
     /// A KV cache that does not match the decode kernel (its layout, page size or block table).
     #[error("kernel `{kernel}`: {reason}")]
     KvCache { kernel: String, reason: String },

@@ -8,8 +8,9 @@ use super::element::SbElement;
 use super::error::{KernelContext, LaunchError};
 use super::modules::{LoadedKernel, ModuleStore};
 use super::plan::{check_alignment, plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan};
+use super::tensor_map::{self, TensorMap};
 use super::Shape;
-use crate::manifest::SbParams;
+use crate::manifest::{LaunchStep, SbParams};
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
     DriverError, LaunchConfig, PushKernelArg,
@@ -171,6 +172,23 @@ impl Launcher {
         let e = T::DTYPE.size_bytes() as u64;
         check_alignment(&[("q", q, e), ("k", k, e), ("v", v, e), ("o", o, e), ("o_saved", o_saved, 4)])?;
         let d = dims(shape, total_tokens);
+        // The TMA loads' maps of K and V, when the kernel copies by TMA.
+        let manifest = kernel.manifest();
+        let maps = if manifest.steps.iter().any(|step| step.kv_tensor_maps) {
+            let map = tensor_map::kv_tile_map(
+                &manifest.name,
+                &manifest.spec,
+                shape.kv_heads,
+                plan.kv_elements,
+                manifest.block_n,
+            )?;
+            Some([
+                tensor_map::encode(&manifest.name, "k", &manifest.spec, &map, k)?,
+                tensor_map::encode(&manifest.name, "v", &manifest.spec, &map, v)?,
+            ])
+        } else {
+            None
+        };
         // Every field is named (no `..`), so a field added to the ABI fails to compile here.
         let params = SbParams {
             q,
@@ -196,7 +214,7 @@ impl Launcher {
             total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
-        self.launch_steps(&loaded, &plan, &params)
+        self.launch_steps(&loaded, &kernel.manifest().steps, &plan, &params, maps.as_ref())
         // The guards drop here, after the launches: later work on other streams waits for them.
     }
 
@@ -311,7 +329,7 @@ impl Launcher {
             total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
-        self.launch_steps(&loaded, &plan, &params)
+        self.launch_steps(&loaded, &kernel.manifest().steps, &plan, &params, None)
     }
 
     /// The f32 workspace, grown to at least `needed` elements (its contents are undefined).
@@ -346,8 +364,17 @@ impl Launcher {
         Ok(*self.limits.get_or_init(|| limits))
     }
 
-    fn launch_steps(&self, loaded: &LoadedKernel, plan: &LaunchPlan, params: &SbParams) -> Result<(), LaunchError> {
-        for (function, step) in loaded.functions.iter().zip(&plan.steps) {
+    /// Launches each step with `params`, and the K and V tensor maps (`maps`) after them for a step
+    /// whose manifest entry says it takes them.
+    fn launch_steps(
+        &self,
+        loaded: &LoadedKernel,
+        entries: &[LaunchStep],
+        plan: &LaunchPlan,
+        params: &SbParams,
+        maps: Option<&[TensorMap; 2]>,
+    ) -> Result<(), LaunchError> {
+        for ((function, step), entry) in loaded.functions.iter().zip(&plan.steps).zip(entries) {
             let cfg = LaunchConfig {
                 grid_dim: step.grid,
                 block_dim: (step.threads, 1, 1),
@@ -355,8 +382,17 @@ impl Launcher {
             };
             let mut launch = self.stream.launch_builder(function);
             launch.arg(params);
-            // SAFETY: every entry point of an sbgen module takes exactly one `SbParams` by value
-            // (the C struct is rendered from the same field table). `plan_*` checked that each
+            if entry.kv_tensor_maps {
+                let [k, v] = maps.ok_or_else(|| LaunchError::Manifest {
+                    kernel: loaded.name.clone(),
+                    reason: format!("step `{}` takes tensor maps, which only the forward makes", entry.function),
+                })?;
+                launch.arg(k);
+                launch.arg(v);
+            }
+            // SAFETY: every entry point of an sbgen module takes one `SbParams` by value (the C
+            // struct is rendered from the same field table), then the two tensor maps when its
+            // manifest entry says so (`kv_tensor_maps`, encoded over k and v). `plan_*` checked that each
             // non-null pointer addresses a live allocation on this context with at least the
             // elements the shape needs, that the grid is within CUDA's limits, and the module
             // store checked threads and shared memory against the device and raised the

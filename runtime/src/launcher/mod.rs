@@ -13,6 +13,7 @@
 //! - [`modules`]: [`ModuleStore`], which loads each module once per context and caches its functions.
 //! - [`launch`]: [`Launcher::forward`] and [`Launcher::backward`].
 //! - [`decode_plan`]: the decode's input checks and split-K plan; [`decode`]: [`Launcher::decode`].
+//! - [`tensor_map`]: the TMA loads' tensor maps of K and V (sm_90a).
 //! - [`segment`]: context parallelism's segment walk and its finishing step; [`segment_bwd`]: its
 //!   backward.
 //!
@@ -31,6 +32,7 @@ pub mod nvrtc;
 pub mod plan;
 pub mod segment;
 pub mod segment_bwd;
+pub mod tensor_map;
 
 pub use crate::kv_cache::KvCacheGeometry;
 pub use crate::reference::DecodeShape;

@@ -338,6 +338,7 @@ mod tests {
             grid: GridRule::QueryBlocks { block_m: 64 },
             threads: 128,
             dynamic_smem_bytes: 40960,
+            kv_tensor_maps: false,
         };
         let steps = match pass {
             Pass::Forward | Pass::Decode => vec![main],
@@ -347,6 +348,7 @@ mod tests {
                     grid: GridRule::Elements { per_cta: 2048 },
                     threads: 256,
                     dynamic_smem_bytes: 0,
+                    kv_tensor_maps: false,
                 };
                 let mut steps = vec![main, finish.clone()];
                 if pass == Pass::SegmentBackward {

@@ -406,8 +406,13 @@ mod tests {
 
     fn manifest(layout: Layout) -> KernelManifest {
         let spec = Spec { layout, ..Spec::new(64, Dtype::Bf16, Pass::Segment) };
-        let step =
-            |function: &str, grid| LaunchStep { function: function.into(), grid, threads: 256, dynamic_smem_bytes: 0 };
+        let step = |function: &str, grid| LaunchStep {
+            function: function.into(),
+            grid,
+            threads: 256,
+            dynamic_smem_bytes: 0,
+            kv_tensor_maps: false,
+        };
         KernelManifest {
             name: "sb_seg".into(),
             spec,

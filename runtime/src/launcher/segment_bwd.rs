@@ -374,7 +374,13 @@ mod tests {
 
     fn manifest(remainder: Remainder) -> KernelManifest {
         let spec = Spec { remainder, ..Spec::new(64, Dtype::Bf16, Pass::SegmentBackward) };
-        let step = |f: &str, grid| LaunchStep { function: f.into(), grid, threads: 256, dynamic_smem_bytes: 0 };
+        let step = |f: &str, grid| LaunchStep {
+            function: f.into(),
+            grid,
+            threads: 256,
+            dynamic_smem_bytes: 0,
+            kv_tensor_maps: false,
+        };
         KernelManifest {
             name: "sb_segb".into(),
             spec,

@@ -153,7 +153,8 @@ pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
         || args.warps.is_some()
         || args.stages.is_some()
         || args.softplus.is_some()
-        || args.mma.is_some();
+        || args.mma.is_some()
+        || args.loads.is_some();
     any.then(|| args.schedule())
 }
 

@@ -2,7 +2,7 @@
 //! `manifest.json`, touching only files whose content changed.
 
 use super::{Outcome, UsageError};
-use crate::ir::{Arch, Dtype, Kernel, Layout, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
+use crate::ir::{Arch, Dtype, Kernel, Layout, Loads, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
 use crate::lower::{lower, LowerError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -114,6 +114,11 @@ pub struct ScheduleArgs {
     /// backward's Q K^T, dO V^T and dZ K, docs/performance.md#wgmma).
     #[arg(long, value_parser = parse_mma)]
     pub mma: Option<MmaFamily>,
+    /// How K and V reach shared memory: cp_async (every thread, 16 bytes per copy), or tma (the
+    /// tensor-memory accelerator through tensor maps the launcher makes; the wgmma forward only,
+    /// docs/performance.md#tma).
+    #[arg(long, value_parser = parse_loads)]
+    pub loads: Option<Loads>,
 }
 
 /// `emit`'s passes: those of [`PassChoice`] and the decode.
@@ -171,6 +176,14 @@ fn parse_mma(s: &str) -> Result<MmaFamily, String> {
     }
 }
 
+fn parse_loads(s: &str) -> Result<Loads, String> {
+    match s.to_ascii_lowercase().replace('-', "_").as_str() {
+        "cp_async" => Ok(Loads::CpAsync),
+        "tma" => Ok(Loads::Tma),
+        _ => Err(format!("`loads` = `{s}` is not a valid value: allowed cp_async, tma")),
+    }
+}
+
 impl ScheduleArgs {
     pub fn schedule(&self) -> Schedule {
         let mut s = Schedule::DEFAULT;
@@ -198,6 +211,9 @@ impl ScheduleArgs {
         }
         if let Some(m) = self.mma {
             s.mma = m;
+        }
+        if let Some(l) = self.loads {
+            s.loads = l;
         }
         s
     }
@@ -269,8 +285,15 @@ mod tests {
 
     #[test]
     fn block_m_alone_sets_16_rows_per_warp() {
-        let args =
-            ScheduleArgs { block_m: Some(128), block_n: None, warps: None, stages: None, softplus: None, mma: None };
+        let args = ScheduleArgs {
+            block_m: Some(128),
+            block_n: None,
+            warps: None,
+            stages: None,
+            softplus: None,
+            mma: None,
+            loads: None,
+        };
         let s = args.schedule();
         assert_eq!((s.block_m, s.warps), (128, 8));
         let args = ScheduleArgs { block_m: Some(256), ..args };

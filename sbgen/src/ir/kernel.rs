@@ -2,7 +2,7 @@
 //! each failure naming the field and what is allowed.
 
 use super::arch::Arch;
-use super::schedule::{Cumsum, MmaFamily, Schedule, Softplus};
+use super::schedule::{Cumsum, Loads, MmaFamily, Schedule, Softplus};
 use sbgen_runtime::spec::{Pass, Spec, SpecError};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +47,8 @@ pub struct SmemLayout {
     pub p: u32,
     /// Score gradients, block_m x block_n, backward only (the dZ of dK = dZ^T Q).
     pub dz: u32,
+    /// `stages` mbarriers (8 bytes each) of the TMA loads ([`Loads::Tma`]); `total` otherwise (none).
+    pub mbar: u32,
     pub total: u32,
 }
 
@@ -86,6 +88,14 @@ impl Kernel {
             if let Some(reason) = self.wgmma_refusal() {
                 return Err(IrError::Unsupported { field: "mma", value: "wgmma".into(), reason });
             }
+        }
+        if s.loads == Loads::Tma && (s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward) {
+            return Err(IrError::Unsupported {
+                field: "loads",
+                value: "tma".into(),
+                reason: "the templates load K and V by TMA in the wgmma forward only so far (mma = wgmma, \
+                         pass = forward; not the segment pass, the backward or the decode)",
+            });
         }
         let layout = self.smem_layout();
         let limit = self.arch.max_smem_per_block();
@@ -174,7 +184,7 @@ impl Kernel {
             let total = q_tile + s.warps * per_warp;
             let k = q_tile;
             let v = k + s.stages * s.block_n * d * elem;
-            return SmemLayout { q: 0, d_o: 0, k, v, p: total, dz: total, total };
+            return SmemLayout { q: 0, d_o: 0, k, v, p: total, dz: total, mbar: total, total };
         }
         let q_tile = s.block_m * d * elem;
         let kv_tile = s.block_n * d * elem;
@@ -187,8 +197,10 @@ impl Kernel {
         let p = v + s.stages * kv_tile;
         let pm_tile = if backward { s.block_m * s.block_n * elem } else { 0 };
         let dz = p + pm_tile;
-        let total = dz + pm_tile;
-        SmemLayout { q, d_o, k, v, p, dz, total }
+        let mbar = dz + pm_tile;
+        let barriers = if s.loads == Loads::Tma { 8 * s.stages } else { 0 };
+        let total = mbar + barriers;
+        SmemLayout { q, d_o, k, v, p, dz, mbar, total }
     }
 
     /// The kernel's name: `sb_` + spec slug + schedule hash.
@@ -200,7 +212,7 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{Cumsum, Dtype, MmaFamily, Softplus};
+    use crate::ir::{Cumsum, Dtype, Loads, MmaFamily, Softplus};
 
     fn kernel(pass: Pass, schedule: Schedule) -> Kernel {
         Kernel::new(Spec::new(128, Dtype::Bf16, pass), schedule, Arch::Sm90)
@@ -358,6 +370,44 @@ mod tests {
         let without_ee = json.replace(",\"early_exit_bits\":24", "");
         let old: Kernel = serde_json::from_str(&without_ee).unwrap();
         assert_eq!(old.spec.early_exit_bits, None);
+    }
+
+    #[test]
+    fn tma_loads_are_the_wgmma_forwards_only() {
+        let tma = Schedule { mma: MmaFamily::Wgmma, loads: Loads::Tma, ..Schedule::DEFAULT };
+        assert_eq!(kernel(Pass::Forward, tma).validate(), Ok(()));
+        for (pass, schedule) in
+            [(Pass::Forward, Schedule { mma: MmaFamily::MmaSync, ..tma }), (Pass::Backward, tma), (Pass::Segment, tma)]
+        {
+            let e = error(kernel(pass, schedule));
+            assert!(e.contains("`loads` = tma") && e.contains("wgmma forward only"), "{pass:?}: {e}");
+        }
+        assert!(error(Kernel::new(Spec::new(128, Dtype::Bf16, Pass::Forward), tma, Arch::Sm80)).contains("sm_90a"));
+    }
+
+    #[test]
+    fn tma_schedules_keep_their_stages_mbarriers_after_the_tiles() {
+        let cp = kernel(Pass::Forward, Schedule { mma: MmaFamily::Wgmma, stages: 3, ..Schedule::DEFAULT });
+        let tma = Kernel { schedule: Schedule { loads: Loads::Tma, ..cp.schedule }, ..cp };
+        let (a, b) = (cp.smem_layout(), tma.smem_layout());
+        assert_eq!((a.mbar, a.total), (a.total, 114688));
+        assert_eq!((b.k, b.v, b.mbar, b.total), (a.k, a.v, a.total, a.total + 24));
+    }
+
+    #[test]
+    fn loads_show_in_the_name_only_when_not_cp_async_and_old_json_still_parses() {
+        let cp = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
+        let tma = Schedule { loads: Loads::Tma, ..cp };
+        assert_eq!(cp.to_string(), "m64n64w4s2-shfl-mufu-wgmma");
+        assert_eq!(tma.to_string(), "m64n64w4s2-shfl-mufu-wgmma-tma");
+        assert_ne!(cp.short_hash(), tma.short_hash());
+        // cp.async is not written, so cache entries written before the field are the same bytes.
+        let json = serde_json::to_string(&cp).unwrap();
+        assert!(!json.contains("loads"), "{json}");
+        assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), cp);
+        let json = serde_json::to_string(&tma).unwrap();
+        assert!(json.contains("\"loads\":\"tma\""), "{json}");
+        assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), tma);
     }
 
     #[test]

@@ -45,6 +45,25 @@ pub enum MmaFamily {
     Wgmma,
 }
 
+/// How the K and V tiles reach shared memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Loads {
+    /// Every thread copies 16 bytes at a time (`cp.async`), in commit groups.
+    #[default]
+    CpAsync,
+    /// The tensor-memory accelerator (sm_90a): one thread issues each tile through a tensor map the
+    /// launcher makes, an mbarrier per stage counts the bytes (docs/performance.md#tma). The wgmma
+    /// forward only.
+    Tma,
+}
+
+impl Loads {
+    fn is_cp_async(&self) -> bool {
+        *self == Loads::CpAsync
+    }
+}
+
 /// How a kernel is tiled and pipelined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 pub struct Schedule {
@@ -59,6 +78,10 @@ pub struct Schedule {
     pub cumsum: Cumsum,
     pub softplus: Softplus,
     pub mma: MmaFamily,
+    /// Absent from cache files written before it existed (and not written when `cp_async`), so their
+    /// entries and every kernel name (the schedule's hash) are unchanged.
+    #[serde(default, skip_serializing_if = "Loads::is_cp_async")]
+    pub loads: Loads,
 }
 
 impl Schedule {
@@ -71,6 +94,7 @@ impl Schedule {
         cumsum: Cumsum::Shuffle,
         softplus: Softplus::Mufu,
         mma: MmaFamily::MmaSync,
+        loads: Loads::CpAsync,
     };
 
     /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
@@ -238,6 +262,11 @@ impl fmt::Display for Schedule {
                 MmaFamily::MmaSync => "mma",
                 MmaFamily::Wgmma => "wgmma",
             }
-        )
+        )?;
+        // Only when not the default, so names written before the field existed stay the same.
+        match self.loads {
+            Loads::CpAsync => Ok(()),
+            Loads::Tma => f.write_str("-tma"),
+        }
     }
 }
