@@ -3,7 +3,7 @@
 
 use super::plan::{Session, TuneError};
 use crate::cache::{self, seq_bucket, CacheEntry, CandidateResult, Outcome};
-use crate::ir::{Kernel, MmaFamily, Schedule, Spec};
+use crate::ir::{Kernel, Loads, MmaFamily, Schedule, Spec};
 use sbgen_runtime::reference::Shape;
 
 /// The index of the fastest timed candidate (the first of equals), if any was timed.
@@ -123,6 +123,10 @@ pub struct FamilyComparison {
     /// Why no wgmma candidate was timed: the first wgmma candidate's outcome (pruned, failed,
     /// wrong, not run), or that the search space had none.
     pub wgmma_absent: Option<String>,
+    /// The fastest wgmma candidate loading K and V by `cp.async`, and the fastest by TMA
+    /// ([`Loads`]), so that the summary says which loads won.
+    pub wgmma_cp_async_ms: Option<f64>,
+    pub tma_ms: Option<f64>,
 }
 
 impl FamilyComparison {
@@ -140,13 +144,37 @@ impl FamilyComparison {
                 .find(|c| c.schedule.mma == MmaFamily::Wgmma)
                 .map_or("no wgmma candidate in the search space".to_string(), |c| c.outcome.to_string())
         });
-        FamilyComparison { mma_sync_ms: best(MmaFamily::MmaSync), wgmma_ms, mma_sync_default_ms, wgmma_absent }
+        let best_wgmma_loading = |loads: Loads| {
+            candidates
+                .iter()
+                .filter(|c| c.schedule.mma == MmaFamily::Wgmma && c.schedule.loads == loads)
+                .filter_map(|c| c.outcome.ms())
+                .min_by(f64::total_cmp)
+        };
+        FamilyComparison {
+            mma_sync_ms: best(MmaFamily::MmaSync),
+            wgmma_ms,
+            mma_sync_default_ms,
+            wgmma_absent,
+            wgmma_cp_async_ms: best_wgmma_loading(Loads::CpAsync),
+            tma_ms: best_wgmma_loading(Loads::Tma),
+        }
     }
 
     /// The summary's cell: the best mma.sync time over the best wgmma time ("1.40x": wgmma is
     /// faster), then the mma.sync default's time over the faster of the two ("1.40x, 1.75x"; "-"
-    /// where the default was not timed), or why wgmma was not timed.
+    /// where the default was not timed), or why wgmma was not timed; where wgmma candidates with
+    /// both loads were timed, the best `cp.async` one's time over the best TMA one's ("; TMA
+    /// 1.03x": TMA is faster).
     pub fn cell(&self) -> String {
+        let families = self.families_cell();
+        match (self.wgmma_cp_async_ms, self.tma_ms) {
+            (Some(c), Some(t)) => format!("{families}; TMA {:.2}x", c / t),
+            _ => families,
+        }
+    }
+
+    fn families_cell(&self) -> String {
         match (self.mma_sync_ms, self.wgmma_ms, &self.wgmma_absent) {
             (Some(m), Some(w), _) => {
                 let over_default =
@@ -172,7 +200,7 @@ pub fn summary_header() -> String {
         "default ms",
         "speedup",
         "timed/wrong/failed/not run",
-        "wgmma: best mma.sync / best wgmma, mma.sync default / winner (or why none)"
+        "wgmma: best mma.sync / best wgmma, mma.sync default / winner (or why none); TMA: best cp.async / best TMA"
     )
 }
 
@@ -301,5 +329,12 @@ mod tests {
         assert_eq!(row.families.cell(), "none: pruned: wgmma needs sm_90a");
         let row = SummaryRow::from_candidates(spec, 8192, &Schedule::DEFAULT, &list[2..3]);
         assert_eq!(row.families.cell(), "wgmma only");
+        // wgmma with both loads timed: the best cp.async one over the best TMA one.
+        let mut with_tma = list.clone();
+        with_tma.push(timed(Schedule { loads: Loads::Tma, ..wg(64, 2) }, 1.65));
+        with_tma.push(timed(Schedule { loads: Loads::Tma, ..wg(32, 3) }, 2.0));
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &with_tma);
+        assert_eq!((row.families.wgmma_cp_async_ms, row.families.tma_ms), (Some(1.6), Some(1.65)));
+        assert!(format_summary_row(&row).ends_with("1.38x, -; TMA 0.97x"), "{}", format_summary_row(&row));
     }
 }
