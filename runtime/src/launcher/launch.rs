@@ -214,7 +214,7 @@ impl Launcher {
             total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
-        self.launch_steps(&loaded, &kernel.manifest().steps, &plan, &params, maps.as_ref())
+        self.launch_steps(&loaded, &manifest.steps, &plan, &params, maps.as_ref())
         // The guards drop here, after the launches: later work on other streams waits for them.
     }
 
