@@ -86,6 +86,18 @@ struct TemplateContext {
     wgmma: bool,
     /// K and V by TMA through the two tensor maps the kernel takes (docs/performance.md#tma).
     tma: bool,
+    /// The TMA copies issued by a producer warpgroup after the computing warps
+    /// (docs/performance.md#warp-specialisation); `threads` counts the computing warps only.
+    producer: bool,
+    /// The two computing warpgroups issue their products in turn (named barriers).
+    pingpong: bool,
+    /// Threads per CTA, the producer warpgroup's included (`__launch_bounds__`).
+    launch_threads: u32,
+    /// With `producer`: whether `setmaxnreg` moves registers from the producer to the computing
+    /// warpgroups, and the counts each then holds.
+    setmaxnreg: bool,
+    producer_regs: u32,
+    consumer_regs: u32,
     /// With `wgmma`: the PTX type of the inputs, the accumulator registers' operand list (`%0, ..`)
     /// and their C++ operands (`"+f"(s[0][0][0]), ..`), written here because `{%` in a template
     /// would read as a tag.
@@ -162,9 +174,43 @@ fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
         && fits;
     if bounded {
         BOUNDED
+    } else if s.loads == crate::ir::Loads::Producer && s.warps == 4 {
+        // One computing warpgroup and its producer: two CTAs per SM where the shared memory allows,
+        // so that 8 warps per SM compute, as without the producer.
+        if 2 * (kernel.smem_layout().total + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM_SM90 {
+            2
+        } else {
+            1
+        }
     } else {
         1
     }
+}
+
+/// Registers per thread after `setmaxnreg`, producer and computing warpgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RegisterSplit {
+    producer: u32,
+    consumer: u32,
+}
+
+/// How a producer CTA shares the SM's 65536 registers: the launch gives every thread the same count
+/// (`__launch_bounds__`: 65536 / (threads x CTAs per SM), in steps of 8); the producer keeps 24 (it
+/// only counts stages and issues copies) and the computing warpgroups take the rest, at most 240
+/// (docs/performance.md#warp-specialisation). `None` without a producer, or when the launch already
+/// gives the computing warps as many (one CTA of 256 threads: 255 each).
+fn register_split(kernel: &Kernel, min_blocks: u32) -> Option<RegisterSplit> {
+    const SM_REGISTERS: u32 = 65536;
+    const PRODUCER: u32 = 24;
+    const MOST: u32 = 240;
+    let s = &kernel.schedule;
+    if s.loads != crate::ir::Loads::Producer {
+        return None;
+    }
+    let per_cta = SM_REGISTERS / min_blocks;
+    let at_launch = (per_cta / s.threads() / 8 * 8).min(255);
+    let consumer = ((per_cta - PRODUCER * crate::ir::PRODUCER_THREADS) / s.compute_threads() / 8 * 8).min(MOST);
+    (consumer > at_launch).then_some(RegisterSplit { producer: PRODUCER, consumer })
 }
 
 /// Shared memory of an sm_90 SM and what the driver reserves per CTA, in bytes.
@@ -177,6 +223,8 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     let spec = &kernel.spec;
     let s = &kernel.schedule;
     let name = kernel.name();
+    let min_blocks = min_blocks_per_sm(kernel);
+    let registers = register_split(kernel, min_blocks);
     let ctx = TemplateContext {
         name: name.clone(),
         kernel_debug: format!("spec {} | schedule {} | arch {}", spec.slug(), s, kernel.arch),
@@ -186,7 +234,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         block_m: s.block_m,
         block_n: s.block_n,
         warps: s.warps,
-        threads: s.threads(),
+        threads: s.compute_threads(),
         // The decode's warps all hold the CTA's block_m query heads.
         m_tiles: if spec.pass == Pass::Decode { s.block_m / 16 } else { s.rows_per_warp() / 16 },
         stages: s.stages,
@@ -208,7 +256,13 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         stick_linear: s.softplus == Softplus::Linear,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
-        tma: s.loads == crate::ir::Loads::Tma,
+        tma: s.loads.is_tma(),
+        producer: s.loads == crate::ir::Loads::Producer,
+        pingpong: s.pingpong,
+        launch_threads: s.threads(),
+        setmaxnreg: registers.is_some(),
+        producer_regs: registers.map_or(0, |r| r.producer),
+        consumer_regs: registers.map_or(0, |r| r.consumer),
         wgmma_type: if spec.dtype == crate::ir::Dtype::Bf16 { "bf16" } else { "f16" },
         wgmma_d_regs: (0..s.block_n / 2).map(|i| format!("%{i}")).collect::<Vec<_>>().join(", "),
         wgmma_d_operands: (0..s.block_n / 8)
@@ -222,7 +276,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             .collect::<Vec<_>>()
             .join(", "),
         wgmma_pv_a0: spec.tile_head_dim() / 2,
-        min_blocks: min_blocks_per_sm(kernel),
+        min_blocks,
         smem: kernel.smem_layout(),
         params: match spec.pass {
             Pass::Decode => DECODE_PARAM_FIELDS,
@@ -341,6 +395,40 @@ mod tests {
         assert!(cp.manifest.steps.iter().all(|s| !s.kv_tensor_maps));
         let json = serde_json::to_string(&cp.manifest).unwrap();
         assert!(!json.contains("kv_tensor_maps"), "manifests without TMA are written as before: {json}");
+    }
+
+    /// A producer kernel launches its producer warpgroup after the computing warps, moves registers
+    /// to them with `setmaxnreg` where the launch leaves fewer than they can have, and takes the
+    /// tensor maps as a TMA kernel does.
+    #[test]
+    fn producer_kernels_launch_their_own_warpgroup_and_split_the_registers() {
+        use crate::ir::Loads;
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let ws =
+            Schedule { loads: Loads::Producer, block_m: 128, warps: 8, stages: 3, ..Schedule::wgmma_forward(&spec) };
+        let two = Kernel::new(spec, ws, Arch::Sm90);
+        let lowered = lower(&two).expect("lowers");
+        assert_eq!(lowered.manifest.steps[0].threads, 384);
+        assert!(lowered.manifest.steps[0].kv_tensor_maps);
+        // 384 threads, one CTA per SM: 168 registers at launch; 24 for the producer leave 240.
+        assert_eq!(register_split(&two, min_blocks_per_sm(&two)), Some(RegisterSplit { producer: 24, consumer: 240 }));
+        let src = &lowered.cuda_source;
+        assert!(src.contains("constexpr int THREADS = 256;") && src.contains("constexpr int LAUNCH_THREADS = 384;"));
+        assert!(
+            src.contains("setmaxnreg.dec.sync.aligned.u32 24;") && src.contains("setmaxnreg.inc.sync.aligned.u32 240;")
+        );
+        assert!(!src.contains("pingpong_take_turn"));
+        let pp = lower(&Kernel::new(spec, Schedule { pingpong: true, ..ws }, Arch::Sm90)).expect("lowers");
+        assert!(pp.cuda_source.contains("pingpong_take_turn();"));
+        // One computing warpgroup: two CTAs per SM where the shared memory allows (232 registers).
+        let one = Kernel::new(spec, Schedule { block_m: 64, warps: 4, ..ws }, Arch::Sm90);
+        assert_eq!(min_blocks_per_sm(&one), 2);
+        assert_eq!(register_split(&one, 2), Some(RegisterSplit { producer: 24, consumer: 232 }));
+        // Four stages of 64 rows take too much shared memory for two: 255 registers at launch, no split.
+        let deep = Kernel::new(spec, Schedule { block_m: 64, warps: 4, stages: 4, ..ws }, Arch::Sm90);
+        assert_eq!(min_blocks_per_sm(&deep), 1);
+        assert_eq!(register_split(&deep, 1), None);
+        assert!(!lower(&deep).expect("lowers").cuda_source.contains("setmaxnreg"));
     }
 
     /// The exp2 split reaches the stick math of every pass, and the MUFU and all-polynomial kernels

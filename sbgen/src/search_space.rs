@@ -36,6 +36,7 @@ pub struct SearchSpace {
     pub cumsum: &'static [Cumsum],
     pub mma: &'static [MmaFamily],
     pub loads: &'static [Loads],
+    pub pingpong: &'static [bool],
 }
 
 /// Which specs and arches a [`SearchSpace`] applies to; `None` matches anything.
@@ -76,8 +77,11 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     softplus: &[Softplus::Mufu, Softplus::Linear],
     cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
-    // TMA loads where the templates have them (the wgmma forward); pruned elsewhere with the reason.
-    loads: &[Loads::CpAsync, Loads::Tma],
+    // TMA loads where the templates have them (the wgmma forward), by one thread of the computing
+    // warps or by a producer warpgroup; pruned elsewhere with the reason.
+    loads: &[Loads::CpAsync, Loads::Tma, Loads::Producer],
+    // Ping-pong where it applies (a producer and two computing warpgroups, 3 or more stages).
+    pingpong: &[false, true],
 };
 
 /// The default table with 32- and 64-key blocks only: 128-key blocks spill for the 64-wide forward
@@ -101,6 +105,7 @@ pub const DECODE_SPACE: SearchSpace = SearchSpace {
     cumsum: &[Cumsum::Shuffle],
     mma: &[MmaFamily::MmaSync],
     loads: &[Loads::CpAsync],
+    pingpong: &[false],
 };
 
 /// Which table each (pass, tile width, arch) uses; the first matching rule wins, the last matches
@@ -221,15 +226,18 @@ impl SearchSpace {
                     self.softplus.iter().flat_map(move |&softplus| {
                         self.cumsum.iter().flat_map(move |&cumsum| {
                             self.mma.iter().flat_map(move |&mma| {
-                                self.loads.iter().map(move |&loads| Schedule {
-                                    block_m: tile.block_m,
-                                    block_n,
-                                    warps: tile.warps,
-                                    stages,
-                                    cumsum,
-                                    softplus,
-                                    mma,
-                                    loads,
+                                self.loads.iter().flat_map(move |&loads| {
+                                    self.pingpong.iter().map(move |&pingpong| Schedule {
+                                        block_m: tile.block_m,
+                                        block_n,
+                                        warps: tile.warps,
+                                        stages,
+                                        cumsum,
+                                        softplus,
+                                        mma,
+                                        loads,
+                                        pingpong,
+                                    })
                                 })
                             })
                         })
@@ -248,6 +256,7 @@ impl SearchSpace {
             * self.cumsum.len()
             * self.mma.len()
             * self.loads.len()
+            * self.pingpong.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -303,16 +312,20 @@ mod tests {
                 assert_eq!(s.cumsum, Cumsum::Shuffle);
                 if s.mma == MmaFamily::Wgmma {
                     assert_eq!(arch, Arch::Sm90);
-                    let twin = Schedule { mma: MmaFamily::MmaSync, loads: Loads::CpAsync, ..*s };
+                    let twin = Schedule { mma: MmaFamily::MmaSync, loads: Loads::CpAsync, pingpong: false, ..*s };
                     assert!(sync.contains(&&twin));
                 }
-                if s.loads == Loads::Tma {
+                if s.loads.is_tma() {
                     assert_eq!(s.mma, MmaFamily::Wgmma);
-                    assert!(kept.contains(&Schedule { loads: Loads::CpAsync, ..*s }));
+                    assert!(kept.contains(&Schedule { loads: Loads::CpAsync, pingpong: false, ..*s }));
+                }
+                if s.pingpong {
+                    assert_eq!((s.loads, s.warps, s.stages), (Loads::Producer, 8, 3));
                 }
             }
-            // On sm_90a each mma.sync schedule has a wgmma twin, with cp.async and with TMA loads.
-            assert_eq!(kept.len(), if arch == Arch::Sm90 { 48 } else { 16 }, "{arch}");
+            // On sm_90a each mma.sync schedule has a wgmma twin with cp.async, with TMA and with a
+            // producer warpgroup; the 4 producer ones on 8 warps and 3 stages a ping-pong twin.
+            assert_eq!(kept.len(), if arch == Arch::Sm90 { 16 * 4 + 4 } else { 16 }, "{arch}");
         }
     }
 
@@ -364,7 +377,12 @@ mod tests {
                         let s = &kernel.schedule;
                         if s.cumsum == Cumsum::TensorCore {
                             assert!(text.contains("`cumsum`"), "{text}");
-                        } else if s.loads == Loads::Tma && !(s.mma == MmaFamily::Wgmma && pass == Pass::Forward) {
+                        } else if s.pingpong {
+                            // Ping-pong needs a producer on two warpgroups; what else is wrong may come first.
+                            let named =
+                                ["`pingpong`", "`loads`", "`mma`", "shared memory", "spills", "32 rows per warp"];
+                            assert!(named.iter().any(|n| text.contains(n)), "{kernel:?}: {text}");
+                        } else if s.loads.is_tma() && !(s.mma == MmaFamily::Wgmma && pass == Pass::Forward) {
                             // TMA is the wgmma forward's; a kernel that cannot take wgmma says so first.
                             assert!(text.contains("`loads`") || text.contains("`mma`"), "{kernel:?}: {text}");
                         } else if s.mma == MmaFamily::Wgmma {

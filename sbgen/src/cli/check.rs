@@ -154,7 +154,8 @@ pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
         || args.stages.is_some()
         || args.softplus.is_some()
         || args.mma.is_some()
-        || args.loads.is_some();
+        || args.loads.is_some()
+        || args.pingpong;
     any.then(|| args.schedule())
 }
 

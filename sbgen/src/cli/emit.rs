@@ -114,11 +114,16 @@ pub struct ScheduleArgs {
     /// backward's Q K^T, dO V^T and dZ K, docs/performance.md#wgmma).
     #[arg(long, value_parser = parse_mma)]
     pub mma: Option<MmaFamily>,
-    /// How K and V reach shared memory: cp_async (every thread, 16 bytes per copy), or tma (the
-    /// tensor-memory accelerator through tensor maps the launcher makes; the wgmma forward only,
-    /// docs/performance.md#tma).
+    /// How K and V reach shared memory: cp_async (every thread, 16 bytes per copy), tma (the
+    /// tensor-memory accelerator through tensor maps the launcher makes, docs/performance.md#tma),
+    /// or producer (TMA issued by a producer warpgroup of its own, which gives its registers to the
+    /// computing warps, docs/performance.md#warp-specialisation). TMA in the wgmma forward only.
     #[arg(long, value_parser = parse_loads)]
     pub loads: Option<Loads>,
+    /// With `--loads producer` on 8 warps and 3 or more stages: the two computing warpgroups issue
+    /// their products in turn (ping-pong), one's stick math under the other's matmuls.
+    #[arg(long)]
+    pub pingpong: bool,
 }
 
 /// `emit`'s passes: those of [`PassChoice`] and the decode.
@@ -180,7 +185,8 @@ fn parse_loads(s: &str) -> Result<Loads, String> {
     match s.to_ascii_lowercase().replace('-', "_").as_str() {
         "cp_async" => Ok(Loads::CpAsync),
         "tma" => Ok(Loads::Tma),
-        _ => Err(format!("`loads` = `{s}` is not a valid value: allowed cp_async, tma")),
+        "producer" => Ok(Loads::Producer),
+        _ => Err(format!("`loads` = `{s}` is not a valid value: allowed cp_async, tma, producer")),
     }
 }
 
@@ -215,6 +221,7 @@ impl ScheduleArgs {
         if let Some(l) = self.loads {
             s.loads = l;
         }
+        s.pingpong = self.pingpong;
         s
     }
 }
@@ -293,6 +300,7 @@ mod tests {
             softplus: None,
             mma: None,
             loads: None,
+            pingpong: false,
         };
         let s = args.schedule();
         assert_eq!((s.block_m, s.warps), (128, 8));

@@ -47,7 +47,9 @@ pub struct SmemLayout {
     pub p: u32,
     /// Score gradients, block_m x block_n, backward only (the dZ of dK = dZ^T Q).
     pub dz: u32,
-    /// `stages` mbarriers (8 bytes each) of the TMA loads ([`Loads::Tma`]); `total` otherwise (none).
+    /// `stages` mbarriers (8 bytes each) of the TMA loads ([`Loads::Tma`]); with a producer
+    /// warpgroup ([`Loads::Producer`]) `stages` "full" then `stages` "free" mbarriers and an 8-byte
+    /// stop flag; `total` otherwise (none).
     pub mbar: u32,
     pub total: u32,
 }
@@ -89,12 +91,21 @@ impl Kernel {
                 return Err(IrError::Unsupported { field: "mma", value: "wgmma".into(), reason });
             }
         }
-        if s.loads == Loads::Tma && (s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward) {
+        if s.loads.is_tma() && (s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward) {
             return Err(IrError::Unsupported {
                 field: "loads",
-                value: "tma".into(),
+                value: if s.loads == Loads::Tma { "tma" } else { "producer" }.into(),
                 reason: "the templates load K and V by TMA in the wgmma forward only so far (mma = wgmma, \
                          pass = forward; not the segment pass, the backward or the decode)",
+            });
+        }
+        if s.pingpong && !(s.loads == Loads::Producer && s.warps == 8 && s.stages >= 3) {
+            return Err(IrError::Unsupported {
+                field: "pingpong",
+                value: "true".into(),
+                reason: "ping-pong orders the products of two computing warpgroups fed by a producer: \
+                         loads = producer, 8 warps (block_m = 128) and 3 or more stages (each step issues \
+                         both of its products before its stick math)",
             });
         }
         let layout = self.smem_layout();
@@ -118,7 +129,7 @@ impl Kernel {
         if !matches!(self.spec.pass, Pass::Forward | Pass::Segment | Pass::Backward) {
             return Some("the templates have wgmma for the forward, its segment pass and the backward only so far (not the decode or the segment backward)");
         }
-        if self.spec.head_dim % 64 != 0 || s.threads() % (self.spec.head_dim / 8) != 0 {
+        if self.spec.head_dim % 64 != 0 || s.compute_threads() % (self.spec.head_dim / 8) != 0 {
             return Some(
                 "wgmma's K tile is in panels of 64 columns, each row copied by whole groups of threads: \
                  head_dim 64, 128 or 256",
@@ -198,7 +209,11 @@ impl Kernel {
         let pm_tile = if backward { s.block_m * s.block_n * elem } else { 0 };
         let dz = p + pm_tile;
         let mbar = dz + pm_tile;
-        let barriers = if s.loads == Loads::Tma { 8 * s.stages } else { 0 };
+        let barriers = match s.loads {
+            Loads::CpAsync => 0,
+            Loads::Tma => 8 * s.stages,
+            Loads::Producer => 16 * s.stages + 8,
+        };
         let total = mbar + barriers;
         SmemLayout { q, d_o, k, v, p, dz, mbar, total }
     }
@@ -383,6 +398,50 @@ mod tests {
             assert!(e.contains("`loads` = tma") && e.contains("wgmma forward only"), "{pass:?}: {e}");
         }
         assert!(error(Kernel::new(Spec::new(128, Dtype::Bf16, Pass::Forward), tma, Arch::Sm80)).contains("sm_90a"));
+    }
+
+    #[test]
+    fn ping_pong_needs_a_producer_on_two_warpgroups_and_three_stages() {
+        let ws = Schedule {
+            block_m: 128,
+            warps: 8,
+            stages: 3,
+            mma: MmaFamily::Wgmma,
+            loads: Loads::Producer,
+            pingpong: true,
+            ..Schedule::DEFAULT
+        };
+        assert_eq!(kernel(Pass::Forward, ws).validate(), Ok(()));
+        assert_eq!(kernel(Pass::Forward, Schedule { pingpong: false, block_m: 64, warps: 4, ..ws }).validate(), Ok(()));
+        for bad in [
+            Schedule { loads: Loads::Tma, ..ws },
+            Schedule { block_m: 64, warps: 4, ..ws },
+            Schedule { stages: 2, ..ws },
+        ] {
+            let e = error(kernel(Pass::Forward, bad));
+            assert!(e.contains("`pingpong`") && e.contains("loads = producer"), "{bad}: {e}");
+        }
+        let e = error(kernel(Pass::Backward, Schedule { pingpong: false, ..ws }));
+        assert!(e.contains("`loads` = producer"), "{e}");
+    }
+
+    #[test]
+    fn producer_schedules_add_free_barriers_and_a_stop_flag_and_name_themselves() {
+        let tma = kernel(
+            Pass::Forward,
+            Schedule { mma: MmaFamily::Wgmma, stages: 3, loads: Loads::Tma, ..Schedule::DEFAULT },
+        );
+        let ws = Kernel { schedule: Schedule { loads: Loads::Producer, ..tma.schedule }, ..tma };
+        let (a, b) = (tma.smem_layout(), ws.smem_layout());
+        assert_eq!((b.mbar, b.total), (a.mbar, a.mbar + 2 * 24 + 8));
+        assert_eq!(ws.schedule.to_string(), "m64n64w4s3-shfl-mufu-wgmma-ws");
+        assert_eq!((ws.schedule.threads(), ws.schedule.compute_threads()), (256, 128));
+        let pp = Schedule { block_m: 128, warps: 8, pingpong: true, ..ws.schedule };
+        assert_eq!(pp.to_string(), "m128n64w8s3-shfl-mufu-wgmma-ws-pp");
+        let json = serde_json::to_string(&pp).unwrap();
+        assert!(json.contains("\"loads\":\"producer\"") && json.contains("\"pingpong\":true"), "{json}");
+        assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), pp);
+        assert!(!serde_json::to_string(&ws.schedule).unwrap().contains("pingpong"));
     }
 
     #[test]

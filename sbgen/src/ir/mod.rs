@@ -8,4 +8,4 @@ mod schedule;
 pub use arch::{Arch, UnknownArch};
 pub use kernel::{IrError, Kernel, SmemLayout};
 pub use sbgen_runtime::spec::{Dtype, Layout, Mask, Pass, Remainder, Spec, SpecError};
-pub use schedule::{Cumsum, Loads, MmaFamily, Schedule, Softplus};
+pub use schedule::{Cumsum, Loads, MmaFamily, Schedule, Softplus, PRODUCER_THREADS};

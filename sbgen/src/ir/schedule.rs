@@ -56,13 +56,26 @@ pub enum Loads {
     /// launcher makes, an mbarrier per stage counts the bytes (docs/performance.md#tma). The wgmma
     /// forward only.
     Tma,
+    /// Warp specialisation: a producer warpgroup (one more per CTA, after the computing ones) issues
+    /// the TMA copies and nothing else, with `setmaxnreg` giving its registers to the computing
+    /// warpgroups; an mbarrier per stage says a stage is full, another that it is free again, so
+    /// the walk has no block barrier (docs/performance.md#warp-specialisation). The wgmma forward only.
+    Producer,
 }
 
 impl Loads {
     fn is_cp_async(&self) -> bool {
         *self == Loads::CpAsync
     }
+
+    /// Whether the K and V tiles come by TMA (with or without a producer warpgroup).
+    pub fn is_tma(&self) -> bool {
+        matches!(self, Loads::Tma | Loads::Producer)
+    }
 }
+
+/// The producer warpgroup of [`Loads::Producer`]: `setmaxnreg` acts on whole warpgroups.
+pub const PRODUCER_THREADS: u32 = 128;
 
 /// How a kernel is tiled and pipelined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -82,6 +95,15 @@ pub struct Schedule {
     /// entries and every kernel name (the schedule's hash) are unchanged.
     #[serde(default, skip_serializing_if = "Loads::is_cp_async")]
     pub loads: Loads,
+    /// Ping-pong between the two computing warpgroups of a [`Loads::Producer`] CTA: each issues its
+    /// products only after the other has issued its own, so one runs its stick math while the
+    /// other's matmuls are on the tensor cores. Absent (false) in older cache files.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pingpong: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Schedule {
@@ -95,6 +117,7 @@ impl Schedule {
         softplus: Softplus::Mufu,
         mma: MmaFamily::MmaSync,
         loads: Loads::CpAsync,
+        pingpong: false,
     };
 
     /// The schedule used for `spec` when nothing is tuned: the fastest non-spilling schedule measured
@@ -216,7 +239,13 @@ impl Schedule {
         self.block_m / self.warps.max(1)
     }
 
+    /// Threads per CTA: the computing warps', and a producer warpgroup's with [`Loads::Producer`].
     pub fn threads(&self) -> u32 {
+        self.compute_threads() + if self.loads == Loads::Producer { PRODUCER_THREADS } else { 0 }
+    }
+
+    /// The threads that own query rows (`warps` warps).
+    pub fn compute_threads(&self) -> u32 {
         self.warps * 32
     }
 
@@ -265,8 +294,13 @@ impl fmt::Display for Schedule {
         )?;
         // Only when not the default, so names written before the field existed stay the same.
         match self.loads {
-            Loads::CpAsync => Ok(()),
-            Loads::Tma => f.write_str("-tma"),
+            Loads::CpAsync => {}
+            Loads::Tma => f.write_str("-tma")?,
+            Loads::Producer => f.write_str("-ws")?,
         }
+        if self.pingpong {
+            f.write_str("-pp")?;
+        }
+        Ok(())
     }
 }
