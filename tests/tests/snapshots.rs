@@ -75,6 +75,23 @@ fn canonical() -> Vec<Kernel> {
             Spec::new(128, Dtype::Bf16, Pass::Forward),
             Schedule { loads: Loads::Tma, ..Schedule::wgmma_forward(&Spec::new(128, Dtype::Bf16, Pass::Forward)) },
         ),
+        // Warp specialisation (docs/performance.md#warp-specialisation): a producer warpgroup and two
+        // computing ones in ping-pong at 128 (early exit, to show the stop flag's use), and one
+        // computing warpgroup at 64 on two stages.
+        (
+            Spec { early_exit_bits: Some(24), ..Spec::new(128, Dtype::Bf16, Pass::Forward) },
+            Schedule {
+                loads: Loads::Producer,
+                block_m: 128,
+                warps: 8,
+                pingpong: true,
+                ..Schedule::wgmma_forward(&Spec::new(128, Dtype::Bf16, Pass::Forward))
+            },
+        ),
+        (
+            Spec::new(64, Dtype::Bf16, Pass::Forward),
+            Schedule { loads: Loads::Producer, ..Schedule::wgmma_forward(&Spec::new(64, Dtype::Bf16, Pass::Forward)) },
+        ),
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
@@ -92,7 +109,7 @@ fn canonical() -> Vec<Kernel> {
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 38);
+    assert_eq!(kernels.len(), 40);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -106,5 +123,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 38);
+    assert_eq!(names.len(), 40);
 }

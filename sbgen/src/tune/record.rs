@@ -123,10 +123,12 @@ pub struct FamilyComparison {
     /// Why no wgmma candidate was timed: the first wgmma candidate's outcome (pruned, failed,
     /// wrong, not run), or that the search space had none.
     pub wgmma_absent: Option<String>,
-    /// The fastest wgmma candidate loading K and V by `cp.async`, and the fastest by TMA
+    /// The fastest wgmma candidate loading K and V by `cp.async`, the fastest by TMA, and the
+    /// fastest with a producer warpgroup (warp specialisation, with or without ping-pong)
     /// ([`Loads`]), so that the summary says which loads won.
     pub wgmma_cp_async_ms: Option<f64>,
     pub tma_ms: Option<f64>,
+    pub producer_ms: Option<f64>,
 }
 
 impl FamilyComparison {
@@ -158,6 +160,7 @@ impl FamilyComparison {
             wgmma_absent,
             wgmma_cp_async_ms: best_wgmma_loading(Loads::CpAsync),
             tma_ms: best_wgmma_loading(Loads::Tma),
+            producer_ms: best_wgmma_loading(Loads::Producer),
         }
     }
 
@@ -165,13 +168,17 @@ impl FamilyComparison {
     /// faster), then the mma.sync default's time over the faster of the two ("1.40x, 1.75x"; "-"
     /// where the default was not timed), or why wgmma was not timed; where wgmma candidates with
     /// both loads were timed, the best `cp.async` one's time over the best TMA one's ("; TMA
-    /// 1.03x": TMA is faster).
+    /// 1.03x": TMA is faster), and the same for a producer warpgroup ("; producer 1.10x").
     pub fn cell(&self) -> String {
-        let families = self.families_cell();
-        match (self.wgmma_cp_async_ms, self.tma_ms) {
-            (Some(c), Some(t)) => format!("{families}; TMA {:.2}x", c / t),
-            _ => families,
+        let mut cell = self.families_cell();
+        if let Some(c) = self.wgmma_cp_async_ms {
+            for (name, other) in [("TMA", self.tma_ms), ("producer", self.producer_ms)] {
+                if let Some(t) = other {
+                    cell.push_str(&format!("; {name} {:.2}x", c / t));
+                }
+            }
         }
+        cell
     }
 
     fn families_cell(&self) -> String {
@@ -200,7 +207,7 @@ pub fn summary_header() -> String {
         "default ms",
         "speedup",
         "timed/wrong/failed/not run",
-        "wgmma: best mma.sync / best wgmma, mma.sync default / winner (or why none); TMA: best cp.async / best TMA"
+        "wgmma: best mma.sync / best wgmma, mma.sync default / winner (or why none); TMA, producer: best cp.async / best of those"
     )
 }
 
@@ -336,5 +343,10 @@ mod tests {
         let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &with_tma);
         assert_eq!((row.families.wgmma_cp_async_ms, row.families.tma_ms), (Some(1.6), Some(1.65)));
         assert!(format_summary_row(&row).ends_with("1.38x, -; TMA 0.97x"), "{}", format_summary_row(&row));
+        // And with a producer warpgroup: its best over the same cp.async one.
+        with_tma.push(timed(Schedule { loads: Loads::Producer, block_m: 128, warps: 8, ..wg(64, 3) }, 1.28));
+        let row = SummaryRow::from_candidates(spec, 8192, &Schedule::WGMMA_FORWARD, &with_tma);
+        assert_eq!(row.families.producer_ms, Some(1.28));
+        assert!(format_summary_row(&row).ends_with("; TMA 0.97x; producer 1.25x"), "{}", format_summary_row(&row));
     }
 }
