@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn tma_kernels_take_two_tensor_maps_and_their_manifest_says_so() {
         let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
-        let wgmma = Schedule::wgmma_forward(&spec);
+        let wgmma = Schedule { loads: crate::ir::Loads::CpAsync, ..Schedule::wgmma_forward(&spec) };
         let tma =
             lower(&Kernel::new(spec, Schedule { loads: crate::ir::Loads::Tma, ..wgmma }, Arch::Sm90)).expect("lowers");
         assert!(tma

@@ -324,14 +324,19 @@ mod tests {
                     let wgmma = arch == Arch::Sm90 && segment == Pass::Segment;
                     assert_eq!(schedule.mma == MmaFamily::Wgmma, wgmma, "{segment:?} {head_dim} on {arch}");
                     if wgmma {
-                        // The forward's tiles; the segment walk keeps the MUFU stick math (the linear
-                        // stick is not checked there yet) and its two stages.
+                        // The forward's key blocks, and its rows where the forward has no producer
+                        // warpgroup (at 128 wide it takes 128 rows on two computing warpgroups, which
+                        // the segment walk has not); the segment walk keeps the MUFU stick math (the
+                        // linear stick is not checked there yet) and its two stages.
                         let f = Schedule::default_on(&b, arch);
-                        assert_eq!(
-                            (schedule.block_m, schedule.block_n, schedule.warps),
-                            (f.block_m, f.block_n, f.warps),
-                            "{segment:?} {head_dim} on {arch}"
-                        );
+                        assert_eq!(schedule.block_n, f.block_n, "{segment:?} {head_dim} on {arch}");
+                        if f.loads != Loads::Producer {
+                            assert_eq!(
+                                (schedule.block_m, schedule.warps),
+                                (f.block_m, f.warps),
+                                "{segment:?} {head_dim} on {arch}"
+                            );
+                        }
                         assert_eq!(schedule.softplus, Softplus::Mufu, "{segment:?} {head_dim} on {arch}");
                     } else if arch != Arch::Sm90 {
                         assert_eq!(schedule, Schedule::default_on(&b, arch), "{segment:?} {head_dim} on {arch}");

@@ -164,11 +164,18 @@ impl Schedule {
     /// which the linear stick did not beat there. On the H200 in one call (session 20,
     /// BENCHMARKS.md): 1.08x the MUFU 64 x 64 x 2 kernel at 2,16,8192,128 and 1.17x at 4,16,4096,64;
     /// `sbgen tune` picks these at every bf16/f16 BHND spec of those widths.
+    ///
+    /// At head_dim 128 without early exit, warp specialisation ([`Loads::Producer`]): 128 x 64 on
+    /// two computing warpgroups and a producer, three stages, 1.15x the 64 x 64 x 3 `cp.async`
+    /// kernel at 2,16,8192,128 in one call (session 25, BENCHMARKS.md; ping-pong measured slower).
+    /// With early exit the walks are a few blocks long and the producer's first copies show: 0.83x
+    /// there (T = 24), so early exit keeps the `cp.async` kernel.
     pub fn wgmma_forward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         let linear = Schedule { softplus: Softplus::Linear, ..Schedule::WGMMA_FORWARD };
         match spec.tile_head_dim() {
             d if d <= 64 => linear,
-            d if d <= 128 => Schedule { stages: 3, ..linear },
+            d if d <= 128 && spec.early_exit_bits.is_some() => Schedule { stages: 3, ..linear },
+            d if d <= 128 => Schedule { block_m: 128, warps: 8, stages: 3, loads: Loads::Producer, ..linear },
             _ => Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) },
         }
     }
