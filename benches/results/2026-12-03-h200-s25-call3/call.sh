@@ -15,6 +15,8 @@ N=$C/bin/sbgen
 CP="--mma wgmma --softplus linear --stages 3"
 run racecheck-ws 60 /usr/local/cuda/bin/compute-sanitizer --tool racecheck $N check --pass fwd --head-dim 128 --dtype bf16 --seq 300 --regime random --layout bhnd,thd --varlen 1,300 --kv-groups 1
 run racecheck-ws1 60 /usr/local/cuda/bin/compute-sanitizer --tool racecheck $N check --pass fwd --head-dim 128 --dtype bf16 --seq 300 --regime random --layout bhnd,thd --varlen 1,300 --kv-groups 1 --mma wgmma --softplus linear --loads producer --block-m 64 --warps 4 --stages 2
+run racecheck-pp 60 /usr/local/cuda/bin/compute-sanitizer --tool racecheck $N check --pass fwd --head-dim 128 --dtype bf16 --seq 300 --regime random --layout bhnd,thd --varlen 1,300 --kv-groups 1 --mma wgmma --softplus linear --loads producer --block-m 128 --warps 8 --stages 3 --pingpong
+run synccheck-ws 40 /usr/local/cuda/bin/compute-sanitizer --tool synccheck $N check --pass fwd --head-dim 128 --dtype bf16 --seq 300 --regime random --layout bhnd,thd --varlen 1,300 --kv-groups 4 --early-exit off,24
 run check-default128 90 $N check --quick --pass fwd --head-dim 128 --dtype bf16 --layout bhnd,bnhd,thd --varlen 0,1,17,1000 --kv-groups 1,4 --failures-only
 B="bench --shapes 2,16,8192,128 4,16,4096,64 --early-exit off --reps 30"
 run bench-default1 40 $N $B --json $R/bench.json
