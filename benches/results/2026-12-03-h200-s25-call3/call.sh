@@ -31,4 +31,4 @@ NCU="/usr/local/cuda/bin/ncu --clock-control none --section SpeedOfLight --secti
 run ncu-ws 90 $NCU $N bench --shapes 2,16,8192,128 --fwd-only --early-exit off --reps 20 --sets 1
 run ncu-cp 90 $NCU $N bench --shapes 2,16,8192,128 --fwd-only --early-exit off --reps 20 --sets 1 $CP
 cp sbgen/default-cache.json $R/default-cache.json
-run tune-fwd128 230 $N tune --gpu sm_90 --cache $R/default-cache.json --head-dim 128 --pass fwd --budget-s 200
+run tune-fwd128 200 $N tune --gpu sm_90 --cache $R/default-cache.json --head-dim 128 --pass fwd --budget-s 165
