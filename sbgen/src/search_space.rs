@@ -80,7 +80,8 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     // TMA loads where the templates have them (the wgmma forward), by one thread of the computing
     // warps or by a producer warpgroup; pruned elsewhere with the reason.
     loads: &[Loads::CpAsync, Loads::Tma, Loads::Producer],
-    // Ping-pong where it applies (a producer and two computing warpgroups, 3 or more stages).
+    // Ping-pong where it applies (a producer and two computing warpgroups, 3 or more stages);
+    // listed so that its exclusion is visible (EXCLUSIONS).
     pingpong: &[false, true],
 };
 
@@ -123,6 +124,12 @@ pub const RULES: &[Rule] = &[
 /// compiling every candidate with the pinned CUDA 13.0 compilers (NVRTC, then `ptxas -v`), the
 /// check CI repeats: a variant the tuner may choose must not spill (docs/architecture.md#artifact-pipeline).
 pub const EXCLUSIONS: &[Exclusion] = &[
+    Exclusion {
+        reason: "ping-pong is left to `--pingpong`: slower than the producer kernel without it (1.056 \
+                 against 1.013 ms at 2,16,8192,128, session 25), and racecheck reports hazards in its \
+                 epilogue that are not understood yet (docs/performance.md#warp-specialisation)",
+        applies: |k| k.schedule.pingpong,
+    },
     Exclusion {
         reason: "spills registers (ptxas 13.0): the decode's 64-key blocks at 96 and 128 wide (8-176 \
                  bytes) and its blocks of more than 16 keys above 128 (48 bytes at 256 on sm_80)",
@@ -319,13 +326,11 @@ mod tests {
                     assert_eq!(s.mma, MmaFamily::Wgmma);
                     assert!(kept.contains(&Schedule { loads: Loads::CpAsync, pingpong: false, ..*s }));
                 }
-                if s.pingpong {
-                    assert_eq!((s.loads, s.warps, s.stages), (Loads::Producer, 8, 3));
-                }
+                assert!(!s.pingpong, "ping-pong is excluded: {s}");
             }
             // On sm_90a each mma.sync schedule has a wgmma twin with cp.async, with TMA and with a
-            // producer warpgroup; the 4 producer ones on 8 warps and 3 stages a ping-pong twin.
-            assert_eq!(kept.len(), if arch == Arch::Sm90 { 16 * 4 + 4 } else { 16 }, "{arch}");
+            // producer warpgroup.
+            assert_eq!(kept.len(), if arch == Arch::Sm90 { 16 * 4 } else { 16 }, "{arch}");
         }
     }
 
@@ -378,9 +383,17 @@ mod tests {
                         if s.cumsum == Cumsum::TensorCore {
                             assert!(text.contains("`cumsum`"), "{text}");
                         } else if s.pingpong {
-                            // Ping-pong needs a producer on two warpgroups; what else is wrong may come first.
-                            let named =
-                                ["`pingpong`", "`loads`", "`mma`", "shared memory", "spills", "32 rows per warp"];
+                            // Ping-pong needs a producer on two warpgroups (what else is wrong may come first), and
+                            // the search leaves it out.
+                            let named = [
+                                "`pingpong`",
+                                "ping-pong is left",
+                                "`loads`",
+                                "`mma`",
+                                "shared memory",
+                                "spills",
+                                "32 rows per warp",
+                            ];
                             assert!(named.iter().any(|n| text.contains(n)), "{kernel:?}: {text}");
                         } else if s.loads.is_tma() && !(s.mma == MmaFamily::Wgmma && pass == Pass::Forward) {
                             // TMA is the wgmma forward's; a kernel that cannot take wgmma says so first.

@@ -76,7 +76,10 @@ fn canonical() -> Vec<Kernel> {
             Spec::new(128, Dtype::Bf16, Pass::Forward),
             Schedule {
                 loads: Loads::Tma,
-                ..Schedule::wgmma_forward(&Spec { early_exit_bits: Some(24), ..Spec::new(128, Dtype::Bf16, Pass::Forward) })
+                ..Schedule::wgmma_forward(&Spec {
+                    early_exit_bits: Some(24),
+                    ..Spec::new(128, Dtype::Bf16, Pass::Forward)
+                })
             },
         ),
         // Warp specialisation (docs/performance.md#warp-specialisation): a producer warpgroup and two
