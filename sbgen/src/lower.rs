@@ -176,8 +176,10 @@ fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
         BOUNDED
     } else if s.loads == crate::ir::Loads::Producer && s.warps == 4 {
         // One computing warpgroup and its producer: two CTAs per SM where the shared memory allows,
-        // so that 8 warps per SM compute, as without the producer.
-        if 2 * (kernel.smem_layout().total + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM_SM90 {
+        // so that 8 warps per SM compute, as without the producer. Not above 128 columns: ptxas
+        // refuses the 256-wide P V wgmma (its 128 accumulators and operands) under the launch's 128
+        // registers, setmaxnreg or not (C7602, 158 needed).
+        if spec.tile_head_dim() <= 128 && 2 * (kernel.smem_layout().total + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM_SM90 {
             2
         } else {
             1
@@ -429,6 +431,10 @@ mod tests {
         assert_eq!(min_blocks_per_sm(&deep), 1);
         assert_eq!(register_split(&deep, 1), None);
         assert!(!lower(&deep).expect("lowers").cuda_source.contains("setmaxnreg"));
+        // Nor at 256 wide, where ptxas needs more than 128 registers at launch for P V.
+        let wide_spec = Spec::new(256, Dtype::Bf16, Pass::Forward);
+        let wide = Kernel::new(wide_spec, Schedule { block_m: 64, warps: 4, block_n: 32, stages: 2, ..ws }, Arch::Sm90);
+        assert_eq!((min_blocks_per_sm(&wide), register_split(&wide, 1)), (1, None));
     }
 
     /// The exp2 split reaches the stick math of every pass, and the MUFU and all-polynomial kernels
