@@ -15,12 +15,13 @@ N=$C/bin/sbgen
 CS=/usr/local/cuda/bin/compute-sanitizer
 WS="--mma wgmma --softplus linear --loads producer"
 S="check --pass fwd --head-dim 128 --dtype bf16 --seq 300 --regime random --layout bhnd,thd --varlen 1,300"
+# Most needed first: the device time left may cut the call short.
 run racecheck-default 60 $CS --tool racecheck $N $S --kv-groups 1
-run racecheck-ws-ee 60 $CS --tool racecheck $N $S --kv-groups 1 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
-run racecheck-ws1 60 $CS --tool racecheck $N $S --kv-groups 1 --early-exit off,24 $WS --block-m 64 --warps 4 --stages 2
 run synccheck-default 40 $CS --tool synccheck $N $S --kv-groups 4
-run synccheck-ws-ee 40 $CS --tool synccheck $N $S --kv-groups 4 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
-run memcheck-ws-ee 40 $CS --tool memcheck $N $S --kv-groups 4 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
+run racecheck-ws-ee 60 $CS --tool racecheck $N $S --kv-groups 1 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
 run check-default128 60 $N check --quick --pass fwd --head-dim 128 --dtype bf16 --layout bhnd,bnhd,thd --varlen 0,1,17,1000 --kv-groups 1,4 --failures-only
+run memcheck-ws-ee 40 $CS --tool memcheck $N $S --kv-groups 4 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
+run synccheck-ws-ee 40 $CS --tool synccheck $N $S --kv-groups 4 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3
+run racecheck-ws1 60 $CS --tool racecheck $N $S --kv-groups 1 --early-exit off,24 $WS --block-m 64 --warps 4 --stages 2
 run check-ws-ee 40 $N check --quick --pass fwd --head-dim 128 --dtype bf16 --layout bhnd,thd --varlen 0,17,1000 --kv-groups 1,4 --early-exit 24 $WS --block-m 128 --warps 8 --stages 3 --failures-only
 run bench-default 30 $N bench --shapes 2,16,8192,128 4,16,4096,64 --early-exit off --reps 30
