@@ -158,7 +158,8 @@ fn q_fragments_in_registers(pass: Pass, tile_head_dim: u32, schedule: &crate::ir
 /// (session 22), the packed batch (THD) with early exit (bf16): these keep the unbounded
 /// allocation. The other kernels are not
 /// bounded: the forward at 64 columns fits three CTAs unbounded (144 registers), and its 3-stage
-/// variant bounded to three measured slower than the 2-stage one.
+/// variant bounded to three measured slower than the 2-stage one. A producer kernel with one
+/// computing warpgroup asks for two (see [`register_split`]).
 fn min_blocks_per_sm(kernel: &Kernel) -> u32 {
     const BOUNDED: u32 = 3;
     let (spec, s) = (&kernel.spec, &kernel.schedule);
