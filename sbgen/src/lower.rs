@@ -82,8 +82,13 @@ struct TemplateContext {
     /// The forward's and backward's segment variants (context parallelism).
     segment: bool,
     /// The warpgroup's `wgmma` (sm_90a): the forward's Q K^T and P V, the backward's Q K^T, dO V^T
-    /// and dZ K (docs/performance.md#wgmma).
+    /// and dZ K (docs/performance.md#wgmma), and with `wgmma_key_grads` its dK and dV.
     wgmma: bool,
+    /// The backward's dK and dV on wgmma too (`key_grads_wgmma`): 64-key products, so block_n a
+    /// multiple of 64, at most 128 columns (a product's accumulators beside dQ's), and one CTA per
+    /// SM asked for (bounded to three, the 64-wide kernel spilled 16-224 bytes); else they stay on
+    /// mma.sync (`key_grads`).
+    wgmma_key_grads: bool,
     /// K and V by TMA through the two tensor maps the kernel takes (docs/performance.md#tma).
     tma: bool,
     /// The TMA copies issued by a producer warpgroup after the computing warps
@@ -259,6 +264,11 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
         stick_linear: s.softplus == Softplus::Linear,
         segment: matches!(spec.pass, Pass::Segment | Pass::SegmentBackward),
         wgmma: s.mma == crate::ir::MmaFamily::Wgmma,
+        wgmma_key_grads: s.mma == crate::ir::MmaFamily::Wgmma
+            && spec.pass == Pass::Backward
+            && s.block_n % 64 == 0
+            && spec.tile_head_dim() <= 128
+            && min_blocks == 1,
         tma: s.loads.is_tma(),
         producer: s.loads == crate::ir::Loads::Producer,
         pingpong: s.pingpong,

@@ -111,7 +111,8 @@ pub struct ScheduleArgs {
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
     /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V, the
-    /// backward's Q K^T, dO V^T and dZ K, docs/performance.md#wgmma).
+    /// backward's Q K^T, dO V^T and dZ K, and its dK and dV on 64-key blocks up to head_dim 128,
+    /// docs/performance.md#wgmma).
     #[arg(long, value_parser = parse_mma)]
     pub mma: Option<MmaFamily>,
     /// How K and V reach shared memory: cp_async (every thread, 16 bytes per copy), tma (the

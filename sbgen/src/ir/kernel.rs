@@ -117,7 +117,8 @@ impl Kernel {
     }
 
     /// Why `mma = wgmma` cannot lower for this kernel, if it cannot: the templates run the
-    /// forward's Q K^T and P V and the backward's Q K^T, dO V^T and dZ K on wgmma (one warpgroup per
+    /// forward's Q K^T and P V and the backward's Q K^T, dO V^T, dZ K (and dK, dV where the tiles
+    /// allow, see `lower.rs`) on wgmma (one warpgroup per
     /// 64 query rows, the tiles in 128-byte-swizzled panels of 64 columns; docs/performance.md#wgmma).
     // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
     #[allow(clippy::manual_is_multiple_of)]
