@@ -168,20 +168,23 @@ impl Schedule {
     /// At head_dim 128 without early exit, warp specialisation ([`Loads::Producer`]): 128 x 64 on
     /// two computing warpgroups and a producer, three stages, 1.15x the 64 x 64 x 3 `cp.async`
     /// kernel at 2,16,8192,128 in one call (session 25, BENCHMARKS.md; ping-pong measured slower).
-    /// With early exit the walks are a few blocks long and the producer's first copies show: 0.83x
-    /// there (T = 24), so early exit keeps the `cp.async` kernel.
+    /// With early exit the walks are a few blocks long and that kernel's first copies show (0.83x
+    /// the `cp.async` one at T = 24), so early exit takes one computing warpgroup and a producer on
+    /// 64 x 64 x 2 tiles, two CTAs per SM: 0.093 ms against 0.100 for the 64 x 64 x 3 `cp.async`
+    /// kernel at 2,16,8192,128, T = 24 (session 26, call 1; 0.091 against 0.100 in session 25).
     pub fn wgmma_forward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         let linear = Schedule { softplus: Softplus::Linear, ..Schedule::WGMMA_FORWARD };
         match spec.tile_head_dim() {
             d if d <= 64 => linear,
-            d if d <= 128 && spec.early_exit_bits.is_some() => Schedule { stages: 3, ..linear },
+            d if d <= 128 && spec.early_exit_bits.is_some() => Schedule { loads: Loads::Producer, ..linear },
             d if d <= 128 => Schedule { block_m: 128, warps: 8, stages: 3, loads: Loads::Producer, ..linear },
             _ => Schedule { mma: MmaFamily::Wgmma, ..Schedule::default_for(spec) },
         }
     }
 
-    /// The sm_90a backward's schedule on wgmma (S, dP and dQ on the warpgroup; dK and dV on
-    /// `mma.sync`, added to the f32 accumulators four columns per reduction): 64 x 64 on 4 warps at
+    /// The sm_90a backward's schedule on wgmma (S, dP and dQ on the warpgroup; dK and dV too on the
+    /// 128-wide tiles, on `mma.sync` at 64 and 256 wide, added to the f32 accumulators four columns
+    /// per reduction; docs/performance.md#wgmma): 64 x 64 on 4 warps at
     /// head_dim 64, 128 x 64 on 8 warps (two warpgroups) at 128, 128 x 32 on 8 warps above. 128 query
     /// rows halve those additions per row; at 64 rows they bound the backward in L2, at 128 (session
     /// 23's profile) it is latency-bound (docs/performance.md#wgmma). Measured on the H200
