@@ -89,6 +89,8 @@ struct TemplateContext {
     /// SM asked for (bounded to three, the 64-wide kernel spilled 16-224 bytes); else they stay on
     /// mma.sync (`key_grads`).
     wgmma_key_grads: bool,
+    /// The in-block scan as a wgmma with a triangle of ones (`cumsum = tensor_core`).
+    tc_cumsum: bool,
     /// K and V by TMA through the two tensor maps the kernel takes (docs/performance.md#tma).
     tma: bool,
     /// The TMA copies issued by a producer warpgroup after the computing warps
@@ -226,6 +228,8 @@ const SMEM_PER_SM_SM90: u32 = 228 * 1024;
 const SMEM_RESERVED_PER_CTA: u32 = 1024;
 
 /// Lowers `kernel` to CUDA C++ and a launch manifest.
+// `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
+#[allow(clippy::manual_is_multiple_of)]
 pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
     kernel.validate()?;
     let spec = &kernel.spec;
@@ -269,6 +273,7 @@ pub fn lower(kernel: &Kernel) -> Result<Lowered, LowerError> {
             && s.block_n % 64 == 0
             && spec.tile_head_dim() <= 128
             && min_blocks == 1,
+        tc_cumsum: s.cumsum == crate::ir::Cumsum::TensorCore,
         tma: s.loads.is_tma(),
         producer: s.loads == crate::ir::Loads::Producer,
         pingpong: s.pingpong,
