@@ -320,7 +320,16 @@ mod tests {
     #[test]
     fn forward_d64_keeps_the_16_schedules_of_its_narrow_table_and_their_wgmma_and_tma_twins_on_sm90() {
         for arch in Arch::ALL {
-            let kept = accepted(Spec::new(64, Dtype::Bf16, Pass::Forward), arch);
+            let all = accepted(Spec::new(64, Dtype::Bf16, Pass::Forward), arch);
+            // The scan on tensor cores: the wgmma forward's log-space walk on 64-key blocks and 2 stages,
+            // each with its shuffle twin kept.
+            let (tensor_core, kept): (Vec<Schedule>, Vec<Schedule>) =
+                all.iter().partition(|s| s.cumsum == Cumsum::TensorCore);
+            for s in &tensor_core {
+                assert!(s.mma == MmaFamily::Wgmma && s.softplus == Softplus::Mufu && s.block_n == 64 && s.stages == 2, "{s}");
+                assert!(kept.contains(&Schedule { cumsum: Cumsum::Shuffle, ..*s }), "{s}");
+            }
+            assert_eq!(tensor_core.len(), if arch == Arch::Sm90 { 2 * 3 } else { 0 }, "{arch}: {tensor_core:?}");
             let sync: Vec<_> = kept.iter().filter(|s| s.mma == MmaFamily::MmaSync).collect();
             assert_eq!(sync.len(), 16, "{arch}: {kept:?}");
             for s in &kept {
@@ -386,12 +395,16 @@ mod tests {
         for &head_dim in NATIVE_HEAD_DIMS {
             for pass in PASSES {
                 for arch in Arch::ALL {
-                    for (kernel, verdict) in variants(Spec::new(head_dim, Dtype::Bf16, pass), arch) {
+                    let all: Vec<_> = variants(Spec::new(head_dim, Dtype::Bf16, pass), arch).collect();
+                    for (kernel, verdict) in &all {
                         let Err(reason) = verdict else { continue };
                         let text = reason.to_string();
                         let s = &kernel.schedule;
                         if s.cumsum == Cumsum::TensorCore {
-                            assert!(text.contains("`cumsum`"), "{text}");
+                            // The scan's own refusal, or what prunes its shuffle twin too.
+                            let twin = Schedule { cumsum: Cumsum::Shuffle, ..*s };
+                            let twin_pruned = all.iter().any(|(k, v)| k.schedule == twin && v.is_err());
+                            assert!(text.contains("`cumsum`") || twin_pruned, "{kernel:?}: {text}");
                         } else if s.pingpong {
                             // Ping-pong needs a producer on two warpgroups (what else is wrong may come first), and
                             // the search leaves it out.

@@ -102,6 +102,12 @@ fn canonical() -> Vec<Kernel> {
             Spec::new(64, Dtype::Bf16, Pass::Forward),
             Schedule { loads: Loads::Producer, ..Schedule::wgmma_forward(&Spec::new(64, Dtype::Bf16, Pass::Forward)) },
         ),
+        // The scan on tensor cores (docs/performance.md#the-scan-on-tensor-cores), with early exit
+        // to show the masked block's path too.
+        (
+            Spec { early_exit_bits: Some(24), ..Spec::new(128, Dtype::Bf16, Pass::Forward) },
+            Schedule { cumsum: sbgen::ir::Cumsum::TensorCore, ..wgmma },
+        ),
     ] {
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
@@ -119,7 +125,7 @@ fn canonical() -> Vec<Kernel> {
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 41);
+    assert_eq!(kernels.len(), 42);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -133,5 +139,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 41);
+    assert_eq!(names.len(), 42);
 }

@@ -153,6 +153,7 @@ pub fn schedule_override(args: &ScheduleArgs) -> Option<Schedule> {
         || args.warps.is_some()
         || args.stages.is_some()
         || args.softplus.is_some()
+        || args.cumsum.is_some()
         || args.mma.is_some()
         || args.loads.is_some()
         || args.pingpong;

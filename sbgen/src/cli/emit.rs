@@ -2,7 +2,7 @@
 //! `manifest.json`, touching only files whose content changed.
 
 use super::{Outcome, UsageError};
-use crate::ir::{Arch, Dtype, Kernel, Layout, Loads, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
+use crate::ir::{Arch, Cumsum, Dtype, Kernel, Layout, Loads, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
 use crate::lower::{lower, LowerError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -110,6 +110,12 @@ pub struct ScheduleArgs {
     /// docs/math.md#the-stick-in-linear-space).
     #[arg(long, value_parser = parse_softplus)]
     pub softplus: Option<Softplus>,
+    /// How the in-block reverse cumulative sum of log2(1 - beta) is taken: shuffle (fp32 in
+    /// registers and a 4-lane shuffle scan) or tensor_core (a wgmma with a triangle of ones; the
+    /// wgmma forward with a log-space walk on 64-key blocks and 2 stages only,
+    /// docs/performance.md#the-scan-on-tensor-cores).
+    #[arg(long, value_parser = parse_cumsum)]
+    pub cumsum: Option<Cumsum>,
     /// Tensor-core instructions: mma_sync, or wgmma (sm_90a; the forward's Q K^T and P V, the
     /// backward's Q K^T, dO V^T and dZ K, and its dK and dV on 64-key blocks up to head_dim 128,
     /// docs/performance.md#wgmma).
@@ -174,6 +180,14 @@ fn parse_softplus(s: &str) -> Result<Softplus, String> {
     }
 }
 
+fn parse_cumsum(s: &str) -> Result<Cumsum, String> {
+    match s.to_ascii_lowercase().replace('-', "_").as_str() {
+        "shuffle" => Ok(Cumsum::Shuffle),
+        "tensor_core" => Ok(Cumsum::TensorCore),
+        _ => Err(format!("`cumsum` = `{s}` is not a valid value: allowed shuffle, tensor_core")),
+    }
+}
+
 fn parse_mma(s: &str) -> Result<MmaFamily, String> {
     match s.to_ascii_lowercase().replace('-', "_").as_str() {
         "mma_sync" => Ok(MmaFamily::MmaSync),
@@ -215,6 +229,9 @@ impl ScheduleArgs {
         }
         if let Some(sp) = self.softplus {
             s.softplus = sp;
+        }
+        if let Some(c) = self.cumsum {
+            s.cumsum = c;
         }
         if let Some(m) = self.mma {
             s.mma = m;
@@ -299,6 +316,7 @@ mod tests {
             warps: None,
             stages: None,
             softplus: None,
+            cumsum: None,
             mma: None,
             loads: None,
             pingpong: false,
@@ -319,5 +337,7 @@ mod tests {
         assert_eq!(parse_softplus("half"), Ok(Softplus::Half));
         assert_eq!(parse_softplus("Linear"), Ok(Softplus::Linear));
         assert!(parse_softplus("fast").unwrap_err().contains("`softplus`"));
+        assert_eq!(parse_cumsum("tensor-core"), Ok(Cumsum::TensorCore));
+        assert!(parse_cumsum("tc").unwrap_err().contains("`cumsum`"));
     }
 }

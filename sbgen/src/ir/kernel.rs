@@ -47,6 +47,9 @@ pub struct SmemLayout {
     pub p: u32,
     /// Score gradients, block_m x block_n, backward only (the dZ of dK = dZ^T Q).
     pub dz: u32,
+    /// The scan's triangle of ones (block_n x block_n elements, [`Cumsum::TensorCore`]); zero bytes
+    /// (at `mbar`) otherwise.
+    pub ones: u32,
     /// `stages` mbarriers (8 bytes each) of the TMA loads ([`Loads::Tma`]); with a producer
     /// warpgroup ([`Loads::Producer`]) `stages` "full" then `stages` "free" mbarriers and an 8-byte
     /// stop flag; `total` otherwise (none).
@@ -72,11 +75,9 @@ impl Kernel {
             return Err(IrError::Field { field: "stages", got: s.stages, allowed: "2 to 4" });
         }
         if s.cumsum == Cumsum::TensorCore {
-            return Err(IrError::Unsupported {
-                field: "cumsum",
-                value: "tensor_core".into(),
-                reason: "the templates implement `shuffle` only so far",
-            });
+            if let Some(reason) = self.tensor_core_cumsum_refusal() {
+                return Err(IrError::Unsupported { field: "cumsum", value: "tensor_core".into(), reason });
+            }
         }
         if s.softplus == Softplus::Linear && !matches!(self.spec.pass, Pass::Forward | Pass::Backward) {
             return Err(IrError::Unsupported {
@@ -142,6 +143,29 @@ impl Kernel {
         None
     }
 
+    /// Why the in-block scan cannot run on the tensor cores here, if it cannot: the templates have it
+    /// in the wgmma forward's log-space walk, as one more wgmma per block with a constant 64 x 64
+    /// triangle of ones in shared memory (docs/performance.md#the-scan-on-tensor-cores).
+    fn tensor_core_cumsum_refusal(&self) -> Option<&'static str> {
+        let s = &self.schedule;
+        if s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward {
+            return Some("the templates have the scan on tensor cores in the wgmma forward only (mma = wgmma, pass = forward)");
+        }
+        if s.softplus == Softplus::Linear {
+            return Some("the linear stick multiplies (1 - beta) inside a run of keys: there is no sum of logs to scan");
+        }
+        if s.block_n != 64 {
+            return Some("the triangle of ones is one 64 x 64 wgmma operand (128-byte rows): block_n = 64");
+        }
+        if s.stages != 2 {
+            return Some(
+                "with 3 or more stages the next block's products are in flight under the stick math, and waiting \
+                 for the scan's product would wait for them too: stages = 2",
+            );
+        }
+        None
+    }
+
     /// The forward's and backward's tiles: `block_m` query rows on `warps` warps, `block_n` keys per
     /// step of the walk.
     // `%` rather than `is_multiple_of`: the workspace's rust-version (1.80) predates it.
@@ -196,7 +220,7 @@ impl Kernel {
             let total = q_tile + s.warps * per_warp;
             let k = q_tile;
             let v = k + s.stages * s.block_n * d * elem;
-            return SmemLayout { q: 0, d_o: 0, k, v, p: total, dz: total, mbar: total, total };
+            return SmemLayout { q: 0, d_o: 0, k, v, p: total, dz: total, ones: total, mbar: total, total };
         }
         let q_tile = s.block_m * d * elem;
         let kv_tile = s.block_n * d * elem;
@@ -209,14 +233,15 @@ impl Kernel {
         let p = v + s.stages * kv_tile;
         let pm_tile = if backward { s.block_m * s.block_n * elem } else { 0 };
         let dz = p + pm_tile;
-        let mbar = dz + pm_tile;
+        let ones = dz + pm_tile;
+        let mbar = ones + if s.cumsum == Cumsum::TensorCore { s.block_n * s.block_n * elem } else { 0 };
         let barriers = match s.loads {
             Loads::CpAsync => 0,
             Loads::Tma => 8 * s.stages,
             Loads::Producer => 16 * s.stages + 8,
         };
         let total = mbar + barriers;
-        SmemLayout { q, d_o, k, v, p, dz, mbar, total }
+        SmemLayout { q, d_o, k, v, p, dz, ones, mbar, total }
     }
 
     /// The kernel's name: `sb_` + spec slug + schedule hash.
@@ -260,7 +285,10 @@ mod tests {
             (Schedule { block_n: 48, ..d }, "`block_n` = 48 is not allowed: 32, 64 or 128"),
             (Schedule { stages: 5, ..d }, "`stages` = 5 is not allowed: 2 to 4"),
             (Schedule { stages: 1, ..d }, "`stages` = 1 is not allowed: 2 to 4"),
-            (Schedule { cumsum: Cumsum::TensorCore, ..d }, "`cumsum` = tensor_core is not supported"),
+            (
+                Schedule { cumsum: Cumsum::TensorCore, ..d },
+                "`cumsum` = tensor_core is not supported: the templates have the scan on tensor cores in the wgmma forward only",
+            ),
             (
                 Schedule { mma: MmaFamily::Wgmma, block_m: 128, ..d },
                 "`mma` = wgmma is not supported: a warpgroup of 4 warps takes 64 rows",
