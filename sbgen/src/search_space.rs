@@ -326,7 +326,10 @@ mod tests {
             let (tensor_core, kept): (Vec<Schedule>, Vec<Schedule>) =
                 all.iter().partition(|s| s.cumsum == Cumsum::TensorCore);
             for s in &tensor_core {
-                assert!(s.mma == MmaFamily::Wgmma && s.softplus == Softplus::Mufu && s.block_n == 64 && s.stages == 2, "{s}");
+                assert!(
+                    s.mma == MmaFamily::Wgmma && s.softplus == Softplus::Mufu && s.block_n == 64 && s.stages == 2,
+                    "{s}"
+                );
                 assert!(kept.contains(&Schedule { cumsum: Cumsum::Shuffle, ..*s }), "{s}");
             }
             assert_eq!(tensor_core.len(), if arch == Arch::Sm90 { 2 * 3 } else { 0 }, "{arch}: {tensor_core:?}");

@@ -2,7 +2,9 @@
 //! `manifest.json`, touching only files whose content changed.
 
 use super::{Outcome, UsageError};
-use crate::ir::{Arch, Cumsum, Dtype, Kernel, Layout, Loads, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec};
+use crate::ir::{
+    Arch, Cumsum, Dtype, Kernel, Layout, Loads, Mask, MmaFamily, Pass, Remainder, Schedule, Softplus, Spec,
+};
 use crate::lower::{lower, LowerError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};

@@ -149,10 +149,14 @@ impl Kernel {
     fn tensor_core_cumsum_refusal(&self) -> Option<&'static str> {
         let s = &self.schedule;
         if s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward {
-            return Some("the templates have the scan on tensor cores in the wgmma forward only (mma = wgmma, pass = forward)");
+            return Some(
+                "the templates have the scan on tensor cores in the wgmma forward only (mma = wgmma, pass = forward)",
+            );
         }
         if s.softplus == Softplus::Linear {
-            return Some("the linear stick multiplies (1 - beta) inside a run of keys: there is no sum of logs to scan");
+            return Some(
+                "the linear stick multiplies (1 - beta) inside a run of keys: there is no sum of logs to scan",
+            );
         }
         if s.block_n != 64 {
             return Some("the triangle of ones is one 64 x 64 wgmma operand (128-byte rows): block_n = 64");
