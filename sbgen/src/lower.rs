@@ -17,6 +17,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("sb_decode.cu.tera", include_str!("../../templates/sb_decode.cu.tera")),
     // The wgmma helpers the forward and backward share (included under `{% if wgmma %}`).
     ("sb_wgmma.cu.tera", include_str!("../../templates/sb_wgmma.cu.tera")),
+    // The TMA loads' tensor maps, mbarrier waits and copies, shared the same way (under `{% if tma %}`).
+    ("sb_tma.cu.tera", include_str!("../../templates/sb_tma.cu.tera")),
+    // The producer warpgroup's loop and the computing warps' side of it (under `{% if producer %}`).
+    ("sb_producer.cu.tera", include_str!("../../templates/sb_producer.cu.tera")),
 ];
 
 /// The CUDA partials, pasted verbatim into the templates (not parsed by tera: inline PTX such as
@@ -399,20 +403,27 @@ mod tests {
     /// (the walk only); a cp.async kernel's source has none of it.
     #[test]
     fn tma_kernels_take_two_tensor_maps_and_their_manifest_says_so() {
-        let spec = Spec::new(128, Dtype::Bf16, Pass::Forward);
-        let wgmma = Schedule { loads: crate::ir::Loads::CpAsync, ..Schedule::wgmma_forward(&spec) };
-        let tma =
-            lower(&Kernel::new(spec, Schedule { loads: crate::ir::Loads::Tma, ..wgmma }, Arch::Sm90)).expect("lowers");
-        assert!(tma
-            .cuda_source
-            .contains("const __grid_constant__ SbTensorMap tmap_k, const __grid_constant__ SbTensorMap tmap_v"));
-        assert!(tma.cuda_source.contains("cp.async.bulk.tensor.5d"));
-        assert_eq!(tma.manifest.steps.iter().map(|s| s.kv_tensor_maps).collect::<Vec<_>>(), [true]);
-        let cp = lower(&Kernel::new(spec, wgmma, Arch::Sm90)).expect("lowers");
-        assert!(!cp.cuda_source.contains("SbTensorMap") && !cp.cuda_source.contains("mbarrier"));
-        assert!(cp.manifest.steps.iter().all(|s| !s.kv_tensor_maps));
-        let json = serde_json::to_string(&cp.manifest).unwrap();
-        assert!(!json.contains("kv_tensor_maps"), "manifests without TMA are written as before: {json}");
+        let forward = Spec::new(128, Dtype::Bf16, Pass::Forward);
+        let backward = Spec { pass: Pass::Backward, ..forward };
+        for (spec, wgmma, maps) in [
+            (forward, Schedule::wgmma_forward(&forward), vec![true]),
+            // The walk takes them, not the finishing step.
+            (backward, Schedule::wgmma_backward(&backward), vec![true, false]),
+        ] {
+            let wgmma = Schedule { loads: crate::ir::Loads::CpAsync, ..wgmma };
+            let tma = lower(&Kernel::new(spec, Schedule { loads: crate::ir::Loads::Tma, ..wgmma }, Arch::Sm90))
+                .expect("lowers");
+            assert!(tma
+                .cuda_source
+                .contains("const __grid_constant__ SbTensorMap tmap_k, const __grid_constant__ SbTensorMap tmap_v"));
+            assert!(tma.cuda_source.contains("cp.async.bulk.tensor.5d"));
+            assert_eq!(tma.manifest.steps.iter().map(|s| s.kv_tensor_maps).collect::<Vec<_>>(), maps);
+            let cp = lower(&Kernel::new(spec, wgmma, Arch::Sm90)).expect("lowers");
+            assert!(!cp.cuda_source.contains("SbTensorMap") && !cp.cuda_source.contains("mbarrier"));
+            assert!(cp.manifest.steps.iter().all(|s| !s.kv_tensor_maps));
+            let json = serde_json::to_string(&cp.manifest).unwrap();
+            assert!(!json.contains("kv_tensor_maps"), "manifests without TMA are written as before: {json}");
+        }
     }
 
     /// A producer kernel launches its producer warpgroup after the computing warps, moves registers

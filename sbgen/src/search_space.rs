@@ -59,7 +59,7 @@ pub struct Exclusion {
 /// The default table. 16 rows per warp (block_m = 16 * warps) with `mma.sync` and the shuffle
 /// cumsum are what the templates implement everywhere: 2 tiles x 3 block_n x 2 stages x 2 softplus
 /// = 24 candidates per spec before the shared-memory check; on sm_90a each has a `wgmma` twin where
-/// the tiles lower, and the forward's `wgmma` candidates a TMA twin (`loads`). The
+/// the tiles lower, the `wgmma` candidates a TMA twin (`loads`) and the forward's a producer one. The
 /// 32-rows-per-warp tile and the tensor-core cumsum are listed so that their pruning is visible.
 pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     tiles: &[
@@ -77,8 +77,8 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     softplus: &[Softplus::Mufu, Softplus::Linear],
     cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
-    // TMA loads where the templates have them (the wgmma forward), by one thread of the computing
-    // warps or by a producer warpgroup; pruned elsewhere with the reason.
+    // TMA loads where the templates have them (the wgmma forward and backward), by one thread of the
+    // computing warps or (the forward) by a producer warpgroup; pruned elsewhere with the reason.
     loads: &[Loads::CpAsync, Loads::Tma, Loads::Producer],
     // Ping-pong where it applies (a producer and two computing warpgroups, 3 or more stages);
     // listed so that its exclusion is visible (EXCLUSIONS).
@@ -132,6 +132,17 @@ pub const EXCLUSIONS: &[Exclusion] = &[
                 && k.schedule.warps == 8
                 && k.schedule.softplus == Softplus::Linear
                 && k.spec.tile_head_dim() > 128
+        },
+    },
+    Exclusion {
+        reason: "spills registers (ptxas 13.0): the backward with a producer warpgroup on 32-key blocks with \
+                 the linear stick, 32 bytes in its deterministic (128 wide) and THD early-exit (64 wide) \
+                 variants",
+        applies: |k| {
+            k.spec.pass == Pass::Backward
+                && k.schedule.loads == Loads::Producer
+                && k.schedule.block_n == 32
+                && k.schedule.softplus == Softplus::Linear
         },
     },
     Exclusion {
@@ -357,6 +368,27 @@ mod tests {
     }
 
     #[test]
+    fn the_wgmma_backward_has_a_tma_twin_for_each_candidate_and_a_producer_one_where_it_fits() {
+        for head_dim in [64, 128, 256] {
+            let kept = accepted(Spec::new(head_dim, Dtype::Bf16, Pass::Backward), Arch::Sm90);
+            let cp: Vec<_> = kept.iter().filter(|s| s.mma == MmaFamily::Wgmma && s.loads == Loads::CpAsync).collect();
+            assert!(!cp.is_empty(), "d{head_dim}");
+            for s in &cp {
+                assert!(kept.contains(&Schedule { loads: Loads::Tma, ..**s }), "d{head_dim}: {s}");
+            }
+            let tma = kept.iter().filter(|s| s.loads == Loads::Tma).count();
+            assert_eq!(tma, cp.len(), "d{head_dim}");
+            // Up to 128 wide, a producer twin where it does not spill (not on 32-key blocks with the
+            // linear stick).
+            for s in cp.iter().filter(|_| head_dim <= 128) {
+                let ws = Schedule { loads: Loads::Producer, ..**s };
+                let fits = !(s.block_n == 32 && s.softplus == Softplus::Linear);
+                assert_eq!(kept.contains(&ws), fits, "d{head_dim}: {ws}");
+            }
+        }
+    }
+
+    #[test]
     fn each_head_dim_and_dtype_keeps_at_least_16_variants_on_sm90() {
         // 16, not the 24 of before: since the sequence views (GQA, THD) the 128-wide forward on 4 warps
         // fits 32-key blocks only.
@@ -421,8 +453,11 @@ mod tests {
                                 "32 rows per warp",
                             ];
                             assert!(named.iter().any(|n| text.contains(n)), "{kernel:?}: {text}");
-                        } else if s.loads.is_tma() && !(s.mma == MmaFamily::Wgmma && pass == Pass::Forward) {
-                            // TMA is the wgmma forward's; a kernel that cannot take wgmma says so first.
+                        } else if s.loads.is_tma()
+                            && !(s.mma == MmaFamily::Wgmma && matches!(pass, Pass::Forward | Pass::Backward))
+                        {
+                            // TMA is the wgmma forward's and backward's; a kernel that cannot take wgmma
+                            // says so first.
                             assert!(text.contains("`loads`") || text.contains("`mma`"), "{kernel:?}: {text}");
                         } else if s.mma == MmaFamily::Wgmma {
                             let named = ["`mma`", "shared memory", "spills", "32 rows per warp"];

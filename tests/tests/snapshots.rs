@@ -119,13 +119,20 @@ fn canonical() -> Vec<Kernel> {
         let schedule = Schedule::wgmma_backward(&spec);
         kernels.push(Kernel::new(spec, schedule, Arch::Sm90));
     }
+    // The backward with K and V by TMA (docs/performance.md#tma), deterministic with early exit, so
+    // that the groups left in flight after the walk and the turns it passes show too.
+    let spec = Spec { deterministic: true, early_exit_bits: Some(24), ..Spec::new(128, Dtype::Bf16, Pass::Backward) };
+    kernels.push(Kernel::new(spec, Schedule { loads: Loads::Tma, ..Schedule::wgmma_backward(&spec) }, Arch::Sm90));
+    // And fed by a producer warpgroup (docs/performance.md#warp-specialisation).
+    let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
+    kernels.push(Kernel::new(spec, Schedule { loads: Loads::Producer, ..Schedule::wgmma_backward(&spec) }, Arch::Sm90));
     kernels
 }
 
 #[test]
 fn generated_kernels_match_their_snapshots() {
     let kernels = canonical();
-    assert_eq!(kernels.len(), 42);
+    assert_eq!(kernels.len(), 44);
     for kernel in kernels {
         let lowered = lower(&kernel).unwrap_or_else(|e| panic!("{}: {e}", kernel.name()));
         // The manifest is part of the contract too: grid rule, threads and shared memory.
@@ -139,5 +146,5 @@ fn names_are_unique_across_the_canonical_set() {
     let mut names: Vec<String> = canonical().iter().map(Kernel::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 42);
+    assert_eq!(names.len(), 44);
 }

@@ -10,7 +10,7 @@ use super::modules::{LoadedKernel, ModuleStore};
 use super::plan::{check_alignment, plan_backward, plan_forward, BackwardLens, ForwardLens, LaunchPlan};
 use super::tensor_map::{self, TensorMap};
 use super::Shape;
-use crate::manifest::{LaunchStep, SbParams};
+use crate::manifest::{KernelManifest, LaunchStep, SbParams};
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
     DriverError, LaunchConfig, PushKernelArg,
@@ -172,23 +172,8 @@ impl Launcher {
         let e = T::DTYPE.size_bytes() as u64;
         check_alignment(&[("q", q, e), ("k", k, e), ("v", v, e), ("o", o, e), ("o_saved", o_saved, 4)])?;
         let d = dims(shape, total_tokens);
-        // The TMA loads' maps of K and V, when the kernel copies by TMA.
         let manifest = kernel.manifest();
-        let maps = if manifest.steps.iter().any(|step| step.kv_tensor_maps) {
-            let map = tensor_map::kv_tile_map(
-                &manifest.name,
-                &manifest.spec,
-                shape.kv_heads,
-                plan.kv_elements,
-                manifest.block_n,
-            )?;
-            Some([
-                tensor_map::encode(&manifest.name, "k", &manifest.spec, &map, k)?,
-                tensor_map::encode(&manifest.name, "v", &manifest.spec, &map, v)?,
-            ])
-        } else {
-            None
-        };
+        let maps = kv_tensor_maps(manifest, shape, &plan, k, v)?;
         // Every field is named (no `..`), so a field added to the ABI fails to compile here.
         let params = SbParams {
             q,
@@ -329,7 +314,8 @@ impl Launcher {
             total_tokens: d.total_tokens,
             scale_log2: plan.scale_log2,
         };
-        self.launch_steps(&loaded, &kernel.manifest().steps, &plan, &params, None)
+        let maps = kv_tensor_maps(kernel.manifest(), shape, &plan, k, v)?;
+        self.launch_steps(&loaded, &kernel.manifest().steps, &plan, &params, maps.as_ref())
     }
 
     /// The f32 workspace, grown to at least `needed` elements (its contents are undefined).
@@ -385,7 +371,7 @@ impl Launcher {
             if entry.kv_tensor_maps {
                 let [k, v] = maps.ok_or_else(|| LaunchError::Manifest {
                     kernel: loaded.name.clone(),
-                    reason: format!("step `{}` takes tensor maps, which only the forward makes", entry.function),
+                    reason: format!("step `{}` takes tensor maps, which this launch did not make", entry.function),
                 })?;
                 launch.arg(k);
                 launch.arg(v);
@@ -401,6 +387,25 @@ impl Launcher {
         }
         Ok(())
     }
+}
+
+/// The TMA loads' maps of K (at `k`) and V (at `v`), when a step of the kernel copies by TMA.
+fn kv_tensor_maps(
+    manifest: &KernelManifest,
+    shape: Shape,
+    plan: &LaunchPlan,
+    k: u64,
+    v: u64,
+) -> Result<Option<[TensorMap; 2]>, LaunchError> {
+    if !manifest.steps.iter().any(|step| step.kv_tensor_maps) {
+        return Ok(None);
+    }
+    let map =
+        tensor_map::kv_tile_map(&manifest.name, &manifest.spec, shape.kv_heads, plan.kv_elements, manifest.block_n)?;
+    Ok(Some([
+        tensor_map::encode(&manifest.name, "k", &manifest.spec, &map, k)?,
+        tensor_map::encode(&manifest.name, "v", &manifest.spec, &map, v)?,
+    ]))
 }
 
 /// The integer fields of the parameter block.

@@ -92,21 +92,22 @@ impl Kernel {
                 return Err(IrError::Unsupported { field: "mma", value: "wgmma".into(), reason });
             }
         }
-        if s.loads.is_tma() && (s.mma != MmaFamily::Wgmma || self.spec.pass != Pass::Forward) {
+        if let Some(reason) = self.tma_refusal() {
             return Err(IrError::Unsupported {
                 field: "loads",
                 value: if s.loads == Loads::Tma { "tma" } else { "producer" }.into(),
-                reason: "the templates load K and V by TMA in the wgmma forward only so far (mma = wgmma, \
-                         pass = forward; not the segment pass, the backward or the decode)",
+                reason,
             });
         }
-        if s.pingpong && !(s.loads == Loads::Producer && s.warps == 8 && s.stages >= 3) {
+        if s.pingpong
+            && !(s.loads == Loads::Producer && s.warps == 8 && s.stages >= 3 && self.spec.pass == Pass::Forward)
+        {
             return Err(IrError::Unsupported {
                 field: "pingpong",
                 value: "true".into(),
-                reason: "ping-pong orders the products of two computing warpgroups fed by a producer: \
-                         loads = producer, 8 warps (block_m = 128) and 3 or more stages (each step issues \
-                         both of its products before its stick math)",
+                reason: "ping-pong orders the products of two computing warpgroups fed by a producer in the \
+                         forward: loads = producer, 8 warps (block_m = 128) and 3 or more stages (each step \
+                         issues both of its products before its stick math)",
             });
         }
         let layout = self.smem_layout();
@@ -115,6 +116,21 @@ impl Kernel {
             return Err(IrError::SharedMemory { needed: layout.total, limit, arch: self.arch });
         }
         Ok(())
+    }
+
+    /// Why the K/V loads of this schedule cannot lower, if they cannot: the templates copy K and V by
+    /// TMA, issued by a computing thread or by a producer warpgroup, in the wgmma forward and backward.
+    fn tma_refusal(&self) -> Option<&'static str> {
+        let s = &self.schedule;
+        match (s.loads, self.spec.pass) {
+            (Loads::CpAsync, _) => None,
+            _ if s.mma != MmaFamily::Wgmma => Some("TMA loads are built for the wgmma kernels only (mma = wgmma)"),
+            (_, Pass::Forward | Pass::Backward) => None,
+            _ => Some(
+                "the templates load K and V by TMA in the wgmma forward and backward only so far (not the \
+                 segment passes or the decode)",
+            ),
+        }
     }
 
     /// Why `mma = wgmma` cannot lower for this kernel, if it cannot: the templates run the
@@ -426,14 +442,22 @@ mod tests {
     }
 
     #[test]
-    fn tma_loads_are_the_wgmma_forwards_only() {
+    fn tma_loads_and_the_producer_are_the_wgmma_forwards_and_backwards() {
         let tma = Schedule { mma: MmaFamily::Wgmma, loads: Loads::Tma, ..Schedule::DEFAULT };
-        assert_eq!(kernel(Pass::Forward, tma).validate(), Ok(()));
-        for (pass, schedule) in
-            [(Pass::Forward, Schedule { mma: MmaFamily::MmaSync, ..tma }), (Pass::Backward, tma), (Pass::Segment, tma)]
-        {
+        let ws = Schedule { loads: Loads::Producer, ..tma };
+        for pass in [Pass::Forward, Pass::Backward] {
+            assert_eq!(kernel(pass, tma).validate(), Ok(()));
+            assert_eq!(kernel(pass, ws).validate(), Ok(()));
+        }
+        let cases = [
+            (Pass::Forward, Schedule { mma: MmaFamily::MmaSync, ..tma }, "`loads` = tma", "wgmma kernels only"),
+            (Pass::Backward, Schedule { mma: MmaFamily::MmaSync, ..ws }, "`loads` = producer", "wgmma kernels only"),
+            (Pass::Segment, tma, "`loads` = tma", "forward and backward only"),
+            (Pass::Segment, ws, "`loads` = producer", "forward and backward only"),
+        ];
+        for (pass, schedule, value, reason) in cases {
             let e = error(kernel(pass, schedule));
-            assert!(e.contains("`loads` = tma") && e.contains("wgmma forward only"), "{pass:?}: {e}");
+            assert!(e.contains(value) && e.contains(reason), "{pass:?} {schedule}: {e}");
         }
         assert!(error(Kernel::new(Spec::new(128, Dtype::Bf16, Pass::Forward), tma, Arch::Sm80)).contains("sm_90a"));
     }
@@ -459,7 +483,11 @@ mod tests {
             let e = error(kernel(Pass::Forward, bad));
             assert!(e.contains("`pingpong`") && e.contains("loads = producer"), "{bad}: {e}");
         }
-        let e = error(kernel(Pass::Backward, Schedule { pingpong: false, ..ws }));
+        // The backward takes a producer, not ping-pong.
+        assert_eq!(kernel(Pass::Backward, Schedule { pingpong: false, ..ws }).validate(), Ok(()));
+        let e = error(kernel(Pass::Backward, ws));
+        assert!(e.contains("`pingpong`") && e.contains("in the forward"), "{e}");
+        let e = error(kernel(Pass::Segment, Schedule { pingpong: false, ..ws }));
         assert!(e.contains("`loads` = producer"), "{e}");
     }
 

@@ -54,7 +54,7 @@ pub enum Loads {
     CpAsync,
     /// The tensor-memory accelerator (sm_90a): one thread issues each tile through a tensor map the
     /// launcher makes, an mbarrier per stage counts the bytes (docs/performance.md#tma). The wgmma
-    /// forward only.
+    /// forward and backward.
     Tma,
     /// Warp specialisation: a producer warpgroup (one more per CTA, after the computing ones) issues
     /// the TMA copies and nothing else, with `setmaxnreg` giving its registers to the computing
