@@ -126,8 +126,8 @@ pub struct ScheduleArgs {
     /// How K and V reach shared memory: cp_async (every thread, 16 bytes per copy), tma (the
     /// tensor-memory accelerator through tensor maps the launcher makes, docs/performance.md#tma),
     /// or producer (TMA issued by a producer warpgroup of its own, which gives its registers to the
-    /// computing warps, docs/performance.md#warp-specialisation). tma in the wgmma forward and
-    /// backward, producer in the wgmma forward only.
+    /// computing warps, docs/performance.md#warp-specialisation). Both in the wgmma forward and
+    /// backward.
     #[arg(long, value_parser = parse_loads)]
     pub loads: Option<Loads>,
     /// With `--loads producer` on 8 warps and 3 or more stages: the two computing warpgroups issue

@@ -59,7 +59,8 @@ pub enum Loads {
     /// Warp specialisation: a producer warpgroup (one more per CTA, after the computing ones) issues
     /// the TMA copies and nothing else, with `setmaxnreg` giving its registers to the computing
     /// warpgroups; an mbarrier per stage says a stage is full, another that it is free again, so
-    /// the walk has no block barrier (docs/performance.md#warp-specialisation). The wgmma forward only.
+    /// the forward's walk has no block barrier (docs/performance.md#warp-specialisation). The wgmma
+    /// forward and backward.
     Producer,
 }
 
@@ -193,12 +194,17 @@ impl Schedule {
     /// against 2.62 at 4,16,4096,64, 8.91 against 10.14 at 1,16,8192,256. Up to head_dim 128 with the stick in linear space ([`Softplus::Linear`]; the
     /// betas come out of it without a third special function): 1.04x the MUFU walk at 2,16,8192,128
     /// in one call, and `sbgen tune`'s pick at every bf16/f16 BHND spec of width 64 and 128 (session 20).
+    /// At 128 wide K and V come by TMA ([`Loads::Tma`]): the backward 5.470-5.485 ms against
+    /// 5.757-5.809 by `cp.async` at 2,16,8192,128 (1.05x; session 27, calls 1 and 2), and `sbgen
+    /// tune`'s pick at both buckets of the bf16 BHND spec, deterministic included. At 64 wide the two
+    /// measured the same (2.227-2.240 against 2.248-2.257 ms at 4,16,4096,64); a producer warpgroup was
+    /// slower at both widths (5.659 and 2.270 ms).
     pub fn wgmma_backward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
         let wgmma = Schedule { mma: MmaFamily::Wgmma, ..Schedule::DEFAULT };
         let linear = Schedule { softplus: Softplus::Linear, ..wgmma };
         match spec.tile_head_dim() {
             d if d <= 64 => linear,
-            d if d <= 128 => Schedule { block_m: 128, warps: 8, ..linear },
+            d if d <= 128 => Schedule { block_m: 128, warps: 8, loads: Loads::Tma, ..linear },
             _ => Schedule { block_m: 128, block_n: 32, warps: 8, ..wgmma },
         }
     }
