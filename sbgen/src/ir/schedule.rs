@@ -196,7 +196,8 @@ impl Schedule {
     /// in one call, and `sbgen tune`'s pick at every bf16/f16 BHND spec of width 64 and 128 (session 20).
     /// At 128 wide K and V come by TMA ([`Loads::Tma`]): the backward 5.470-5.485 ms against
     /// 5.757-5.809 by `cp.async` at 2,16,8192,128 (1.05x; session 27, calls 1 and 2), and `sbgen
-    /// tune`'s pick at both buckets of the bf16 BHND spec, deterministic included. At 64 wide the two
+    /// tune`'s pick at both buckets of every 128-wide spec it re-tuned then (bf16 BHND, deterministic,
+    /// THD, BNHD, BNHD fused; f16 BHND: 1.04-1.08x the best `cp.async` kernel). At 64 wide the two
     /// measured the same (2.227-2.240 against 2.248-2.257 ms at 4,16,4096,64); a producer warpgroup was
     /// slower at both widths (5.659 and 2.270 ms).
     pub fn wgmma_backward(spec: &sbgen_runtime::spec::Spec) -> Schedule {
