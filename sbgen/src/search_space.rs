@@ -59,7 +59,7 @@ pub struct Exclusion {
 /// The default table. 16 rows per warp (block_m = 16 * warps) with `mma.sync` and the shuffle
 /// cumsum are what the templates implement everywhere: 2 tiles x 3 block_n x 2 stages x 2 softplus
 /// = 24 candidates per spec before the shared-memory check; on sm_90a each has a `wgmma` twin where
-/// the tiles lower, the `wgmma` candidates a TMA twin (`loads`) and the forward's a producer one. The
+/// the tiles lower, and the `wgmma` candidates a TMA twin and a producer twin (`loads`). The
 /// 32-rows-per-warp tile and the tensor-core cumsum are listed so that their pruning is visible.
 pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     tiles: &[
@@ -78,7 +78,7 @@ pub const DEFAULT_SPACE: SearchSpace = SearchSpace {
     cumsum: &[Cumsum::Shuffle, Cumsum::TensorCore],
     mma: &[MmaFamily::MmaSync, MmaFamily::Wgmma],
     // TMA loads where the templates have them (the wgmma forward and backward), by one thread of the
-    // computing warps or (the forward) by a producer warpgroup; pruned elsewhere with the reason.
+    // computing warps or by a producer warpgroup; pruned elsewhere with the reason.
     loads: &[Loads::CpAsync, Loads::Tma, Loads::Producer],
     // Ping-pong where it applies (a producer and two computing warpgroups, 3 or more stages);
     // listed so that its exclusion is visible (EXCLUSIONS).
