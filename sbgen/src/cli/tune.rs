@@ -79,7 +79,8 @@ pub struct TuneArgs {
     pub seq: Vec<usize>,
     /// Wall-time budget in seconds for all specs together, counted from the start (compiling and
     /// loading count against it, but are not cut short): once spent, the remaining candidates are
-    /// not checked or timed (each spec's default still is) and the report says so. 0 = no limit.
+    /// not checked or timed (each spec's default still is) and the report says so. Candidates are
+    /// taken nearest the default first. 0 = no limit.
     #[arg(long, default_value_t = tuner::DEFAULT_BUDGET_S, allow_negative_numbers = true, conflicts_with = "compile_only")]
     pub budget_s: f64,
     /// The tuning cache to write (merged with what it holds). Its folder must exist and be writable

@@ -7,9 +7,12 @@ use crate::cache::{candidates_checksum, CandidateResult, Outcome};
 use crate::ir::{Arch, Kernel, Pass, Schedule, Spec};
 use crate::search_space::variants;
 
-/// Every candidate of `spec` in timing order: the default schedule first, then the search space's
-/// in table order; pruned ones carry their reason, the rest [`Outcome::NotRun`] (to be measured).
-/// Also returns the candidate list's checksum.
+/// Every candidate of `spec` in timing order: the default schedule first, then the search space's,
+/// nearest the default first ([`choices_apart`]; table order among equals), so that a `--budget-s`
+/// that runs out leaves out the candidates least like the best schedule measured so far rather
+/// than the last rows of the table (the 128-row tiles, the backward's winners at 128 wide). Pruned
+/// ones carry their reason, the rest [`Outcome::NotRun`] (to be measured). Also returns the
+/// candidate list's checksum, which is over the table order and so does not change with this one.
 pub fn candidates(spec: Spec, arch: Arch) -> (Vec<CandidateResult>, String) {
     let all: Vec<(Kernel, Result<(), crate::search_space::Pruned>)> = variants(spec, arch).collect();
     let checksum = candidates_checksum(all.iter().map(|(k, v)| (&k.schedule, v.is_ok())));
@@ -26,7 +29,27 @@ pub fn candidates(spec: Spec, arch: Arch) -> (Vec<CandidateResult>, String) {
         };
         out.push(CandidateResult { schedule: kernel.schedule, outcome });
     }
+    // Stable: table order among candidates as far from the default.
+    out[1..].sort_by_key(|c| choices_apart(&c.schedule, &default));
     (out, checksum)
+}
+
+/// How many of a schedule's choices differ from `other`'s: the tile (rows and warps together), the
+/// key block, the stages, the scan, the stick, the matmul family, the loads and ping-pong.
+fn choices_apart(a: &Schedule, other: &Schedule) -> usize {
+    [
+        (a.block_m, a.warps) != (other.block_m, other.warps),
+        a.block_n != other.block_n,
+        a.stages != other.stages,
+        a.cumsum != other.cumsum,
+        a.softplus != other.softplus,
+        a.mma != other.mma,
+        a.loads != other.loads,
+        a.pingpong != other.pingpong,
+    ]
+    .into_iter()
+    .filter(|&differs| differs)
+    .count()
 }
 
 /// Pruned schedules grouped by reason, in order of first appearance.
@@ -96,6 +119,34 @@ mod tests {
             assert!(checksum.starts_with("fnv1a64:"));
             assert_eq!(checksum, candidates(spec, Arch::Sm90).1);
         }
+    }
+
+    #[test]
+    fn candidates_nearest_the_default_come_first() {
+        let spec = Spec::new(128, Dtype::Bf16, Pass::Backward);
+        let (list, _) = candidates(spec, Arch::Sm90);
+        let default = list[0].schedule;
+        let apart: Vec<usize> = list[1..].iter().map(|c| choices_apart(&c.schedule, &default)).collect();
+        assert!(apart.windows(2).all(|w| w[0] <= w[1]), "{apart:?}");
+        assert_eq!(apart[0], 1);
+        // The default's cp.async and producer twins are among the first, the 64-row mma.sync
+        // candidates among the last.
+        let position = |s: Schedule| list.iter().position(|c| c.schedule == s).expect("a candidate");
+        let cp = position(Schedule { loads: crate::ir::Loads::CpAsync, ..default });
+        let far = position(Schedule {
+            block_m: 64,
+            warps: 4,
+            block_n: 32,
+            mma: crate::ir::MmaFamily::MmaSync,
+            ..Schedule::DEFAULT
+        });
+        assert!(cp < far, "{cp} {far}");
+        assert_eq!(choices_apart(&default, &default), 0);
+        assert_eq!(
+            choices_apart(&Schedule { block_m: 64, warps: 4, ..default }, &default),
+            1,
+            "the tile is one choice"
+        );
     }
 
     #[test]

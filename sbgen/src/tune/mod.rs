@@ -3,7 +3,7 @@
 //!
 //! 1. [`enumerate`]: the search space of each spec; pruned candidates become [`Outcome::Pruned`]. The
 //!    spec's default schedule is always a candidate and always timed first, so every speed-up has
-//!    its reference.
+//!    its reference; the others follow nearest the default first.
 //! 2. [`compile`]: PTX for the kept candidates, from a folder (`--ptx-dir` / `SBGEN_PTX_DIR`, as the
 //!    GPU machine without a CUDA toolchain needs: `sbgen tune --compile-only --emit-ptx DIR` writes
 //!    only non-spilling variants) or compiled here through the artifact pipeline (a failure or a
