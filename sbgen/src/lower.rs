@@ -21,6 +21,8 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("sb_tma.cu.tera", include_str!("../../templates/sb_tma.cu.tera")),
     // The producer warpgroup's loop and the computing warps' side of it (under `{% if producer %}`).
     ("sb_producer.cu.tera", include_str!("../../templates/sb_producer.cu.tera")),
+    // Inside the kernel: the TMA mbarriers' set-up and the producer's role split (under `{% if tma %}`).
+    ("sb_tma_setup.cu.tera", include_str!("../../templates/sb_tma_setup.cu.tera")),
 ];
 
 /// The CUDA partials, pasted verbatim into the templates (not parsed by tera: inline PTX such as
