@@ -137,7 +137,7 @@ fn absolute(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::attr::Spanned;
-    use sbgen::cache::CacheEntry;
+    use sbgen::cache::{CacheEntry, Outcome};
     use sbgen::ir::{Dtype, Layout, MmaFamily, Pass, Remainder};
 
     fn entry(arch: Arch, spec: Spec, seq_bucket: u32) -> CacheEntry {
@@ -233,6 +233,9 @@ mod tests {
         for e in &c.entries {
             e.check_lowering().unwrap();
             assert!(!e.ptx.is_empty(), "{} has no PTX", e.kernel_name);
+            // `sbgen tune` stores no pruned candidates (tune/record.rs), and neither does this file.
+            let pruned = e.candidates.iter().filter(|c| matches!(c.outcome, Outcome::Pruned { .. })).count();
+            assert_eq!(pruned, 0, "{} stores {pruned} pruned candidates", e.kernel_name);
         }
         // The specs it was tuned for, all with the strict mask: BHND with a returned remainder, BNHD
         // (candle, flash-attn) with the remainder fused (the paper's models) and returned (sbgen-candle's

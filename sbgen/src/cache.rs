@@ -3,8 +3,9 @@
 //!
 //! Each entry keeps the winning schedule, its time, TFLOP/s and speed-up over the spec's default
 //! schedule, the GPU, driver and sbgen version it was measured with, a checksum of the candidate list
-//! (so a changed search space is visible), every candidate's result (timed, failed, wrong, pruned or
-//! not run) and the winner's launch manifest and PTX, inline.
+//! (so a changed search space is visible), the result of every candidate the search kept (timed,
+//! failed, wrong or not run; the pruned ones follow from the search space and are not stored) and the
+//! winner's launch manifest and PTX, inline.
 //!
 //! Loading never panics and never drops a file silently: a missing file is [`CacheError::Missing`];
 //! a corrupt file (not UTF-8, a key twice, an entry breaking [`TuningCache::validate`]) or one of
@@ -79,7 +80,9 @@ pub struct CacheEntry {
     /// [`candidates_checksum`] of the candidate list the winner was chosen from.
     #[serde(default)]
     pub candidates_checksum: String,
-    /// Every candidate's result, the winner included.
+    /// The result of every candidate the search kept, the winner included. Pruned candidates are
+    /// not stored (files written by earlier builds may hold them): they follow from the search space
+    /// that `candidates_checksum` names, and `sbgen tune --compile-only` lists their reasons.
     #[serde(default)]
     pub candidates: Vec<CandidateResult>,
     pub manifest: KernelManifest,

@@ -61,7 +61,7 @@ pub struct ShowArgs {
     /// writes it).
     #[arg(long, default_value = DEFAULT_CACHE_FILE)]
     pub cache: PathBuf,
-    /// Also list every candidate of each entry with its outcome.
+    /// Also list each entry's candidates (those the search kept) with their outcomes.
     #[arg(long)]
     pub candidates: bool,
 }

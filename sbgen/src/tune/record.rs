@@ -1,5 +1,6 @@
-//! What a run keeps: the winner of each (spec, sequence length) as a [`CacheEntry`] holding every
-//! candidate's result, the summary table, and the [`TuneReport`] the CLI prints.
+//! What a run keeps: the winner of each (spec, sequence length) as a [`CacheEntry`] holding the
+//! result of every candidate the search kept, the summary table, and the [`TuneReport`] the CLI
+//! prints.
 
 use super::plan::{Session, TuneError};
 use crate::cache::{self, seq_bucket, CacheEntry, CandidateResult, Outcome};
@@ -50,13 +51,20 @@ pub fn record(
         sbgen_version: env!("CARGO_PKG_VERSION").to_string(),
         tuned_at: cache::now_utc(),
         candidates_checksum: checksum.to_string(),
-        candidates: results,
+        candidates: stored_candidates(results),
         manifest: binary.manifest().clone(),
         ptx: binary.ptx().first().map(|(_, p)| p.clone()).unwrap_or_default(),
         cuda_source_hash: binary.cuda_source().map(cache::source_hash).unwrap_or_default(),
         recompiled_at: String::new(),
     };
     Ok((row, Some(entry)))
+}
+
+/// The candidates a cache entry keeps: all but the pruned ones. Those follow from the search space
+/// the entry's checksum names (`tune --compile-only` lists them with their reasons), and their
+/// reasons were 45% of the shipped cache.
+fn stored_candidates(results: Vec<CandidateResult>) -> Vec<CandidateResult> {
+    results.into_iter().filter(|c| !matches!(c.outcome, Outcome::Pruned { .. })).collect()
 }
 
 /// One line of the summary: the winner of one (spec, sequence length).
@@ -274,6 +282,10 @@ mod tests {
             timed(s(32, 4), 1.5),
         ];
         assert_eq!(choose_winner(&list), Some(2), "the first of equals");
+        let stored = stored_candidates(list.clone());
+        assert_eq!(stored.len(), list.len() - 1, "only the pruned one is left out");
+        assert!(stored.iter().all(|c| !matches!(c.outcome, Outcome::Pruned { .. })));
+        assert_eq!(stored[choose_winner(&stored).unwrap()], list[2], "the winner is stored");
         assert_eq!(choose_winner(&list[..2]), Some(0));
         assert_eq!(choose_winner(&list[1..2]), None);
         // A zero or non-finite time is never a winner.
